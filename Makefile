@@ -1,0 +1,32 @@
+# `make test` and `make demo` each set up everything they need from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml scripts/install_torch.sh tests/plugin_pkg/pyproject.toml | $(PY)
+	scripts/install_torch.sh $(PY)
+	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q -e tests/plugin_pkg
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check .
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,178 @@
+"""The `merge-lab` command line: parses, calls one function, prints."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from merge_lab.errors import MergeLabError
+
+app = typer.Typer(
+    help=(
+        "Merge and fuse language models.\n\n"
+        "A merge is described by a YAML recipe (mergekit recipes work as they are):\n\n"
+        "  merge_method: ties\n\n"
+        "  base_model: ./base\n\n"
+        "  models: [{model: ./math, parameters: {weight: 1, density: 0.5}}, {model: ./code}]\n\n"
+        "Start with `merge-lab strategies`, then `merge-lab validate recipe.yaml`, then "
+        "`merge-lab merge recipe.yaml -o out/`."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn):
+    """Turn MergeLabError and Ctrl-C into a message and a non-zero exit, without a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MergeLabError as e:
+            err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/yellow]: nothing was written at the output path.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file (merge_lab or mergekit format)")]
+
+
+@app.command()
+@friendly
+def merge(
+    recipe: RecipeArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output model folder (must not exist unless --force)")],
+    force: Annotated[bool, typer.Option(help="replace an existing output folder (only once the merge succeeds)")] = False,
+    shard_size: Annotated[str | None, typer.Option(help="largest output shard, e.g. 2GB (default: recipe's, 2GB)")] = None,
+    device: Annotated[str, typer.Option(help="where the arithmetic runs: cpu, cuda, cuda:1")] = "cpu",
+    hash_inputs: Annotated[bool, typer.Option(help="sha256 the inputs for the model card")] = True,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Merge the models of RECIPE into a new checkpoint folder OUT.
+
+    Tensors are streamed one at a time from memory-mapped shards, so memory stays bounded by
+    the largest tensor times the number of models. The output is written beside OUT and
+    renamed into place at the end: an interrupted merge leaves nothing behind.
+    """
+    from merge_lab.engine import run_plan
+    from merge_lab.plan import make_plan
+    from merge_lab.recipe import load_recipe
+
+    plan = make_plan(load_recipe(recipe))
+    result = run_plan(
+        plan, out, force=force, shard_size=shard_size, device=device, progress=progress,
+        hash_inputs=hash_inputs, console=err_console,
+    )
+    table = Table(title="merge complete", show_header=False)
+    table.add_row("output", str(result.path))
+    table.add_row("strategy", plan.strategy)
+    table.add_row("tensors", str(result.tensors))
+    table.add_row("written", _gb(result.bytes_written))
+    table.add_row("time", f"{result.seconds:.1f} s")
+    out_console.print(table)
+
+
+@app.command()
+@friendly
+def validate(recipe: RecipeArg) -> None:
+    """Check RECIPE from configs and safetensors headers alone, before any tensor is read.
+
+    Checks: keys and values, files exist and are complete, architectures, tensor names, shapes,
+    dtypes, vocabulary sizes, and each parameter resolved for every tensor.
+    """
+    from merge_lab.plan import make_plan
+    from merge_lab.recipe import load_recipe
+
+    plan = make_plan(load_recipe(recipe))
+    out_console.print(
+        f"[green]ok[/green]: {plan.strategy} over {len(plan.inputs)} checkpoint(s), "
+        f"{len(plan.tasks)} output tensors, {_gb(plan.output_bytes)} to write."
+    )
+    for note in plan.notes:
+        out_console.print(f"note: {note}")
+
+
+@app.command("plan")
+@friendly
+def plan_cmd(
+    recipe: RecipeArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the output would go (for the free-disk check)")] = Path("."),
+) -> None:
+    """Predict the merge's peak memory, output size and shards, and check the free disk."""
+    from merge_lab.plan import make_plan
+    from merge_lab.recipe import load_recipe
+    from merge_lab.writer import parse_size
+
+    plan = make_plan(load_recipe(recipe))
+    target = out.resolve()
+    while not target.exists():
+        target = target.parent
+    free = shutil.disk_usage(target).free
+    shard = parse_size(plan.recipe.shard_size)
+    table = Table(title=f"plan: {plan.strategy}", show_header=False)
+    table.add_row("input checkpoints", f"{len(plan.inputs)} ({_gb(plan.input_bytes)})")
+    table.add_row("output tensors", str(len(plan.tasks)))
+    table.add_row("output size", _gb(plan.output_bytes))
+    table.add_row("output shards", str(max(1, -(-plan.output_bytes // shard))) + f" of at most {_gb(shard)}")
+    table.add_row("predicted peak working memory", _gb(plan.predicted_peak_bytes()))
+    table.add_row("free disk at output", _gb(free) + (" [green]enough[/green]" if free > plan.output_bytes else " [red]NOT enough[/red]"))
+    out_console.print(table)
+    if free <= plan.output_bytes:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def strategies() -> None:
+    """List every registered strategy (built-in and plugins) with its parameters."""
+    from merge_lab import registry
+
+    for name, cls in registry.available().items():
+        table = Table(title=f"[bold]{name}[/bold] — {cls.summary}", title_justify="left", expand=False)
+        table.add_column("parameter")
+        table.add_column("scope")
+        table.add_column("type")
+        table.add_column("default")
+        table.add_column("meaning")
+        for key, (scope, field) in cls.param_fields().items():
+            typ = getattr(field.annotation, "__name__", str(field.annotation))
+            default = "required" if field.is_required() else repr(field.default)
+            table.add_row(key, "per model" if scope == "model" else "merge-wide", typ, default, field.description or "")
+        needs = []
+        if cls.needs_base:
+            needs.append("needs base_model")
+        if cls.structural:
+            needs.append("structural")
+        if needs:
+            table.caption = ", ".join(needs)
+        out_console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The strategy interface and its one registry.
+
+A strategy is a class. It declares two pydantic models of typed, validated parameters with
+defaults and help text:
+- `Params`: merge-wide settings (e.g. TIES' `lambda`);
+- `ModelParams`: settings that each input model may set for itself (e.g. `weight`, `density`);
+  given under the recipe's global `parameters:` they are every model's default.
+
+A tensor-wise strategy implements `merge()` for one tensor group; the engine reads the files and
+hands it float32 tensors. A structural strategy (one that changes the architecture, like the
+H3 MoE fusion) sets `structural = True` and implements `build_plan()` to lay out the whole output,
+still executed by the same engine and writer.
+
+Strategies are discovered through the entry-point group `merge_lab.strategies`; the built-ins in
+`strategies/` register exactly that way. `register()` adds one at run time (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from pydantic.fields import FieldInfo
+
+from merge_lab.architecture import TensorRole
+from merge_lab.errors import MergeLabError
+
+if TYPE_CHECKING:
+    from merge_lab.plan import Plan, PlanContext
+    from merge_lab.recipe import Recipe
+
+ENTRY_POINT_GROUP = "merge_lab.strategies"
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a strategy may know about the tensor it merges (never the files)."""
+
+    name: str
+    role: TensorRole
+    seed: int
+    model_ids: tuple[str, ...]  # the recipe's reference for each input, in order
+
+    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded from (seed, tensor name, model): independent of order and threads."""
+        key = f"{self.seed}\x00{self.name}\x00{self.model_ids[model_index]}".encode()
+        g = torch.Generator(device=device)
+        g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1))
+        return g
+
+
+class Strategy:
+    """Base class of every merge strategy. Subclass, set the class attributes, implement merge()."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    ModelParams: ClassVar[type[BaseModel]] = NoParams
+    needs_base: ClassVar[bool] = False
+    uses_base: ClassVar[bool] = False  # the base takes part when given
+    symmetric: ClassVar[bool] = True  # result does not depend on the order of the models
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    structural: ClassVar[bool] = False
+    # Parameters under which the result equals the first model exactly (used by the contract suite).
+    identity_params: ClassVar[dict[str, Any]] = {}
+
+    def merge(
+        self,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        params: BaseModel,
+        model_params: list[BaseModel],
+        ctx: TensorContext,
+    ) -> torch.Tensor:
+        """Merge one tensor group. Inputs are float32 on the compute device; return the same shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        """Raise MergeLabError for recipe-level mistakes this strategy can see before any read."""
+
+    def build_plan(self, ctx: PlanContext) -> Plan:
+        """Structural strategies lay out the whole output here."""
+        raise NotImplementedError
+
+    @classmethod
+    def param_fields(cls) -> dict[str, tuple[str, FieldInfo]]:
+        """recipe key -> (scope 'model' or 'global', pydantic FieldInfo), for validation and help."""
+        out = {k: ("model", f) for k, f in recipe_keys(cls.ModelParams).items()}
+        out.update({k: ("global", f) for k, f in recipe_keys(cls.Params).items()})
+        return out
+
+
+def recipe_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """A params model's keys as written in recipes (the alias where one is set, e.g. `lambda`)."""
+    return {(f.alias or n): f for n, f in model.model_fields.items()}
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_DISCOVERED = False
+
+
+def register(strategy: type[Strategy], name: str | None = None) -> type[Strategy]:
+    """Add a strategy class under its name (usable as a decorator)."""
+    key = name or strategy.name
+    if not issubclass(strategy, Strategy):
+        raise TypeError(f"{strategy!r} is not a merge_lab Strategy subclass")
+    _REGISTRY[key] = strategy
+    return strategy
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plugin must not break the others
+            raise MergeLabError(
+                f"strategy plugin '{ep.name}' ({ep.value}) failed to load: {e}. "
+                "Reinstall or uninstall the package that provides it."
+            ) from e
+        register(cls, ep.name)
+
+
+def available() -> dict[str, type[Strategy]]:
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get(name: str) -> type[Strategy]:
+    strategies = available()
+    if name in strategies:
+        return strategies[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, strategies, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise MergeLabError(
+        f"unknown merge method '{name}'.{hint} Available: {', '.join(strategies)}. "
+        "`merge-lab strategies` lists them with their parameters."
+    )

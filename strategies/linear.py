@@ -1,0 +1,45 @@
+"""Weighted averaging of weights ("model soups").
+
+Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves accuracy
+without increasing inference time", ICML 2022 (arXiv 2203.05482).
+
+Semantics: out = sum_i w_i theta_i, divided by sum_i w_i when `normalize` (the default).
+A base model is not used unless listed among `models`.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from merge_lab.registry import Strategy, TensorContext
+
+
+class LinearModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, description="this model's weight in the average")
+
+
+class LinearParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    normalize: bool = Field(True, description="divide by the sum of the weights")
+
+
+class Linear(Strategy):
+    name = "linear"
+    summary = "weighted average of the models (model soup)"
+    Params = LinearParams
+    ModelParams = LinearModel
+    identity_params = {"weight": 1.0}
+
+    def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
+        weights = [p.weight for p in model_params]
+        out = tensors[0].mul_(weights[0])
+        for t, w in zip(tensors[1:], weights[1:]):
+            out.add_(t, alpha=w)
+        if params.normalize:
+            total = sum(weights)
+            if abs(total) < 1e-8:
+                raise ValueError("the weights sum to zero; set normalize: false or change the weights")
+            out.div_(total)
+        return out

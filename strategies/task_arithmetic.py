@@ -1,0 +1,28 @@
+"""Task arithmetic.
+
+Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv 2212.04089).
+
+Semantics: out = base + lambda * sum_i w_i (theta_i - base); with `normalize`, the sum is divided
+by sum_i w_i. A model listed that is the base itself is left out (its task vector is zero).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merge_lab.registry import Strategy, TensorContext
+from strategies.common import TaskArithmeticParams, WeightedModel, combine, deltas_
+
+
+class TaskArithmetic(Strategy):
+    name = "task_arithmetic"
+    summary = "base + lambda * weighted sum of task vectors"
+    Params = TaskArithmeticParams
+    ModelParams = WeightedModel
+    needs_base = True
+    uses_base = True
+    identity_params = {"weight": 1.0}
+
+    def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
+        deltas = deltas_(tensors, base)
+        return combine(deltas, [p.weight for p in model_params], base, params.lambda_, params.normalize, False)

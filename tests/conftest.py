@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny checkpoints built on the fly (no network, a few KB each)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from merge_lab.testing import make_checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """A bf16 llama base and three fine-tunes of it, each saved in several shards."""
+    root = tmp_path_factory.mktemp("family")
+    base = make_checkpoint(root / "base", "llama", seed=0, dtype=torch.bfloat16)
+    models = [make_checkpoint(root / f"m{i}", "llama", seed=i, dtype=torch.bfloat16, base=base) for i in (1, 2, 3)]
+    return base, models
