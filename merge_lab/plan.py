@@ -193,7 +193,7 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
     problems: list[str] = []
     vocab_rows: dict[str, int] = {}
     base_mode = recipe.tokenizer_mode is not None and recipe.tokenizer_mode in ("base", recipe.base_model)
-    for ckpt, ref_name in zip(ctx.models, ctx.model_refs):
+    for ckpt in ctx.models:
         missing = [n for n in names if n not in ckpt]
         if missing:
             problems.append(f"{ckpt.path}: lacks {len(missing)} tensor(s) of {ref.path}, e.g. '{missing[0]}'.")
