@@ -1,0 +1,71 @@
+"""The shipped data: every source loads, ids and splits are stable, overlap is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from merge_lab import data
+from merge_lab.errors import MergeLabError
+
+
+def test_every_source_loads_with_stable_ids():
+    for name in data.sources():
+        items = data.load_source(name)
+        assert len(items) >= 50, name
+        assert [e.id for e in items[:3]] == [f"{name}:0", f"{name}:1", f"{name}:2"]
+        assert all(e.prompt or e.response for e in items), name
+    mc = data.load_source("commonsenseqa")
+    assert all(e.meta["choices"][e.label] == e.response for e in mc)
+    assert len(data.load_source("advbench")) == 520
+    assert {e.label for e in data.load_source("refusal_pairs")} == {"refusal", "answer"}
+
+
+def test_splits_are_deterministic_and_roughly_60_20_20():
+    items = data.load_source("false_claims")
+    splits = [data.split_of(e) for e in items]
+    assert splits == [data.split_of(e.id) for e in items]  # an id resolves to its item
+    share = {s: splits.count(s) / len(splits) for s in data.SPLITS}
+    assert 0.55 < share["train"] < 0.65 and 0.15 < share["test"] < 0.25
+    test = data.select("false_claims", "test", limit=5)
+    assert len(test) == 5 and all(data.split_of(e) == "test" for e in test)
+
+
+def test_same_prompt_in_two_sources_lands_in_one_split():
+    adv = {data.content_key(e): data.split_of(e) for e in data.load_source("advbench")}
+    shared = [e for e in data.load_source("refusal_pairs") if data.content_key(e) in adv]
+    assert len(shared) > 10
+    assert all(data.split_of(e) == adv[data.content_key(e)] for e in shared)
+    # so training on pyrit's train split never leaks into AdvBench's test split
+    data.check_disjoint(data.select("refusal_pairs", "train"), data.select("advbench", "test"))
+
+
+def test_check_disjoint_rejects_overlap_by_id_and_by_text(tmp_path):
+    train = data.select("advbench", "train")
+    test = data.select("advbench", "test")
+    data.check_disjoint(train, test)
+    with pytest.raises(MergeLabError, match="advbench:"):
+        data.check_disjoint(train, test + train[:2])
+    with pytest.raises(MergeLabError, match="1 training item"):
+        data.check_disjoint([test[0].id], ["x:1", test[0].id])
+    copy = tmp_path / "mine.jsonl"
+    copy.write_text(json.dumps({"prompt": "  " + test[0].prompt.upper() + " "}) + "\n")
+    with pytest.raises(MergeLabError, match="mine:0"):
+        data.check_disjoint(data.load_jsonl(copy), test)
+
+
+def test_load_jsonl_and_bad_input(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "hi", "response": "hello", "label": 1, "topic": "x"}\n\n{"prompt": "q", "id": "own"}\n')
+    a, b = data.load_jsonl(f)
+    assert (a.id, a.response, a.label, a.meta) == ("d:0", "hello", 1, {"topic": "x"})
+    assert b.id == "own"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"response": 3}\n')
+    with pytest.raises(MergeLabError, match="bad.jsonl:2"):
+        data.load_jsonl(bad)
+    with pytest.raises(MergeLabError, match="Did you mean 'advbench'"):
+        data.load_source("advbnch")
+    with pytest.raises(MergeLabError, match="unknown split"):
+        data.select("advbench", "dev")
