@@ -238,9 +238,8 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
         )
         tasks.append(TensorTask(n, info.shape, _out_dtype(recipe, info.dtype), srcs, compute))
     config = dict(ref.config)
-    if recipe.output_dtype:
-        config["torch_dtype"] = recipe.output_dtype
-        config["dtype"] = recipe.output_dtype
+    if recipe.output_dtype:  # transformers 5 reads `dtype`, older versions `torch_dtype`
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = recipe.output_dtype
     notes = [f"vocabulary of '{n}': {r} shared rows merged, the rest from the base" for n, r in vocab_rows.items()]
     side = ref.path
     if recipe.tokenizer_mode not in (None, "base", recipe.base_model):

@@ -78,6 +78,7 @@ def make_checkpoint(
     noise: float = 0.02,
     tie: bool = False,
     tokenizer: bool = True,
+    layers: int = 2,
 ) -> Path:
     """Save a tiny random model (several safetensors shards by default).
 
@@ -88,7 +89,7 @@ def make_checkpoint(
 
     path = Path(path)
     torch.manual_seed(seed)
-    config = tiny_config(arch, vocab_size, tie=tie)
+    config = tiny_config(arch, vocab_size, layers=layers, tie=tie)
     model = AutoModelForCausalLM.from_config(config)
     if base is not None:
         src = Checkpoint(base)

@@ -4,14 +4,16 @@ Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985; used for m
 since mergekit (Goddard et al., arXiv 2403.13257).
 
 Semantics (those of mergekit 0.1.5): the endpoints are the base model (t = 0) and the one other
-model (t = 1), or, without a base, the first and second models. Each tensor is taken row by row
-(its first dimension; a 1-D tensor is one row per element): both rows are normalised, their angle
-theta = acos(dot) is found, and out = sin((1-t) theta)/sin(theta) * a + sin(t theta)/sin(theta) * b
-on the original (unnormalised) rows. Rows that are nearly collinear (|dot| > 0.9995) are
-interpolated linearly, (1-t) a + t b.
+model (t = 1), or, without a base, the first and second models. Each tensor is taken as one
+flat vector: both are normalised, their angle theta = acos(dot) is found, and
+out = sin((1-t) theta)/sin(theta) * a + sin(t theta)/sin(theta) * b on the original
+(unnormalised) tensors. Nearly collinear tensors (|dot| > 0.9995) are interpolated linearly,
+(1-t) a + t b.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,25 +31,21 @@ class SlerpParams(BaseModel):
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    shape = a.shape
-    a2 = a.reshape(shape[0], -1) if a.dim() else a.reshape(1, 1)
-    b2 = b.reshape(a2.shape)
-    na = torch.linalg.vector_norm(a2, dim=1, keepdim=True)
-    nb = torch.linalg.vector_norm(b2, dim=1, keepdim=True)
-    na = torch.where(na > EPS, na, 1.0)
-    nb = torch.where(nb > EPS, nb, 1.0)
-    dot = ((a2 / na) * (b2 / nb)).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
-    linear = dot.abs() > DOT_THRESHOLD
-    theta = torch.acos(torch.where(linear, 0.0, dot))
-    sin_theta = torch.sin(theta)
-    ca = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
-    cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-    return (ca * a2 + cb * b2).reshape(shape)
+    na = float(torch.linalg.vector_norm(a))
+    nb = float(torch.linalg.vector_norm(b))
+    na, nb = (na if na > EPS else 1.0), (nb if nb > EPS else 1.0)
+    dot = float(torch.dot(a.reshape(-1), b.reshape(-1))) / (na * nb)
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > DOT_THRESHOLD:
+        return a.mul_(1.0 - t).add_(b, alpha=t)
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return a.mul_(math.sin((1.0 - t) * theta) / sin_theta).add_(b, alpha=math.sin(t * theta) / sin_theta)
 
 
 class Slerp(Strategy):
     name = "slerp"
-    summary = "spherical interpolation between two models, row by row"
+    summary = "spherical interpolation between two models"
     Params = SlerpParams
     uses_base = True
     symmetric = False
