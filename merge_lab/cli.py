@@ -40,7 +40,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except MergeLabError as e:
-            err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]: nothing was written at the output path.")
