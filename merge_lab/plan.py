@@ -194,6 +194,12 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
     vocab_rows: dict[str, int] = {}
     base_mode = recipe.tokenizer_mode is not None and recipe.tokenizer_mode in ("base", recipe.base_model)
     for ckpt in ctx.models:
+        if ckpt.model_type != ref.model_type:
+            problems.append(
+                f"{ckpt.path}: is a '{ckpt.model_type}' model but {ref.path} is '{ref.model_type}'; "
+                "merge only fine-tunes of one base architecture."
+            )
+            continue
         missing = [n for n in names if n not in ckpt]
         if missing:
             problems.append(f"{ckpt.path}: lacks {len(missing)} tensor(s) of {ref.path}, e.g. '{missing[0]}'.")

@@ -193,3 +193,9 @@ def test_library_raises_merge_lab_error(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [str(tmp_path / "none")]})
     with pytest.raises(MergeLabError):
         merge(path, tmp_path / "out")
+
+
+def test_different_architectures(family, tmp_path):
+    base, models = family
+    mistral = make_checkpoint(tmp_path / "mistral", "mistral", seed=4, dtype=torch.bfloat16)
+    assert_fails(tmp_path, ties(base, [models[0], mistral]), "'mistral' model", "'llama'")
