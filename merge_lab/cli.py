@@ -167,6 +167,32 @@ def strategies() -> None:
         out_console.print(table)
 
 
+@app.command()
+@friendly
+def align(
+    recipe: Annotated[Path, typer.Argument(help="align recipe YAML (base_model, data, lora, train)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: adapter/, merged/, train_items.json")],
+    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """LoRA-fine-tune a base on RECIPE's rows (shipped sources or your JSONL) into an expert at OUT.
+
+    Loss counts only the reply tokens of each chat. OUT gets the adapter, the adapter merged into a
+    full checkpoint (an input for `merge` and `fuse`), and the ids of every item trained on.
+    """
+    from merge_lab.align import align as run_align
+
+    result = run_align(recipe, out, force=force, progress=progress, console=err_console)
+    table = Table(title="align complete", show_header=False)
+    table.add_row("output", str(result.path))
+    table.add_row("adapter", str(result.adapter))
+    table.add_row("merged checkpoint", str(result.merged or "not saved"))
+    table.add_row("rows / steps", f"{result.rows} / {result.steps}")
+    table.add_row("loss", f"{result.first_loss:.3f} -> {result.last_loss:.3f}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    out_console.print(table)
+
+
 def main() -> None:
     try:
         app()
