@@ -1,0 +1,1 @@
+"""Evaluation: candidates behind one interface, suites, metrics with uncertainty, cost, compare."""

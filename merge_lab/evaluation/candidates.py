@@ -1,0 +1,643 @@
+"""Everything a comparison evaluates, behind one interface: log-likelihood and greedy generation.
+
+- `ModelCandidate`: any checkpoint folder (a source model, a merge, a fused MoE);
+- `RecipeCandidate`: a recipe, merged on the fly into a cache folder keyed by its inputs;
+- `TokenEnsemble`: weighted average of the members' next-token probabilities, for scoring and
+  for generation (one KV cache per member);
+- `BestOfN`: every member generates, a pluggable `Scorer` picks the best answer.
+
+Suites only call `loglikelihood`, `generate` and `format_prompt`; they never learn which kind
+of candidate they hold. Every candidate counts the tokens and seconds it spends, for the cost table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge_lab.errors import MergeLabError
+
+LogProbs = tuple[float, int]  # summed log-probability of a continuation, its number of tokens
+
+
+# ------------------------------------------------------------------ shared helpers
+
+
+def fingerprint_folder(path: Path) -> str:
+    """A content fingerprint of a model folder, fast on large files: config, tokenizer files and,
+    per weight file, its size and the sha256 of its first and last MiB."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            if f.suffix != ".safetensors" or size <= 2 << 20:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise MergeLabError(
+            f"{path}: the tokenizer does not load ({type(e).__name__}: {e}). A candidate needs its "
+            "tokenizer files (tokenizer.json / tokenizer_config.json) in the model folder."
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
+
+
+def stop_ids(tok) -> set[int]:
+    ids = {tok.eos_token_id}
+    end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+    if end is not None:
+        ids.add(end)
+    return {i for i in ids if i is not None}
+
+
+@dataclass
+class Counters:
+    """Tokens and seconds spent, per activity (the cost table's throughput)."""
+
+    score_tokens: int = 0
+    score_seconds: float = 0.0
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class _LM:
+    """One loaded causal LM: batched continuation log-probs and a KV-cached next-token stepper."""
+
+    def __init__(self, path: Path, device: str, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        except Exception as e:
+            raise MergeLabError(f"{path}: the model does not load in transformers ({type(e).__name__}: {e}).") from None
+        self.device = device
+        self.is_moe = any("experts" in n for n, _ in self.model.named_parameters())
+
+    def params(self) -> tuple[int, int]:
+        """(total, active per token): for an MoE only top-k of E experts' weights are active."""
+        total = experts = 0
+        for n, p in self.model.named_parameters():
+            total += p.numel()
+            if ".experts." in n or n.endswith(".experts"):
+                experts += p.numel()
+        cfg = self.model.config
+        e = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+        k = getattr(cfg, "num_experts_per_tok", None)
+        if experts and e and k:
+            return total, int(total - experts + experts * k / e)
+        return total, total
+
+    @torch.no_grad()
+    def rows(self, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[torch.Tensor]:
+        """Per item, the log-softmax rows [len(cont), vocab] that predict its continuation tokens."""
+        seqs = [c + t for c, t in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+        out = []
+        for i, (c, t) in enumerate(batch):
+            out.append(torch.log_softmax(logits[i, len(c) - 1 : len(c) + len(t) - 1], dim=-1).cpu())
+        return out
+
+    @torch.no_grad()
+    def routing(self, batch: list[list[int]], pad_id: int) -> list[list[float]] | None:
+        """Share of (token, top-k slot) assignments per expert, per layer; None for dense models."""
+        if not self.is_moe:
+            return None
+        k = getattr(self.model.config, "num_experts_per_tok", 1)
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(batch):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_router_logits=True)
+        logits = getattr(out, "router_logits", None)
+        if not logits:
+            return None
+        keep = mask.reshape(-1).bool()
+        result = []
+        for layer in logits:
+            top = layer.float().cpu()[keep].topk(k, dim=-1).indices.reshape(-1)
+            counts = torch.bincount(top, minlength=layer.shape[-1]).float()
+            result.append((counts / counts.sum()).tolist())
+        return result
+
+    def stepper(self, prompts: list[list[int]], pad_id: int) -> _Stepper:
+        return _Stepper(self, prompts, pad_id)
+
+
+class _Stepper:
+    """Greedy decoding state of one model over a left-padded batch, with its KV cache."""
+
+    @torch.no_grad()
+    def __init__(self, lm: _LM, prompts: list[list[int]], pad_id: int):
+        self.lm = lm
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = lm.device
+        out = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True)
+        self.past, self.mask, self.pos = out.past_key_values, mask, pos[:, -1]
+        self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones((len(next_ids), 1), dtype=torch.long)], dim=1)
+        self.pos = self.pos + 1
+        dev = self.lm.device
+        out = self.lm.model(
+            input_ids=next_ids[:, None].to(dev), attention_mask=self.mask.to(dev), position_ids=self.pos[:, None].to(dev),
+            past_key_values=self.past, use_cache=True,
+        )
+        self.past = out.past_key_values
+        self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+        return self.logp
+
+
+def _mix(logps: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:
+    """log sum_i w_i p_i: a single member with weight 1 returns its log-probs unchanged."""
+    if len(logps) == 1:
+        return logps[0] + log_weights[0]
+    return torch.logsumexp(torch.stack(logps) + log_weights.view(-1, *([1] * logps[0].dim())), dim=0)
+
+
+# ------------------------------------------------------------------ the interface
+
+
+@dataclass
+class Settings:
+    """What every candidate is evaluated under: identical across candidates, part of the cache key."""
+
+    seed: int = 0
+    limit: int | None = 100
+    split: str = "test"
+    max_new_tokens: int = 48
+    max_length: int = 512
+    chat_template: bool = True
+    batch_size: int = 8
+    bootstrap: int = 1000
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def key(self) -> dict:
+        """The settings that change results (batch size and device do not, by design)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("batch_size", "device", "bootstrap")}
+
+
+class Candidate:
+    """The one interface suites see. Subclasses set up `_lms` (loaded models) in `load()`."""
+
+    kind = "candidate"
+
+    def __init__(self, name: str, settings: Settings):
+        self.name = name
+        self.settings = settings
+        self.counters = Counters()
+        self._tok = None
+        self._lms: list[_LM] = []
+        self.log_weights = torch.zeros(1)
+
+    # --- identity, checked before any long work
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Cheap checks that the candidate will load (configs, headers, tokenizers)."""
+
+    def tokenizer_path(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.tokenizer_path())
+        return self._tok
+
+    def model_paths(self) -> list[Path]:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        if not self._lms:
+            dtype = getattr(torch, self.settings.dtype)
+            self._lms = [_LM(p, self.settings.device, dtype) for p in self.model_paths()]
+
+    def unload(self) -> None:
+        self._lms = []
+
+    def params(self) -> tuple[int, int]:
+        self.load()
+        tot = [lm.params() for lm in self._lms]
+        return sum(t for t, _ in tot), sum(a for _, a in tot)
+
+    # --- text in, text out
+    def format_prompt(self, prompt: str) -> str:
+        tok = self.tokenizer
+        if self.settings.chat_template and getattr(tok, "chat_template", None):
+            return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return f"{prompt}\n" if prompt else ""
+
+    def _encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        ctx = tok(context, add_special_tokens=False)["input_ids"] if context else []
+        cont = tok(continuation, add_special_tokens=False)["input_ids"]
+        if not ctx:
+            ctx = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        room = self.settings.max_length - len(cont)
+        if room < 1:
+            cont = cont[: self.settings.max_length - 1]
+            room = 1
+        return ctx[-room:], cont
+
+    def _batches(self, n: int, lengths: list[int]):
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        bs = max(1, self.settings.batch_size)
+        for s in range(0, n, bs):
+            yield order[s : s + bs]
+
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[LogProbs]:
+        """Summed log-probability of each continuation after its context (batched, longest first)."""
+        self.load()
+        enc = [self._encode(c, t) for c, t in requests]
+        out: list[LogProbs] = [(0.0, 0)] * len(enc)
+        pad = self.tokenizer.pad_token_id
+        start = time.perf_counter()
+        for idx in self._batches(len(enc), [len(c) + len(t) for c, t in enc]):
+            batch = [enc[i] for i in idx]
+            for i, lp in zip(idx, self._score_batch(batch, pad)):
+                out[i] = lp
+            self.counters.score_tokens += sum(len(c) + len(t) for c, t in batch) * len(self._lms)
+        self.counters.score_seconds += time.perf_counter() - start
+        return out
+
+    def _score_batch(self, batch, pad) -> list[LogProbs]:
+        per_member = [lm.rows(batch, pad) for lm in self._lms]
+        out = []
+        for j, (_, cont) in enumerate(batch):
+            rows = _mix([m[j] for m in per_member], self.log_weights)
+            target = torch.tensor(cont)
+            out.append((float(rows.gather(1, target[:, None]).sum()), len(cont)))
+        return out
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        """Greedy answers to user prompts (chat-formatted here), up to max_new_tokens, batched."""
+        self.load()
+        torch.manual_seed(self.settings.seed)
+        tok = self.tokenizer
+        room = self.settings.max_length - self.settings.max_new_tokens
+        enc = [(tok(self.format_prompt(p), add_special_tokens=False)["input_ids"] or [tok.eos_token_id])[-room:]
+               for p in prompts]
+        out = [""] * len(enc)
+        start = time.perf_counter()
+        for idx in self._batches(len(enc), [len(e) for e in enc]):
+            for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], [prompts[i] for i in idx])):
+                out[i] = text
+        self.counters.gen_seconds += time.perf_counter() - start
+        return out
+
+    def _generate_batch(self, enc: list[list[int]], prompts: list[str]) -> list[str]:
+        return self._greedy(self._lms, self.log_weights, enc)
+
+    def _greedy(self, lms: list[_LM], log_weights: torch.Tensor, prompts: list[list[int]]) -> list[str]:
+        """Greedy decoding on the weighted mixture of `lms`' next-token distributions."""
+        tok = self.tokenizer
+        pad, stops = tok.pad_token_id, stop_ids(tok)
+        steppers = [lm.stepper(prompts, pad) for lm in lms]
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        outs: list[list[int]] = [[] for _ in prompts]
+        logp = _mix([s.logp for s in steppers], log_weights)
+        for _ in range(self.settings.max_new_tokens):
+            nxt = logp.argmax(-1)
+            for i in range(len(prompts)):
+                if not done[i]:
+                    if int(nxt[i]) in stops:
+                        done[i] = True
+                    else:
+                        outs[i].append(int(nxt[i]))
+            self.counters.gen_tokens += int((~done).sum())
+            if bool(done.all()):
+                break
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            logp = _mix([s.step(nxt) for s in steppers], log_weights)
+        return [tok.decode(o, skip_special_tokens=True) for o in outs]
+
+    def routing(self, texts: list[str]) -> list[list[float]] | None:
+        """Per layer, the share of routing slots each expert took on these texts (MoE only)."""
+        self.load()
+        if len(self._lms) != 1:
+            return None
+        tok = self.tokenizer
+        enc = [tok(t, add_special_tokens=False)["input_ids"][: self.settings.max_length] or [tok.eos_token_id] for t in texts]
+        acc = None
+        for s in range(0, len(enc), max(1, self.settings.batch_size)):
+            r = self._lms[0].routing(enc[s : s + self.settings.batch_size], tok.pad_token_id)
+            if r is None:
+                return None
+            n = len(enc[s : s + self.settings.batch_size])
+            acc = [[a * n for a in layer] for layer in r] if acc is None else [
+                [x + a * n for x, a in zip(row, layer)] for row, layer in zip(acc, r)]
+        return [[x / len(enc) for x in row] for row in acc] if acc else None
+
+
+class ModelCandidate(Candidate):
+    """A checkpoint folder: a source model, a merge, or a fused MoE."""
+
+    kind = "checkpoint"
+
+    def __init__(self, name: str, path: str | Path, settings: Settings):
+        super().__init__(name, settings)
+        self.path = Path(path)
+
+    def check(self) -> None:
+        from merge_lab.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(self.path)
+        _ = ckpt.config, ckpt.tensors
+        try:
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(str(self.path))
+        except Exception as e:
+            raise MergeLabError(f"candidate '{self.name}': {self.path}/config.json does not load ({e}).") from None
+        _ = self.tokenizer
+
+    def fingerprint(self) -> str:
+        return fingerprint_folder(self.path)
+
+    def tokenizer_path(self) -> Path:
+        return self.path
+
+    def model_paths(self) -> list[Path]:
+        return [self.path]
+
+
+class RecipeCandidate(ModelCandidate):
+    """A recipe, merged on first use into `cache/merges/<hash of recipe and inputs>`."""
+
+    kind = "recipe"
+
+    def __init__(self, name: str, recipe: str | Path, cache_dir: Path, settings: Settings):
+        self.recipe_path = Path(recipe)
+        self.cache_dir = cache_dir
+        self._fp: str | None = None
+        super().__init__(name, cache_dir, settings)
+
+    def check(self) -> None:
+        from merge_lab.plan import make_plan
+        from merge_lab.recipe import load_recipe
+
+        plan = make_plan(load_recipe(self.recipe_path))
+        inputs = sorted({str(p) for p in _plan_inputs(plan)})
+        h = hashlib.sha256(self.recipe_path.read_bytes())
+        for p in inputs:
+            h.update(fingerprint_folder(Path(p)).encode())
+        self._fp = h.hexdigest()[:16]
+        self.path = self.cache_dir / "merges" / f"{self.recipe_path.stem}-{self._fp}"
+        self._token_source = Path(inputs[0]) if not (self.path / "config.json").exists() else self.path
+
+    def fingerprint(self) -> str:
+        if self._fp is None:
+            self.check()
+        return self._fp
+
+    def tokenizer_path(self) -> Path:
+        if self._fp is None:
+            self.check()
+        return self.path if (self.path / "tokenizer_config.json").exists() else self._token_source
+
+    def model_paths(self) -> list[Path]:
+        self.fingerprint()
+        if not (self.path / "config.json").exists():
+            from merge_lab.engine import merge
+
+            merge(self.recipe_path, self.path, progress=False, hash_inputs=False)
+        return [self.path]
+
+
+def _plan_inputs(plan) -> list[Path]:
+    out = []
+    for x in plan.inputs:
+        p = getattr(x, "path", x)
+        out.append(Path(p))
+    return out
+
+
+class TokenEnsemble(Candidate):
+    """Weighted average of the members' next-token probabilities (members share one tokenizer)."""
+
+    kind = "token_ensemble"
+
+    def __init__(self, name: str, members: list[ModelCandidate], weights: list[float] | None, settings: Settings):
+        super().__init__(name, settings)
+        if not members:
+            raise MergeLabError(f"ensemble '{name}' has no members.")
+        weights = weights or [1.0] * len(members)
+        if len(weights) != len(members) or any(w <= 0 for w in weights):
+            raise MergeLabError(f"ensemble '{name}': give one positive weight per member ({len(members)}).")
+        self.members = members
+        self.weights = [w / sum(weights) for w in weights]
+        self.log_weights = torch.log(torch.tensor(self.weights, dtype=torch.float32))
+
+    def check(self) -> None:
+        for m in self.members:
+            m.check()
+        check_shared_tokenizer(self.name, self.members)
+
+    def fingerprint(self) -> str:
+        parts = [f"{m.fingerprint()}:{w:.6f}" for m, w in zip(self.members, self.weights)]
+        return hashlib.sha256(("token_ensemble|" + "|".join(parts)).encode()).hexdigest()[:16]
+
+    def tokenizer_path(self) -> Path:
+        return self.members[0].tokenizer_path()
+
+    def model_paths(self) -> list[Path]:
+        return [p for m in self.members for p in m.model_paths()]
+
+
+def check_shared_tokenizer(name: str, members: list[Candidate]) -> None:
+    first = members[0].tokenizer
+    for m in members[1:]:
+        if not same_tokenizer(first, m.tokenizer):
+            raise MergeLabError(
+                f"ensemble '{name}': members '{members[0].name}' and '{m.name}' have different tokenizers "
+                f"({len(first.get_vocab())} vs {len(m.tokenizer.get_vocab())} tokens, or different ids). "
+                "Output-level ensembles need one shared vocabulary; use fine-tunes of the same base."
+            )
+
+
+# ------------------------------------------------------------------ scorers (judge, reward model)
+
+
+class Scorer:
+    """Scores (prompt, response) pairs; higher is better. Used by best-of-N and the win rate."""
+
+    name = "scorer"
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        pass
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        raise NotImplementedError
+
+
+class JudgeScorer(Scorer):
+    """Mean per-token log-likelihood of the response under a judge checkpoint (length-fair)."""
+
+    name = "judge log-likelihood"
+
+    def __init__(self, judge: Candidate):
+        self.judge = judge
+
+    def fingerprint(self) -> str:
+        return "judge:" + self.judge.fingerprint()
+
+    def check(self) -> None:
+        self.judge.check()
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        reqs = [(self.judge.format_prompt(p), r if r.strip() else " ") for p, r in zip(prompts, responses)]
+        return [s / max(n, 1) for s, n in self.judge.loglikelihood(reqs)]
+
+
+class RewardScorer(Scorer):
+    """A sequence-classification reward model's score of the chat-formatted exchange."""
+
+    name = "reward model"
+
+    def __init__(self, path: str | Path, settings: Settings):
+        self.path = Path(path)
+        self.settings = settings
+        self._model = None
+        self._tok = None
+
+    def fingerprint(self) -> str:
+        return "reward:" + fingerprint_folder(self.path)
+
+    def check(self) -> None:
+        from merge_lab.checkpoint import Checkpoint
+
+        _ = Checkpoint(self.path).tensors
+        self._tok = load_tokenizer(self.path)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from transformers import AutoModelForSequenceClassification
+
+        if self._model is None:
+            self._tok = self._tok or load_tokenizer(self.path)
+            self._model = AutoModelForSequenceClassification.from_pretrained(str(self.path)).eval()
+            self._model.config.pad_token_id = self._tok.pad_token_id
+        out = []
+        for p, r in zip(prompts, responses):
+            msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+            text = (self._tok.apply_chat_template(msgs, tokenize=False) if getattr(self._tok, "chat_template", None)
+                    else f"{p}\n{r}")
+            ids = self._tok(text, return_tensors="pt", truncation=True, max_length=self.settings.max_length)
+            out.append(float(self._model(**ids).logits[0, 0]))
+        return out
+
+
+class BestOfN(Candidate):
+    """Each member generates; the scorer keeps the best answer. For likelihood suites it scores a
+    continuation by the sequence-level mixture log(mean_i p_i(continuation)) of its members."""
+
+    kind = "best_of_n"
+
+    def __init__(self, name: str, members: list[ModelCandidate], scorer: Scorer, settings: Settings):
+        super().__init__(name, settings)
+        if len(members) < 2:
+            raise MergeLabError(f"best-of-N '{name}' needs at least two members.")
+        self.members = members
+        self.scorer = scorer
+
+    def check(self) -> None:
+        for m in self.members:
+            m.check()
+        check_shared_tokenizer(self.name, self.members)
+        self.scorer.check()
+
+    def fingerprint(self) -> str:
+        parts = [m.fingerprint() for m in self.members] + [self.scorer.fingerprint()]
+        return hashlib.sha256(("best_of_n|" + "|".join(parts)).encode()).hexdigest()[:16]
+
+    def tokenizer_path(self) -> Path:
+        return self.members[0].tokenizer_path()
+
+    def model_paths(self) -> list[Path]:
+        return [p for m in self.members for p in m.model_paths()]
+
+    def _score_batch(self, batch, pad) -> list[LogProbs]:
+        per_member = [lm.rows(batch, pad) for lm in self._lms]
+        out = []
+        for j, (_, cont) in enumerate(batch):
+            target = torch.tensor(cont)
+            seq = torch.stack([m[j].gather(1, target[:, None]).sum() for m in per_member])
+            out.append((float(torch.logsumexp(seq, 0) - torch.log(torch.tensor(float(len(seq))))), len(cont)))
+        return out
+
+    def _generate_batch(self, enc: list[list[int]], prompts: list[str]) -> list[str]:
+        answers = [self._greedy([lm], torch.zeros(1), enc) for lm in self._lms]
+        scores = [self.scorer.score(prompts, a) for a in answers]
+        return [answers[max(range(len(answers)), key=lambda m: scores[m][i])][i] for i in range(len(enc))]
+
+
+@dataclass
+class Loaded:
+    """A candidate plus what the comparison knows about it."""
+
+    candidate: Candidate
+    source: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def describe(c: Candidate) -> dict:
+    """A JSON-able description for results.json."""
+    d = {"kind": c.kind, "fingerprint": c.fingerprint()}
+    if isinstance(c, ModelCandidate) and not isinstance(c, RecipeCandidate):
+        d["path"] = str(c.path)
+    if isinstance(c, RecipeCandidate):
+        d["recipe"] = str(c.recipe_path)
+    if isinstance(c, TokenEnsemble):
+        d["members"] = [m.name for m in c.members]
+        d["weights"] = c.weights
+    if isinstance(c, BestOfN):
+        d["members"] = [m.name for m in c.members]
+        d["scorer"] = c.scorer.name
+    return json.loads(json.dumps(d))

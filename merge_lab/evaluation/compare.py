@@ -1,0 +1,398 @@
+"""`merge-lab compare compare.yaml`: every candidate on the same suites, then the report.
+
+    output: report/                 # where report.md, report.html, results.json go
+    settings: {limit: 100, split: test, seed: 0, max_new_tokens: 48, batch_size: 8}
+    suites: [harmless_refusal, harmless_overrefusal, honest_truefalse, helpful_likelihood,
+             capability_commonsenseqa, {name: mine, path: my.jsonl, kind: likelihood}]
+    judge: base                     # candidate name or checkpoint folder (win rate, best-of-N)
+    reference: base                 # candidate the win rate compares against
+    training_data: [advbench:train, {path: my_train.jsonl}]   # proven disjoint from every suite
+    candidates:
+      - {name: base, checkpoint: ./base, source: true}
+      - {name: ties, recipe: ties.yaml}
+      - {name: ens, ensemble: [base, ties], weights: [0.5, 0.5]}
+      - {name: bon, best_of_n: [base, ties]}             # scorer: the judge, or reward_model: ./rm
+
+Everything that can be wrong in the file (unknown suites, candidates that do not load, ensembles
+whose tokenizers differ, overlap between training data and suites) is reported before any model
+runs. Results are cached per (candidate, suite, settings) under `cache_dir` (default:
+OUTPUT/cache), so adding a candidate evaluates only that one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from merge_lab import data
+from merge_lab.errors import MergeLabError
+from merge_lab.evaluation import candidates as cands
+from merge_lab.evaluation.cache import ResultCache
+from merge_lab.evaluation.cost import PeakMemory, summarize
+from merge_lab.evaluation.metrics import bootstrap_ci, oracle, paired_test
+from merge_lab.evaluation.suites import EvalContext, Suite, make_suite
+
+
+class SettingsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    limit: int | None = 100
+    split: str = "test"
+    max_new_tokens: int = 48
+    max_length: int = 512
+    chat_template: bool = True
+    batch_size: int = 8
+    bootstrap: int = 1000
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+class CandidateSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    checkpoint: str | None = None
+    recipe: str | None = None
+    ensemble: list[str] | None = None
+    weights: list[float] | None = None
+    best_of_n: list[str] | None = None
+    reward_model: str | None = None
+    source: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CandidateSpec:
+        kinds = [k for k in ("checkpoint", "recipe", "ensemble", "best_of_n") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"candidate '{self.name}': give exactly one of checkpoint, recipe, ensemble, best_of_n")
+        return self
+
+
+class CompareSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    output: str | None = None
+    cache_dir: str | None = None
+    settings: SettingsSpec = SettingsSpec()
+    suites: list[str | dict[str, Any]]
+    candidates: list[CandidateSpec]
+    judge: str | None = None
+    reference: str | None = None
+    training_data: list[str | dict[str, Any]] = []
+
+
+def load_spec(path: str | Path) -> tuple[CompareSpec, Path]:
+    path = Path(path)
+    if not path.is_file():
+        raise MergeLabError(f"{path}: compare file not found.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MergeLabError(f"{path}: not valid YAML ({e}).") from None
+    try:
+        return CompareSpec.model_validate(raw), path.parent.resolve()
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'file'}: {err['msg']}" for err in e.errors())
+        raise MergeLabError(f"{path}: {msgs}.") from None
+
+
+@dataclass
+class Comparison:
+    """A ready-to-run comparison: everything resolved and checked."""
+
+    spec: CompareSpec
+    root: Path
+    output: Path
+    settings: cands.Settings
+    suites: list[Suite]
+    candidates: dict[str, cands.Candidate]
+    sources: list[str]
+    ctx: EvalContext
+    cache: ResultCache
+    evaluated: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _resolve(root: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else root / q
+
+
+def _training_items(root: Path, entry: str | dict) -> list[data.Example]:
+    if isinstance(entry, str):
+        source, _, split = entry.partition(":")
+        return data.select(source, split or "train")
+    if "path" in entry:
+        return data.load_jsonl(_resolve(root, entry["path"]))
+    if "source" in entry:
+        return data.select(entry["source"], entry.get("split", "train"), entry.get("limit"))
+    raise MergeLabError(f"training_data entry {entry}: give 'source[:split]', {{source, split}} or {{path}}.")
+
+
+def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
+    """Parse and check a compare file: every error a user can fix is raised here, before work."""
+    spec, root = load_spec(path)
+    s = spec.settings
+    settings = cands.Settings(**s.model_dump())
+    if s.dtype not in ("float32", "bfloat16", "float16"):
+        raise MergeLabError(f"settings.dtype '{s.dtype}': use float32, bfloat16 or float16.")
+    out = Path(output) if output is not None else _resolve(root, spec.output or "report")
+    cache = ResultCache(_resolve(root, spec.cache_dir) if spec.cache_dir else out / "cache")
+
+    suites = [make_suite(x, split=s.split, limit=s.limit, seed=s.seed) for x in spec.suites]
+    names = [x.name for x in suites]
+    if len(set(names)) != len(names):
+        raise MergeLabError(f"suite listed twice: {sorted({n for n in names if names.count(n) > 1})}.")
+    for x in suites:
+        x.items()
+    for entry in spec.training_data:
+        train = _training_items(root, entry)
+        for x in suites:
+            try:
+                data.check_disjoint(train, x.items())
+            except MergeLabError as e:
+                raise MergeLabError(f"training data {entry} overlaps suite '{x.name}': {e}") from None
+
+    by_name: dict[str, cands.Candidate] = {}
+    sources = []
+    for c in spec.candidates:
+        if c.name in by_name:
+            raise MergeLabError(f"two candidates are named '{c.name}'.")
+        by_name[c.name] = _build(c, by_name, root, cache, settings, spec)
+        if c.source:
+            sources.append(c.name)
+    if not by_name:
+        raise MergeLabError(f"{path}: no candidates.")
+
+    judge = None
+    if spec.judge:
+        judge = by_name.get(spec.judge) or cands.ModelCandidate("judge", _resolve(root, spec.judge), settings)
+    reference = None
+    if spec.reference:
+        if spec.reference not in by_name:
+            raise MergeLabError(f"reference '{spec.reference}' is not a candidate; name one of {', '.join(by_name)}.")
+        reference = by_name[spec.reference]
+    for x in suites:
+        if "judge" in x.needs and judge is None:
+            raise MergeLabError(f"suite '{x.name}' needs `judge:` (a candidate name or checkpoint folder).")
+        if "reference" in x.needs and reference is None:
+            raise MergeLabError(f"suite '{x.name}' needs `reference:` (a candidate name).")
+
+    for name, c in by_name.items():
+        try:
+            c.check()
+        except MergeLabError as e:
+            raise MergeLabError(f"candidate '{name}' does not load: {e}") from None
+    if judge is not None and judge.name == "judge":
+        judge.check()
+    ctx = EvalContext(judge=cands.JudgeScorer(judge) if judge is not None else None, reference=reference)
+    return Comparison(spec, root, out, settings, suites, by_name, sources, ctx, cache)
+
+
+def _build(c: CandidateSpec, known: dict, root: Path, cache: ResultCache, settings, spec: CompareSpec) -> cands.Candidate:
+    def member(ref: str) -> cands.ModelCandidate:
+        m = known.get(ref)
+        if isinstance(m, cands.ModelCandidate):
+            return m
+        if m is not None:
+            raise MergeLabError(f"candidate '{c.name}': member '{ref}' is itself an ensemble; list checkpoints or recipes.")
+        p = _resolve(root, ref)
+        if not p.exists():
+            raise MergeLabError(f"candidate '{c.name}': member '{ref}' is neither a candidate name nor a folder.")
+        return cands.ModelCandidate(ref, p, settings)
+
+    if c.checkpoint is not None:
+        return cands.ModelCandidate(c.name, _resolve(root, c.checkpoint), settings)
+    if c.recipe is not None:
+        recipe = _resolve(root, c.recipe)
+        if not recipe.is_file():
+            raise MergeLabError(f"candidate '{c.name}': recipe {recipe} not found.")
+        return cands.RecipeCandidate(c.name, recipe, cache.root, settings)
+    if c.ensemble is not None:
+        return cands.TokenEnsemble(c.name, [member(r) for r in c.ensemble], c.weights, settings)
+    if c.reward_model:
+        scorer: cands.Scorer = cands.RewardScorer(_resolve(root, c.reward_model), settings)
+    elif spec.judge:
+        j = known.get(spec.judge) or cands.ModelCandidate("judge", _resolve(root, spec.judge), settings)
+        scorer = cands.JudgeScorer(j)
+    else:
+        raise MergeLabError(f"candidate '{c.name}': best-of-N needs a scorer: `judge:` in the file or `reward_model:`.")
+    return cands.BestOfN(c.name, [member(r) for r in c.best_of_n], scorer, settings)
+
+
+# ------------------------------------------------------------------ running
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=not enabled, transient=False,
+    )
+
+
+def evaluate(comp: Comparison, progress: bool = True, console: Console | None = None) -> dict[str, dict[str, dict]]:
+    """Fill (candidate, suite) -> cache entry, evaluating only what the cache lacks."""
+    console = console or Console(stderr=True)
+    settings_key = comp.settings.key()
+    entries: dict[str, dict[str, dict]] = {}
+    _reference_from_cache(comp, settings_key)
+    with _progress(console, progress) as bar:
+        for name, cand in comp.candidates.items():
+            task = bar.add_task(name, total=len(comp.suites))
+            entries[name] = {}
+            todo = []
+            for suite in comp.suites:
+                key = comp.cache.key(cand.fingerprint(), suite.fingerprint(comp.ctx), settings_key)
+                hit = comp.cache.get(key)
+                if hit is not None:
+                    entries[name][suite.name] = hit
+                    bar.update(task, advance=1, description=f"{name} · {suite.name} (cached)")
+                else:
+                    todo.append((suite, key))
+            if not todo:
+                continue
+            with PeakMemory(comp.settings.device) as mem:
+                cand.load()
+                params = cand.params()
+                fresh = []
+                for suite, key in todo:
+                    bar.update(task, description=f"{name} · {suite.name}")
+                    torch.manual_seed(comp.settings.seed)
+                    before = cand.counters.as_dict()
+                    t0 = time.perf_counter()
+                    records = suite.evaluate(cand, comp.ctx)
+                    after = cand.counters.as_dict()
+                    entry = {
+                        "candidate": name, "suite": suite.name, "records": records,
+                        "seconds": time.perf_counter() - t0, "params": list(params),
+                        "counters": {k: after[k] - before[k] for k in after},
+                        "routing": cand.routing(suite.routing_texts(cand)) if _is_moe(cand) else None,
+                    }
+                    fresh.append((key, entry))
+                    comp.evaluated.append((name, suite.name))
+                    bar.update(task, advance=1)
+            for key, entry in fresh:
+                entry["peak_memory_bytes"] = mem.peak_bytes
+                comp.cache.put(key, entry)
+                entries[name][entry["suite"]] = entry
+            if comp.ctx.reference is not cand and not _is_judge(comp, cand):
+                cand.unload()
+    _reference_to_cache(comp, settings_key)
+    return entries
+
+
+def _is_moe(c: cands.Candidate) -> bool:
+    return len(c._lms) == 1 and c._lms[0].is_moe
+
+
+def _is_judge(comp: Comparison, c: cands.Candidate) -> bool:
+    return comp.ctx.judge is not None and getattr(comp.ctx.judge, "judge", None) is c
+
+
+def _reference_key(comp: Comparison, settings_key: dict) -> str | None:
+    if comp.ctx.reference is None:
+        return None
+    return comp.cache.key(comp.ctx.reference.fingerprint(), "reference-answers", settings_key)
+
+
+def _reference_from_cache(comp: Comparison, settings_key: dict) -> None:
+    key = _reference_key(comp, settings_key)
+    hit = comp.cache.get(key) if key else None
+    if hit:
+        comp.ctx._reference_answers.update(hit["answers"])
+
+
+def _reference_to_cache(comp: Comparison, settings_key: dict) -> None:
+    key = _reference_key(comp, settings_key)
+    if key and comp.ctx._reference_answers:
+        comp.cache.put(key, {"answers": comp.ctx._reference_answers})
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+def _norm(values: dict[str, float], higher: bool) -> dict[str, float]:
+    lo, hi = min(values.values()), max(values.values())
+    if hi - lo < 1e-12:
+        return dict.fromkeys(values, 1.0)
+    return {k: ((v - lo) / (hi - lo) if higher else (hi - v) / (hi - lo)) for k, v in values.items()}
+
+
+def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]]) -> dict:
+    """results.json: settings, suites, candidates with cost, estimates, paired tests, oracle, best."""
+    n_boot, seed = comp.settings.bootstrap, comp.settings.seed
+    names = list(comp.candidates)
+    out: dict[str, Any] = {
+        "settings": comp.settings.__dict__, "sources": comp.sources,
+        "refusal_classifier": "keyword/prefix match on the first 200 characters of greedy answers",
+        "suites": {}, "candidates": {}, "results": {}, "paired": {}, "oracle": {}, "best": {},
+        "objectives": {}, "per_example": {},
+    }
+    for suite in comp.suites:
+        info = suite.info()
+        ids = [r["id"] for r in entries[names[0]][suite.name]["records"]]
+        info.update(split=suite.split, n=len(ids))
+        out["suites"][suite.name] = info
+        per: dict[str, list[float]] = {}
+        for n in names:
+            recs = {r["id"]: r for r in entries[n][suite.name]["records"]}
+            per[n] = [float(recs[i]["score"]) for i in ids]
+            out["per_example"].setdefault(suite.name, {})[n] = [recs[i] for i in ids]
+        higher = suite.higher_is_better
+        est = {n: bootstrap_ci(per[n], n_boot, seed) for n in names}
+        out["results"][suite.name] = {n: e.as_dict() for n, e in est.items()}
+        out["oracle"][suite.name] = bootstrap_ci(oracle(per, higher), n_boot, seed).as_dict()
+        ranked = sorted(names, key=lambda n: est[n].value, reverse=higher)
+        best = {"candidate": ranked[0]}
+        if len(ranked) > 1:
+            t = paired_test(per[ranked[0]], per[ranked[1]], n_boot, seed)
+            best.update(runner_up=ranked[1], **t.as_dict(), significant=t.p < 0.05)
+        out["best"][suite.name] = best
+        if comp.sources:
+            src = sorted(comp.sources, key=lambda n: est[n].value, reverse=higher)[0]
+            out["paired"][suite.name] = {
+                "reference": src,
+                **{n: paired_test(per[n], per[src], n_boot, seed).as_dict() for n in names if n != src},
+            }
+    norm = {s: _norm({n: out["results"][s][n]["value"] for n in names}, out["suites"][s]["higher_is_better"])
+            for s in out["suites"]}
+    for obj in dict.fromkeys(out["suites"][s]["objective"] for s in out["suites"]):
+        members = [s for s in out["suites"] if out["suites"][s]["objective"] == obj]
+        out["objectives"][obj] = {n: sum(norm[s][n] for s in members) / len(members) for n in names}
+    for n, c in comp.candidates.items():
+        es = list(entries[n].values())
+        counters = {k: sum(e["counters"][k] for e in es) for k in es[0]["counters"]}
+        desc = cands.describe(c)
+        desc.update(
+            source=n in comp.sources,
+            cost=summarize(tuple(es[0]["params"]), counters, max(e.get("peak_memory_bytes", 0) for e in es)),
+            quality=sum(norm[s][n] for s in norm) / len(norm),
+            routing={e["suite"]: e["routing"] for e in es if e.get("routing")},
+            cached=all((n, s.name) not in comp.evaluated for s in comp.suites),
+        )
+        out["candidates"][n] = desc
+    return out
+
+
+@dataclass
+class CompareResult:
+    output: Path
+    results: dict
+    evaluated: list[tuple[str, str]]
+    files: list[Path]
+
+
+def run_compare(path: str | Path, output: str | Path | None = None, progress: bool = True,
+                console: Console | None = None) -> CompareResult:
+    """Check, evaluate (cache first), aggregate and write report.md, report.html, results.json."""
+    from merge_lab.report import write_report
+
+    comp = prepare(path, output)
+    entries = evaluate(comp, progress=progress, console=console)
+    results = aggregate(comp, entries)
+    files = write_report(results, comp.output)
+    return CompareResult(comp.output, results, comp.evaluated, files)

@@ -1,0 +1,87 @@
+"""The report's tables as (header, rows) of strings, rendered to Markdown and HTML alike."""
+
+from __future__ import annotations
+
+Table = tuple[list[str], list[list[str]]]
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or v != v:
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def _ci(e: dict) -> str:
+    return f"{_fmt(e['value'])} [{_fmt(e['ci'][0])}, {_fmt(e['ci'][1])}]"
+
+
+def _si(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "–"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+def quality(results: dict) -> Table:
+    """Suite x candidate: mean [95% bootstrap CI], with the oracle as an upper bound."""
+    names = list(results["candidates"])
+    header = ["suite", "metric", "n", *names, "oracle (upper bound)"]
+    rows = []
+    for s, info in results["suites"].items():
+        arrow = "↑" if info["higher_is_better"] else "↓"
+        best = results["best"][s]["candidate"]
+        cells = [("**" + _ci(results["results"][s][n]) + "**") if n == best else _ci(results["results"][s][n]) for n in names]
+        rows.append([s, f"{info['metric']} {arrow}", str(info["n"]), *cells, _ci(results["oracle"][s])])
+    return header, rows
+
+
+def best(results: dict) -> Table:
+    header = ["suite", "best", "runner-up", "gap [95% CI]", "p (paired)", "significant at 0.05"]
+    rows = []
+    for s, b in results["best"].items():
+        if "runner_up" not in b:
+            rows.append([s, b["candidate"], "–", "–", "–", "–"])
+            continue
+        rows.append([s, b["candidate"], b["runner_up"], f"{_fmt(b['diff'])} [{_fmt(b['ci'][0])}, {_fmt(b['ci'][1])}]",
+                     _fmt(b["p"], 4), "yes" if b["significant"] else "no (within noise)"])
+    return header, rows
+
+
+def paired(results: dict) -> Table:
+    """Each candidate minus the best single source model on that suite (paired over items)."""
+    header = ["suite", "best source", "candidate", "difference [95% CI]", "p"]
+    rows = []
+    for s, p in results["paired"].items():
+        ref = p["reference"]
+        for n, t in p.items():
+            if n == "reference":
+                continue
+            rows.append([s, ref, n, f"{_fmt(t['diff'])} [{_fmt(t['ci'][0])}, {_fmt(t['ci'][1])}]", _fmt(t["p"], 4)])
+    return header, rows
+
+
+def cost(results: dict) -> Table:
+    header = ["candidate", "kind", "params total", "params active / token", "scoring tok/s", "generation tok/s",
+              "peak memory", "from cache"]
+    rows = []
+    for n, c in results["candidates"].items():
+        k = c["cost"]
+        rows.append([n, c["kind"] + (" (source)" if c.get("source") else ""), _si(k["params_total"]), _si(k["params_active"]),
+                     _fmt(k["score_tokens_per_s"], 1), _fmt(k["gen_tokens_per_s"], 1), _si(k["peak_memory_bytes"], "B"),
+                     "yes" if c.get("cached") else "no"])
+    return header, rows
+
+
+def objectives(results: dict) -> Table:
+    names = list(results["candidates"])
+    header = ["objective", *names]
+    rows = [[o, *[_fmt(v[n], 2) for n in names]] for o, v in results["objectives"].items()]
+    return header, rows
+
+
+def suites(results: dict) -> Table:
+    header = ["suite", "objective", "split", "n", "description"]
+    rows = [[s, i["objective"], i["split"], str(i["n"]), i["description"]] for s, i in results["suites"].items()]
+    return header, rows
