@@ -1,0 +1,57 @@
+"""The fusion training objective, term by term (H3Fusion, with the public code's flaws fixed).
+
+loss = LM loss on response tokens
+     + lambda * gating loss: -log of the labelled expert's routing probability, probabilities
+       averaged over the example's real (non-pad) tokens and over layers
+     + sum_i gamma_i * drift_i, drift_i = ||theta_i - theta_i_initial||^2 over expert i's trainable weights
+     + beta * load-balancing loss (Switch Transformer style), optional.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the positions whose label is not -100 (the response)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def mean_routing_probs(router_logits: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """[batch, experts]: softmax routing probabilities averaged over real tokens and layers."""
+    b, t = mask.shape
+    probs = torch.stack([torch.softmax(x.float(), dim=-1).view(b, t, -1) for x in router_logits])  # L,B,T,E
+    m = mask.to(probs.dtype)[None, :, :, None]
+    return (probs * m).sum(dim=(0, 2)) / (len(router_logits) * m.sum(dim=(0, 2)).clamp_min(1.0))
+
+
+def gating_loss(mean_probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """NLL of the labelled expert's mean routing probability (a probability, so no second softmax)."""
+    return -torch.log(mean_probs.gather(1, expert[:, None]).squeeze(1).clamp_min(1e-12)).mean()
+
+
+def routing_accuracy(mean_probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    return (mean_probs.argmax(dim=-1) == expert).float().mean()
+
+
+def load_balance_loss(router_logits: list[torch.Tensor], mask: torch.Tensor, top_k: int) -> torch.Tensor:
+    """E * sum_e (share of real tokens' top-k slots on e) * (mean probability of e), over layers."""
+    real = mask.reshape(-1).bool()
+    total = router_logits[0].new_zeros((), dtype=torch.float32)
+    for x in router_logits:
+        x = x[real].float()
+        n_exp = x.shape[-1]
+        probs = torch.softmax(x, dim=-1)
+        chosen = F.one_hot(x.topk(top_k, dim=-1).indices, n_exp).sum(1).float()
+        total = total + n_exp * (chosen.mean(0) / top_k * probs.mean(0)).sum()
+    return total / len(router_logits)
+
+
+def drift(current: list[torch.Tensor], initial: list[torch.Tensor | None]) -> torch.Tensor:
+    """||theta - theta_0||^2 summed over tensors; an initial of None means theta_0 = 0 (a LoRA delta)."""
+    total = current[0].new_zeros((), dtype=torch.float32)
+    for c, i in zip(current, initial):
+        d = c.float() if i is None else c.float() - i
+        total = total + (d * d).sum()
+    return total

@@ -1,0 +1,130 @@
+"""Fusion training: what trains, what stays frozen, the gating and drift terms, resume, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_lab.engine import merge
+from merge_lab.errors import MergeLabError
+from merge_lab.fusion.export import export_moe
+from merge_lab.fusion.fixtures import ffn_expert, labelled_jsonl
+from merge_lab.fusion.pipeline import fuse
+from merge_lab.fusion.train import TrainConfig, train
+from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
+
+LABELS = ["helpful", "harmless", "honest"]
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """(workdir, recipe dict, assembled MoE folder, data file) on a tiny llama with 3 FFN experts."""
+    root = tmp_path_factory.mktemp("fusion")
+    base = make_checkpoint(root / "base", "llama", seed=0, shards=False)
+    models = [{"model": str(ffn_expert(base, root / lab, seed=i + 1, noise=0.1)), "label": lab}
+              for i, lab in enumerate(LABELS)]
+    data = labelled_jsonl(root / "data.jsonl", LABELS, per_label=16)
+    recipe = {"merge_method": "h3_moe", "base_model": str(base), "models": models}
+    out = merge(write_recipe(root / "assemble.yaml", recipe), root / "moe", progress=False, hash_inputs=False).path
+    return root, recipe, out, data
+
+
+def _run(moe, tmp_path, **kw):
+    _, _, folder, data = moe
+    cfg = TrainConfig(data=str(data), **{"steps": 2, "batch_size": 8, "lr": 1e-2, **kw})
+    return train(folder, cfg, tmp_path / "state", progress=False)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("trainable", ["router", "router+lora", "router+experts"])
+def test_routers_train_and_frozen_parts_do_not_change(moe, tmp_path, trainable):
+    from transformers import AutoModelForCausalLM
+
+    before = _state(AutoModelForCausalLM.from_pretrained(str(moe[2]), dtype=torch.float32))
+    after = _state(_run(moe, tmp_path, trainable=trainable, **{"lambda": 0.1}).model)
+    assert set(after) == set(before)
+    for name, t in before.items():
+        changed = not torch.equal(after[name], t)
+        if ".mlp.gate.weight" in name:
+            assert changed, f"router {name} got no gradient in mode {trainable}"
+        elif ".mlp.experts." in name:
+            assert changed == (trainable != "router"), f"{name} in mode {trainable}"
+        else:
+            assert not changed, f"frozen {name} changed in mode {trainable}"
+
+
+def test_attention_trains_only_when_asked(moe, tmp_path):
+    after = _state(_run(moe, tmp_path, train_attention=True).model)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(after[q], load_tensors(moe[2])[q])
+
+
+def test_gating_loss_makes_routing_learn_the_labels(moe, tmp_path):
+    with_gate = _run(moe, tmp_path / "a", steps=25, lr=0.05, **{"lambda": 1.0})
+    without = _run(moe, tmp_path / "b", steps=25, lr=0.05, **{"lambda": 0.0})
+    assert with_gate.accuracy_before < 0.6  # near chance (1/3) at random init
+    assert with_gate.accuracy_after > 0.9
+    assert without.accuracy_after < 0.6
+
+
+def _expert_drift(model, folder) -> float:
+    from merge_lab.fusion.export import hub_tensors
+
+    init = load_tensors(folder)
+    now = dict(hub_tensors(model.state_dict(), list(init), model.config.to_dict()))
+    return sum(((now[n] - init[n]) ** 2).sum().item() for n in init if ".experts." in n)
+
+
+def test_drift_regulariser_holds_experts_back(moe, tmp_path):
+    free = _run(moe, tmp_path / "a", trainable="router+experts", steps=6, gamma=0.0)
+    held = _run(moe, tmp_path / "b", trainable="router+experts", steps=6, gamma={"helpful": 50.0, "harmless": 50.0,
+                                                                                  "honest": 50.0})
+    d_free, d_held = _expert_drift(free.model, moe[2]), _expert_drift(held.model, moe[2])
+    assert d_free > 0 and d_held < 0.5 * d_free, (d_free, d_held)
+
+
+def test_export_round_trip_gives_the_same_logits(moe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = _run(moe, tmp_path, trainable="router+lora", steps=3)
+    out = export_moe(result.model, moe[2], tmp_path / "out")
+    assert set(load_tensors(out)) == set(load_tensors(moe[2]))  # hub layout, not the fused one
+    ids = torch.tensor([[1, 5, 9, 17, 33, 40, 2, 7]])
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(moe, tmp_path):
+    root, recipe, _, data = moe
+    train_block = {"data": str(data), "steps": 6, "batch_size": 4, "lr": 1e-2, "trainable": "router+lora",
+                   "lambda": 0.5, "gamma": 0.1, "load_balance": 0.01, "seed": 3}
+    path = write_recipe(tmp_path / "fuse.yaml", {**recipe, "train": train_block})
+    whole = fuse(path, tmp_path / "whole", progress=False)
+    stopped = fuse(path, tmp_path / "resumed", progress=False, stop_after=3)
+    assert stopped.path is None and not (tmp_path / "resumed").exists()
+    resumed = fuse(path, tmp_path / "resumed", progress=False, resume=True)
+    assert resumed.steps_done == 6 and not list(tmp_path.glob(".*fuse-work"))
+    a, b = load_tensors(whole.path), load_tensors(resumed.path)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert "Fusion training" in (whole.path / "README.md").read_text()
+
+
+def test_bad_train_block_and_data_are_refused(moe, tmp_path):
+    root, recipe, _, data = moe
+    bad = write_recipe(tmp_path / "bad.yaml", {**recipe, "train": {"data": str(data), "stepz": 3}})
+    with pytest.raises(MergeLabError, match=r"line \d+ \(train.stepz\)"):
+        fuse(bad, tmp_path / "o1", progress=False)
+    gamma = write_recipe(tmp_path / "g.yaml", {**recipe, "train": {"data": str(data), "gamma": {"nosuch": 1.0}}})
+    with pytest.raises(MergeLabError, match="not expert labels"):
+        fuse(gamma, tmp_path / "o2", progress=False)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "response": "b", "label": "helpful"}\n{"prompt": "a", "response": "b", "label": "evil"}\n')
+    wrong = write_recipe(tmp_path / "w.yaml", {**recipe, "train": {"data": str(rows), "steps": 1}})
+    with pytest.raises(MergeLabError, match="rows.jsonl, line 2: label 'evil'"):
+        fuse(wrong, tmp_path / "o3", progress=False)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
