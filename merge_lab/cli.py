@@ -193,6 +193,67 @@ def align(
     out_console.print(table)
 
 
+@app.command()
+@friendly
+def fuse(
+    recipe: Annotated[Path, typer.Argument(help="h3_moe recipe: base_model, labelled models, parameters, train")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output MoE folder (must not exist unless --force)")],
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its last checkpoint")] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing output folder (only once fusion succeeds)")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars (loss terms and routing accuracy)")] = True,
+) -> None:
+    """Build the H3 mixture of experts of RECIPE and, with its `train:` block, fusion-train it.
+
+    Assembly streams base + experts (full checkpoints or LoRA adapters) into a Mixtral / Qwen-MoE
+    checkpoint; training tunes routers (and expert LoRA or full experts) with LM + gating + drift
+    losses; the result is exported in the hub layout `AutoModelForCausalLM` loads. Ctrl-C saves a
+    checkpoint: run again with --resume. Multi-GPU: `accelerate launch -m merge_lab fuse ...`.
+    """
+    from merge_lab.fusion.pipeline import fuse as run_fuse
+
+    try:
+        result = run_fuse(recipe, out, resume=resume, force=force, progress=progress, console=err_console)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]: training state saved; nothing written at the output. "
+                          "Run the same command with --resume to continue.")
+        raise typer.Exit(130) from None
+    table = Table(title="fuse complete", show_header=False)
+    table.add_row("output", str(result.path))
+    table.add_row("training steps", str(result.steps_done))
+    if result.steps_done:
+        table.add_row("routing accuracy", f"{result.accuracy_before:.3f} -> {result.accuracy_after:.3f}")
+        table.add_row("last step", ", ".join(f"{k} {v:.4g}" for k, v in result.last_terms.items()))
+    out_console.print(table)
+    for note in result.notes:
+        out_console.print(f"note: {note}")
+
+
+@app.command("inspect-routing")
+@friendly
+def inspect_routing(
+    model: Annotated[Path, typer.Argument(help="a fused MoE folder (made by `fuse` or `merge` with h3_moe)")],
+    data: Annotated[Path, typer.Argument(help="JSONL of {prompt, response, label} rows")],
+    plot: Annotated[Path | None, typer.Option(help="save a heatmap per label (PNG) here")] = None,
+    max_examples: Annotated[int, typer.Option(help="route at most this many rows")] = 200,
+) -> None:
+    """How often each expert is chosen (in a token's top-k), per layer and per data label."""
+    from merge_lab.fusion.routing import inspect, plot_routing
+
+    result = inspect(model, data, max_examples=max_examples)
+    labels, share = result["labels"], result["share"]
+    for k, label in enumerate(labels):
+        table = Table(title=f"data labelled '{label}' ({result['tokens'].get(k, 0)} tokens): share routed to each expert")
+        table.add_column("layer")
+        for expert in labels:
+            table.add_column(expert, justify="right")
+        for layer in range(share.shape[1]):
+            table.add_row(str(layer), *(f"{v:.2f}" for v in share[k, layer].tolist()))
+        out_console.print(table)
+    out_console.print(f"routing accuracy (labelled expert most probable, {result['examples']} rows): {result['accuracy']:.3f}")
+    if plot is not None:
+        out_console.print(f"plot: {plot_routing(result, plot)}")
+
+
 def main() -> None:
     try:
         app()

@@ -104,3 +104,24 @@ def plot_routing(result: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def inspect(model_dir: str | Path, data: str | Path, max_examples: int = 200, max_length: int = 256,
+            batch_size: int = 8) -> dict:
+    """Route labelled data through a fused MoE: per-label, per-layer expert shares and routing accuracy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge_lab.fusion.data import collate, encode, load_jsonl
+    from merge_lab.fusion.layout import expert_labels
+    from merge_lab.fusion.train import routing_accuracy
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    labels = expert_labels(model.config.to_dict())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = [encode(tokenizer, ex, labels, max_length) for ex in load_jsonl(data, labels)[:max_examples]]
+    batches = [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+    result = routing_counts(model, batches, labels)
+    result["accuracy"] = routing_accuracy(model, encoded, pad, "cpu", batch_size)
+    result["examples"] = len(encoded)
+    return result
