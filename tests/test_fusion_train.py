@@ -128,3 +128,14 @@ def test_bad_train_block_and_data_are_refused(moe, tmp_path):
     with pytest.raises(MergeLabError, match="rows.jsonl, line 2: label 'evil'"):
         fuse(wrong, tmp_path / "o3", progress=False)
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    assert not list(tmp_path.glob(".o*"))  # no work folder either
+
+
+def test_data_blocks_from_shipped_sources_carry_their_expert_label():
+    from merge_lab.fusion.data import load_examples
+
+    rows = load_examples([{"expert": "helpful", "source": "refusal_pairs", "split": "train", "label": "answer",
+                           "limit": 3}], LABELS)
+    assert len(rows) == 3 and {r.label for r in rows} == {"helpful"} and all(r.prompt and r.response for r in rows)
+    with pytest.raises(MergeLabError, match=r"train.data.0: expert 'evil' is not one"):
+        load_examples([{"expert": "evil", "source": "refusal_pairs"}], LABELS)

@@ -38,7 +38,9 @@ class H3Params(BaseModel):
     non_ffn: Literal["base", "average"] = Field(
         "base", description="where attention, norms and embeddings come from: the base, or the experts' mean"
     )
-    router_data: str | None = Field(None, description="JSONL of labelled prompts for centroid init (default: train.data)")
+    router_data: str | list[dict] | None = Field(
+        None, description="labelled prompts for centroid init, as train.data (default: train.data)"
+    )
     router_std: float = Field(0.02, gt=0, description="standard deviation of random router rows")
 
 
@@ -120,15 +122,15 @@ def _constant(value: Callable[[], torch.Tensor], _inputs: list[torch.Tensor]) ->
 class _Centroids:
     """Computed once, on the first router task, so planning stays header-only."""
 
-    def __init__(self, base: Path, data: Path, labels: list[str], where: str):
+    def __init__(self, base: Path, data: Path | list[dict], labels: list[str], where: str):
         self.base, self.data, self.labels, self.where = base, data, labels, where
         self._rows: torch.Tensor | None = None
 
     def row(self, layer: int) -> torch.Tensor:
         if self._rows is None:
-            from merge_lab.fusion.data import load_jsonl
+            from merge_lab.fusion.data import load_examples
 
-            self._rows = centroid_rows(self.base, load_jsonl(self.data, self.labels, self.where), self.labels)
+            self._rows = centroid_rows(self.base, load_examples(self.data, self.labels, self.where), self.labels)
         return self._rows[layer]
 
 
@@ -205,7 +207,8 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                 f"{recipe.where('parameters', 'router_init')}: centroid init needs labelled prompts: set "
                 "parameters.router_data (or train.data) to a JSONL file of {prompt, response, label} rows."
             )
-        centroids = _Centroids(base.path, recipe.resolve_path(data), labels, recipe.where("parameters", "router_init"))
+        data = data if isinstance(data, list) else recipe.resolve_path(data)
+        centroids = _Centroids(base.path, data, labels, recipe.where("parameters", "router_init"))
 
     def out_dtype(dt: torch.dtype) -> torch.dtype:
         return TORCH_DTYPE_BY_NAME[recipe.output_dtype] if recipe.output_dtype and dt.is_floating_point else dt

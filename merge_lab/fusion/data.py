@@ -1,5 +1,10 @@
-"""Labelled fusion data: JSONL rows of (prompt, response, label), tokenised with the base's chat
-template so that the loss can be taken on the response tokens only."""
+"""Labelled fusion data, tokenised with the base's chat template so that the loss can be taken on
+the response tokens only.
+
+Data is either a JSONL file of {prompt, response, label} rows, or a list of blocks in the same
+form as `merge-lab align` recipes' `data:` (a shipped source by split, or a JSONL file, with
+limit, label filter and templates), each with `expert: LABEL` saying which expert its rows are for.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +56,45 @@ def load_jsonl(path: str | Path, labels: list[str], where: str = "") -> list[Exa
     if not rows:
         raise MergeLabError(f"{path}: no rows.")
     return rows
+
+
+def load_blocks(blocks: list[dict], labels: list[str], where: str = "train.data") -> list[Example]:
+    """Rows from align-style data blocks, each labelled with its block's `expert`."""
+    from pydantic import ValidationError
+
+    from merge_lab.align import AlignRecipe, training_rows
+
+    out: list[Example] = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            raise MergeLabError(f"{where}.{i}: a data block is a mapping (expert, source or jsonl, split, limit, ...).")
+        block = dict(block)
+        label = block.pop("expert", None)
+        if label not in labels:
+            raise MergeLabError(
+                f"{where}.{i}: expert {label!r} is not one of the recipe's expert labels ({', '.join(labels)}); "
+                "every block needs `expert: LABEL`."
+            )
+        try:
+            spec = AlignRecipe.model_validate({"base_model": "-", "data": [block]})
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise MergeLabError(f"{where}.{i}.{err['loc'][-1]}: {err['msg']} (got {err.get('input')!r}).") from None
+        try:
+            rows = training_rows(spec)
+        except MergeLabError as e:
+            raise MergeLabError(f"{where}.{i}: {e}") from None
+        out += [Example(r.prompt, r.response, label) for r in rows]
+    if not out:
+        raise MergeLabError(f"{where}: selects no rows.")
+    return out
+
+
+def load_examples(data: str | Path | list[dict], labels: list[str], where: str = "train.data") -> list[Example]:
+    """A JSONL path or a list of align-style blocks, as labelled examples."""
+    if isinstance(data, list):
+        return load_blocks(data, labels, where)
+    return load_jsonl(data, labels, where)
 
 
 def _prompt_text(tokenizer, prompt: str) -> str:

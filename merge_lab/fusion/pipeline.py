@@ -47,6 +47,11 @@ def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, 
         raise MergeLabError(f"{recipe.where('merge_method')}: `fuse` runs h3_moe recipes; use `merge` for '{recipe.merge_method}'.")
     plan = make_plan(recipe)
     cfg = train_config(recipe) if recipe.train is not None else None
+    if cfg is not None:  # read and check the data before writing anything
+        from merge_lab.fusion.assemble import expert_labels
+        from merge_lab.fusion.data import load_examples
+
+        load_examples(cfg.data, expert_labels(recipe), recipe.where("train", "data"))
     work = work_dir(out)
     assembled = work / "moe"
     reuse = resume and (assembled / "config.json").exists()

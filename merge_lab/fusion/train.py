@@ -13,14 +13,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from merge_lab.errors import MergeLabError
 from merge_lab.fusion import losses
-from merge_lab.fusion.data import Encoded, collate, encode, load_jsonl
+from merge_lab.fusion.data import Encoded, collate, encode, load_examples
 from merge_lab.fusion.layout import expert_labels
 from merge_lab.fusion.routing import capture_router_logits, routers
 from merge_lab.recipe import Recipe
@@ -33,7 +33,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    data: str = Field(description="JSONL with one {prompt, response, label} object per line")
+    data: str | list[dict[str, Any]] = Field(
+        description="JSONL of {prompt, response, label} rows, or align-style blocks each with `expert: LABEL`"
+    )
     steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="examples per step (per process)")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
@@ -243,7 +245,7 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32)
     labels = expert_labels(model.config.to_dict())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    encoded = [encode(tokenizer, ex, labels, cfg.max_length) for ex in load_jsonl(cfg.data, labels, "train.data")]
+    encoded = [encode(tokenizer, ex, labels, cfg.max_length) for ex in load_examples(cfg.data, labels, "train.data")]
     model, expert_params, initial = _setup(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
