@@ -255,6 +255,36 @@ def _batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def length_grouped(indices: list[int], lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
+    """One epoch in shuffled order, but with rows of similar length side by side inside windows of
+    a few batches, so a batch pads to little more than its own longest row (CPU time is tokens)."""
+    order = indices[:]
+    rng.shuffle(order)
+    window = batch_size * 8
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda i: lengths[i])
+        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [i for b in batches for i in b]
+
+
+def reply_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over reply tokens, with the output layer applied only at those
+    positions: the vocabulary projection is a large share of a small model's compute, and most
+    positions are prompt. Same value as the model's own loss with -100 labels."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(lm, lm.base_model_prefix, None)
+    head = lm.get_output_embeddings()
+    if body is None or head is None:
+        return model(**batch).loss
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,6 +369,7 @@ def align(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))  # cosine to 10%
 
     rng = random.Random(cfg.seed)
+    lengths = [len(encoded[i][0]) for i in range(len(encoded))]
     order: list[int] = []
     seen: set[int] = set()
     losses: list[float] = []
@@ -347,15 +378,13 @@ def align(
         job = bar.add_task(f"align {recipe.label or ''}".strip(), total=steps)
         for step in range(steps):
             if len(order) < cfg.batch_size:
-                fresh = keep[:]
-                rng.shuffle(fresh)
-                order += fresh
+                order += length_grouped(keep, lengths, cfg.batch_size, rng)
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
             seen.update(idx)
             batch = {k: v.to(device) for k, v in _batch([encoded[i] for i in idx], pad_id).items()}
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_at(step)
-            loss = model(**batch).loss
+            loss = reply_loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

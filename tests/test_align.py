@@ -116,3 +116,17 @@ def test_align_command(tiny):
     assert "align complete" in res.output and (root / "cli" / "merged" / "config.json").exists()
     res = CliRunner().invoke(app, ["align", str(root / "missing.yaml"), "-o", str(root / "cli2")])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_reply_loss_equals_the_models_own_loss(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge_lab.align import _batch, reply_loss
+
+    _, base, _ = tiny
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    rows = [Row("x:0", "x", 0, "Say hi", "hi there"), Row("x:1", "x", 1, "Count to five please", "1 2 3 4 5")]
+    batch = _batch([encode(tok, r, 64) for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(reply_loss(model, batch), model(**batch).loss, rtol=1e-5, atol=1e-6)
