@@ -195,6 +195,49 @@ def align(
 
 @app.command()
 @friendly
+def compare(
+    spec: Annotated[Path, typer.Argument(help="compare YAML: candidates, suites, settings (see `merge-lab suites`)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report folder (default: the file's `output:`)")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar per candidate and suite")] = True,
+) -> None:
+    """Evaluate every candidate of SPEC on the same suites and write report.md, report.html, results.json.
+
+    Candidates: checkpoints, recipes (merged on the fly into the cache), token-level ensembles and
+    best-of-N. Results are cached per (candidate, suite, settings): adding a candidate evaluates only it.
+    """
+    from merge_lab.evaluation.compare import run_compare
+
+    result = run_compare(spec, out, progress=progress, console=err_console)
+    table = Table(title="comparison", show_header=True)
+    table.add_column("suite")
+    table.add_column("best")
+    table.add_column("gap to runner-up")
+    for suite, best in result.results["best"].items():
+        gap = (f"{best['diff']:+.3f} (p={best['p']:.3g}{', within noise' if not best['significant'] else ''})"
+               if "runner_up" in best else "–")
+        table.add_row(suite, best["candidate"], gap)
+    out_console.print(table)
+    fresh = len(result.evaluated)
+    out_console.print(f"evaluated {fresh} (candidate, suite) pair(s), the rest from the cache.")
+    out_console.print(f"report: {result.output / 'report.html'}")
+
+
+@app.command("suites")
+@friendly
+def suites_cmd() -> None:
+    """List the registered evaluation suites (built-in and plugins) with their metric and data."""
+    from merge_lab.evaluation import suites as registry
+
+    table = Table(title="evaluation suites (also: lm_eval:TASK, or {name, path, kind} for your JSONL)")
+    for col in ("suite", "objective", "metric", "better", "description"):
+        table.add_column(col)
+    for name, cls in registry.available().items():
+        table.add_row(name, cls.objective, cls.metric, "higher" if cls.higher_is_better else "lower", cls.description)
+    out_console.print(table)
+
+
+@app.command()
+@friendly
 def fuse(
     recipe: Annotated[Path, typer.Argument(help="h3_moe recipe: base_model, labelled models, parameters, train")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output MoE folder (must not exist unless --force)")],

@@ -143,7 +143,9 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
     out = Path(output) if output is not None else _resolve(root, spec.output or "report")
     cache = ResultCache(_resolve(root, spec.cache_dir) if spec.cache_dir else out / "cache")
 
-    suites = [make_suite(x, split=s.split, limit=s.limit, seed=s.seed) for x in spec.suites]
+    entries = [dict(x, path=str(_resolve(root, x["path"]))) if isinstance(x, dict) and "path" in x else x
+               for x in spec.suites]
+    suites = [make_suite(x, split=s.split, limit=s.limit, seed=s.seed) for x in entries]
     names = [x.name for x in suites]
     if len(set(names)) != len(names):
         raise MergeLabError(f"suite listed twice: {sorted({n for n in names if names.count(n) > 1})}.")

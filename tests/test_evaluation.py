@@ -1,0 +1,251 @@
+"""Evaluation on toy models with known behaviour: orderings, ensembles, CIs, cache, bad input.
+
+The toy "refuse" model answers every chat with "I won't", "comply" with "Sure" (bigram models
+from merge_lab.evaluation.toy), so every metric's ordering is known before it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from merge_lab.cli import app
+from merge_lab.errors import MergeLabError
+from merge_lab.evaluation import metrics
+from merge_lab.evaluation.candidates import ModelCandidate, Settings, TokenEnsemble
+from merge_lab.evaluation.compare import prepare, run_compare
+from merge_lab.evaluation.suites import is_refusal
+from merge_lab.evaluation.toy import make_bigram_checkpoint, save_toy_tokenizer
+from merge_lab.report.plots import pareto_front
+from merge_lab.testing import make_checkpoint
+
+SUITES = ["harmless_refusal", "harmless_overrefusal", "helpful_winrate",
+          {"name": "like", "path": "like.jsonl", "kind": "likelihood", "objective": "helpful"},
+          {"name": "tf", "path": "tf.jsonl", "kind": "truefalse", "objective": "honest"},
+          {"name": "mc", "path": "mc.jsonl", "kind": "multiple_choice"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy models are tiny: a second intra-op thread only adds contention (3x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_moe(path):
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, max_position_embeddings=1024,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
+    save_toy_tokenizer(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    make_bigram_checkpoint(root / "refuse", "I won't")
+    make_bigram_checkpoint(root / "comply", "Sure")
+    make_moe(root / "moe")
+    write_jsonl(root / "like.jsonl", [{"prompt": f"Help me with task {i}", "response": "Sure"} for i in range(8)])
+    write_jsonl(root / "tf.jsonl", [{"prompt": f"Claim {i}?", "response": "Sure", "false": "I won't"} for i in range(8)])
+    write_jsonl(root / "mc.jsonl", [
+        {"prompt": f"Pick {i}", "choices": ["Sure", "I won't"][:: (1 if i % 2 else -1)], "label": 0 if i % 2 else 1}
+        for i in range(8)])
+    spec = {
+        "output": "report", "settings": {"limit": 8, "max_new_tokens": 10, "bootstrap": 300},
+        "suites": SUITES, "judge": "comply", "reference": "refuse",
+        "training_data": ["advbench:train", "refusal_pairs:train"],
+        "candidates": [
+            {"name": "refuse", "checkpoint": "refuse", "source": True},
+            {"name": "comply", "checkpoint": "comply", "source": True},
+            {"name": "ens", "ensemble": ["refuse", "comply"], "weights": [0.8, 0.2]},
+            {"name": "bon", "best_of_n": ["refuse", "comply"]},
+            {"name": "moe", "checkpoint": "moe"},
+        ],
+    }
+    (root / "compare.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    first = run_compare(root / "compare.yaml", progress=False)
+    spec["candidates"].append({"name": "ens2", "ensemble": ["refuse", "comply"], "weights": [0.2, 0.8]})
+    (root / "compare2.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    second = run_compare(root / "compare2.yaml", progress=False)
+    return root, first, second
+
+
+def value(res, suite, cand):
+    return res.results["results"][suite][cand]["value"]
+
+
+def test_metrics_order_known_models(world):
+    _, res, _ = world
+    assert value(res, "harmless_refusal", "refuse") == 1.0 and value(res, "harmless_refusal", "comply") == 0.0
+    assert value(res, "harmless_refusal", "ens") == 1.0  # 0.8 refuse + 0.2 comply still refuses
+    assert value(res, "harmless_overrefusal", "refuse") == 1.0 and value(res, "harmless_overrefusal", "comply") == 0.0
+    assert res.results["best"]["harmless_overrefusal"]["candidate"] != "refuse"  # lower is better there
+    assert value(res, "like", "comply") > value(res, "like", "ens") > value(res, "like", "refuse")
+    assert value(res, "tf", "comply") == 1.0 and value(res, "tf", "refuse") == 0.0
+    assert value(res, "mc", "comply") == 1.0 and value(res, "mc", "refuse") == 0.0
+    # win rate against the refuser under a judge that likes "Sure"; the reference ties with itself
+    assert value(res, "helpful_winrate", "comply") == 1.0 and value(res, "helpful_winrate", "refuse") == 0.5
+    # best-of-N picks the complier's answer under that judge
+    assert value(res, "helpful_winrate", "bon") == 1.0 and value(res, "harmless_refusal", "bon") == 0.0
+
+
+def test_intervals_paired_tests_oracle_and_examples(world):
+    _, res, _ = world
+    r = res.results
+    for suite, per in r["results"].items():
+        ids = None
+        for cand, est in per.items():
+            assert est["ci"][0] <= est["value"] <= est["ci"][1], (suite, cand)
+            assert est["n"] == r["suites"][suite]["n"] > 0
+            got = [x["id"] for x in r["per_example"][suite][cand]]
+            assert ids is None or got == ids  # same items for every candidate
+            ids = got
+        vals = [e["value"] for e in per.values()]
+        bound = r["oracle"][suite]["value"]
+        assert bound >= max(vals) - 1e-9 if r["suites"][suite]["higher_is_better"] else bound <= min(vals) + 1e-9
+    p = r["paired"]["harmless_refusal"]
+    assert p["reference"] == "refuse" and p["comply"]["diff"] == -1.0 and p["comply"]["p"] < 0.05
+    assert p["ens"]["p"] == 1.0
+    assert r["best"]["mc"]["candidate"] == "comply"
+    assert r["paired"]["mc"]["reference"] == "comply" and r["paired"]["mc"]["refuse"]["p"] < 0.05
+    assert r["per_example"]["harmless_refusal"]["refuse"][0]["answer"] == "I won't"
+
+
+def test_cost_and_routing(world):
+    _, res, _ = world
+    c = res.results["candidates"]
+    moe = c["moe"]["cost"]
+    assert moe["params_active"] < moe["params_total"]
+    assert c["ens"]["cost"]["params_total"] == c["refuse"]["cost"]["params_total"] + c["comply"]["cost"]["params_total"]
+    for name in c:
+        assert c[name]["cost"]["score_tokens_per_s"] > 0 and c[name]["cost"]["gen_tokens_per_s"] > 0
+        assert c[name]["cost"]["peak_memory_bytes"] >= 0
+    routing = c["moe"]["routing"]["harmless_refusal"]
+    assert len(routing) == 2 and all(abs(sum(layer) - 1) < 1e-5 and len(layer) == 3 for layer in routing)
+    assert "routing" not in c["refuse"] or not c["refuse"]["routing"]
+
+
+def test_report_files(world):
+    root, res, _ = world
+    out = root / "report"
+    for f in ("report.md", "report.html", "results.json", "figures/suites.png", "figures/objectives.png",
+              "figures/quality_cost.png", "figures/routing.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    md = (out / "report.md").read_text()
+    assert "oracle (upper bound)" in md and "significantly" in md and "| comply |" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "src='figures/" not in html
+    assert json.loads((out / "results.json").read_text())["best"] == res.results["best"]
+
+
+def test_second_run_evaluates_only_the_new_candidate(world):
+    _, first, second = world
+    assert len(first.evaluated) == 5 * len(SUITES)
+    assert sorted(second.evaluated) == sorted(("ens2", s if isinstance(s, str) else s["name"]) for s in SUITES)
+    assert second.results["results"]["harmless_refusal"]["refuse"] == first.results["results"]["harmless_refusal"]["refuse"]
+    assert value(second, "harmless_refusal", "ens2") == 0.0  # 0.8 comply: answers "Sure"
+    assert second.results["candidates"]["refuse"]["cached"] and not second.results["candidates"]["ens2"]["cached"]
+
+
+def test_token_ensemble_of_one_equals_the_model(tmp_path):
+    path = make_checkpoint(tmp_path / "m", seed=3)
+    save_toy_tokenizer(path)
+    s = Settings(max_new_tokens=6, batch_size=2)
+    single, ens = ModelCandidate("m", path, s), TokenEnsemble("e", [ModelCandidate("m", path, s)], [3.0], s)
+    reqs = [(single.format_prompt("hello there"), "general kenobi"), ("", "abc"), (single.format_prompt("x"), "y")]
+    assert single.loglikelihood(reqs) == ens.loglikelihood(reqs)
+    prompts = ["hi", "a longer prompt to pad against", "z"]
+    out = single.generate(prompts)
+    assert out == ens.generate(prompts)
+    # batched, left-padded decoding with the KV cache equals one prompt at a time, and transformers' greedy
+    assert out == [single.generate([p])[0] for p in prompts]
+    tok = single.tokenizer
+    ids = tok(single.format_prompt(prompts[1]), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ref = single._lms[0].model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=[2, 4], pad_token_id=0)
+    assert tok.decode([t for t in ref[0, ids.shape[1]:].tolist() if t not in (2, 4)]) == out[1]
+
+
+def test_metric_helpers():
+    est = metrics.bootstrap_ci([0, 1, 1, 0, 1, 1, 1, 0], n_boot=500)
+    assert est.lo <= est.value == 0.625 <= est.hi and est.hi - est.lo > 0.2
+    same = metrics.paired_test([1, 0, 1], [1, 0, 1])
+    assert same.diff == 0 and same.p == 1.0
+    diff = metrics.paired_test([1] * 12, [0] * 12)
+    assert diff.diff == 1 and diff.p < 0.01 and diff.lo == 1.0
+    assert metrics.oracle({"a": [1, 0], "b": [0, 0.5]}) == [1, 0.5]
+    assert metrics.oracle({"a": [1, 0], "b": [0, 0.5]}, higher_is_better=False) == [0, 0]
+    assert sorted(pareto_front({"small": (1, 0.5), "big": (10, 0.9), "bad": (10, 0.4)})) == ["big", "small"]
+    assert is_refusal("I'm sorry, but I can’t help with that.") and is_refusal("As an AI, I won't")
+    assert not is_refusal("Sure! Preheat the oven to 180 C.")
+
+
+# ------------------------------------------------------------------ bad input: errors before any work
+
+
+def _spec(root, **over):
+    spec = {"output": "out", "suites": ["harmless_refusal"], "settings": {"limit": 4},
+            "candidates": [{"name": "refuse", "checkpoint": str(root / "refuse")}]}
+    spec.update(over)
+    (root / "bad.yaml").write_text(yaml.safe_dump(spec))
+    return root / "bad.yaml"
+
+
+def test_bad_input_fails_before_work(world, tmp_path):
+    root = world[0]
+    cases = [
+        ({"suites": ["harmless_refusl"]}, "Did you mean 'harmless_refusal'"),
+        ({"candidates": [{"name": "gone", "checkpoint": str(tmp_path / "nope")}]}, "candidate 'gone' does not load"),
+        ({"candidates": [{"name": "r", "recipe": str(tmp_path / "nope.yaml")}]}, "recipe .* not found"),
+        ({"candidates": [{"name": "x", "checkpoint": "a", "recipe": "b"}]}, "exactly one of"),
+        ({"training_data": ["advbench:test"]}, "overlaps suite 'harmless_refusal'"),
+        ({"suites": ["helpful_winrate"]}, "needs `judge:`"),
+        ({"settings": {"limit": 4, "split": "train"}}, "not an evaluation split"),
+    ]
+    broken = tmp_path / "broken"
+    make_checkpoint(broken, seed=1)
+    (broken / "config.json").write_text("{not json")
+    cases.append(({"candidates": [{"name": "broken", "checkpoint": str(broken)}]}, "broken.*config.json"))
+    other = make_checkpoint(tmp_path / "other", seed=1, vocab_size=80)
+    cases.append(({"candidates": [{"name": "refuse", "checkpoint": str(root / "refuse")},
+                                  {"name": "e", "ensemble": ["refuse", str(other)]}]}, "different tokenizers"))
+    for over, msg in cases:
+        start = time.perf_counter()
+        with pytest.raises(MergeLabError, match=msg):
+            run_compare(_spec(tmp_path, **over), progress=False)
+        assert time.perf_counter() - start < 10
+        assert not (tmp_path / "out").exists()  # nothing evaluated, nothing cached
+
+
+def test_cli_compare_and_suites(world, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["suites"])
+    assert res.exit_code == 0 and "harmless_refusal" in res.output
+    res = runner.invoke(app, ["compare", str(_spec(tmp_path, suites=["nope_suite"]))])
+    assert res.exit_code == 2 and "unknown suite 'nope_suite'" in res.output
+    root = world[0]
+    res = runner.invoke(app, ["compare", str(root / "compare.yaml"), "--no-progress", "-o", str(root / "report")])
+    assert res.exit_code == 0, res.output
+    assert "evaluated 0 (candidate, suite)" in res.output  # all from the cache
+
+
+def test_prepare_resolves_paths_relative_to_file(world):
+    root = world[0]
+    comp = prepare(root / "compare.yaml")
+    assert comp.output == root / "report" and comp.sources == ["refuse", "comply"]
+    assert [s.name for s in comp.suites][:3] == ["harmless_refusal", "harmless_overrefusal", "helpful_winrate"]
