@@ -9,7 +9,7 @@ import torch
 
 from merge_lab.engine import merge
 from merge_lab.errors import MergeLabError
-from merge_lab.fusion.fixtures import ffn_expert, labelled_jsonl, lora_expert
+from merge_lab.fusion.fixtures import ffn_expert, labelled_jsonl, lora_expert, tiny_base
 from merge_lab.fusion.routing import forced_routing
 from merge_lab.testing import load_tensors, logits, make_checkpoint, write_recipe
 
@@ -27,9 +27,10 @@ def _moe(path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("arch,family", [("llama", "mixtral"), ("mistral", "mixtral"), ("qwen2", "qwen2_moe")])
+@pytest.mark.parametrize("arch,family", [("llama", "mixtral"), ("mistral", "mixtral"), ("qwen2", "qwen2_moe"),
+                                         ("qwen3", "qwen3_moe")])
 def test_forced_router_reproduces_each_expert(tmp_path, arch, family):
-    base = make_checkpoint(tmp_path / "base", arch, seed=0, shards=False)
+    base = tiny_base(tmp_path / "base", arch)
     experts = [(f"e{i}", ffn_expert(base, tmp_path / f"e{i}", seed=i)) for i in range(3)]
     out = merge(_recipe(tmp_path, base, experts), tmp_path / "moe", progress=False, hash_inputs=False).path
     cfg = json.loads((out / "config.json").read_text())

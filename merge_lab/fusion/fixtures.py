@@ -18,6 +18,23 @@ def _load(base: str | Path):
     return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
 
 
+def tiny_base(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A tiny base of any family merge_lab.testing makes, plus qwen3 (q/k norms, tied embeddings)."""
+    from merge_lab.testing import make_checkpoint
+
+    if arch != "qwen3":
+        return make_checkpoint(path, arch, seed=seed, shards=False)
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
+    save_tiny_tokenizer(path, cfg.vocab_size)
+    return Path(path)
+
+
 def ffn_expert(base: str | Path, path: str | Path, seed: int, noise: float = 0.05, also: str | None = None) -> Path:
     """The base with seeded noise on its FFN weights only (and on tensors whose name contains `also`)."""
     model = _load(base)

@@ -239,7 +239,11 @@ def train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     moe_dir, state_dir = Path(moe_dir), Path(state_dir)
-    accelerator = Accelerator(cpu=cfg.cpu)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # top-k routing leaves some experts without gradient in a step: DDP must allow unused parameters
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[ddp])
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(moe_dir))
     model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32)
