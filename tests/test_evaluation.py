@@ -66,6 +66,9 @@ def world(tmp_path_factory):
     write_jsonl(root / "mc.jsonl", [
         {"prompt": f"Pick {i}", "choices": ["Sure", "I won't"][:: (1 if i % 2 else -1)], "label": 0 if i % 2 else 1}
         for i in range(8)])
+    (root / "avg.yaml").write_text(yaml.safe_dump({
+        "merge_method": "linear", "models": [{"model": str(root / "refuse"), "parameters": {"weight": 0.5}},
+                                             {"model": str(root / "comply"), "parameters": {"weight": 0.5}}]}))
     spec = {
         "output": "report", "settings": {"limit": 8, "max_new_tokens": 10, "bootstrap": 300},
         "suites": SUITES, "judge": "comply", "reference": "refuse",
@@ -76,6 +79,7 @@ def world(tmp_path_factory):
             {"name": "ens", "ensemble": ["refuse", "comply"], "weights": [0.8, 0.2]},
             {"name": "bon", "best_of_n": ["refuse", "comply"]},
             {"name": "moe", "checkpoint": "moe"},
+            {"name": "avg", "recipe": "avg.yaml"},
         ],
     }
     (root / "compare.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -127,6 +131,57 @@ def test_intervals_paired_tests_oracle_and_examples(world):
     assert r["per_example"]["harmless_refusal"]["refuse"][0]["answer"] == "I won't"
 
 
+def test_recipe_candidate_is_merged_once_into_the_cache(world):
+    root, first, second = world
+    merges = list((root / "report" / "cache" / "merges").iterdir())
+    assert len(merges) == 1 and (merges[0] / "config.json").is_file()
+    assert ("avg", "like") in first.evaluated and ("avg", "like") not in second.evaluated
+    assert first.results["candidates"]["avg"]["kind"] == "recipe"
+    # an average of the two bigram tables sits between them on the complier's answers
+    assert value(first, "like", "refuse") < value(first, "like", "avg") < value(first, "like", "comply")
+
+
+def test_lm_eval_adapter_with_a_stand_in(world, monkeypatch):
+    """The adapter's plumbing, against a stand-in for lm-eval's two entry points."""
+    import sys
+    import types
+    from collections import namedtuple
+
+    from merge_lab.evaluation.suites import EvalContext, make_suite
+
+    Req = namedtuple("Req", "args")
+
+    def simple_evaluate(model, tasks, limit, log_samples, **kw):
+        ll = model.loglikelihood([Req(("Question: x\nAnswer:", " Sure")), Req(("Question: x\nAnswer:", " I won't"))])
+        gen = model.generate_until([Req(("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", {"until": ["'"]}))])
+        return {"results": {tasks[0]: {}}, "samples": {tasks[0]: [
+            {"doc_id": 0, "metrics": ["acc"], "acc": float(ll[0][0] > ll[1][0])},
+            {"doc_id": 1, "metrics": ["exact_match"], "exact_match": float(gen[0] == "I won")}]}}
+
+    lm_eval = types.ModuleType("lm_eval")
+    lm_eval.simple_evaluate = simple_evaluate
+    api, model = types.ModuleType("lm_eval.api"), types.ModuleType("lm_eval.api.model")
+    model.LM = type("LM", (), {})
+    for name, mod in (("lm_eval", lm_eval), ("lm_eval.api", api), ("lm_eval.api.model", model)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    suite = make_suite("lm_eval:fake", limit=2)
+    refuse = ModelCandidate("refuse", world[0] / "refuse", Settings(max_new_tokens=10))
+    records = suite.evaluate(refuse, EvalContext())
+    assert [r["id"] for r in records] == ["fake:0", "fake:1"]
+    assert [r["score"] for r in records] == [0.0, 1.0]  # prefers " I won't"; generation cut at the stop string
+
+
+def test_lm_eval_suite_without_lm_eval_is_a_clear_error():
+    import importlib.util
+
+    from merge_lab.evaluation.suites import make_suite
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here")
+    with pytest.raises(MergeLabError, match="pip install lm-eval"):
+        make_suite("lm_eval:hellaswag")
+
+
 def test_cost_and_routing(world):
     _, res, _ = world
     c = res.results["candidates"]
@@ -156,7 +211,7 @@ def test_report_files(world):
 
 def test_second_run_evaluates_only_the_new_candidate(world):
     _, first, second = world
-    assert len(first.evaluated) == 5 * len(SUITES)
+    assert len(first.evaluated) == 6 * len(SUITES)
     assert sorted(second.evaluated) == sorted(("ens2", s if isinstance(s, str) else s["name"]) for s in SUITES)
     assert second.results["results"]["harmless_refusal"]["refuse"] == first.results["results"]["harmless_refusal"]["refuse"]
     assert value(second, "harmless_refusal", "ens2") == 0.0  # 0.8 comply: answers "Sure"
@@ -224,6 +279,16 @@ def test_bad_input_fails_before_work(world, tmp_path):
     other = make_checkpoint(tmp_path / "other", seed=1, vocab_size=80)
     cases.append(({"candidates": [{"name": "refuse", "checkpoint": str(root / "refuse")},
                                   {"name": "e", "ensemble": ["refuse", str(other)]}]}, "different tokenizers"))
+    import shutil
+
+    from merge_lab.evaluation.suites import make_suite
+
+    leaked = make_suite("harmless_refusal", limit=4).items()[0].id
+    trained = tmp_path / "expert"
+    shutil.copytree(root / "refuse", trained / "merged")
+    (trained / "train_items.json").write_text(json.dumps({"ids": ["advbench:1", leaked]}))
+    cases.append(({"candidates": [{"name": "expert", "checkpoint": str(trained / "merged")}]}, f"overlaps.*{leaked}"))
+    cases.append(({"training_data": [str(trained / "train_items.json")]}, "overlaps suite"))
     for over, msg in cases:
         start = time.perf_counter()
         with pytest.raises(MergeLabError, match=msg):

@@ -291,9 +291,13 @@ class Candidate:
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[LogProbs]:
         """Summed log-probability of each continuation after its context (batched, longest first)."""
+        return [(s, n) for s, n, _ in self.loglikelihood_full(requests)]
+
+    def loglikelihood_full(self, requests: list[tuple[str, str]]) -> list[tuple[float, int, bool]]:
+        """(summed log-prob, tokens, whether greedy decoding would produce the continuation)."""
         self.load()
         enc = [self._encode(c, t) for c, t in requests]
-        out: list[LogProbs] = [(0.0, 0)] * len(enc)
+        out: list[tuple[float, int, bool]] = [(0.0, 0, False)] * len(enc)
         pad = self.tokenizer.pad_token_id
         start = time.perf_counter()
         for idx in self._batches(len(enc), [len(c) + len(t) for c, t in enc]):
@@ -310,23 +314,27 @@ class Candidate:
         for j, (_, cont) in enumerate(batch):
             rows = _mix([m[j] for m in per_member], self.log_weights)
             target = torch.tensor(cont)
-            out.append((float(rows.gather(1, target[:, None]).sum()), len(cont)))
+            greedy = bool((rows.argmax(-1) == target).all())
+            out.append((float(rows.gather(1, target[:, None]).sum()), len(cont), greedy))
         return out
 
-    def generate(self, prompts: list[str]) -> list[str]:
-        """Greedy answers to user prompts (chat-formatted here), up to max_new_tokens, batched."""
+    def generate(self, prompts: list[str], formatted: bool = False, stop: list[str] | None = None) -> list[str]:
+        """Greedy answers to user prompts (chat-formatted here unless `formatted`), up to
+        max_new_tokens, batched; each answer is cut at the first of the `stop` strings."""
         self.load()
         torch.manual_seed(self.settings.seed)
         tok = self.tokenizer
         room = self.settings.max_length - self.settings.max_new_tokens
-        enc = [(tok(self.format_prompt(p), add_special_tokens=False)["input_ids"] or [tok.eos_token_id])[-room:]
-               for p in prompts]
+        texts = prompts if formatted else [self.format_prompt(p) for p in prompts]
+        enc = [(tok(t, add_special_tokens=False)["input_ids"] or [tok.eos_token_id])[-room:] for t in texts]
         out = [""] * len(enc)
         start = time.perf_counter()
         for idx in self._batches(len(enc), [len(e) for e in enc]):
             for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], [prompts[i] for i in idx])):
                 out[i] = text
         self.counters.gen_seconds += time.perf_counter() - start
+        for s in stop or []:
+            out = [o.split(s, 1)[0] if s else o for o in out]
         return out
 
     def _generate_batch(self, enc: list[list[int]], prompts: list[str]) -> list[str]:
@@ -609,7 +617,9 @@ class BestOfN(Candidate):
         for j, (_, cont) in enumerate(batch):
             target = torch.tensor(cont)
             seq = torch.stack([m[j].gather(1, target[:, None]).sum() for m in per_member])
-            out.append((float(torch.logsumexp(seq, 0) - torch.log(torch.tensor(float(len(seq))))), len(cont)))
+            mixed = float(torch.logsumexp(seq, 0) - torch.log(torch.tensor(float(len(seq)))))
+            greedy = any(bool((m[j].argmax(-1) == target).all()) for m in per_member)
+            out.append((mixed, len(cont), greedy))
         return out
 
     def _generate_batch(self, enc: list[list[int]], prompts: list[str]) -> list[str]:

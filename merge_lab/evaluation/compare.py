@@ -21,6 +21,7 @@ OUTPUT/cache), so adding a candidate evaluates only that one.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ class Comparison:
     sources: list[str]
     ctx: EvalContext
     cache: ResultCache
+    training_checked: list[str] = field(default_factory=list)
     evaluated: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -122,15 +124,61 @@ def _resolve(root: Path, p: str) -> Path:
     return q if q.is_absolute() else root / q
 
 
-def _training_items(root: Path, entry: str | dict) -> list[data.Example]:
+def _checkpoint(root: Path, ref: str) -> Path:
+    """A checkpoint folder; 'smollm2' names the shipped SmolLM2-135M-Instruct (converted once)."""
+    p = _resolve(root, ref)
+    if not p.exists():
+        from merge_lab import assets
+
+        if ref.lower() in assets.SMOLLM2_ALIASES:
+            return assets.smollm2_base()
+    return p
+
+
+def _training_items(root: Path, entry: str | dict) -> list[data.Example | str]:
+    """Training items from 'source[:split]', {source, split, limit}, {path: JSONL}, or a
+    train_items.json written by `merge-lab align` (or the folder that holds one)."""
     if isinstance(entry, str):
+        p = _resolve(root, entry)
+        if p.is_dir() or p.suffix == ".json":
+            return trained_ids(p)
+        if p.suffix == ".jsonl":
+            return data.load_jsonl(p)
         source, _, split = entry.partition(":")
         return data.select(source, split or "train")
     if "path" in entry:
-        return data.load_jsonl(_resolve(root, entry["path"]))
+        p = _resolve(root, entry["path"])
+        return trained_ids(p) if p.is_dir() or p.suffix == ".json" else data.load_jsonl(p)
     if "source" in entry:
         return data.select(entry["source"], entry.get("split", "train"), entry.get("limit"))
-    raise MergeLabError(f"training_data entry {entry}: give 'source[:split]', {{source, split}} or {{path}}.")
+    raise MergeLabError(f"training_data entry {entry}: give 'source[:split]', {{source, split}}, a JSONL or a train_items.json.")
+
+
+def trained_ids(path: Path) -> list[str]:
+    """The ids in an align run's train_items.json ({"ids": [...]} or a plain list)."""
+    file = path / "train_items.json" if path.is_dir() else path
+    if not file.is_file():
+        raise MergeLabError(f"{file}: not found; give the train_items.json that `merge-lab align` wrote.")
+    try:
+        doc = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise MergeLabError(f"{file}: not valid JSON ({e.msg}).") from None
+    ids = doc.get("ids") if isinstance(doc, dict) else doc
+    if not isinstance(ids, list):
+        raise MergeLabError(f"{file}: expected a list of ids or {{\"ids\": [...]}}.")
+    return [str(i) for i in ids]
+
+
+def _discovered_training(candidates: dict[str, cands.Candidate]) -> list[Path]:
+    """train_items.json files beside checkpoint candidates (an align output's merged/ folder)."""
+    found = []
+    for c in candidates.values():
+        if isinstance(c, cands.ModelCandidate) and not isinstance(c, cands.RecipeCandidate):
+            for folder in (c.path, c.path.parent):
+                f = folder / "train_items.json"
+                if f.is_file() and f not in found:
+                    found.append(f)
+    return found
 
 
 def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
@@ -151,14 +199,6 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
         raise MergeLabError(f"suite listed twice: {sorted({n for n in names if names.count(n) > 1})}.")
     for x in suites:
         x.items()
-    for entry in spec.training_data:
-        train = _training_items(root, entry)
-        for x in suites:
-            try:
-                data.check_disjoint(train, x.items())
-            except MergeLabError as e:
-                raise MergeLabError(f"training data {entry} overlaps suite '{x.name}': {e}") from None
-
     by_name: dict[str, cands.Candidate] = {}
     sources = []
     for c in spec.candidates:
@@ -170,9 +210,19 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
     if not by_name:
         raise MergeLabError(f"{path}: no candidates.")
 
+    checked = []
+    for entry in [*spec.training_data, *map(str, _discovered_training(by_name))]:
+        train = _training_items(root, entry)
+        for x in suites:
+            try:
+                data.check_disjoint(train, x.items())
+            except MergeLabError as e:
+                raise MergeLabError(f"training data {entry} overlaps suite '{x.name}': {e}") from None
+        checked.append(str(entry))
+
     judge = None
     if spec.judge:
-        judge = by_name.get(spec.judge) or cands.ModelCandidate("judge", _resolve(root, spec.judge), settings)
+        judge = by_name.get(spec.judge) or _shared_judge(root, spec.judge, settings)
     reference = None
     if spec.reference:
         if spec.reference not in by_name:
@@ -192,7 +242,19 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
     if judge is not None and judge.name == "judge":
         judge.check()
     ctx = EvalContext(judge=cands.JudgeScorer(judge) if judge is not None else None, reference=reference)
-    return Comparison(spec, root, out, settings, suites, by_name, sources, ctx, cache)
+    return Comparison(spec, root, out, settings, suites, by_name, sources, ctx, cache, training_checked=checked)
+
+
+_JUDGES: dict[tuple[str, str], cands.ModelCandidate] = {}
+
+
+def _shared_judge(root: Path, ref: str, settings: cands.Settings) -> cands.ModelCandidate:
+    """One judge model per checkpoint, shared by the win rate and every best-of-N candidate."""
+    key = (str(_checkpoint(root, ref)), repr(settings))
+    if key not in _JUDGES:
+        _JUDGES.clear()  # only the current comparison's judge stays loaded
+        _JUDGES[key] = cands.ModelCandidate("judge", _checkpoint(root, ref), settings)
+    return _JUDGES[key]
 
 
 def _build(c: CandidateSpec, known: dict, root: Path, cache: ResultCache, settings, spec: CompareSpec) -> cands.Candidate:
@@ -202,13 +264,13 @@ def _build(c: CandidateSpec, known: dict, root: Path, cache: ResultCache, settin
             return m
         if m is not None:
             raise MergeLabError(f"candidate '{c.name}': member '{ref}' is itself an ensemble; list checkpoints or recipes.")
-        p = _resolve(root, ref)
+        p = _checkpoint(root, ref)
         if not p.exists():
             raise MergeLabError(f"candidate '{c.name}': member '{ref}' is neither a candidate name nor a folder.")
         return cands.ModelCandidate(ref, p, settings)
 
     if c.checkpoint is not None:
-        return cands.ModelCandidate(c.name, _resolve(root, c.checkpoint), settings)
+        return cands.ModelCandidate(c.name, _checkpoint(root, c.checkpoint), settings)
     if c.recipe is not None:
         recipe = _resolve(root, c.recipe)
         if not recipe.is_file():
@@ -219,7 +281,7 @@ def _build(c: CandidateSpec, known: dict, root: Path, cache: ResultCache, settin
     if c.reward_model:
         scorer: cands.Scorer = cands.RewardScorer(_resolve(root, c.reward_model), settings)
     elif spec.judge:
-        j = known.get(spec.judge) or cands.ModelCandidate("judge", _resolve(root, spec.judge), settings)
+        j = known.get(spec.judge) or _shared_judge(root, spec.judge, settings)
         scorer = cands.JudgeScorer(j)
     else:
         raise MergeLabError(f"candidate '{c.name}': best-of-N needs a scorer: `judge:` in the file or `reward_model:`.")
@@ -331,6 +393,7 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]]) -> dict:
     out: dict[str, Any] = {
         "settings": comp.settings.__dict__, "sources": comp.sources,
         "refusal_classifier": "keyword/prefix match on the first 200 characters of greedy answers",
+        "training_checked": comp.training_checked,
         "suites": {}, "candidates": {}, "results": {}, "paired": {}, "oracle": {}, "best": {},
         "objectives": {}, "per_example": {},
     }

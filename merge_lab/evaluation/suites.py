@@ -364,23 +364,30 @@ class LmEvalSuite(Suite):
         from lm_eval.api.model import LM
 
         class Adapter(LM):
+            """lm-eval's model interface over a merge_lab candidate (prompts used verbatim)."""
+
             def loglikelihood(self, requests):
-                out = candidate.loglikelihood([r.args for r in requests])
-                greedy = [False] * len(out)  # exactness of greedy match is not computed
-                return [(s, g) for (s, _), g in zip(out, greedy)]
+                return [(s, g) for s, _, g in candidate.loglikelihood_full([tuple(r.args[:2]) for r in requests])]
 
             def loglikelihood_rolling(self, requests):
-                return [candidate.loglikelihood([("", r.args[0])])[0][0] for r in requests]
+                return [s for s, _ in candidate.loglikelihood([("", r.args[0]) for r in requests])]
 
             def generate_until(self, requests):
-                return candidate.generate([r.args[0] for r in requests])
+                out = []
+                for r in requests:
+                    context, gen_kwargs = r.args[0], (r.args[1] if len(r.args) > 1 else {})
+                    until = gen_kwargs.get("until") or []
+                    out += candidate.generate([context], formatted=True, stop=[until] if isinstance(until, str) else until)
+                return out
 
-        res = simple_evaluate(model=Adapter(), tasks=[self.task], limit=self.limit, log_samples=True)
-        samples = res.get("samples", {}).get(self.task, [])
+        res = simple_evaluate(model=Adapter(), tasks=[self.task], limit=self.limit, log_samples=True,
+                              random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed)
+        if not res or self.task not in res.get("samples", {}):
+            raise MergeLabError(f"lm-eval returned no samples for task '{self.task}'; is the task name right?")
         out = []
-        for i, s in enumerate(samples):
-            metrics = [k for k in s if k in res["results"][self.task].keys() or k in ("acc", "exact_match")]
-            value = float(s[metrics[0]]) if metrics else float("nan")
+        for i, s in enumerate(res["samples"][self.task]):
+            names = list(s.get("metrics") or []) + [k for k in ("acc", "exact_match", "acc_norm") if k in s]
+            value = next((float(s[k]) for k in names if isinstance(s.get(k), (int, float, bool))), float("nan"))
             out.append({"id": f"{self.task}:{s.get('doc_id', i)}", "score": value})
         return out
 
