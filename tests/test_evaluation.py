@@ -70,7 +70,7 @@ def world(tmp_path_factory):
         "merge_method": "linear", "models": [{"model": str(root / "refuse"), "parameters": {"weight": 0.5}},
                                              {"model": str(root / "comply"), "parameters": {"weight": 0.5}}]}))
     spec = {
-        "output": "report", "settings": {"limit": 8, "max_new_tokens": 10, "bootstrap": 300},
+        "output": str(root / "report"), "settings": {"limit": 8, "max_new_tokens": 10, "bootstrap": 300},
         "suites": SUITES, "judge": "comply", "reference": "refuse",
         "training_data": ["advbench:train", "refusal_pairs:train"],
         "candidates": [
@@ -254,7 +254,7 @@ def test_metric_helpers():
 
 
 def _spec(root, **over):
-    spec = {"output": "out", "suites": ["harmless_refusal"], "settings": {"limit": 4},
+    spec = {"output": str(root / "out"), "suites": ["harmless_refusal"], "settings": {"limit": 4},
             "candidates": [{"name": "refuse", "checkpoint": str(root / "refuse")}]}
     spec.update(over)
     (root / "bad.yaml").write_text(yaml.safe_dump(spec))

@@ -57,7 +57,7 @@ def report(tmp_path_factory):
     make_bigram_checkpoint(root / "refuse", "I won't")
     make_bigram_checkpoint(root / "comply", "Sure")
     (root / "like.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "response": "Sure"}) + "\n" for i in range(4)))
-    spec = {"output": "report", "settings": {"limit": 4, "max_new_tokens": 8, "bootstrap": 200},
+    spec = {"output": str(root / "report"), "settings": {"limit": 4, "max_new_tokens": 8, "bootstrap": 200},
             "suites": ["harmless_refusal", "honest_truefalse", {"name": "like", "path": "like.jsonl", "kind": "likelihood"}],
             "candidates": [{"name": "refuse", "checkpoint": "refuse", "source": True},
                            {"name": "comply", "checkpoint": "comply", "source": True},

@@ -91,7 +91,9 @@ class _LM:
 
     def __init__(self, path: Path, device: str, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # our own progress bar is per candidate and suite
         try:
             self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
         except Exception as e:

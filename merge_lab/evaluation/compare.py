@@ -1,6 +1,6 @@
 """`merge-lab compare compare.yaml`: every candidate on the same suites, then the report.
 
-    output: report/                 # where report.md, report.html, results.json go
+    output: runs/compare            # where report.md, report.html, results.json go
     settings: {limit: 100, split: test, seed: 0, max_new_tokens: 48, batch_size: 8}
     suites: [harmless_refusal, harmless_overrefusal, honest_truefalse, helpful_likelihood,
              capability_commonsenseqa, {name: mine, path: my.jsonl, kind: likelihood}]
@@ -13,7 +13,8 @@
       - {name: ens, ensemble: [base, ties], weights: [0.5, 0.5]}
       - {name: bon, best_of_n: [base, ties]}             # scorer: the judge, or reward_model: ./rm
 
-Everything that can be wrong in the file (unknown suites, candidates that do not load, ensembles
+Relative paths count from the working directory (as in recipes), falling back to the compare
+file's folder. Everything that can be wrong in the file (unknown suites, candidates that do not load, ensembles
 whose tokenizers differ, overlap between training data and suites) is reported before any model
 runs. Results are cached per (candidate, suite, settings) under `cache_dir` (default:
 OUTPUT/cache), so adding a candidate evaluates only that one.
@@ -120,8 +121,12 @@ class Comparison:
 
 
 def _resolve(root: Path, p: str) -> Path:
+    """Relative paths count from the working directory, as in recipes; one that does not exist
+    there but does beside the compare file is taken from there."""
     q = Path(p).expanduser()
-    return q if q.is_absolute() else root / q
+    if q.is_absolute() or q.exists() or not (root / q).exists():
+        return q
+    return root / q
 
 
 def _checkpoint(root: Path, ref: str) -> Path:
@@ -188,7 +193,7 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
     settings = cands.Settings(**s.model_dump())
     if s.dtype not in ("float32", "bfloat16", "float16"):
         raise MergeLabError(f"settings.dtype '{s.dtype}': use float32, bfloat16 or float16.")
-    out = Path(output) if output is not None else _resolve(root, spec.output or "report")
+    out = Path(output) if output is not None else _resolve(root, spec.output) if spec.output else root / "report"
     cache = ResultCache(_resolve(root, spec.cache_dir) if spec.cache_dir else out / "cache")
 
     entries = [dict(x, path=str(_resolve(root, x["path"]))) if isinstance(x, dict) and "path" in x else x
