@@ -38,8 +38,8 @@ class H3Params(BaseModel):
     non_ffn: Literal["base", "average"] = Field(
         "base", description="where attention, norms and embeddings come from: the base, or the experts' mean"
     )
-    router_data: str | list[dict] | None = Field(
-        None, description="labelled prompts for centroid init, as train.data (default: train.data)"
+    router_data: str | None = Field(
+        None, description="JSONL of labelled prompts for centroid init (default: train.data, which may also be blocks)"
     )
     router_std: float = Field(0.02, gt=0, description="standard deviation of random router rows")
 

@@ -23,7 +23,8 @@ def random_rows(n_experts: int, hidden: int, std: float, seed: int, layer: int) 
 
 
 @torch.no_grad()
-def centroid_rows(base: str | Path, examples: list[Example], labels: list[str], max_length: int = 256) -> torch.Tensor:
+def centroid_rows(base: str | Path, examples: list[Example], labels: list[str], max_length: int = 256,
+                  batch_size: int = 16) -> torch.Tensor:
     """[layers, experts, hidden] unit rows from the base's FFN inputs on each label's prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,14 +41,22 @@ def centroid_rows(base: str | Path, examples: list[Example], labels: list[str], 
         layer.mlp.register_forward_pre_hook(lambda _m, args, i=i: captured.__setitem__(i, args[0]))
         for i, layer in enumerate(layers)
     ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
-        for ex in examples:
-            ids = torch.tensor([encode_prompt(tokenizer, ex.prompt, max_length)])
-            model(ids)
-            k = labels.index(ex.label)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            rows = [encode_prompt(tokenizer, ex.prompt, max_length) for ex in chunk]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            model(input_ids=ids, attention_mask=mask)
+            m = mask[..., None].float()
             for i, h in captured.items():
-                sums[i, k] += h[0].float().mean(0)
-            counts[k] += 1
+                per_example = (h.float() * m).sum(1) / m.sum(1)  # mean over each prompt's real tokens
+                for ex, v in zip(chunk, per_example):
+                    sums[i, labels.index(ex.label)] += v
+            for ex in chunk:
+                counts[labels.index(ex.label)] += 1
     finally:
         for h in hooks:
             h.remove()
