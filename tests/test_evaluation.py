@@ -66,9 +66,8 @@ def world(tmp_path_factory):
     write_jsonl(root / "mc.jsonl", [
         {"prompt": f"Pick {i}", "choices": ["Sure", "I won't"][:: (1 if i % 2 else -1)], "label": 0 if i % 2 else 1}
         for i in range(8)])
-    (root / "avg.yaml").write_text(yaml.safe_dump({
-        "merge_method": "linear", "models": [{"model": str(root / "refuse"), "parameters": {"weight": 0.5}},
-                                             {"model": str(root / "comply"), "parameters": {"weight": 0.5}}]}))
+    avg = {"merge_method": "linear", "models": [{"model": str(root / "refuse"), "parameters": {"weight": 0.5}},
+                                                {"model": str(root / "comply"), "parameters": {"weight": 0.5}}]}
     spec = {
         "output": str(root / "report"), "settings": {"limit": 8, "max_new_tokens": 10, "bootstrap": 300},
         "suites": SUITES, "judge": "comply", "reference": "refuse",
@@ -79,7 +78,7 @@ def world(tmp_path_factory):
             {"name": "ens", "ensemble": ["refuse", "comply"], "weights": [0.8, 0.2]},
             {"name": "bon", "best_of_n": ["refuse", "comply"]},
             {"name": "moe", "checkpoint": "moe"},
-            {"name": "avg", "recipe": "avg.yaml"},
+            {"name": "avg", "recipe": avg},  # inline: written into the cache, merged on first use
         ],
     }
     (root / "compare.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -314,3 +313,21 @@ def test_prepare_resolves_paths_relative_to_file(world):
     comp = prepare(root / "compare.yaml")
     assert comp.output == root / "report" and comp.sources == ["refuse", "comply"]
     assert [s.name for s in comp.suites][:3] == ["harmless_refusal", "harmless_overrefusal", "helpful_winrate"]
+
+
+def test_example_compare_files_are_valid():
+    from pathlib import Path
+
+    from merge_lab.evaluation.compare import load_spec
+    from merge_lab.evaluation.suites import make_suite
+
+    files = sorted(Path(__file__).parents[1].glob("recipes/examples/compare_*.yaml"))
+    assert files
+    for f in files:
+        spec, _ = load_spec(f)
+        for entry in spec.suites:
+            make_suite(entry, limit=2)
+        names = {c.name for c in spec.candidates}
+        for c in spec.candidates:
+            assert all(m in names for m in (c.ensemble or c.best_of_n or [])), (f, c.name)
+        assert spec.judge in (None, *names) and spec.reference in (None, *names)

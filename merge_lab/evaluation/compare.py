@@ -9,7 +9,7 @@
     training_data: [advbench:train, {path: my_train.jsonl}]   # proven disjoint from every suite
     candidates:
       - {name: base, checkpoint: ./base, source: true}
-      - {name: ties, recipe: ties.yaml}
+      - {name: ties, recipe: ties.yaml}                  # or the recipe inline: {merge_method: ties, ...}
       - {name: ens, ensemble: [base, ties], weights: [0.5, 0.5]}
       - {name: bon, best_of_n: [base, ties]}             # scorer: the judge, or reward_model: ./rm
 
@@ -22,6 +22,7 @@ OUTPUT/cache), so adding a candidate evaluates only that one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class CandidateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     checkpoint: str | None = None
-    recipe: str | None = None
+    recipe: str | dict[str, Any] | None = None
     ensemble: list[str] | None = None
     weights: list[float] | None = None
     best_of_n: list[str] | None = None
@@ -276,6 +277,12 @@ def _build(c: CandidateSpec, known: dict, root: Path, cache: ResultCache, settin
 
     if c.checkpoint is not None:
         return cands.ModelCandidate(c.name, _checkpoint(root, c.checkpoint), settings)
+    if isinstance(c.recipe, dict):  # an inline recipe: written into the cache, keyed by its content
+        text = yaml.safe_dump(c.recipe, sort_keys=False)
+        recipe = cache.root / "recipes" / f"{c.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(text)
+        return cands.RecipeCandidate(c.name, recipe, cache.root, settings)
     if c.recipe is not None:
         recipe = _resolve(root, c.recipe)
         if not recipe.is_file():
