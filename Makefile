@@ -27,6 +27,12 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
+# make demo            the default profile (about 30 minutes on 2 CPU cores)
+# make demo QUICK=1    small sets, few steps (minutes);  make demo THOROUGH=1  large suites (hours on 2 cores)
+# make demo FRESH=1    redo every step instead of reusing those already done
+demo: setup
+	$(VENV)/bin/merge-lab demo $(if $(QUICK),--quick) $(if $(THOROUGH),--thorough) $(if $(FRESH),--fresh) $(DEMO_ARGS)
+
 lint: setup
 	$(PY) -m ruff check .
 

@@ -297,6 +297,36 @@ def inspect_routing(
         out_console.print(f"plot: {plot_routing(result, plot)}")
 
 
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="demo folder: experts, merges, fused model, report")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="small sets and few steps: minutes on 2 CPU cores")] = False,
+    thorough: Annotated[bool, typer.Option(help="suites large enough to separate a 0.05 gap: hours on 2 cores")] = False,
+    fresh: Annotated[bool, typer.Option(help="redo every step instead of reusing those already done")] = False,
+    base: Annotated[str | None, typer.Option(help="base model: a local folder, a .gguf, or a hub id (default: shipped SmolLM2-135M-Instruct)")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Run the demo end to end: three aligned experts, four merges, H3 fusion, the comparison report.
+
+    Every step is a recipe in recipes/demo/ that you can copy and run alone; the recipes as run
+    (with the profile's numbers) are saved in OUT/recipes/. Steps already done are reused.
+    """
+    from merge_lab.demo import run_demo
+
+    if quick and thorough:
+        raise typer.BadParameter("choose one of --quick and --thorough")
+    profile = "quick" if quick else "thorough" if thorough else "default"
+    result = run_demo(out, profile=profile, fresh=fresh, base=base, progress=progress, console=err_console)
+    if result.skipped:
+        for name, why in result.skipped.items():
+            out_console.print(f"[yellow]skipped[/yellow] {name}: {why}")
+    out_console.print(f"manifest: {result.manifest}")
+    if result.report is not None:
+        out_console.print(f"report: {result.report / 'report.html'}")
+        out_console.print(f"[bold]open {result.report / 'report.html'} in a browser[/bold]")
+
+
 def main() -> None:
     try:
         app()

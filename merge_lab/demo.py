@@ -1,0 +1,363 @@
+"""`make demo` / `merge-lab demo`: the recipes in recipes/demo/, in order, end to end on a real model.
+
+Each step is an ordinary recipe a user can copy and run alone (the header of each file says how);
+the demo only adds what a pipeline needs around them:
+- the base: the shipped SmolLM2-135M-Instruct, converted once into the cache and linked at
+  OUT/base (or any base given with --base);
+- profiles: QUICK (minutes), default, THOROUGH (hours on 2 cores) override a few numbers (steps,
+  suite sizes); the recipes as actually run are written to OUT/recipes/;
+- reuse: a step whose effective recipe and inputs are unchanged is not run again (--fresh redoes all);
+- an overall ETA from per-step estimates, corrected by how fast this machine has been so far;
+- a manifest (OUT/manifest.json, copied beside the report) listing by source and index the items
+  each expert trained on and each suite evaluated, checked to be disjoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from merge_lab.errors import MergeLabError
+
+DEMO_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "demo"
+DEFAULT_OUT = Path("runs/demo")
+# how the shipped recipes spell the demo folder: from the repository root, and from recipes/demo/
+PREFIXES = ("runs/demo/", "../../runs/demo/")
+
+
+@dataclass(frozen=True)
+class Step:
+    recipe: str  # file name in recipes/demo
+    kind: str  # align | merge | fuse | compare
+    out: str  # output folder, relative to the demo folder
+
+
+STEPS = (
+    Step("01_align_helpful.yaml", "align", "experts/helpful"),
+    Step("02_align_harmless.yaml", "align", "experts/harmless"),
+    Step("03_align_honest.yaml", "align", "experts/honest"),
+    Step("04_merge_linear.yaml", "merge", "merges/linear"),
+    Step("05_merge_task_arithmetic.yaml", "merge", "merges/task_arithmetic"),
+    Step("06_merge_ties.yaml", "merge", "merges/ties"),
+    Step("07_merge_dare_ties.yaml", "merge", "merges/dare_ties"),
+    Step("08_fuse_h3_moe.yaml", "fuse", "fused/h3_moe"),
+    Step("09_compare.yaml", "compare", "report"),
+)
+
+# Per-kind overrides, merged into each recipe (dicts merge key by key; `data_limit` caps every
+# data block of align and fuse recipes). The default profile runs the recipes as shipped.
+PROFILES: dict[str, dict[str, dict]] = {
+    "quick": {
+        "align": {"train": {"steps": 8, "batch_size": 4, "max_tokens": 96}, "data_limit": 40},
+        "fuse": {"train": {"steps": 4, "batch_size": 4, "max_length": 96, "eval_rows": 16}, "data_limit": 16},
+        "compare": {"settings": {"limit": 8, "max_new_tokens": 16},
+                    "suites": ["harmless_refusal", "harmless_overrefusal", "honest_truefalse", "helpful_likelihood"]},
+    },
+    "default": {},
+    "thorough": {
+        "align": {"train": {"steps": 200, "max_tokens": 192}},
+        "fuse": {"train": {"steps": 200, "eval_rows": 96}},
+        "compare": {"settings": {"limit": 260, "max_new_tokens": 48},
+                    "suites": ["harmless_refusal", "harmless_overrefusal", "helpful_likelihood", "helpful_winrate",
+                               "honest_truefalse", "honest_truthfulqa", "honest_deceptive",
+                               "capability_commonsenseqa"]},
+    },
+}
+
+# Nominal seconds per step on 2 CPU cores, for the ETA before anything has been timed here.
+NOMINAL = {
+    "quick": {"base": 40, "align": 60, "merge": 15, "fuse": 60, "compare": 120},
+    "default": {"base": 40, "align": 300, "merge": 20, "fuse": 240, "compare": 900},
+    "thorough": {"base": 40, "align": 1500, "merge": 20, "fuse": 1500, "compare": 10800},
+}
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: Path | None
+    manifest: Path
+    ran: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ recipes as run
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _relocate(value: Any, root: Path) -> Any:
+    """Point the shipped recipes' runs/demo/... paths at the demo folder actually used."""
+    if isinstance(value, str):
+        for p in PREFIXES:
+            if value.startswith(p) or value == p.rstrip("/"):
+                return str(root / value[len(p):]) if value != p.rstrip("/") else str(root)
+        return value
+    if isinstance(value, list):
+        return [_relocate(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: _relocate(v, root) for k, v in value.items()}
+    return value
+
+
+def effective_recipe(step: Step, source: Path, root: Path, overrides: dict, base: str | None) -> dict:
+    """The recipe as the demo runs it: paths into `root`, profile overrides, the chosen base."""
+    doc = yaml.safe_load(source.read_text())
+    if not isinstance(doc, dict):
+        raise MergeLabError(f"{source}: not a YAML mapping.")
+    doc = _relocate(doc, root.resolve())
+    over = copy.deepcopy(overrides.get(step.kind, {}))
+    limit = over.pop("data_limit", None)
+    doc = deep_merge(doc, over)
+    if limit is not None:
+        blocks = doc["data"] if step.kind == "align" else (doc.get("train") or {}).get("data")
+        for block in blocks if isinstance(blocks, list) else []:
+            block["limit"] = min(block.get("limit") or limit, limit)
+    if step.kind == "align" and base is not None:
+        doc["base_model"] = base
+    return doc
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ running one step
+
+
+def _run_align(path: Path, out: Path, console: Console, progress: bool) -> None:
+    from merge_lab.align import align
+
+    align(path, out, force=True, progress=progress, console=console)
+
+
+def _run_merge(path: Path, out: Path, console: Console, progress: bool) -> None:
+    from merge_lab.engine import merge
+
+    merge(path, out, force=True, progress=progress, hash_inputs=False, console=console)
+
+
+def _run_fuse(path: Path, out: Path, console: Console, progress: bool) -> None:
+    from merge_lab.fusion.pipeline import fuse
+
+    fuse(path, out, force=True, progress=progress, console=console)
+
+
+def _run_compare(path: Path, out: Path, console: Console, progress: bool) -> None:
+    from merge_lab.evaluation.compare import run_compare
+
+    run_compare(path, out, progress=progress, console=console)
+
+
+RUNNERS: dict[str, Callable[[Path, Path, Console, bool], None]] = {
+    "align": _run_align, "merge": _run_merge, "fuse": _run_fuse, "compare": _run_compare,
+}
+
+
+def _available(kind: str) -> str | None:
+    """None when the code behind a step kind is installed, else why not."""
+    import importlib.util
+
+    module = {"fuse": "merge_lab.fusion.pipeline", "compare": "merge_lab.evaluation.compare"}.get(kind)
+    if module and importlib.util.find_spec(module) is None:
+        return f"{module} is not part of this checkout"
+    return None
+
+
+# ------------------------------------------------------------------ base, ETA, manifest
+
+
+def prepare_base(root: Path, base: str | None) -> Path:
+    """Resolve the base (converting the shipped GGUF on first use) and link it at root/base."""
+    from merge_lab.assets import resolve_base
+
+    target = resolve_base(base or "smollm2").resolve()
+    link = root / "base"
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and link.resolve() == target:
+            return link
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        else:
+            shutil.rmtree(link)
+    root.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, link, target_is_directory=True)
+    return link
+
+
+class Eta:
+    """Remaining time: nominal estimates per step, scaled by actual/nominal of the steps timed so far."""
+
+    def __init__(self, estimates: list[float]):
+        self.estimates = estimates
+        self.done_nominal = 0.0
+        self.done_actual = 0.0
+
+    def finished(self, i: int, seconds: float, reused: bool) -> None:
+        if not reused:
+            self.done_nominal += self.estimates[i]
+            self.done_actual += seconds
+        self.estimates[i] = 0.0
+
+    def remaining(self) -> float:
+        scale = self.done_actual / self.done_nominal if self.done_nominal > 0 else 1.0
+        return sum(self.estimates) * scale
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def write_manifest(root: Path, profile: str, base: Path, report: Path | None) -> Path:
+    """Which items each expert trained on and each suite evaluated, by source and index; checked disjoint."""
+    from merge_lab import data
+
+    experts = {}
+    trained: list[str] = []
+    for step in STEPS:
+        f = root / step.out / "train_items.json"
+        if step.kind == "align" and f.is_file():
+            doc = json.loads(f.read_text())
+            experts[doc.get("label") or Path(step.out).name] = {
+                "recipe": f"recipes/{step.recipe}", "count": doc["count"], "by_source": doc["by_source"]}
+            trained += doc["ids"]
+    suites = {}
+    results = report / "results.json" if report else None
+    if results is not None and results.is_file():
+        suites = suite_items(json.loads(results.read_text()))
+    for s in suites.values():
+        data.check_disjoint(trained, s["ids"])
+    manifest = {
+        "profile": profile,
+        "base": str(base.resolve()),
+        "note": "the experts are LoRA fine-tunes made here from one shipped base; experts train on the 'train' "
+                "split, suites evaluate the 'test' split, and the two are checked disjoint by id and by content",
+        "experts": experts,
+        "suites": {n: {"count": len(s["ids"]), "by_source": s["by_source"]} for n, s in suites.items()},
+        "disjoint_checked": bool(suites) and bool(trained),
+    }
+    path = root / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    if report is not None and report.is_dir():
+        shutil.copy2(path, report / "manifest.json")
+    return path
+
+
+def suite_items(results: dict) -> dict[str, dict]:
+    """Per suite, the ids it evaluated, from the comparison's results.json."""
+    out = {}
+    per_example = results.get("per_example") or {}
+    for name in results.get("suites") or {}:
+        records = next(iter((per_example.get(name) or {}).values()), [])
+        ids = [str(r["id"]) for r in records]
+        by_source: dict[str, list[int]] = {}
+        for i in ids:
+            src, _, idx = str(i).rpartition(":")
+            by_source.setdefault(src, []).append(int(idx) if idx.isdigit() else idx)
+        out[name] = {"ids": ids, "by_source": by_source}
+    return out
+
+
+# ------------------------------------------------------------------ the pipeline
+
+
+def run_demo(
+    out: str | Path = DEFAULT_OUT,
+    *,
+    profile: str = "default",
+    fresh: bool = False,
+    base: str | None = None,
+    recipes: str | Path | None = None,
+    overrides: dict | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> DemoResult:
+    """Run the demo's recipes in order into `out`, reusing steps already done unless `fresh`."""
+    console = console or Console(stderr=True)
+    if profile not in PROFILES:
+        raise MergeLabError(f"unknown profile '{profile}'; use one of {', '.join(PROFILES)}.")
+    root = Path(out)
+    src = Path(recipes) if recipes is not None else DEMO_RECIPES
+    missing = [s.recipe for s in STEPS if not (src / s.recipe).is_file()]
+    if missing:
+        raise MergeLabError(f"{src}: demo recipes missing: {', '.join(missing)}.")
+    over = deep_merge(PROFILES[profile], overrides or {})
+    steps = [s for s in STEPS if only is None or s.kind in only or s.recipe in only]
+    (root / "recipes").mkdir(parents=True, exist_ok=True)
+    (root / ".steps").mkdir(exist_ok=True)
+    nominal = NOMINAL[profile]
+    eta = Eta([nominal["base"]] + [nominal[s.kind] for s in steps])
+    result = DemoResult(root, None, root / "manifest.json")
+    started = time.perf_counter()
+    console.rule(f"[bold]merge_lab demo[/bold] — profile {profile}, output {root}")
+
+    t = time.perf_counter()
+    base_link = prepare_base(root, base)
+    base_arg = str(base_link.resolve()) if base is not None else None
+    eta.finished(0, time.perf_counter() - t, reused=time.perf_counter() - t < 5)
+    console.print(f"base: {base_link} -> {base_link.resolve()}")
+
+    redone: set[str] = set()
+    for i, step in enumerate(steps, 1):
+        name = Path(step.recipe).stem
+        doc = effective_recipe(step, src / step.recipe, root, over, base_arg)
+        text = yaml.safe_dump(doc, sort_keys=False)
+        run_path = root / "recipes" / step.recipe
+        run_path.write_text(f"# as run by the demo (profile {profile}); source: recipes/demo/{step.recipe}\n" + text)
+        target = root / step.out
+        stamp = root / ".steps" / f"{name}.json"
+        key = {"recipe": _hash(text), "base": str(base_link.resolve())}
+        upstream_redone = any(str((root / o).resolve()) in text for o in redone)
+        header = (f"[bold][{i}/{len(steps)}] {step.kind} {name}[/bold]  elapsed {_fmt(time.perf_counter() - started)}, "
+                  f"overall ETA {_fmt(eta.remaining())}")
+        if (not fresh and not upstream_redone and target.exists() and stamp.is_file()
+                and json.loads(stamp.read_text()).get("key") == key):
+            console.print(f"{header}  [green]reused[/green] {target}")
+            result.reused.append(name)
+            eta.finished(i, 0.0, reused=True)
+            continue
+        why = _available(step.kind)
+        if why is not None:
+            console.print(f"{header}  [yellow]skipped[/yellow]: {why}")
+            result.skipped[name] = why
+            eta.finished(i, 0.0, reused=True)
+            continue
+        console.print(header)
+        t = time.perf_counter()
+        RUNNERS[step.kind](run_path, target, console, progress)
+        seconds = time.perf_counter() - t
+        stamp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1), "profile": profile}) + "\n")
+        result.ran.append(name)
+        result.seconds[name] = round(seconds, 1)
+        redone.add(step.out)
+        eta.finished(i, seconds, reused=False)
+        console.print(f"  done in {_fmt(seconds)}")
+
+    report = root / "report"
+    result.report = report if (report / "results.json").is_file() else None
+    result.manifest = write_manifest(root, profile, base_link, result.report)
+    total = time.perf_counter() - started
+    (root / "timings.json").write_text(json.dumps({"profile": profile, "total_seconds": round(total, 1),
+                                                  "steps": result.seconds, "reused": result.reused}, indent=1) + "\n")
+    console.rule(f"demo finished in {_fmt(total)}")
+    return result

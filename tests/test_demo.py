@@ -1,0 +1,92 @@
+"""The whole demo pipeline on a tiny random model and tiny slices of the shipped data."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from merge_lab import data
+from merge_lab.demo import DEMO_RECIPES, PROFILES, STEPS, effective_recipe, run_demo
+from merge_lab.testing import make_checkpoint
+
+TINY = {
+    "align": {"train": {"steps": 2, "batch_size": 2, "max_tokens": 48}, "data_limit": 3},
+    "fuse": {"train": {"steps": 2, "batch_size": 2, "max_length": 48, "eval_rows": 4}, "data_limit": 3},
+    "compare": {"settings": {"limit": 2, "max_new_tokens": 3, "bootstrap": 50},
+                "suites": ["harmless_refusal", "honest_truefalse"]},
+}
+
+
+def test_every_demo_recipe_is_a_step_and_says_how_to_run_it_alone():
+    assert sorted(p.name for p in DEMO_RECIPES.glob("*.yaml")) == [s.recipe for s in STEPS]
+    command = {"align": "align", "merge": "merge", "fuse": "fuse", "compare": "compare"}
+    for step in STEPS:
+        text = (DEMO_RECIPES / step.recipe).read_text()
+        run = re.search(r"Run alone[^:]*:\s+merge-lab (\w+) (\S+)(?: -o (\S+))?", text)
+        assert run, f"{step.recipe}: no 'Run alone' line"
+        assert run.group(1) == command[step.kind] and run.group(2) == f"recipes/demo/{step.recipe}"
+        if step.kind != "compare":
+            assert run.group(3) == f"runs/demo/{step.out}", step.recipe
+        else:
+            assert yaml.safe_load(text)["output"] == f"../../runs/demo/{step.out}"
+
+
+def test_profiles_relocate_paths_and_cap_data(tmp_path):
+    step = STEPS[7]  # fuse
+    doc = effective_recipe(step, DEMO_RECIPES / step.recipe, tmp_path / "d", PROFILES["quick"], None)
+    assert doc["base_model"] == str((tmp_path / "d" / "base").resolve())
+    assert all(m["model"].startswith(str((tmp_path / "d").resolve())) for m in doc["models"])
+    assert doc["train"]["steps"] == PROFILES["quick"]["fuse"]["train"]["steps"]
+    assert all(b["limit"] <= PROFILES["quick"]["fuse"]["data_limit"] for b in doc["train"]["data"])
+    assert doc["train"]["lambda"] > 0 and all(v > 0 for v in doc["train"]["gamma"].values())
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    base = make_checkpoint(root / "tiny-base", "llama", seed=0, shards=False)
+    out = root / "runs"
+    result = run_demo(out, profile="quick", base=str(base), overrides=TINY, progress=False)
+    return out, result
+
+
+def test_demo_runs_every_step_end_to_end(demo_run):
+    out, result = demo_run
+    assert not result.skipped, result.skipped
+    assert result.ran == [s.recipe.removesuffix(".yaml") for s in STEPS]
+    for label in ("helpful", "harmless", "honest"):
+        assert (out / "experts" / label / "adapter" / "adapter_config.json").is_file()
+        assert (out / "experts" / label / "merged" / "config.json").is_file()
+    for m in ("linear", "task_arithmetic", "ties", "dare_ties"):
+        assert (out / "merges" / m / "config.json").is_file()
+    moe = json.loads((out / "fused" / "h3_moe" / "config.json").read_text())
+    assert moe.get("num_local_experts") == 3
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert {"base", "helpful", "harmless", "honest", "linear", "task_arithmetic", "ties", "dare_ties",
+            "token_ensemble", "best_of_3", "h3_moe"} <= set(results["candidates"])
+    assert (out / "report" / "report.html").is_file()
+    # the recipes as run point into this demo folder
+    ran = yaml.safe_load((out / "recipes" / "06_merge_ties.yaml").read_text())
+    assert ran["base_model"] == str(out.resolve() / "base")
+
+
+def test_manifest_lists_disjoint_training_and_evaluation_items(demo_run):
+    out, result = demo_run
+    manifest = json.loads((out / "report" / "manifest.json").read_text())
+    assert manifest == json.loads(result.manifest.read_text()) and manifest["disjoint_checked"]
+    assert set(manifest["experts"]) == {"helpful", "harmless", "honest"}
+    trained = {f"{s}:{i}" for e in manifest["experts"].values() for s, idx in e["by_source"].items() for i in idx}
+    evaluated = {f"{s}:{i}" for x in manifest["suites"].values() for s, idx in x["by_source"].items() for i in idx}
+    assert trained and evaluated and not trained & evaluated
+    assert all(data.split_of(i) == "train" for i in trained)
+    data.check_disjoint(trained, evaluated)
+
+
+def test_second_run_reuses_every_step(demo_run):
+    out, _ = demo_run
+    base = out.parent / "tiny-base"
+    again = run_demo(out, profile="quick", base=str(base), overrides=TINY, progress=False)
+    assert again.ran == [] and len(again.reused) == len(STEPS)
