@@ -233,6 +233,7 @@ class Candidate:
         self._tok = None
         self._lms: list[_LM] = []
         self.log_weights = torch.zeros(1)
+        self.on_progress = None  # callable(done, total): the comparison's progress bar
 
     # --- identity, checked before any long work
     def fingerprint(self) -> str:
@@ -285,6 +286,11 @@ class Candidate:
             room = 1
         return ctx[-room:], cont
 
+    def _report(self, done: int, total: int) -> None:
+        """Progress within one call (scoring or generating `total` requests)."""
+        if self.on_progress is not None:
+            self.on_progress(done, total)
+
     def _batches(self, n: int, lengths: list[int]):
         order = sorted(range(n), key=lambda i: -lengths[i])
         bs = max(1, self.settings.batch_size)
@@ -302,11 +308,14 @@ class Candidate:
         out: list[tuple[float, int, bool]] = [(0.0, 0, False)] * len(enc)
         pad = self.tokenizer.pad_token_id
         start = time.perf_counter()
+        done = 0
         for idx in self._batches(len(enc), [len(c) + len(t) for c, t in enc]):
             batch = [enc[i] for i in idx]
             for i, lp in zip(idx, self._score_batch(batch, pad)):
                 out[i] = lp
             self.counters.score_tokens += sum(len(c) + len(t) for c, t in batch) * len(self._lms)
+            done += len(batch)
+            self._report(done, len(enc))
         self.counters.score_seconds += time.perf_counter() - start
         return out
 
@@ -331,9 +340,12 @@ class Candidate:
         enc = [(tok(t, add_special_tokens=False)["input_ids"] or [tok.eos_token_id])[-room:] for t in texts]
         out = [""] * len(enc)
         start = time.perf_counter()
+        done = 0
         for idx in self._batches(len(enc), [len(e) for e in enc]):
             for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], [prompts[i] for i in idx])):
                 out[i] = text
+            done += len(idx)
+            self._report(done, len(enc))
         self.counters.gen_seconds += time.perf_counter() - start
         for s in stop or []:
             out = [o.split(s, 1)[0] if s else o for o in out]

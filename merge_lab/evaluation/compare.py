@@ -318,7 +318,6 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
     _reference_from_cache(comp, settings_key)
     with _progress(console, progress) as bar:
         for name, cand in comp.candidates.items():
-            task = bar.add_task(name, total=len(comp.suites))
             entries[name] = {}
             todo = []
             for suite in comp.suites:
@@ -326,17 +325,18 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
                 hit = comp.cache.get(key)
                 if hit is not None:
                     entries[name][suite.name] = hit
-                    bar.update(task, advance=1, description=f"{name} · {suite.name} (cached)")
+                    bar.add_task(f"{name} · {suite.name} (cached)", total=1, completed=1)
                 else:
-                    todo.append((suite, key))
+                    todo.append((suite, key, bar.add_task(f"{name} · {suite.name}", total=None, start=False)))
             if not todo:
                 continue
             with PeakMemory(comp.settings.device) as mem:
                 cand.load()
                 params = cand.params()
                 fresh = []
-                for suite, key in todo:
-                    bar.update(task, description=f"{name} · {suite.name}")
+                for suite, key, task in todo:
+                    bar.start_task(task)
+                    cand.on_progress = lambda done, total, task=task: bar.update(task, completed=done, total=total)
                     torch.manual_seed(comp.settings.seed)
                     before = cand.counters.as_dict()
                     t0 = time.perf_counter()
@@ -347,11 +347,14 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
                         "seconds": time.perf_counter() - t0, "params": list(params),
                         "counters": {k: after[k] - before[k] for k in after},
                         "routing": cand.routing(suite.routing_texts(cand)) if _is_moe(cand) else None,
+                        "peak_memory_bytes": mem.peak_bytes,
                     }
+                    comp.cache.put(key, entry)  # at once: an interrupted run resumes from here
                     fresh.append((key, entry))
                     comp.evaluated.append((name, suite.name))
-                    bar.update(task, advance=1)
-            for key, entry in fresh:
+                    bar.update(task, completed=len(records), total=len(records))
+                cand.on_progress = None
+            for key, entry in fresh:  # the peak over the whole candidate run, for every entry
                 entry["peak_memory_bytes"] = mem.peak_bytes
                 comp.cache.put(key, entry)
                 entries[name][entry["suite"]] = entry
