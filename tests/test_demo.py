@@ -31,7 +31,7 @@ def test_every_demo_recipe_is_a_step_and_says_how_to_run_it_alone():
         if step.kind != "compare":
             assert run.group(3) == f"runs/demo/{step.out}", step.recipe
         else:
-            assert yaml.safe_load(text)["output"] == f"../../runs/demo/{step.out}"
+            assert yaml.safe_load(text)["output"] == f"runs/demo/{step.out}"
 
 
 def test_profiles_relocate_paths_and_cap_data(tmp_path):
