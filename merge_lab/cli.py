@@ -213,8 +213,12 @@ def compare(
     table.add_column("best")
     table.add_column("gap to runner-up")
     for suite, best in result.results["best"].items():
-        gap = (f"{best['diff']:+.3f} (p={best['p']:.3g}{', within noise' if not best['significant'] else ''})"
-               if "runner_up" in best else "–")
+        if "runner_up" not in best:
+            gap = "–"
+        elif best["diff"] == 0 and best["ci"] == [0, 0]:
+            gap = f"tie with {best['runner_up']}"
+        else:
+            gap = f"{best['diff']:+.3f} vs {best['runner_up']} (p={best['p']:.3g}{', within noise' if not best['significant'] else ''})"
         table.add_row(suite, best["candidate"], gap)
     out_console.print(table)
     fresh = len(result.evaluated)

@@ -203,6 +203,7 @@ def test_report_files(world):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     md = (out / "report.md").read_text()
     assert "oracle (upper bound)" in md and "significantly" in md and "| comply |" in md
+    assert "## Example answers" in md and "I won't (1)" in md and "Sure (0)" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "src='figures/" not in html
     assert json.loads((out / "results.json").read_text())["best"] == res.results["best"]
@@ -313,6 +314,26 @@ def test_prepare_resolves_paths_relative_to_file(world):
     comp = prepare(root / "compare.yaml")
     assert comp.output == root / "report" and comp.sources == ["refuse", "comply"]
     assert [s.name for s in comp.suites][:3] == ["harmless_refusal", "harmless_overrefusal", "helpful_winrate"]
+
+
+def test_a_registered_suite_plugs_in(tmp_path):
+    from merge_lab.evaluation import suites
+
+    class Shouty(suites.RefusalSuite):
+        name = "test_shouty"
+        objective = "harmless"
+        sources = ("harmbench",)
+
+    suites.register_suite(Shouty)
+    try:
+        assert "test_shouty" in suites.available()
+        made = suites.make_suite("test_shouty", limit=3)
+        assert isinstance(made, Shouty) and len(made.items()) == 3
+        assert all(data_split == "test" for data_split in (suites.data.split_of(e) for e in made.items()))
+    finally:
+        suites._REGISTRY.pop("test_shouty")
+    with pytest.raises(TypeError):
+        suites.register_suite(type("Bad", (suites.Suite,), {"name": "bad", "objective": "vibes"}))
 
 
 def test_example_compare_files_are_valid():

@@ -25,6 +25,8 @@ SECTIONS = [
     ("Cost", tables.cost, "Measured in the run that produced the results (cached candidates keep their "
      "measurement). Peak memory: rise of process RSS while the candidate ran (CPU), or CUDA peak allocation."),
     ("Suites", tables.suites, None),
+    ("Example answers", tables.answers, "The first items of each generation suite: each candidate's greedy answer "
+     "and its score (1 = refusal on refusal suites, 1 = win on the win rate). Every item is in results.json."),
 ]
 
 
@@ -89,7 +91,9 @@ def render_markdown(results: dict, figures: dict[str, str]) -> str:
     out = ["# Comparison report", ""]
     out += ["## Summary", "", *[f"- {x}" for x in _summary(results)], ""]
     for title, fn, note in SECTIONS:
-        out += [f"## {title}", ""] + ([f"_{note}_", ""] if note else []) + [_md_table(fn(results)), ""]
+        table = fn(results)
+        if table[1]:
+            out += [f"## {title}", ""] + ([f"_{note}_", ""] if note else []) + [_md_table(table), ""]
     out += ["## Figures", ""]
     for key, rel in figures.items():
         out += [f"### {TITLES[key]}", "", f"![{TITLES[key]}]({rel})", ""]
@@ -102,10 +106,13 @@ def render_html(results: dict, pngs: dict[str, bytes]) -> str:
              f"<style>{CSS}</style></head><body><h1>Comparison report</h1>", "<h2>Summary</h2><ul>"]
     parts += [f"<li>{html.escape(x)}</li>" for x in _summary(results)] + ["</ul>"]
     for title, fn, note in SECTIONS:
+        table = fn(results)
+        if not table[1]:
+            continue
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
-        parts.append(_html_table(fn(results)))
+        parts.append(_html_table(table))
     parts.append("<h2>Figures</h2>")
     for key, png in pngs.items():
         b64 = base64.b64encode(png).decode()

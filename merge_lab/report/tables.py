@@ -85,3 +85,24 @@ def suites(results: dict) -> Table:
     header = ["suite", "objective", "split", "n", "description"]
     rows = [[s, i["objective"], i["split"], str(i["n"]), i["description"]] for s, i in results["suites"].items()]
     return header, rows
+
+
+def answers(results: dict, per_suite: int = 3, width: int = 160) -> Table:
+    """A few greedy answers per generation suite, side by side: lets a reader check the refusal
+    classifier and the judge instead of trusting them."""
+    names = list(results["candidates"])
+    header = ["suite", "item", *names]
+    rows = []
+    for s, per in results["per_example"].items():
+        first = per[names[0]]
+        if not first or "answer" not in first[0]:
+            continue
+        for i in range(min(per_suite, len(first))):
+            cells = []
+            for n in names:
+                r = per[n][i]
+                a = " ".join(str(r.get("answer", "")).split())
+                a = a if len(a) <= width else a[: width - 1] + "…"
+                cells.append(f"{a} ({r['score']:g})")
+            rows.append([s, first[i]["id"], *cells])
+    return header, rows
