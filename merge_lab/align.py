@@ -74,6 +74,9 @@ class LoraSpec(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(["gate_proj", "up_proj", "down_proj"],
                                       description="module names to adapt (H3 fusion uses the FFN projections)")
+    layers: int | list[int] | None = Field(
+        None, description="adapt only these layer indices, or an int N for the last N layers (None: all). "
+                          "Fewer layers, shorter backward pass: the CPU profiles use it")
 
 
 class TrainSpec(BaseModel):
@@ -353,8 +356,13 @@ def align(
     absent = [m for m in recipe.lora.target_modules if m not in present]
     if absent:
         raise MergeLabError(f"lora.target_modules: {absent} are not modules of {base}; it has e.g. {sorted(present)[:12]}.")
+    layers = recipe.lora.layers
+    if isinstance(layers, int):
+        n = model.config.num_hidden_layers
+        layers = list(range(max(0, n - layers), n))
     lora_cfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                          target_modules=list(recipe.lora.target_modules), task_type="CAUSAL_LM")
+                          target_modules=list(recipe.lora.target_modules), task_type="CAUSAL_LM",
+                          layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
     model = get_peft_model(model, lora_cfg).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -59,14 +59,14 @@ STEPS = (
 # data block of align and fuse recipes). The default profile runs the recipes as shipped.
 PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
-        "align": {"train": {"steps": 8, "batch_size": 4, "max_tokens": 96}, "data_limit": 40},
-        "fuse": {"train": {"steps": 4, "batch_size": 4, "max_length": 96, "eval_rows": 16}, "data_limit": 16},
+        "align": {"train": {"steps": 6, "batch_size": 4, "max_tokens": 64}, "lora": {"layers": 4}, "data_limit": 40},
+        "fuse": {"train": {"steps": 3, "batch_size": 4, "max_length": 64, "eval_rows": 12}, "data_limit": 12},
         "compare": {"settings": {"limit": 8, "max_new_tokens": 16},
                     "suites": ["harmless_refusal", "harmless_overrefusal", "honest_truefalse", "helpful_likelihood"]},
     },
     "default": {},
     "thorough": {
-        "align": {"train": {"steps": 200, "max_tokens": 192}},
+        "align": {"train": {"steps": 200, "max_tokens": 192}, "lora": {"layers": None}},
         "fuse": {"train": {"steps": 200, "eval_rows": 96}},
         "compare": {"settings": {"limit": 260, "max_new_tokens": 48},
                     "suites": ["harmless_refusal", "harmless_overrefusal", "helpful_likelihood", "helpful_winrate",
@@ -77,8 +77,8 @@ PROFILES: dict[str, dict[str, dict]] = {
 
 # Nominal seconds per step on 2 CPU cores, for the ETA before anything has been timed here.
 NOMINAL = {
-    "quick": {"base": 40, "align": 60, "merge": 15, "fuse": 60, "compare": 120},
-    "default": {"base": 40, "align": 300, "merge": 20, "fuse": 240, "compare": 900},
+    "quick": {"base": 40, "align": 30, "merge": 12, "fuse": 45, "compare": 90},
+    "default": {"base": 40, "align": 200, "merge": 20, "fuse": 200, "compare": 900},
     "thorough": {"base": 40, "align": 1500, "merge": 20, "fuse": 1500, "compare": 10800},
 }
 

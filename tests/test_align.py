@@ -130,3 +130,17 @@ def test_reply_loss_equals_the_models_own_loss(tiny):
     batch = _batch([encode(tok, r, 64) for r in rows], tok.pad_token_id)
     with torch.no_grad():
         torch.testing.assert_close(reply_loss(model, batch), model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_on_the_last_layers_only(tiny):
+    from safetensors import safe_open
+
+    root, base, rows = tiny
+    path = _recipe(root, base, rows, steps=1)
+    doc = yaml.safe_load(path.read_text())
+    doc["lora"]["layers"] = 1
+    path.write_text(yaml.safe_dump(doc))
+    res = align(path, root / "last1", progress=False)
+    with safe_open(str(res.adapter / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all(".layers.1." in n for n in names), names
