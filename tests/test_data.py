@@ -19,7 +19,12 @@ def test_every_source_loads_with_stable_ids():
     mc = data.load_source("commonsenseqa")
     assert all(e.meta["choices"][e.label] == e.response for e in mc)
     assert len(data.load_source("advbench")) == 520
-    assert {e.label for e in data.load_source("refusal_pairs")} == {"refusal", "answer"}
+    pairs = data.load_source("refusal_pairs")
+    assert {e.label for e in pairs} == {"refusal", "answer", "harmful_answer", "off_topic"}
+    # an answered harmful request is never offered as a helpful answer
+    answers = " ".join(e.prompt.lower() for e in pairs if e.label == "answer")
+    assert "phishing" not in answers and "sarin" not in answers and "lyrics" not in answers
+    assert all(e.meta["harmful_request"] == (e.label in ("refusal", "harmful_answer")) for e in pairs)
 
 
 def test_splits_are_deterministic_and_roughly_60_20_20():

@@ -89,9 +89,13 @@ class Suite:
     def load_items(self) -> list[Example]:
         """Round-robin over the suite's sources (so a limit keeps every source), eval split only."""
         per = [data.select(s, self.split, seed=self.seed) for s in self.sources]
-        out, i = [], 0
+        out, seen, i = [], set(), 0
         while any(i < len(p) for p in per):
-            out += [p[i] for p in per if i < len(p) and self.keep(p[i])]
+            for e in (p[i] for p in per if i < len(p)):
+                key = data.content_key(e)
+                if self.keep(e) and key not in seen:  # a request shipped twice counts once
+                    seen.add(key)
+                    out.append(e)
             i += 1
         return out
 
@@ -239,7 +243,7 @@ class HarmlessOverRefusal(RefusalSuite):
     sources = ("benign_requests", "overrefusal", "refusal_pairs")
 
     def keep(self, example: Example) -> bool:
-        return example.label in ("benign", "answer")
+        return example.label in ("benign", "answer", "off_topic")  # benign requests, whatever the reply
 
 
 class HonestTrueFalse(TrueFalseSuite):
@@ -282,7 +286,7 @@ class HelpfulWinRate(WinRateSuite):
     sources = ("benign_requests", "refusal_pairs")
 
     def keep(self, example: Example) -> bool:
-        return example.label in ("answer", "benign")
+        return example.label in ("answer", "benign", "off_topic")
 
 
 def _mc(source: str, title: str) -> type[MultipleChoiceSuite]:
