@@ -150,9 +150,12 @@ def _run_align(path: Path, out: Path, console: Console, progress: bool) -> None:
 
 
 def _run_merge(path: Path, out: Path, console: Console, progress: bool) -> None:
+    import torch
+
     from merge_lab.engine import merge
 
-    merge(path, out, force=True, progress=progress, hash_inputs=False, console=console)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    merge(path, out, force=True, progress=progress, hash_inputs=False, device=device, console=console)
 
 
 def _run_fuse(path: Path, out: Path, console: Console, progress: bool) -> None:
@@ -170,6 +173,13 @@ def _run_compare(path: Path, out: Path, console: Console, progress: bool) -> Non
 RUNNERS: dict[str, Callable[[Path, Path, Console, bool], None]] = {
     "align": _run_align, "merge": _run_merge, "fuse": _run_fuse, "compare": _run_compare,
 }
+
+
+def _gpu_overrides() -> dict:
+    """Evaluate on the GPU when there is one (align and fuse pick it up by themselves)."""
+    import torch
+
+    return {"compare": {"settings": {"device": "cuda"}}} if torch.cuda.is_available() else {}
 
 
 def _available(kind: str) -> str | None:
@@ -238,8 +248,11 @@ def write_manifest(root: Path, profile: str, base: Path, report: Path | None) ->
         if step.kind == "align" and f.is_file():
             doc = json.loads(f.read_text())
             experts[doc.get("label") or Path(step.out).name] = {
-                "recipe": f"recipes/{step.recipe}", "count": doc["count"], "by_source": doc["by_source"]}
+                "recipe": f"recipes/demo/{step.recipe}", "as_run": str(root / "recipes" / step.recipe),
+                "rows": doc["count"], "by_source": _by_source(doc["ids"])}
             trained += doc["ids"]
+    fusion_ids = fusion_items(root / "recipes" / "08_fuse_h3_moe.yaml")
+    trained += fusion_ids
     suites = {}
     results = report / "results.json" if report else None
     if results is not None and results.is_file():
@@ -249,9 +262,11 @@ def write_manifest(root: Path, profile: str, base: Path, report: Path | None) ->
     manifest = {
         "profile": profile,
         "base": str(base.resolve()),
-        "note": "the experts are LoRA fine-tunes made here from one shipped base; experts train on the 'train' "
-                "split, suites evaluate the 'test' split, and the two are checked disjoint by id and by content",
+        "note": "the experts are LoRA fine-tunes made here from this one base; experts and fusion train on the "
+                "'train' split, suites evaluate the 'test' split, and the two are checked disjoint by id and content",
         "experts": experts,
+        "fusion_rows": {"note": "rows the router training drew from (train split)", "count": len(set(fusion_ids)),
+                        "by_source": _by_source(fusion_ids)},
         "suites": {n: {"count": len(s["ids"]), "by_source": s["by_source"]} for n, s in suites.items()},
         "disjoint_checked": bool(suites) and bool(trained),
     }
@@ -262,6 +277,29 @@ def write_manifest(root: Path, profile: str, base: Path, report: Path | None) ->
     return path
 
 
+def _by_source(ids: list[str]) -> dict[str, list]:
+    """{"advbench": [3, 17], ...}: sorted unique indices per source."""
+    out: dict[str, set] = {}
+    for i in ids:
+        src, _, idx = str(i).rpartition(":")
+        out.setdefault(src, set()).add(int(idx) if idx.isdigit() else idx)
+    return {k: sorted(v, key=str) if any(isinstance(x, str) for x in v) else sorted(v) for k, v in out.items()}
+
+
+def fusion_items(recipe: Path) -> list[str]:
+    """Ids of the shipped rows a fuse recipe's train.data blocks select (JSONL blocks included)."""
+    from merge_lab.align import AlignRecipe, training_rows
+
+    if not recipe.is_file():
+        return []
+    blocks = ((yaml.safe_load(recipe.read_text()) or {}).get("train") or {}).get("data")
+    if not isinstance(blocks, list):
+        return []
+    spec = AlignRecipe.model_validate({"base_model": "-", "data": [
+        {k: v for k, v in b.items() if k != "expert"} for b in blocks]})
+    return [r.id for r in training_rows(spec)]
+
+
 def suite_items(results: dict) -> dict[str, dict]:
     """Per suite, the ids it evaluated, from the comparison's results.json."""
     out = {}
@@ -269,11 +307,7 @@ def suite_items(results: dict) -> dict[str, dict]:
     for name in results.get("suites") or {}:
         records = next(iter((per_example.get(name) or {}).values()), [])
         ids = [str(r["id"]) for r in records]
-        by_source: dict[str, list[int]] = {}
-        for i in ids:
-            src, _, idx = str(i).rpartition(":")
-            by_source.setdefault(src, []).append(int(idx) if idx.isdigit() else idx)
-        out[name] = {"ids": ids, "by_source": by_source}
+        out[name] = {"ids": ids, "by_source": _by_source(ids)}
     return out
 
 
@@ -301,7 +335,8 @@ def run_demo(
     missing = [s.recipe for s in STEPS if not (src / s.recipe).is_file()]
     if missing:
         raise MergeLabError(f"{src}: demo recipes missing: {', '.join(missing)}.")
-    over = deep_merge(PROFILES[profile], overrides or {})
+    over = deep_merge(PROFILES[profile], _gpu_overrides())
+    over = deep_merge(over, overrides or {})
     steps = [s for s in STEPS if only is None or s.kind in only or s.recipe in only]
     (root / "recipes").mkdir(parents=True, exist_ok=True)
     (root / ".steps").mkdir(exist_ok=True)

@@ -79,6 +79,8 @@ def test_manifest_lists_disjoint_training_and_evaluation_items(demo_run):
     assert manifest == json.loads(result.manifest.read_text()) and manifest["disjoint_checked"]
     assert set(manifest["experts"]) == {"helpful", "harmless", "honest"}
     trained = {f"{s}:{i}" for e in manifest["experts"].values() for s, idx in e["by_source"].items() for i in idx}
+    assert manifest["fusion_rows"]["count"] > 0
+    trained |= {f"{s}:{i}" for s, idx in manifest["fusion_rows"]["by_source"].items() for i in idx}
     evaluated = {f"{s}:{i}" for x in manifest["suites"].values() for s, idx in x["by_source"].items() for i in idx}
     assert trained and evaluated and not trained & evaluated
     assert all(data.split_of(i) == "train" for i in trained)
