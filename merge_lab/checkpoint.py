@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -109,6 +110,7 @@ class Checkpoint:
                 "*.safetensors (download hub models first with `huggingface-cli download`)."
             )
         self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
@@ -189,6 +191,39 @@ class Checkpoint:
         flat = torch.frombuffer(mm, dtype=info.dtype, count=count, offset=info.begin)
         return flat.view(info.shape)
 
+    def read(
+        self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """A fresh tensor (owned, writable) with the rows [start, stop) of `name`, or all of it.
+
+        Read with pread into a staging buffer rather than through the memory map, so the file's
+        pages never count in this process's resident memory and reading the same model twice
+        does not keep the first copy alive; converted to `dtype` (e.g. float32) in one pass.
+        """
+        info = self.info(name)
+        shape = info.shape
+        row = info.dtype.itemsize
+        for d in shape[1:]:
+            row *= d
+        start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+        out_shape = (stop - start, *shape[1:]) if shape else ()
+        staged = torch.empty(out_shape, dtype=info.dtype)
+        nbytes = (stop - start) * row
+        if nbytes:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            buf = memoryview(staged.reshape(-1).view(torch.uint8).numpy())
+            offset, done = info.begin + start * row, 0
+            while done < nbytes:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+                if n <= 0:
+                    raise MergeLabError(f"{info.file}: tensor '{name}' is cut short; re-download or re-save it.")
+                done += n
+        if dtype is None or dtype == info.dtype:
+            return staged
+        return staged.to(dtype)
+
     @property
     def num_params(self) -> int:
         total = 0
@@ -221,3 +256,6 @@ class Checkpoint:
             except BufferError:  # a tensor still views it; the OS unmaps at exit
                 pass
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,8 @@ class ShardWriter:
                 self.slots[spec.name] = _Slot(i, len(head) + off, spec)
         self.total_size = sum(s.nbytes for s in specs)
         self._written: set[str] = set()
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -153,12 +156,39 @@ class ShardWriter:
             raise MergeLabError(
                 f"tensor '{name}': computed shape {tuple(tensor.shape)} but the plan says {slot.spec.shape}"
             )
+        self.write_part(name, 0, tensor)
+
+    def write_part(self, name: str, first_element: int, tensor: torch.Tensor) -> None:
+        """Write `tensor` as the elements [first_element, first_element + numel) of `name`
+        (in row-major order), e.g. a block of rows. The tensor counts as written once all its
+        elements have been. Safe to call from several threads (positioned writes, no seek)."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise MergeLabError(f"internal: tensor '{name}' is not in the planned output")
+        shape = slot.spec.shape
+        total = 1
+        for d in shape:
+            total *= d
+        n = tensor.numel()
+        if (first_element == 0 and n == total and tuple(tensor.shape) != shape) or (
+            n != total and (tuple(tensor.shape[1:]) != shape[1:] or first_element + n > total)
+        ):
+            raise MergeLabError(
+                f"tensor '{name}': computed shape {tuple(tensor.shape)} at element {first_element} "
+                f"does not fit the planned shape {shape}"
+            )
         data = tensor.detach().to(device="cpu", dtype=slot.spec.dtype).contiguous().reshape(-1)
-        f = self._files[slot.shard]
-        f.seek(slot.offset)
-        if data.numel():
-            f.write(memoryview(data.view(torch.uint8).numpy()))
-        self._written.add(name)
+        fd = self._files[slot.shard].fileno()
+        if n:
+            buf = memoryview(data.view(torch.uint8).numpy())
+            pos, done = slot.offset + first_element * data.element_size(), 0
+            while done < len(buf):
+                done += os.pwrite(fd, buf[done:], pos + done)
+        with self._lock:
+            got = self._counts.get(name, 0) + n
+            self._counts[name] = got
+            if got >= total:
+                self._written.add(name)
 
     def finish(self) -> Path:
         """Check completeness, write the index, and move the folder into place."""

@@ -33,11 +33,51 @@ def deltas_(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tenso
     return tensors
 
 
+# Tensors at least this large find TIES' threshold by a sampled bracket, then an exact selection
+# among the few entries inside it; smaller ones call kthvalue directly.
+_BRACKET_MIN = 1 << 23
+_SAMPLE = 1 << 16
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) of a flat tensor, exactly as torch.kthvalue gives it.
+
+    kthvalue is an O(n) selection, but a single-threaded one that copies its input. For large
+    tensors we bracket the answer with a strided sample, count what lies below the bracket and
+    select among the entries inside it (about 1% of them), in a few multi-threaded passes; if the
+    bracket misses (odd data), we fall back to kthvalue over everything.
+    """
+    n = values.numel()
+    if n < _BRACKET_MIN:
+        return torch.kthvalue(values, k).values
+    sample = values[:: n // _SAMPLE]
+    m = sample.numel()
+    q = k / n
+    margin = 6.0 * (q * (1.0 - q) / m) ** 0.5 + 8.0 / m
+    lo_rank = max(1, int((q - margin) * m))
+    hi_rank = min(m, int((q + margin) * m) + 1)
+    lo = torch.kthvalue(sample, lo_rank).values if q - margin > 0 else None
+    hi = torch.kthvalue(sample, hi_rank).values if q + margin < 1 else None
+    below = int((values < lo).sum()) if lo is not None else 0
+    if lo is None and hi is None:
+        return torch.kthvalue(values, k).values
+    if lo is None:
+        inside = values <= hi
+    elif hi is None:
+        inside = values >= lo
+    else:
+        inside = (values >= lo).logical_and_(values <= hi)
+    candidates = values[inside]
+    if below < k <= below + candidates.numel():
+        return torch.kthvalue(candidates, k - below).values
+    return torch.kthvalue(values, k).values
+
+
 def trim_topk_(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `density` share of entries largest in magnitude (at least one), zero the rest.
 
-    Uses a selection (kthvalue) for the threshold, not a full sort: O(n) instead of O(n log n).
-    Entries tied with the threshold are all kept.
+    Uses a selection for the threshold (kth_smallest), not a full sort. Entries tied with the
+    threshold are all kept.
     """
     n = delta.numel()
     if density >= 1.0 or n == 0:
@@ -46,8 +86,8 @@ def trim_topk_(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta.zero_()
     k = max(1, int(density * n))
     magnitude = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    delta.masked_fill_(delta.abs() < threshold, 0.0)
+    threshold = kth_smallest(magnitude, n - k + 1)
+    delta.masked_fill_(magnitude.view(delta.shape) < threshold, 0.0)
     return delta
 
 
@@ -80,22 +120,27 @@ def combine(
     """
     for d, w in zip(deltas, weights):
         d.mul_(w)
-    total = torch.zeros_like(base)
-    for d in deltas:
+    total = deltas[0].clone() if deltas else torch.zeros_like(base)
+    for d in deltas[1:]:
         total.add_(d)
     if not sign_consensus:
         if normalize:
             s = sum(weights)
             total.div_(s if abs(s) >= 1e-8 else 1.0)
     else:
-        positive = total >= 0
-        total.zero_()
+        # elected sign s = +1 where the weighted sum is >= 0, else -1; a delta agrees where d * s > 0.
+        # Summing clamp(d * s, min=0) and multiplying by s at the end adds exactly the agreeing
+        # deltas (multiplying by +-1 is exact), with no boolean masks or where() per model.
+        sign = total.ge_(0).mul_(2.0).sub_(1.0)
+        total = torch.zeros_like(base)
         divisor = torch.zeros_like(base) if normalize else None
         for d, w in zip(deltas, weights):
-            agree = torch.where(positive, d > 0, d < 0)
-            total.add_(d * agree)
+            d.mul_(sign)
             if divisor is not None:
-                divisor.add_(agree, alpha=w)
+                divisor.add_(d > 0, alpha=w)
+            total.add_(d.clamp_(min=0.0))
+        total.mul_(sign)
+        del sign
         if divisor is not None:
             divisor.masked_fill_(divisor == 0, 1.0)
             total.div_(divisor)

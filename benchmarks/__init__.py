@@ -1,0 +1,1 @@
+"""Merge speed and memory against mergekit and the I/O floor (`make bench`)."""

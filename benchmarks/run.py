@@ -1,0 +1,225 @@
+"""`make bench`: merge_lab against mergekit and the I/O floor on synthetic Llama-shaped checkpoints.
+
+    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions, all methods
+    python -m benchmarks.run --quick      # 0.5B only, 1 repetition
+    python -m benchmarks.run --sizes tiny --reps 1 --out /tmp/R.md --work /tmp/w   # smoke test
+
+Runs alternate (repetition, method, runner), each a fresh child process with the inputs read
+once beforehand (warm page cache for every runner). Writes the Markdown table to --out and the
+raw figures to <work>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from benchmarks.runners import RUNNERS, recipe, run_one
+from benchmarks.synth import SHAPES, ensure_family
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+# wall time targets against mergekit (issue 5)
+WALL_TARGET = {"ties": 0.5, "dare_ties": 0.5, "linear": 0.8, "task_arithmetic": 0.8, "slerp": 0.8}
+FLOOR_TARGET = {"linear": 1.5}
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.1f} GiB memory, Python {platform.python_version()}"
+
+
+def out_bytes(shape_name: str) -> int:
+    return 2 * SHAPES[shape_name].params
+
+
+def probe_plan(r: dict, work: Path) -> dict | None:
+    """Untimed: merge_lab's predicted peak vs the measured peak RSS growth of the same merge."""
+    path = work / "probe.yml"
+    path.write_text(yaml.safe_dump(r, sort_keys=False))
+    out = work / "out-probe"
+    shutil.rmtree(out, ignore_errors=True)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.plan_probe", str(path), str(out)],
+                       capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if p.returncode != 0:
+        print(p.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _measure(size: str, rep: int, method: str, runner: str, models: tuple[Path, ...], rows: dict, args) -> None:
+    r = recipe(method, models[0], list(models[1:]))
+    m = run_one(runner, r, args.work / "runs" / method, out_bytes(size), sync=not args.no_sync)
+    d = rows[method][runner]
+    d.setdefault("load", []).append(os.getloadavg()[0])
+    if m.ok:
+        d["wall"].append(m.wall)
+        d["cpu"].append(m.cpu)
+        d["rss"].append(m.rss_mb)
+    else:
+        d["failed"] += 1
+        print(f"[bench] {runner} {method} FAILED:\n{m.log}", file=sys.stderr)
+    print(f"[bench] {size} rep {rep + 1} {method:16s} {runner:10s} wall {m.wall:7.2f} s  "
+          f"cpu {m.cpu:7.2f} s  rss {m.rss_mb:7.0f} MB{'' if m.ok else '  FAILED'}", file=sys.stderr, flush=True)
+
+
+def _fmt(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "—"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def _load_line(results: dict) -> str:
+    loads = [x for rows in results["sizes"].values() for m in rows.values() for d in m.values() for x in d.get("load", [])]
+    if not loads:
+        return ""
+    return (f"1-minute load average at the end of each run: {min(loads):.1f}–{max(loads):.1f} "
+            f"(median {statistics.median(loads):.1f}; the machine was shared with other work).  ")
+
+
+def render(results: dict) -> str:
+    lines = [
+        "# Merge benchmark",
+        "",
+        f"Machine: {results['machine']}.  ",
+        f"Command: `{results['command']}` (started {results['started']}, took {results['minutes']:.0f} min; "
+        "repetitions done: " + ", ".join(f"{k}: {v}" for k, v in results.get("done", {}).items()) + ").  ",
+        _load_line(results),
+        "Inputs: synthetic Llama-shaped bf16 checkpoints (vocabulary 128256, untied embeddings), sharded in "
+        "1 GB files; base + 2 fine-tunes per set (linear averages all three, slerp uses base + 1). "
+        "Recipe: `dtype: float32, out_dtype: bfloat16` for both tools (float32 arithmetic, bf16 output). "
+        "merge_lab runs with `--no-hash-inputs` (hashing re-reads every input for the model card).  ",
+        "Each run is a fresh process started with the inputs already in the page cache (read once "
+        "just before); wall time runs until an `os.sync()` after the process exits returns, so all "
+        "runners are timed until their output is on disk. CPU = user + system time of the process; "
+        "RSS = its peak resident set. Figures: median (min–max) over the repetitions.",
+        "",
+    ]
+    for size, rows in results["sizes"].items():
+        lines += [f"## {size} set ({SHAPES[size].params / 1e9:.2f} B parameters per model, "
+                  f"{out_bytes(size) / 1e9:.2f} GB output)", ""]
+        lines += ["| method | runner | wall s | CPU s | peak RSS MB | wall vs mergekit | CPU vs mergekit | target | met |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for method in results["methods"]:
+            m = rows.get(method, {})
+            med = {r: statistics.median(m[r]["wall"]) if m.get(r, {}).get("wall") else None for r in RUNNERS}
+            rss = {r: statistics.median(m[r]["rss"]) if m.get(r, {}).get("rss") else None for r in RUNNERS}
+            cpu = {r: statistics.median(m[r]["cpu"]) if m.get(r, {}).get("cpu") else None for r in RUNNERS}
+            for runner in RUNNERS:
+                d = m.get(runner, {"wall": [], "cpu": [], "rss": [], "failed": 0})
+                ratio, target, met = "", "", ""
+                cpu_ratio = f"{cpu[runner] / cpu['mergekit']:.2f}x" if cpu[runner] and cpu["mergekit"] else ""
+                if runner == "merge_lab" and med["merge_lab"] and med["mergekit"]:
+                    x = med["merge_lab"] / med["mergekit"]
+                    ratio = f"{x:.2f}x"
+                    goal = WALL_TARGET[method]
+                    target = f"≤ {goal}x mergekit"
+                    met = "yes" if x <= goal else f"no ({x / goal:.2f}x over)"
+                    if method in FLOOR_TARGET and med["io_floor"]:
+                        f = med["merge_lab"] / med["io_floor"]
+                        target += f"; ≤ {FLOOR_TARGET[method]}x floor ({f:.2f}x)"
+                        met += "; " + ("yes" if f <= FLOOR_TARGET[method] else f"no ({f / FLOOR_TARGET[method]:.2f}x over)")
+                    if rss["merge_lab"] and rss["mergekit"]:
+                        rr = rss["merge_lab"] / rss["mergekit"]
+                        target += "; RSS ≤ mergekit"
+                        met += f"; RSS {rr:.2f}x " + ("yes" if rr <= 1 else "no")
+                elif runner == "mergekit" and med["mergekit"] and med["io_floor"]:
+                    ratio = "1.00x"
+                fail = f" ({d['failed']} failed)" if d.get("failed") else ""
+                lines.append(f"| {method} | {runner}{fail} | {_fmt(d['wall'])} | {_fmt(d['cpu'])} | "
+                             f"{_fmt(d['rss'], 0)} | {ratio} | {cpu_ratio} | {target} | {met} |")
+        lines.append("")
+        probes = results.get("probes", {}).get(size, {})
+        if probes:
+            lines += ["Predicted peak (`merge-lab plan`) against the measured peak RSS growth of the same merge "
+                      "(peak minus resident memory once planned):", "",
+                      "| method | predicted MB | measured growth MB | upper bound |", "|---|---|---|---|"]
+            for method, p in probes.items():
+                if p:
+                    ok = "yes" if p["predicted"] >= p["growth"] else "NO"
+                    lines.append(f"| {method} | {p['predicted'] / 2**20:.0f} | {p['growth'] / 2**20:.0f} | {ok} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _save(results: dict, args: argparse.Namespace, started: float) -> None:
+    """Write raw figures and the table after every repetition, so a cut-short run still reports."""
+    results["minutes"] = (time.time() - started) / 60
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B"], choices=sorted(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
+    ap.add_argument("--reps", type=int, nargs="+", default=[3],
+                    help="repetitions per size, in --sizes order (the last value holds for the rest)")
+    ap.add_argument("--quick", action="store_true", help="0.5B set only, 1 repetition")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="measurements run at once; only 1 gives comparable figures (more: smoke tests)")
+    ap.add_argument("--no-sync", action="store_true", help="skip the os.sync() around runs (smoke tests only)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the plan-vs-measured memory check")
+    ap.add_argument("--work", type=Path, default=Path("benchmarks/work"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.reps = ["0.5B"], [1]
+    reps = {size: args.reps[min(i, len(args.reps) - 1)] for i, size in enumerate(args.sizes)}
+    started = time.time()
+    results: dict = {
+        "machine": machine(), "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "reps": reps, "jobs": args.jobs, "sync": not args.no_sync, "methods": args.methods, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "sizes": {}, "probes": {}, "done": {},
+    }
+    for size in args.sizes:
+        shard = 1 << 30 if size != "tiny" else 200_000
+        print(f"[bench] generating the {size} set", file=sys.stderr, flush=True)
+        base, *fts = ensure_family(args.work / "models", SHAPES[size], 2, shard)
+        rows: dict = {m: {r: {"wall": [], "cpu": [], "rss": [], "failed": 0} for r in args.runners} for m in args.methods}
+        results["sizes"][size] = rows
+        for rep in range(reps[size]):
+            jobs = []
+            for i, method in enumerate(args.methods):
+                order = [args.runners[(k + i + rep) % len(args.runners)] for k in range(len(args.runners))]
+                jobs += [(method, runner) for runner in order]
+
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(lambda job, rep=rep, models=(base, *fts), rows=rows, size=size:
+                              _measure(size, rep, *job, models, rows, args), jobs))
+            results["done"][size] = rep + 1
+            _save(results, args, started)
+        if not args.no_probe and "merge_lab" in args.runners and size == args.sizes[0]:
+            results["probes"][size] = {m: probe_plan(recipe(m, base, fts), args.work / "runs" / m) for m in args.methods}
+            _save(results, args, started)
+    print(f"[bench] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
