@@ -352,3 +352,24 @@ def test_example_compare_files_are_valid():
         for c in spec.candidates:
             assert all(m in names for m in (c.ensemble or c.best_of_n or [])), (f, c.name)
         assert spec.judge in (None, *names) and spec.reference in (None, *names)
+
+
+def test_reward_model_as_judge_and_best_of_n_scorer(world, tmp_path):
+    from merge_lab.evaluation.toy import make_reward_checkpoint
+
+    root = world[0]
+    make_reward_checkpoint(tmp_path / "likes_t", likes="t", dislikes="e")  # prefers "I won't"
+    make_reward_checkpoint(tmp_path / "likes_e", likes="e", dislikes="t")  # prefers "Sure"
+    spec = {"output": str(tmp_path / "out"), "settings": {"limit": 4, "max_new_tokens": 10, "bootstrap": 100},
+            "suites": ["harmless_refusal", "helpful_winrate"], "reference": "comply",
+            "judge": {"reward_model": str(tmp_path / "likes_t")},
+            "candidates": [
+                {"name": "bon_judge", "best_of_n": ["refuse", "comply"]},  # declared before its members' names
+                {"name": "refuse", "checkpoint": str(root / "refuse"), "source": True},
+                {"name": "comply", "checkpoint": str(root / "comply"), "source": True},
+                {"name": "bon_rm", "best_of_n": ["refuse", "comply"], "reward_model": str(tmp_path / "likes_e")}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    res = run_compare(tmp_path / "c.yaml", progress=False)
+    assert list(res.results["candidates"]) == ["bon_judge", "refuse", "comply", "bon_rm"]
+    assert value(res, "harmless_refusal", "bon_judge") == 1.0 and value(res, "harmless_refusal", "bon_rm") == 0.0
+    assert value(res, "helpful_winrate", "refuse") == 1.0 and value(res, "helpful_winrate", "comply") == 0.5

@@ -84,7 +84,7 @@ class CompareSpec(BaseModel):
     settings: SettingsSpec = SettingsSpec()
     suites: list[str | dict[str, Any]]
     candidates: list[CandidateSpec]
-    judge: str | None = None
+    judge: str | dict[str, str] | None = None
     reference: str | None = None
     training_data: list[str | dict[str, Any]] = []
 
@@ -205,14 +205,14 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
         raise MergeLabError(f"suite listed twice: {sorted({n for n in names if names.count(n) > 1})}.")
     for x in suites:
         x.items()
-    by_name: dict[str, cands.Candidate] = {}
-    sources = []
-    for c in spec.candidates:
-        if c.name in by_name:
-            raise MergeLabError(f"two candidates are named '{c.name}'.")
-        by_name[c.name] = _build(c, by_name, root, cache, settings, spec)
-        if c.source:
-            sources.append(c.name)
+    names = [c.name for c in spec.candidates]
+    if len(set(names)) != len(names):
+        raise MergeLabError(f"two candidates are named '{next(n for n in names if names.count(n) > 1)}'.")
+    built: dict[str, cands.Candidate] = {}
+    for c in sorted(spec.candidates, key=lambda c: c.best_of_n is not None):  # best-of-N may name any judge
+        built[c.name] = _build(c, built, root, cache, settings, spec)
+    by_name = {n: built[n] for n in names}
+    sources = [c.name for c in spec.candidates if c.source]
     if not by_name:
         raise MergeLabError(f"{path}: no candidates.")
 
@@ -226,9 +226,7 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
                 raise MergeLabError(f"training data {entry} overlaps suite '{x.name}': {e}") from None
         checked.append(str(entry))
 
-    judge = None
-    if spec.judge:
-        judge = by_name.get(spec.judge) or _shared_judge(root, spec.judge, settings)
+    judge = _scorer(spec.judge, by_name, root, settings)
     reference = None
     if spec.reference:
         if spec.reference not in by_name:
@@ -245,21 +243,37 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
             c.check()
         except MergeLabError as e:
             raise MergeLabError(f"candidate '{name}' does not load: {e}") from None
-    if judge is not None and judge.name == "judge":
-        judge.check()
-    ctx = EvalContext(judge=cands.JudgeScorer(judge) if judge is not None else None, reference=reference)
+    if judge is not None:
+        try:
+            judge.check()
+        except MergeLabError as e:
+            raise MergeLabError(f"the judge does not load: {e}") from None
+    ctx = EvalContext(judge=judge, reference=reference)
     return Comparison(spec, root, out, settings, suites, by_name, sources, ctx, cache, training_checked=checked)
 
 
-_JUDGES: dict[tuple[str, str], cands.ModelCandidate] = {}
+_JUDGES: dict[tuple[str, str], cands.Scorer] = {}
 
 
-def _shared_judge(root: Path, ref: str, settings: cands.Settings) -> cands.ModelCandidate:
-    """One judge model per checkpoint, shared by the win rate and every best-of-N candidate."""
-    key = (str(_checkpoint(root, ref)), repr(settings))
+def _scorer(ref: str | dict | None, known: dict, root: Path, settings: cands.Settings) -> cands.Scorer | None:
+    """The judge: a candidate's or a checkpoint's log-likelihood, or {reward_model: FOLDER}.
+    One per checkpoint, shared by the win rate and every best-of-N candidate."""
+    if ref is None:
+        return None
+    if isinstance(ref, str) and ref in known:
+        return cands.JudgeScorer(known[ref])
+    if isinstance(ref, dict):
+        if set(ref) != {"reward_model"}:
+            raise MergeLabError(f"judge {ref}: give a candidate name, a checkpoint folder or {{reward_model: FOLDER}}.")
+        path, make = _checkpoint(root, ref["reward_model"]), "reward"
+    else:
+        path, make = _checkpoint(root, ref), "judge"
+    key = (f"{make}:{path}", repr(settings))
     if key not in _JUDGES:
-        _JUDGES.clear()  # only the current comparison's judge stays loaded
-        _JUDGES[key] = cands.ModelCandidate("judge", _checkpoint(root, ref), settings)
+        if len(_JUDGES) > 4:  # keep only recent judges loaded
+            _JUDGES.clear()
+        _JUDGES[key] = (cands.RewardScorer(path, settings) if make == "reward"
+                        else cands.JudgeScorer(cands.ModelCandidate("judge", path, settings)))
     return _JUDGES[key]
 
 
@@ -290,12 +304,8 @@ def _build(c: CandidateSpec, known: dict, root: Path, cache: ResultCache, settin
         return cands.RecipeCandidate(c.name, recipe, cache.root, settings)
     if c.ensemble is not None:
         return cands.TokenEnsemble(c.name, [member(r) for r in c.ensemble], c.weights, settings)
-    if c.reward_model:
-        scorer: cands.Scorer = cands.RewardScorer(_resolve(root, c.reward_model), settings)
-    elif spec.judge:
-        j = known.get(spec.judge) or _shared_judge(root, spec.judge, settings)
-        scorer = cands.JudgeScorer(j)
-    else:
+    scorer = _scorer({"reward_model": c.reward_model} if c.reward_model else spec.judge, known, root, settings)
+    if scorer is None:
         raise MergeLabError(f"candidate '{c.name}': best-of-N needs a scorer: `judge:` in the file or `reward_model:`.")
     return cands.BestOfN(c.name, [member(r) for r in c.best_of_n], scorer, settings)
 

@@ -65,3 +65,40 @@ def make_bigram_checkpoint(path: str | Path, phrase: str, strength: float = 8.0,
         model.lm_head.weight.copy_(head)
     model.save_pretrained(str(path))
     return path
+
+
+def make_reward_checkpoint(path: str | Path, likes: str, dislikes: str, strength: float = 5.0) -> Path:
+    """A tiny Llama reward model (sequence classification, one score) that scores an exchange by its
+    last character: +strength when it is `likes`, -strength when `dislikes`, 0 otherwise. Its
+    tokenizer has no chat template, so the scored text ends with the answer itself."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    path = Path(path)
+    save_toy_tokenizer(path)
+    cfg_file = path / "tokenizer_config.json"
+    import json
+
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(cfg))
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=VOCAB, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, num_labels=1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    scale = math.sqrt(VOCAB)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(VOCAB) * 10)
+        model.model.norm.weight.fill_(1.0)
+        head = torch.zeros(1, VOCAB)
+        head[0, tok.convert_tokens_to_ids(likes)] = strength / scale
+        head[0, tok.convert_tokens_to_ids(dislikes)] = -strength / scale
+        model.score.weight.copy_(head)
+    model.save_pretrained(str(path))
+    return path
