@@ -148,6 +148,8 @@ def render(results: dict) -> str:
                 elif runner == "mergekit" and med["mergekit"] and med["io_floor"]:
                     ratio = "1.00x"
                 fail = f" ({d['failed']} failed)" if d.get("failed") else ""
+                if not d["wall"] and not d.get("failed"):
+                    fail = " (not run)"
                 lines.append(f"| {method} | {runner}{fail} | {_fmt(d['wall'])} | {_fmt(d['cpu'])} | "
                              f"{_fmt(d['rss'], 0)} | {ratio} | {cpu_ratio} | {target} | {met} |")
         lines.append("")
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="0.5B set only, 1 repetition")
     ap.add_argument("--jobs", type=int, default=1,
                     help="measurements run at once; only 1 gives comparable figures (more: smoke tests)")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="RUNNER:METHOD",
+                    help="combinations not to run (shown as 'not run'), e.g. mergekit:ties")
     ap.add_argument("--no-sync", action="store_true", help="skip the os.sync() around runs (smoke tests only)")
     ap.add_argument("--no-probe", action="store_true", help="skip the plan-vs-measured memory check")
     ap.add_argument("--work", type=Path, default=Path("benchmarks/work"))
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = []
             for i, method in enumerate(args.methods):
                 order = [args.runners[(k + i + rep) % len(args.runners)] for k in range(len(args.runners))]
-                jobs += [(method, runner) for runner in order]
+                jobs += [(method, runner) for runner in order if f"{runner}:{method}" not in args.skip]
 
             with ThreadPoolExecutor(args.jobs) as pool:
                 list(pool.map(lambda job, rep=rep, models=(base, *fts), rows=rows, size=size:
