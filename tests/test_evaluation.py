@@ -224,7 +224,18 @@ def test_token_ensemble_of_one_equals_the_model(tmp_path):
     s = Settings(max_new_tokens=6, batch_size=2)
     single, ens = ModelCandidate("m", path, s), TokenEnsemble("e", [ModelCandidate("m", path, s)], [3.0], s)
     reqs = [(single.format_prompt("hello there"), "general kenobi"), ("", "abc"), (single.format_prompt("x"), "y")]
-    assert single.loglikelihood(reqs) == ens.loglikelihood(reqs)
+    scored = single.loglikelihood(reqs)
+    assert scored == ens.loglikelihood(reqs)
+    # batched and left-padded scoring equals a plain forward pass over each unpadded sequence
+    moe = ModelCandidate("moe", make_moe(tmp_path / "moe"), s)
+    for cand, got in ((single, scored), (moe, moe.loglikelihood(reqs))):
+        model = cand._lms[0].model
+        for (ctx, cont), (total, n) in zip(reqs, got):
+            c, t = cand._encode(ctx, cont)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([c + t])).logits[0].float(), -1)
+            expected = sum(float(logp[len(c) - 1 + j, tok]) for j, tok in enumerate(t))
+            assert n == len(t) and abs(total - expected) < 1e-4, cand.name
     prompts = ["hi", "a longer prompt to pad against", "z"]
     out = single.generate(prompts)
     assert out == ens.generate(prompts)

@@ -117,18 +117,30 @@ class _LM:
 
     @torch.no_grad()
     def rows(self, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[torch.Tensor]:
-        """Per item, the log-softmax rows [len(cont), vocab] that predict its continuation tokens."""
+        """Per item, the log-softmax rows [len(cont), vocab] that predict its continuation tokens.
+
+        Left-padded, so every continuation ends at the last position and only the last
+        max(len(cont)) + 1 positions need logits (`logits_to_keep`): a long prompt with a short
+        answer costs no vocabulary-sized rows for the prompt."""
         seqs = [c + t for c, t in batch]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(len(t) for _, t in batch) + 1
+        args = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device))
+        try:
+            logits = self.model(**args, logits_to_keep=keep).logits
+        except TypeError:  # a model class without logits_to_keep
+            logits = self.model(**args).logits
+        logits = logits[:, -keep:].float()
         out = []
-        for i, (c, t) in enumerate(batch):
-            out.append(torch.log_softmax(logits[i, len(c) - 1 : len(c) + len(t) - 1], dim=-1).cpu())
+        for i, (_, t) in enumerate(batch):
+            # positions keep-1-len(t) .. keep-2 predict the len(t) continuation tokens
+            out.append(torch.log_softmax(logits[i, keep - 1 - len(t) : keep - 1], dim=-1).cpu())
         return out
 
     @torch.no_grad()

@@ -217,8 +217,8 @@ class WinRateSuite(Suite):
             raise MergeLabError(f"suite '{self.name}' needs `judge:` (a checkpoint) in the compare file.")
         items = self.items()
         prompts = [e.prompt for e in items]
-        mine = candidate.generate(prompts)
         ref = ctx.reference_answers(items)
+        mine = ref if candidate is ctx.reference else candidate.generate(prompts)
         a, b = ctx.judge.score(prompts, mine), ctx.judge.score(prompts, ref)
         return [{"id": e.id, "score": 1.0 if x > y else 0.5 if x == y else 0.0, "answer": m[:300]}
                 for e, x, y, m in zip(items, a, b, mine)]
