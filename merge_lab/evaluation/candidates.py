@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -652,15 +652,6 @@ class BestOfN(Candidate):
         answers = [self._greedy([lm], torch.zeros(1), enc) for lm in self._lms]
         scores = [self.scorer.score(prompts, a) for a in answers]
         return [answers[max(range(len(answers)), key=lambda m: scores[m][i])][i] for i in range(len(enc))]
-
-
-@dataclass
-class Loaded:
-    """A candidate plus what the comparison knows about it."""
-
-    candidate: Candidate
-    source: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def describe(c: Candidate) -> dict:
