@@ -300,6 +300,12 @@ def test_bad_input_fails_before_work(world, tmp_path):
     (trained / "train_items.json").write_text(json.dumps({"ids": ["advbench:1", leaked]}))
     cases.append(({"candidates": [{"name": "expert", "checkpoint": str(trained / "merged")}]}, f"overlaps.*{leaked}"))
     cases.append(({"training_data": [str(trained / "train_items.json")]}, "overlaps suite"))
+    from transformers import T5Config
+
+    seq2seq = tmp_path / "t5"
+    shutil.copytree(root / "refuse", seq2seq)
+    T5Config(vocab_size=96).save_pretrained(str(seq2seq))
+    cases.append(({"candidates": [{"name": "t5", "checkpoint": str(seq2seq)}]}, "cannot load as a causal language model"))
     for over, msg in cases:
         start = time.perf_counter()
         with pytest.raises(MergeLabError, match=msg):

@@ -207,6 +207,8 @@ def _mix(logps: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:
     """log sum_i w_i p_i: a single member with weight 1 returns its log-probs unchanged."""
     if len(logps) == 1:
         return logps[0] + log_weights[0]
+    width = min(x.shape[-1] for x in logps)  # embeddings padded past the shared tokenizer differ in size
+    logps = [x[..., :width] for x in logps]
     return torch.logsumexp(torch.stack(logps) + log_weights.view(-1, *([1] * logps[0].dim())), dim=0)
 
 
@@ -422,11 +424,18 @@ class ModelCandidate(Candidate):
         ckpt = Checkpoint(self.path)
         _ = ckpt.config, ckpt.tensors
         try:
-            from transformers import AutoConfig
+            from transformers import AutoConfig, AutoModelForCausalLM
 
-            AutoConfig.from_pretrained(str(self.path))
+            config = AutoConfig.from_pretrained(str(self.path))
         except Exception as e:
             raise MergeLabError(f"candidate '{self.name}': {self.path}/config.json does not load ({e}).") from None
+        try:
+            AutoModelForCausalLM._model_mapping[type(config)]
+        except KeyError:
+            raise MergeLabError(
+                f"candidate '{self.name}': {self.path} is a '{config.model_type}' model, which transformers cannot "
+                "load as a causal language model."
+            ) from None
         _ = self.tokenizer
 
     def fingerprint(self) -> str:
