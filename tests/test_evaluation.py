@@ -351,6 +351,10 @@ def test_a_registered_suite_plugs_in(tmp_path):
         suites._REGISTRY.pop("test_shouty")
     with pytest.raises(TypeError):
         suites.register_suite(type("Bad", (suites.Suite,), {"name": "bad", "objective": "vibes"}))
+    over = suites.make_suite({"name": "harmless_refusal", "limit": 5, "split": "validation"}, limit=50)
+    assert len(over.items()) == 5 and {suites.data.split_of(e) for e in over.items()} == {"validation"}
+    with pytest.raises(MergeLabError, match="unknown key"):
+        suites.make_suite({"name": "harmless_refusal", "limt": 5})
 
 
 def test_example_compare_files_are_valid():
