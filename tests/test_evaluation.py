@@ -204,6 +204,7 @@ def test_report_files(world):
     md = (out / "report.md").read_text()
     assert "oracle (upper bound)" in md and "significantly" in md and "| comply |" in md
     assert "## Example answers" in md and "I won't (1)" in md and "Sure (0)" in md
+    assert "| harmless_refusal | refuse | comply | -1.000 [-1.000, -1.000] |" in md and "| worse |" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "src='figures/" not in html
     assert json.loads((out / "results.json").read_text())["best"] == res.results["best"]

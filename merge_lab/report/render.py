@@ -18,8 +18,8 @@ SECTIONS = [
      "The oracle picks the best candidate per example: an upper bound, not a real model."),
     ("Best candidate per suite", tables.best, "Paired over the same items: bootstrap CI of the mean gap and "
      "a sign-flip permutation p-value."),
-    ("Against the best single source model", tables.paired, "Difference to the best source model on each suite "
-     "(positive = higher metric; for over-refusal lower is better)."),
+    ("Against the best single source model", tables.paired, "Each candidate minus the best source model on each "
+     "suite, paired over items (positive = higher metric); verdict at p < 0.05, direction-aware."),
     ("Objectives", tables.objectives, "Mean of each objective's suites after min-max scaling across candidates "
      "(1 = best candidate, 0 = worst): relative, not absolute."),
     ("Cost", tables.cost, "Measured in the run that produced the results (cached candidates keep their "

@@ -51,14 +51,16 @@ def best(results: dict) -> Table:
 
 def paired(results: dict) -> Table:
     """Each candidate minus the best single source model on that suite (paired over items)."""
-    header = ["suite", "best source", "candidate", "difference [95% CI]", "p"]
+    header = ["suite", "best source", "candidate", "difference [95% CI]", "p", "verdict"]
     rows = []
     for s, p in results["paired"].items():
         ref = p["reference"]
         for n, t in p.items():
             if n == "reference":
                 continue
-            rows.append([s, ref, n, f"{_fmt(t['diff'])} [{_fmt(t['ci'][0])}, {_fmt(t['ci'][1])}]", _fmt(t["p"], 4)])
+            better = (t["diff"] > 0) == results["suites"][s]["higher_is_better"]
+            verdict = "within noise" if t["p"] >= 0.05 or t["diff"] == 0 else ("better" if better else "worse")
+            rows.append([s, ref, n, f"{_fmt(t['diff'])} [{_fmt(t['ci'][0])}, {_fmt(t['ci'][1])}]", _fmt(t["p"], 4), verdict])
     return header, rows
 
 
