@@ -282,6 +282,8 @@ def test_bad_input_fails_before_work(world, tmp_path):
         ({"candidates": [{"name": "x", "checkpoint": "a", "recipe": "b"}]}, "exactly one of"),
         ({"training_data": ["advbench:test"]}, "overlaps suite 'harmless_refusal'"),
         ({"suites": ["helpful_winrate"]}, "needs `judge:`"),
+        ({"suites": []}, "no suites"),
+        ({"judge": {"reward": "x"}, "suites": ["helpful_winrate"]}, "reward_model"),
         ({"settings": {"limit": 4, "split": "train"}}, "not an evaluation split"),
     ]
     broken = tmp_path / "broken"

@@ -201,6 +201,8 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
                for x in spec.suites]
     suites = [make_suite(x, split=s.split, limit=s.limit, seed=s.seed) for x in entries]
     names = [x.name for x in suites]
+    if not names:
+        raise MergeLabError(f"{path}: no suites; list some under `suites:` (`merge-lab suites` shows them).")
     if len(set(names)) != len(names):
         raise MergeLabError(f"suite listed twice: {sorted({n for n in names if names.count(n) > 1})}.")
     for x in suites:
