@@ -313,7 +313,7 @@ def test_bad_input_fails_before_work(world, tmp_path):
         start = time.perf_counter()
         with pytest.raises(MergeLabError, match=msg):
             run_compare(_spec(tmp_path, **over), progress=False)
-        assert time.perf_counter() - start < 10
+        assert time.perf_counter() - start < 30  # no model was run (a run takes minutes on real models)
         assert not (tmp_path / "out").exists()  # nothing evaluated, nothing cached
 
 
