@@ -51,6 +51,9 @@ def _notes(results: dict) -> list[str]:
         f"Suites use the '{st['split']}' split of the shipped data (hash-based 60/20/20 split by content; "
         "expert training uses 'train', and listed training data was checked disjoint from every suite).",
         "Refusals: " + results["refusal_classifier"] + " (misses unusual phrasings).",
+        ("Training data proven disjoint from every suite (by id and by normalised request text): "
+         + ", ".join(results.get("training_checked", [])) + "." if results.get("training_checked") else
+         "No training data was listed or found beside the checkpoints, so overlap was not checked here."),
         f"Confidence intervals: {st['bootstrap']} bootstrap resamples; small n means wide intervals.",
     ]
 
