@@ -49,7 +49,7 @@ def _notes(results: dict) -> list[str]:
         f"Every candidate saw the same items, prompts, chat template ({'on' if st['chat_template'] else 'off'}), "
         f"greedy decoding (max {st['max_new_tokens']} new tokens) and seed {st['seed']}.",
         f"Suites use the '{st['split']}' split of the shipped data (hash-based 60/20/20 split by content; "
-        "expert training uses 'train', and listed training data was checked disjoint from every suite).",
+        "expert training uses 'train').",
         "Refusals: " + results["refusal_classifier"] + " (misses unusual phrasings).",
         ("Training data proven disjoint from every suite (by id and by normalised request text): "
          + ", ".join(results.get("training_checked", [])) + "." if results.get("training_checked") else
