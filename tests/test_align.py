@@ -144,3 +144,12 @@ def test_lora_on_the_last_layers_only(tiny):
     with safe_open(str(res.adapter / "adapter_model.safetensors"), "pt") as f:
         names = list(f.keys())
     assert names and all(".layers.1." in n for n in names), names
+
+
+def test_readme_align_recipe_is_valid():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("# my_align.yaml\n", 1)[1].split("```", 1)[0]
+    recipe = parse_align_recipe(block, "README.md")
+    assert recipe.data[0].jsonl == "my_rows.jsonl" and recipe.data[1].split == "train"
