@@ -25,6 +25,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -363,7 +364,9 @@ def align(
     lora_cfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                           target_modules=list(recipe.lora.target_modules), task_type="CAUSAL_LM",
                           layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
-    model = get_peft_model(model, lora_cfg).to(device)
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5: noise for users
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(model, lora_cfg).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
