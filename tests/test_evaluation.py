@@ -7,7 +7,6 @@ from merge_lab.evaluation.toy), so every metric's ordering is known before it ru
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -273,7 +272,7 @@ def _spec(root, **over):
     return root / "bad.yaml"
 
 
-def test_bad_input_fails_before_work(world, tmp_path):
+def test_bad_input_fails_before_work(world, tmp_path, monkeypatch):
     root = world[0]
     cases = [
         ({"suites": ["harmless_refusl"]}, "Did you mean 'harmless_refusal'"),
@@ -309,11 +308,20 @@ def test_bad_input_fails_before_work(world, tmp_path):
     shutil.copytree(root / "refuse", seq2seq)
     T5Config(vocab_size=96).save_pretrained(str(seq2seq))
     cases.append(({"candidates": [{"name": "t5", "checkpoint": str(seq2seq)}]}, "cannot load as a causal language model"))
+    from merge_lab.evaluation.candidates import Candidate
+
+    loads = []
+    original_load = Candidate.load
+
+    def recording_load(self):
+        loads.append(self.name)
+        return original_load(self)
+
+    monkeypatch.setattr(Candidate, "load", recording_load)
     for over, msg in cases:
-        start = time.perf_counter()
         with pytest.raises(MergeLabError, match=msg):
             run_compare(_spec(tmp_path, **over), progress=False)
-        assert time.perf_counter() - start < 30  # no model was run (a run takes minutes on real models)
+        assert loads == [], f"{msg}: a model was loaded before the error"  # the error came before any work
         assert not (tmp_path / "out").exists()  # nothing evaluated, nothing cached
 
 
