@@ -88,7 +88,7 @@ def _fmt(values: list[float], digits: int = 1) -> str:
     med = statistics.median(values)
     if len(values) == 1:
         return f"{med:.{digits}f}"
-    return f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+    return f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f}, n={len(values)})"
 
 
 def _load_line(results: dict) -> str:
@@ -104,8 +104,9 @@ def render(results: dict) -> str:
         "# Merge benchmark",
         "",
         f"Machine: {results['machine']}.  ",
-        f"Command: `{results['command']}` (started {results['started']}, took {results['minutes']:.0f} min; "
-        "repetitions done: " + ", ".join(f"{k}: {v}" for k, v in results.get("done", {}).items()) + ").  ",
+        "Commands (their repetitions add up): " + "; ".join(f"`{c}`" for c in results["commands"])
+        + f". Total {results['minutes']:.0f} min; repetitions done: "
+        + ", ".join(f"{k}: {v}" for k, v in results.get("done", {}).items()) + ".  ",
         _load_line(results),
         "Inputs: synthetic Llama-shaped bf16 checkpoints (vocabulary 128256, untied embeddings), sharded in "
         "1 GB files; base + 2 fine-tunes per set (linear averages all three, slerp uses base + 1). "
@@ -185,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="0.5B set only, 1 repetition")
     ap.add_argument("--jobs", type=int, default=1,
                     help="measurements run at once; only 1 gives comparable figures (more: smoke tests)")
-    ap.add_argument("--skip", nargs="*", default=[], metavar="RUNNER:METHOD",
-                    help="combinations not to run (shown as 'not run'), e.g. mergekit:ties")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="[SIZE:]RUNNER:METHOD",
+                    help="combinations not to run (shown as 'not run'), e.g. mergekit:ties or 1.5B:mergekit:ties")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's repetitions to <work>/results.json instead of starting afresh")
     ap.add_argument("--no-sync", action="store_true", help="skip the os.sync() around runs (smoke tests only)")
     ap.add_argument("--no-probe", action="store_true", help="skip the plan-vs-measured memory check")
     ap.add_argument("--work", type=Path, default=Path("benchmarks/work"))
@@ -196,27 +199,41 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes, args.reps = ["0.5B"], [1]
     reps = {size: args.reps[min(i, len(args.reps) - 1)] for i, size in enumerate(args.sizes)}
     started = time.time()
-    results: dict = {
-        "machine": machine(), "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "reps": reps, "jobs": args.jobs, "sync": not args.no_sync, "methods": args.methods, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "sizes": {}, "probes": {}, "done": {},
-    }
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    previous = args.work / "results.json"
+    if args.append and previous.exists():
+        results = json.loads(previous.read_text())
+        if "command" in results:  # written before runs could be appended
+            results["commands"] = [f"{results.pop('command')}  (started {results.pop('started', '?')})"]
+        results["commands"].append(f"{command}  (started {stamp})")
+        results["methods"] = list(dict.fromkeys(results["methods"] + args.methods))
+        started -= 60 * results["minutes"]
+    else:
+        results = {
+            "machine": machine(), "commands": [f"{command}  (started {stamp})"], "reps": reps, "jobs": args.jobs,
+            "sync": not args.no_sync, "methods": args.methods, "sizes": {}, "probes": {}, "done": {},
+        }
     for size in args.sizes:
         shard = 1 << 30 if size != "tiny" else 200_000
         print(f"[bench] generating the {size} set", file=sys.stderr, flush=True)
         base, *fts = ensure_family(args.work / "models", SHAPES[size], 2, shard)
-        rows: dict = {m: {r: {"wall": [], "cpu": [], "rss": [], "failed": 0} for r in args.runners} for m in args.methods}
-        results["sizes"][size] = rows
+        rows = results["sizes"].setdefault(size, {})
+        for m in args.methods:
+            for r in args.runners:
+                rows.setdefault(m, {}).setdefault(r, {"wall": [], "cpu": [], "rss": [], "failed": 0})
+        done = results["done"].get(size, 0)
         for rep in range(reps[size]):
             jobs = []
             for i, method in enumerate(args.methods):
                 order = [args.runners[(k + i + rep) % len(args.runners)] for k in range(len(args.runners))]
-                jobs += [(method, runner) for runner in order if f"{runner}:{method}" not in args.skip]
+                jobs += [(method, runner) for runner in order
+                         if f"{runner}:{method}" not in args.skip and f"{size}:{runner}:{method}" not in args.skip]
 
             with ThreadPoolExecutor(args.jobs) as pool:
                 list(pool.map(lambda job, rep=rep, models=(base, *fts), rows=rows, size=size:
                               _measure(size, rep, *job, models, rows, args), jobs))
-            results["done"][size] = rep + 1
+            results["done"][size] = done + rep + 1
             _save(results, args, started)
         if not args.no_probe and "merge_lab" in args.runners and size == args.sizes[0]:
             results["probes"][size] = {m: probe_plan(recipe(m, base, fts), args.work / "runs" / m) for m in args.methods}
