@@ -289,6 +289,24 @@ def reply_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, targets[keep])
 
 
+def stamp_merged(merged: Path, adapter: Path, label: str | None) -> None:
+    """Record in the merged checkpoint's config which adapter made it (label, adapter sha256).
+
+    Experts of one base differ only in a few FFN tensors deep inside the weight file, so tools
+    that fingerprint a folder by its config and the ends of its weight files would take them for
+    one model; the adapter's hash in config.json tells them apart (and traces the expert).
+    """
+    h = hashlib.sha256()
+    for f in sorted(adapter.glob("adapter_model.*")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    cfg_path = merged / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["merge_lab_align"] = {"label": label, "adapter_sha256": h.hexdigest()}
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -418,6 +436,7 @@ def align(
             merged = model.merge_and_unload().to("cpu")
             merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp / "merged"))
+            stamp_merged(tmp / "merged", tmp / "adapter", recipe.label)
             merged_path = out / "merged"
         trained = [rows[i] for i in sorted(seen)]
         by_source: dict[str, list[int]] = {}

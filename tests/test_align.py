@@ -58,6 +58,8 @@ def test_align_saves_adapter_and_merged_checkpoint(tiny):
     assert list(res.merged.glob("*.safetensors"))
     items = json.loads((res.path / "train_items.json").read_text())
     assert items["ids"] == ["rows:0", "rows:1", "rows:2", "rows:3"] and items["by_source"] == {"rows": [0, 1, 2, 3]}
+    stamp = json.loads((res.merged / "config.json").read_text())["merge_lab_align"]
+    assert stamp["label"] == "helpful" and len(stamp["adapter_sha256"]) == 64
 
     ids = torch.tensor([[3, 10, 20, 30, 4, 3, 40]])
     base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
