@@ -1,6 +1,6 @@
 """`make bench`: merge_lab against mergekit and the I/O floor on synthetic Llama-shaped checkpoints.
 
-    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions, all methods
+    python -m benchmarks.run              # 0.5B (2 repetitions) and 1.5B (1) sets, all methods
     python -m benchmarks.run --quick      # 0.5B only, 1 repetition
     python -m benchmarks.run --sizes tiny --reps 1 --out /tmp/R.md --work /tmp/w   # smoke test
 
@@ -32,6 +32,9 @@ METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
 # wall time targets against mergekit (issue 5)
 WALL_TARGET = {"ties": 0.5, "dare_ties": 0.5, "linear": 0.8, "task_arithmetic": 0.8, "slerp": 0.8}
 FLOOR_TARGET = {"linear": 1.5}
+# mergekit's sort-based TIES and DARE on the 1.5B set would take most of an hour: `make bench` stays
+# under about 45 minutes on 2 cores without them.
+DEFAULT_SKIP = ("1.5B:mergekit:ties", "1.5B:mergekit:dare_ties")
 
 
 def machine() -> str:
@@ -181,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B"], choices=sorted(SHAPES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
-    ap.add_argument("--reps", type=int, nargs="+", default=[3],
+    ap.add_argument("--reps", type=int, nargs="+", default=[2, 1],
                     help="repetitions per size, in --sizes order (the last value holds for the rest)")
     ap.add_argument("--quick", action="store_true", help="0.5B set only, 1 repetition")
     ap.add_argument("--jobs", type=int, default=1,
                     help="measurements run at once; only 1 gives comparable figures (more: smoke tests)")
-    ap.add_argument("--skip", nargs="*", default=[], metavar="[SIZE:]RUNNER:METHOD",
-                    help="combinations not to run (shown as 'not run'), e.g. mergekit:ties or 1.5B:mergekit:ties")
+    ap.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), metavar="[SIZE:]RUNNER:METHOD",
+                    help="combinations not to run (shown as 'not run'), e.g. mergekit:ties or 1.5B:mergekit:ties; "
+                    f"default {' '.join(DEFAULT_SKIP)} (an estimated 30 min a run on 2 cores: 3x its 0.5B time); `--skip` alone runs all")
     ap.add_argument("--append", action="store_true",
                     help="add this run's repetitions to <work>/results.json instead of starting afresh")
     ap.add_argument("--no-sync", action="store_true", help="skip the os.sync() around runs (smoke tests only)")
