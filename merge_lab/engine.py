@@ -27,7 +27,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
@@ -71,25 +70,6 @@ CHUNK_ELEMENTS = 2 * 2**20
 # while a result is still being written: two whole embeddings in flight would double the peak.
 PREFETCH_BYTES = 256 * 2**20
 
-# Built-in strategies whose result for a row depends on that row of the inputs alone (their
-# randomness, DARE's, is drawn in row-major order from one stream per tensor and model, so a
-# blocked run draws the very same numbers). A plugin opts in with `row_separable = True`.
-_ROW_SEPARABLE_BUILTINS = {
-    "strategies.linear.Linear",
-    "strategies.task_arithmetic.TaskArithmetic",
-    "strategies.dare.DareLinear",
-    "strategies.dare.DareTies",
-}
-
-
-def _row_separable(strategy: object) -> bool:
-    cls = type(strategy)
-    declared = getattr(cls, "row_separable", None)
-    if declared is not None:
-        return bool(declared)
-    return f"{cls.__module__}.{cls.__qualname__}" in _ROW_SEPARABLE_BUILTINS
-
-
 @dataclass(frozen=True)
 class _StreamContext(TensorContext):
     """A TensorContext whose generators persist across a tensor's row blocks: block k continues
@@ -121,7 +101,7 @@ def _blocked_compute(task: TensorTask) -> Compute | None:
     if not (isinstance(c, partial) and c.func is _merge_group and len(c.args) == 6 and not c.keywords):
         return None
     strategy, params, model_params, ctx, has_base, vocab_rows = c.args
-    if vocab_rows is not None or not _row_separable(strategy):
+    if vocab_rows is not None or not strategy.row_separable:
         return None
     stream = _StreamContext(ctx.name, ctx.role, ctx.seed, ctx.model_ids)
     return partial(_merge_group, strategy, params, model_params, stream, has_base, vocab_rows)
@@ -176,9 +156,8 @@ def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tensors"),
         DownloadColumn(),
+        TextColumn("{task.fields[tensors]} tensors"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -230,7 +209,8 @@ def run_plan(
             ThreadPoolExecutor(1, thread_name_prefix="merge-read") as reader,
             ThreadPoolExecutor(1, thread_name_prefix="merge-write") as writer_pool,
         ):
-            job = bar.add_task(f"{plan.strategy}", total=len(plan.tasks))
+            done = 0
+            job = bar.add_task(plan.strategy, total=plan.output_bytes, tensors=f"0/{len(plan.tasks)}")
             pending_write: Future | None = None
             units = _units(plan.tasks)
             unit = next(units, None)
@@ -251,14 +231,17 @@ def run_plan(
                 del inputs
                 if pending_write is not None:
                     pending_write.result()
-                written += result.numel() * task.dtype.itemsize
+                nbytes = result.numel() * task.dtype.itemsize
+                written += nbytes
                 pending_write = writer_pool.submit(writer.write_part, task.output, unit.first_element, result)
                 del result
                 if defer:
                     pending_write.result()
                     next_inputs = reader.submit(_load, following, dev)
                 if unit.rows is None or unit.rows[1] == task.shape[0]:
-                    bar.update(job, advance=1, description=f"{plan.strategy} [dim]{task.output}[/dim]")
+                    done += 1
+                bar.update(job, advance=nbytes, tensors=f"{done}/{len(plan.tasks)}",
+                           description=f"{plan.strategy} [dim]{task.output}[/dim]")
                 unit = following
             if pending_write is not None:
                 pending_write.result()

@@ -70,6 +70,9 @@ class Strategy:
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     structural: ClassVar[bool] = False
+    # True when a row of the result depends only on that row of the inputs (and random draws come
+    # in row-major order from ctx.generator): the engine may then stream a tensor in row blocks.
+    row_separable: ClassVar[bool] = False
     # Parameters under which the result equals the first model exactly (used by the contract suite).
     identity_params: ClassVar[dict[str, Any]] = {}
 

@@ -34,6 +34,7 @@ class _Dare(Strategy):
     needs_base = True
     uses_base = True
     identity_params = {"weight": 1.0, "density": 1.0}
+    row_separable = True
     sign_consensus = False
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:

@@ -31,6 +31,7 @@ class Linear(Strategy):
     Params = LinearParams
     ModelParams = LinearModel
     identity_params = {"weight": 1.0}
+    row_separable = True
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         weights = [p.weight for p in model_params]

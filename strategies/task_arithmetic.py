@@ -22,6 +22,7 @@ class TaskArithmetic(Strategy):
     needs_base = True
     uses_base = True
     identity_params = {"weight": 1.0}
+    row_separable = True
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         deltas = deltas_(tensors, base)
