@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from merge_lab.errors import MergeLabError
 
 DType = Literal["float32", "float16", "bfloat16"]
+M = TypeVar("M", bound=BaseModel)
 
 
 class ModelEntry(BaseModel):
@@ -112,24 +113,24 @@ def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
     return None
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """Valid keys of the object at `loc`, for 'did you mean' hints."""
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the object at `loc` inside `model`, for 'did you mean' hints."""
     if not loc:
-        return list(Recipe.model_fields)
-    if loc[0] == "models" and len(loc) == 2:
+        return list(model.model_fields)
+    if model is Recipe and loc[0] == "models" and len(loc) == 2:
         return list(ModelEntry.model_fields)
-    if loc[0] == "tokenizer" and len(loc) == 1:
+    if model is Recipe and loc[0] == "tokenizer" and len(loc) == 1:
         return list(TokenizerSpec.model_fields)
     return []
 
 
-def _format_error(err: dict, lines: dict, source: str) -> str:
+def _format_error(err: dict, lines: dict, source: str, model: type[BaseModel] | None = None) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     line = _line_for(lines, loc)
     where = f"{source}, line {line}" if line else source
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        allowed = _fields_at(loc[:-1])
+        allowed = _fields_at(model or Recipe, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return f"{where}: unknown key '{key}'.{hint} Allowed here: {', '.join(allowed)}."
@@ -138,25 +139,34 @@ def _format_error(err: dict, lines: dict, source: str) -> str:
     return f"{where}: '{key}': {err['msg']} (got {err.get('input')!r})."
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+def parse_yaml_model(text: str, source: str, model: type[M], what: str) -> tuple[M, dict[tuple, int]]:
+    """Validate YAML `text` against `model`; errors name the key, its line and the closest valid key.
+
+    Returns the validated object and the map from key paths to line numbers. One loader for every
+    YAML file the project reads (merge recipes, align recipes), so all report errors alike.
+    """
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MergeLabError(f"{source}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise MergeLabError(f"{source}: a recipe is a YAML mapping with at least merge_method and models.")
+        raise MergeLabError(f"{source}: {what} is a YAML mapping of keys to values.")
     lines = _line_map(node) if node is not None else {}
-    if "slices" in data:
+    if model is Recipe and "slices" in data:
         raise MergeLabError(
             f"{source}, line {lines.get(('slices',), '?')}: mergekit 'slices' (layer stacking) is not supported; "
             "use 'models:' with per-layer parameter gradients instead."
         )
     try:
-        recipe = Recipe.model_validate(data)
+        return model.model_validate(data), lines
     except ValidationError as e:
-        msgs = [_format_error(err, lines, source) for err in e.errors()]
-        raise MergeLabError("invalid recipe:\n  " + "\n  ".join(msgs)) from None
+        msgs = [_format_error(err, lines, source, model) for err in e.errors()]
+        raise MergeLabError(f"invalid {what}:\n  " + "\n  ".join(msgs)) from None
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    recipe, lines = parse_yaml_model(text, source, Recipe, "recipe")
     recipe._lines = lines
     recipe._source = source
     return recipe
