@@ -405,3 +405,19 @@ def test_reward_model_as_judge_and_best_of_n_scorer(world, tmp_path):
     assert list(res.results["candidates"]) == ["bon_judge", "refuse", "comply", "bon_rm"]
     assert value(res, "harmless_refusal", "bon_judge") == 1.0 and value(res, "harmless_refusal", "bon_rm") == 0.0
     assert value(res, "helpful_winrate", "refuse") == 1.0 and value(res, "helpful_winrate", "comply") == 0.5
+
+
+def test_fingerprint_sees_a_change_in_the_middle_of_a_weight_file(tmp_path):
+    """Experts of one base differ only inside their shards: their fingerprints must differ."""
+    from merge_lab.evaluation.candidates import fingerprint_folder
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    data = bytearray(5 << 20)
+    (a / "model.safetensors").write_bytes(bytes(data))
+    data[len(data) // 2] = 1
+    (b / "model.safetensors").write_bytes(bytes(data))
+    assert fingerprint_folder(a) != fingerprint_folder(b)
+    assert fingerprint_folder(a) == fingerprint_folder(a)

@@ -28,21 +28,31 @@ LogProbs = tuple[float, int]  # summed log-probability of a continuation, its nu
 # ------------------------------------------------------------------ shared helpers
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(f: Path) -> str:
+    """sha256 of a whole file, remembered per (path, size, mtime) for the life of the process."""
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+        _FILE_DIGESTS[key] = h.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
 def fingerprint_folder(path: Path) -> str:
-    """A content fingerprint of a model folder, fast on large files: config, tokenizer files and,
-    per weight file, its size and the sha256 of its first and last MiB."""
+    """A content fingerprint of a model folder: every file's name and full sha256.
+
+    Whole files, weights included: fine-tunes of one base can differ only in tensors in the middle
+    of a shard, and a partial hash would make their cached results collide."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         h.update(f.name.encode())
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with open(f, "rb") as fh:
-            if f.suffix != ".safetensors" or size <= 2 << 20:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read())
+        h.update(_file_digest(f).encode())
     return h.hexdigest()[:16]
 
 
