@@ -71,13 +71,14 @@ def world(tmp_path_factory):
         "output": str(root / "report"), "settings": {"limit": 8, "max_new_tokens": 10, "bootstrap": 300},
         "suites": SUITES, "judge": "comply", "reference": "refuse",
         "training_data": ["advbench:train", "refusal_pairs:train"],
+        "headline": "moe", "notes": ["The candidates are toy models built by this test."],
         "candidates": [
             {"name": "refuse", "checkpoint": "refuse", "source": True},
             {"name": "comply", "checkpoint": "comply", "source": True},
-            {"name": "ens", "ensemble": ["refuse", "comply"], "weights": [0.8, 0.2]},
-            {"name": "bon", "best_of_n": ["refuse", "comply"]},
+            {"name": "ens", "ensemble": ["refuse", "comply"], "weights": [0.8, 0.2], "group": "ensemble"},
+            {"name": "bon", "best_of_n": ["refuse", "comply"], "group": "ensemble"},
             {"name": "moe", "checkpoint": "moe"},
-            {"name": "avg", "recipe": avg},  # inline: written into the cache, merged on first use
+            {"name": "avg", "recipe": avg, "group": "merge"},  # inline: written into the cache, merged on first use
         ],
     }
     (root / "compare.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -207,6 +208,26 @@ def test_report_files(world):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "src='figures/" not in html
     assert json.loads((out / "results.json").read_text())["best"] == res.results["best"]
+    assert "The candidates are toy models built by this test." in md and "Headline: moe scores" in md
+    h = res.results["headline"]
+    assert [a["what"] for a in h["against"]] == ["best source model", "best ensemble", "best merge"]
+    assert {a["candidate"] for a in h["against"]} <= {"refuse", "comply", "ens", "bon", "avg"}
+
+
+def test_headline_compares_with_the_best_of_each_group():
+    from merge_lab.evaluation.compare import CompareSpec, headline
+
+    spec = CompareSpec(suites=["x"], headline="fused", candidates=[
+        {"name": "a", "checkpoint": "a", "source": True}, {"name": "b", "checkpoint": "b", "source": True},
+        {"name": "m", "checkpoint": "m", "group": "merge"}, {"name": "fused", "checkpoint": "f"}])
+    objectives = {"helpful": {"a": 1.0, "b": 0.0, "m": 0.5, "fused": 0.6},
+                  "harmless": {"a": 0.0, "b": 1.0, "m": 0.9, "fused": 0.7},
+                  "capability": {"a": 0.0, "b": 0.0, "m": 0.0, "fused": 1.0}}  # not an H3 objective: left out
+    h = headline(spec, objectives)
+    assert h["objectives"] == ["helpful", "harmless"] and h["mean"] == pytest.approx(0.65)
+    source, merge = h["against"]
+    assert (source["candidate"], source["mean"], source["beats"]) == ("a", 0.5, True)
+    assert (merge["candidate"], merge["beats"]) == ("m", False) and merge["mean"] == pytest.approx(0.7)
 
 
 def test_second_run_evaluates_only_the_new_candidate(world):
@@ -284,6 +305,7 @@ def test_bad_input_fails_before_work(world, tmp_path, monkeypatch):
         ({"suites": []}, "no suites"),
         ({"judge": {"reward": "x"}, "suites": ["helpful_winrate"]}, "reward_model"),
         ({"settings": {"limit": 4, "split": "train"}}, "not an evaluation split"),
+        ({"headline": "fused"}, "headline 'fused' is not a candidate"),
     ]
     broken = tmp_path / "broken"
     make_checkpoint(broken, seed=1)

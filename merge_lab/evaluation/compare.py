@@ -68,6 +68,7 @@ class CandidateSpec(BaseModel):
     best_of_n: list[str] | None = None
     reward_model: str | None = None
     source: bool = False
+    group: str | None = None  # e.g. merge, ensemble: the headline is compared with each group's best
 
     @model_validator(mode="after")
     def _one_kind(self) -> CandidateSpec:
@@ -87,6 +88,8 @@ class CompareSpec(BaseModel):
     judge: str | dict[str, str] | None = None
     reference: str | None = None
     training_data: list[str | dict[str, Any]] = []
+    headline: str | None = None  # the candidate whose verdict leads the report (e.g. the fused model)
+    notes: list[str] = []  # plain statements printed first in the report (what the candidates are)
 
 
 def load_spec(path: str | Path) -> tuple[CompareSpec, Path]:
@@ -217,6 +220,8 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
     sources = [c.name for c in spec.candidates if c.source]
     if not by_name:
         raise MergeLabError(f"{path}: no candidates.")
+    if spec.headline is not None and spec.headline not in by_name:
+        raise MergeLabError(f"headline '{spec.headline}' is not a candidate; name one of {', '.join(by_name)}.")
 
     checked = []
     for entry in [*spec.training_data, *map(str, _discovered_training(by_name))]:
@@ -413,6 +418,29 @@ def _norm(values: dict[str, float], higher: bool) -> dict[str, float]:
     return {k: ((v - lo) / (hi - lo) if higher else (hi - v) / (hi - lo)) for k, v in values.items()}
 
 
+H3_OBJECTIVES = ("helpful", "harmless", "honest")
+
+
+def headline(spec: CompareSpec, objectives: dict[str, dict[str, float]]) -> dict:
+    """The headline candidate's mean over the objectives (the three H3 ones when present) against
+    the best source model and the best of each candidate group."""
+    chosen = [o for o in H3_OBJECTIVES if o in objectives] or list(objectives)
+    mean = {n: sum(objectives[o][n] for o in chosen) / len(chosen) for n in objectives[chosen[0]]}
+    rivals: dict[str, list[str]] = {}
+    for c in spec.candidates:
+        if c.name == spec.headline:
+            continue
+        if c.source:
+            rivals.setdefault("best source model", []).append(c.name)
+        if c.group:
+            rivals.setdefault(f"best {c.group}", []).append(c.name)
+    against = []
+    for what, names in rivals.items():
+        best = max(names, key=lambda n: mean[n])
+        against.append({"what": what, "candidate": best, "mean": mean[best], "beats": mean[spec.headline] > mean[best]})
+    return {"candidate": spec.headline, "objectives": chosen, "mean": mean[spec.headline], "against": against}
+
+
 def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]]) -> dict:
     """results.json: settings, suites, candidates with cost, estimates, paired tests, oracle, best."""
     n_boot, seed = comp.settings.bootstrap, comp.settings.seed
@@ -455,6 +483,9 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]]) -> dict:
     for obj in dict.fromkeys(out["suites"][s]["objective"] for s in out["suites"]):
         members = [s for s in out["suites"] if out["suites"][s]["objective"] == obj]
         out["objectives"][obj] = {n: sum(norm[s][n] for s in members) / len(members) for n in names}
+    out["notes"] = list(comp.spec.notes)
+    if comp.spec.headline:
+        out["headline"] = headline(comp.spec, out["objectives"])
     for n, c in comp.candidates.items():
         es = list(entries[n].values())
         counters = {k: sum(e["counters"][k] for e in es) for k in es[0]["counters"]}

@@ -31,7 +31,15 @@ SECTIONS = [
 
 
 def _summary(results: dict) -> list[str]:
-    lines = []
+    lines = list(results.get("notes", []))
+    if h := results.get("headline"):
+        parts = [f"{a['what']} ({a['candidate']}, {a['mean']:.2f}): {'beats it' if a['beats'] else 'does not beat it'}"
+                 for a in h["against"]]
+        lines.append(
+            f"Headline: {h['candidate']} scores {h['mean']:.2f} on the mean of the objectives "
+            f"({', '.join(h['objectives'])}; each scaled 0-1 across candidates). Against the "
+            + "; against the ".join(parts) + ". Per-suite paired tests below say which gaps are beyond noise."
+        )
     for s, b in results["best"].items():
         if "runner_up" in b and b["diff"] == 0 and b["ci"] == [0, 0]:
             lines.append(f"{s}: {b['candidate']} and {b['runner_up']} tie (identical per-example scores, n={b['n']}).")
