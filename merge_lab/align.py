@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merge_lab.errors import MergeLabError
 
@@ -133,27 +133,9 @@ class AlignResult:
 
 
 def parse_align_recipe(text: str, source: str = "<align recipe>") -> AlignRecipe:
-    from merge_lab.recipe import _line_for, _line_map
+    from merge_lab.recipe import parse_yaml_model
 
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise MergeLabError(f"{source}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise MergeLabError(f"{source}: an align recipe is a YAML mapping with base_model and data.")
-    lines = _line_map(node) if node is not None else {}
-    try:
-        return AlignRecipe.model_validate(data)
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            line = _line_for(lines, loc)
-            where = f"{source}, line {line}" if line else source
-            key = ".".join(str(p) for p in loc) or "(top level)"
-            msgs.append(f"{where}: '{key}': {err['msg']}")
-        raise MergeLabError("invalid align recipe:\n  " + "\n  ".join(msgs)) from None
+    return parse_yaml_model(text, source, AlignRecipe, "align recipe")[0]
 
 
 def load_align_recipe(path: str | Path) -> AlignRecipe:
