@@ -94,6 +94,30 @@ def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[by
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Delete temporary folders that a killed run (SIGKILL, power loss) left beside `target`.
+
+    Exceptions and Ctrl-C clean up after themselves; a killed process cannot, so the next run
+    towards the same target removes folders whose writing process no longer exists."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}.partial-*"):
+        pid = p.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 class ShardWriter:
     """Use as a context manager: on an exception the temporary folder is removed."""
 
@@ -114,7 +138,10 @@ class ShardWriter:
             raise MergeLabError("internal: duplicate output tensor names in the plan")
         self.force = force
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        remove_stale_partials(self.target)
+        self.tmp = Path(
+            tempfile.mkdtemp(prefix=f".{self.target.name}.partial-{os.getpid()}-", dir=self.target.parent)
+        )
         shards = _layout(specs, max_shard_bytes)
         n = len(shards)
         self.shard_names = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -199,3 +200,21 @@ def test_different_architectures(family, tmp_path):
     base, models = family
     mistral = make_checkpoint(tmp_path / "mistral", "mistral", seed=4, dtype=torch.bfloat16)
     assert_fails(tmp_path, ties(base, [models[0], mistral]), "'mistral' model", "'llama'")
+
+
+def test_a_killed_run_leaves_nothing_after_the_next_run(family, tmp_path):
+    """SIGKILL cannot clean up; the next merge to the same target removes the dead run's folder."""
+    import subprocess
+    import sys
+
+    base, models = family
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".out.partial-{pid}-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".out.partial-{os.getpid()}-xyz"  # a run still going: left alone
+    live.mkdir()
+    merge(write_recipe(tmp_path / "r.yaml", ties(base, models[:2])), tmp_path / "out", progress=False)
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "out" / "config.json").exists()
