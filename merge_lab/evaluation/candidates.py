@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from merge_lab.errors import MergeLabError
 
@@ -225,10 +226,11 @@ def _mix(logps: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ the interface
 
 
-@dataclass
-class Settings:
-    """What every candidate is evaluated under: identical across candidates, part of the cache key."""
+class Settings(BaseModel):
+    """What every candidate is evaluated under: identical across candidates, part of the cache key.
+    Also the `settings:` block of compare files."""
 
+    model_config = ConfigDict(extra="forbid")
     seed: int = 0
     limit: int | None = 100
     split: str = "test"
@@ -242,7 +244,7 @@ class Settings:
 
     def key(self) -> dict:
         """The settings that change results (batch size and device do not, by design)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("batch_size", "device", "bootstrap")}
+        return self.model_dump(exclude={"batch_size", "device", "bootstrap"})
 
 
 class Candidate:

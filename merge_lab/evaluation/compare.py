@@ -44,20 +44,6 @@ from merge_lab.evaluation.metrics import bootstrap_ci, oracle, paired_test
 from merge_lab.evaluation.suites import EvalContext, Suite, make_suite
 
 
-class SettingsSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    seed: int = 0
-    limit: int | None = 100
-    split: str = "test"
-    max_new_tokens: int = 48
-    max_length: int = 512
-    chat_template: bool = True
-    batch_size: int = 8
-    bootstrap: int = 1000
-    device: str = "cpu"
-    dtype: str = "float32"
-
-
 class CandidateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -82,7 +68,7 @@ class CompareSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     output: str | None = None
     cache_dir: str | None = None
-    settings: SettingsSpec = SettingsSpec()
+    settings: cands.Settings = cands.Settings()
     suites: list[str | dict[str, Any]]
     candidates: list[CandidateSpec]
     judge: str | dict[str, str] | None = None
@@ -194,7 +180,7 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
     """Parse and check a compare file: every error a user can fix is raised here, before work."""
     spec, root = load_spec(path)
     s = spec.settings
-    settings = cands.Settings(**s.model_dump())
+    settings = s
     if s.dtype not in ("float32", "bfloat16", "float16"):
         raise MergeLabError(f"settings.dtype '{s.dtype}': use float32, bfloat16 or float16.")
     out = Path(output) if output is not None else _resolve(root, spec.output) if spec.output else root / "report"
@@ -446,7 +432,7 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]]) -> dict:
     n_boot, seed = comp.settings.bootstrap, comp.settings.seed
     names = list(comp.candidates)
     out: dict[str, Any] = {
-        "settings": comp.settings.__dict__, "sources": comp.sources,
+        "settings": comp.settings.model_dump(), "sources": comp.sources,
         "refusal_classifier": "keyword/prefix match on the first 200 characters of greedy answers",
         "training_checked": comp.training_checked,
         "suites": {}, "candidates": {}, "results": {}, "paired": {}, "oracle": {}, "best": {},
