@@ -121,22 +121,26 @@ def register(strategy: type[Strategy], name: str | None = None) -> type[Strategy
     return strategy
 
 
+def load_plugins(group: str, registry: dict, register_fn, kind: str) -> None:
+    """Register every entry point of `group` not registered yet (shared by strategies and suites)."""
+    for ep in entry_points(group=group):
+        if ep.name in registry:
+            continue
+        try:
+            register_fn(ep.load(), ep.name)
+        except Exception as e:
+            raise MergeLabError(
+                f"{kind} plugin '{ep.name}' ({ep.value}) failed to load: {e}. "
+                "Reinstall or uninstall the package that provides it."
+            ) from e
+
+
 def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        try:
-            cls = ep.load()
-        except Exception as e:  # a broken plugin must not break the others
-            raise MergeLabError(
-                f"strategy plugin '{ep.name}' ({ep.value}) failed to load: {e}. "
-                "Reinstall or uninstall the package that provides it."
-            ) from e
-        register(cls, ep.name)
+    load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register, "strategy")
 
 
 def available() -> dict[str, type[Strategy]]:

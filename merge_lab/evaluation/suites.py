@@ -18,7 +18,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
@@ -421,13 +420,9 @@ def _discover() -> None:
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        try:
-            register_suite(ep.load(), ep.name)
-        except Exception as e:
-            raise MergeLabError(f"suite plugin '{ep.name}' ({ep.value}) failed to load: {e}.") from e
+    from merge_lab.registry import load_plugins
+
+    load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register_suite, "suite")
 
 
 def available() -> dict[str, type[Suite]]:
