@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from merge_lab.cli import app
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation import metrics
-from merge_lab.evaluation.candidates import ModelCandidate, Settings, TokenEnsemble
+from merge_lab.evaluation.candidates import BestOfN, JudgeScorer, ModelCandidate, Settings, TokenEnsemble, forget
 from merge_lab.evaluation.compare import prepare, run_compare
 from merge_lab.evaluation.suites import is_refusal
 from merge_lab.evaluation.toy import make_bigram_checkpoint, save_toy_tokenizer
@@ -261,11 +261,60 @@ def test_token_ensemble_of_one_equals_the_model(tmp_path):
     out = single.generate(prompts)
     assert out == ens.generate(prompts)
     # batched, left-padded decoding with the KV cache equals one prompt at a time, and transformers' greedy
+    forget()  # computed afresh, not remembered from the batched run
     assert out == [single.generate([p])[0] for p in prompts]
     tok = single.tokenizer
     ids = tok(single.format_prompt(prompts[1]), return_tensors="pt", add_special_tokens=False)["input_ids"]
     ref = single._lms[0].model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=[2, 4], pad_token_id=0)
     assert tok.decode([t for t in ref[0, ids.shape[1]:].tolist() if t not in (2, 4)]) == out[1]
+
+
+def test_best_of_n_reuses_what_its_members_computed(tmp_path, monkeypatch):
+    s = Settings(max_new_tokens=5, batch_size=2)
+    paths = []
+    for i in range(2):
+        paths.append(make_checkpoint(tmp_path / f"m{i}", seed=10 + i))
+        save_toy_tokenizer(paths[-1])
+    members = [ModelCandidate(f"m{i}", p, s) for i, p in enumerate(paths)]
+    judge = ModelCandidate("judge", paths[0], s)
+    prompts, reqs = ["one", "two words", "three more words"], [("a", "b c"), ("", "d")]
+    alone = [(m.generate(prompts), m.loglikelihood(reqs)) for m in members]
+    best = BestOfN("best", members, JudgeScorer(judge), s)
+    best.load()
+    calls = []
+    for lm in best._lms:
+        monkeypatch.setattr(lm, "model", _counting(lm.model, calls))
+    answers, scored = best.generate(prompts), best.loglikelihood(reqs)
+    assert calls == []  # neither member ran again
+    assert all(a in (alone[0][0][i], alone[1][0][i]) for i, a in enumerate(answers))
+    for (total, _), (a, _), (b, _) in zip(scored, alone[0][1], alone[1][1]):
+        assert total == pytest.approx(float(torch.logsumexp(torch.tensor([a, b]), 0)) - float(torch.log(torch.tensor(2.0))))
+    # the cost table still charges best-of-N what its members' work took
+    assert best.counters.gen_seconds > 0 and best.counters.score_seconds > 0 and best.counters.gen_tokens > 0
+
+
+def _counting(model, calls):
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, *a, **k):
+            calls.append(1)
+            return self.inner(*a, **k)
+
+    return Counting()
+
+
+def test_long_continuations_keep_their_prompt(tmp_path):
+    path = make_checkpoint(tmp_path / "m", seed=3)
+    save_toy_tokenizer(path)
+    cand = ModelCandidate("m", path, Settings(max_length=16))
+    tok = cand.tokenizer
+    ctx, cont = cand._encode("abcd", "efgh" * 10)
+    assert ctx == tok("abcd", add_special_tokens=False)["input_ids"] and len(ctx) + len(cont) == 16
+    ctx, cont = cand._encode("abcd" * 10, "ef")  # a long prompt keeps its end
+    assert len(ctx) == 14 and cont == tok("ef", add_special_tokens=False)["input_ids"]
 
 
 def test_metric_helpers():

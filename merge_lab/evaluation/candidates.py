@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict
 
 from merge_lab.errors import MergeLabError
 
+# Raise when a change alters scores or answers (cached results of older versions are then redone).
+SCORING_VERSION = 2
+
 LogProbs = tuple[float, int]  # summed log-probability of a continuation, its number of tokens
 
 
@@ -97,6 +100,21 @@ class Counters:
         return dict(self.__dict__)
 
 
+# What one model (by content fingerprint and dtype) already computed in this process: a continuation's
+# (summed log-prob, tokens, greedy?) and a prompt's greedy answer. Best-of-N reuses its members' work
+# (members are evaluated as candidates of their own first), so each member scores and generates once.
+# Each entry keeps the seconds its computation took, so a reuse still costs what the work costs in the
+# cost table (best-of-N is not made to look cheaper than running its members).
+_SCORES: dict[tuple, tuple[tuple[float, int, bool], float]] = {}
+_ANSWERS: dict[tuple, tuple[list[int], float]] = {}
+
+
+def forget() -> None:
+    """Drop what models computed so far in this process (tests compare fresh computations)."""
+    _SCORES.clear()
+    _ANSWERS.clear()
+
+
 class _LM:
     """One loaded causal LM: batched continuation log-probs and a KV-cached next-token stepper."""
 
@@ -110,6 +128,8 @@ class _LM:
         except Exception as e:
             raise MergeLabError(f"{path}: the model does not load in transformers ({type(e).__name__}: {e}).") from None
         self.device = device
+        self.identity = (fingerprint_folder(path), str(dtype))
+        self.reused_seconds = 0.0  # seconds of remembered work this object handed out again
         self.is_moe = any("experts" in n for n, _ in self.model.named_parameters())
 
     def params(self) -> tuple[int, int]:
@@ -153,6 +173,21 @@ class _LM:
             # positions keep-1-len(t) .. keep-2 predict the len(t) continuation tokens
             out.append(torch.log_softmax(logits[i, keep - 1 - len(t) : keep - 1], dim=-1).cpu())
         return out
+
+    def score(self, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[tuple[float, int, bool]]:
+        """Per item (summed log-prob, tokens, whether greedy decoding gives it), remembered per model."""
+        keys = [(self.identity, tuple(c), tuple(t)) for c, t in batch]
+        todo = [i for i, k in enumerate(keys) if k not in _SCORES]
+        self.reused_seconds += sum(_SCORES[k][1] for k in keys if k in _SCORES)
+        if todo:
+            start = time.perf_counter()
+            rows = self.rows([batch[i] for i in todo], pad_id)
+            share = (time.perf_counter() - start) / len(todo)
+            for i, r in zip(todo, rows):
+                target = torch.tensor(batch[i][1])
+                greedy = bool((r.argmax(-1) == target).all())
+                _SCORES[keys[i]] = ((float(r.gather(1, target[:, None]).sum()), len(target), greedy), share)
+        return [_SCORES[k][0] for k in keys]
 
     @torch.no_grad()
     def routing(self, batch: list[list[int]], pad_id: int) -> list[list[float]] | None:
@@ -243,14 +278,16 @@ class Settings(BaseModel):
     dtype: str = "float32"
 
     def key(self) -> dict:
-        """The settings that change results (batch size and device do not, by design)."""
-        return self.model_dump(exclude={"batch_size", "device", "bootstrap"})
+        """The settings that change results (batch size and device do not, by design), and the
+        version of the scoring code, so a change to how items are scored invalidates old results."""
+        return {**self.model_dump(exclude={"batch_size", "device", "bootstrap"}), "scoring": SCORING_VERSION}
 
 
 class Candidate:
     """The one interface suites see. Subclasses set up `_lms` (loaded models) in `load()`."""
 
     kind = "candidate"
+    mixes = False  # True: always mix members' distributions token by token (even one member)
 
     def __init__(self, name: str, settings: Settings):
         self.name = name
@@ -306,11 +343,13 @@ class Candidate:
         cont = tok(continuation, add_special_tokens=False)["input_ids"]
         if not ctx:
             ctx = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-        room = self.settings.max_length - len(cont)
-        if room < 1:
-            cont = cont[: self.settings.max_length - 1]
-            room = 1
-        return ctx[-room:], cont
+        limit = self.settings.max_length
+        if len(ctx) + len(cont) > limit:
+            # keep the prompt (its end, at most half the window) and score the continuation's start:
+            # cutting the prompt instead would score an answer to a question the model never saw
+            ctx = ctx[-max(limit // 2, limit - len(cont)):]
+            cont = cont[: limit - len(ctx)]
+        return ctx, cont
 
     def _report(self, done: int, total: int) -> None:
         """Progress within one call (scoring or generating `total` requests)."""
@@ -333,7 +372,7 @@ class Candidate:
         enc = [self._encode(c, t) for c, t in requests]
         out: list[tuple[float, int, bool]] = [(0.0, 0, False)] * len(enc)
         pad = self.tokenizer.pad_token_id
-        start = time.perf_counter()
+        start, reused = time.perf_counter(), self._reused()
         done = 0
         for idx in self._batches(len(enc), [len(c) + len(t) for c, t in enc]):
             batch = [enc[i] for i in idx]
@@ -342,10 +381,15 @@ class Candidate:
             self.counters.score_tokens += sum(len(c) + len(t) for c, t in batch) * len(self._lms)
             done += len(batch)
             self._report(done, len(enc))
-        self.counters.score_seconds += time.perf_counter() - start
+        self.counters.score_seconds += time.perf_counter() - start + self._reused() - reused
         return out
 
-    def _score_batch(self, batch, pad) -> list[LogProbs]:
+    def _reused(self) -> float:
+        return sum(lm.reused_seconds for lm in self._lms)
+
+    def _score_batch(self, batch, pad) -> list[tuple[float, int, bool]]:
+        if len(self._lms) == 1 and not self.mixes:
+            return self._lms[0].score(batch, pad)
         per_member = [lm.rows(batch, pad) for lm in self._lms]
         out = []
         for j, (_, cont) in enumerate(batch):
@@ -365,14 +409,14 @@ class Candidate:
         texts = prompts if formatted else [self.format_prompt(p) for p in prompts]
         enc = [(tok(t, add_special_tokens=False)["input_ids"] or [tok.eos_token_id])[-room:] for t in texts]
         out = [""] * len(enc)
-        start = time.perf_counter()
+        start, reused = time.perf_counter(), self._reused()
         done = 0
         for idx in self._batches(len(enc), [len(e) for e in enc]):
             for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], [prompts[i] for i in idx])):
                 out[i] = text
             done += len(idx)
             self._report(done, len(enc))
-        self.counters.gen_seconds += time.perf_counter() - start
+        self.counters.gen_seconds += time.perf_counter() - start + self._reused() - reused
         for s in stop or []:
             out = [o.split(s, 1)[0] if s else o for o in out]
         return out
@@ -381,7 +425,25 @@ class Candidate:
         return self._greedy(self._lms, self.log_weights, enc)
 
     def _greedy(self, lms: list[_LM], log_weights: torch.Tensor, prompts: list[list[int]]) -> list[str]:
-        """Greedy decoding on the weighted mixture of `lms`' next-token distributions."""
+        """Greedy decoding on the weighted mixture of `lms`' next-token distributions; a single
+        model's answers are remembered, so best-of-N reuses what its members generated alone."""
+        if len(lms) > 1 or self.mixes:
+            return [self.tokenizer.decode(o, skip_special_tokens=True) for o in self._decode(lms, log_weights, prompts)]
+        keys = [(lms[0].identity, tuple(p), self.settings.max_new_tokens) for p in prompts]
+        todo = [i for i, k in enumerate(keys) if k not in _ANSWERS]
+        for k in keys:
+            if k in _ANSWERS:
+                lms[0].reused_seconds += _ANSWERS[k][1]
+                self.counters.gen_tokens += len(_ANSWERS[k][0])
+        if todo:
+            start = time.perf_counter()
+            answers = self._decode(lms, log_weights, [prompts[i] for i in todo])
+            share = (time.perf_counter() - start) / len(todo)
+            for i, ids in zip(todo, answers):
+                _ANSWERS[keys[i]] = (ids, share)
+        return [self.tokenizer.decode(_ANSWERS[k][0], skip_special_tokens=True) for k in keys]
+
+    def _decode(self, lms: list[_LM], log_weights: torch.Tensor, prompts: list[list[int]]) -> list[list[int]]:
         tok = self.tokenizer
         pad, stops = tok.pad_token_id, stop_ids(tok)
         steppers = [lm.stepper(prompts, pad) for lm in lms]
@@ -401,7 +463,7 @@ class Candidate:
                 break
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             logp = _mix([s.step(nxt) for s in steppers], log_weights)
-        return [tok.decode(o, skip_special_tokens=True) for o in outs]
+        return outs
 
     def routing(self, texts: list[str]) -> list[list[float]] | None:
         """Per layer, the share of routing slots each expert took on these texts (MoE only)."""
@@ -515,6 +577,7 @@ class TokenEnsemble(Candidate):
     """Weighted average of the members' next-token probabilities (members share one tokenizer)."""
 
     kind = "token_ensemble"
+    mixes = True
 
     def __init__(self, name: str, members: list[ModelCandidate], weights: list[float] | None, settings: Settings):
         super().__init__(name, settings)
@@ -658,15 +721,13 @@ class BestOfN(Candidate):
     def model_paths(self) -> list[Path]:
         return [p for m in self.members for p in m.model_paths()]
 
-    def _score_batch(self, batch, pad) -> list[LogProbs]:
-        per_member = [lm.rows(batch, pad) for lm in self._lms]
+    def _score_batch(self, batch, pad) -> list[tuple[float, int, bool]]:
+        per_member = [lm.score(batch, pad) for lm in self._lms]
         out = []
         for j, (_, cont) in enumerate(batch):
-            target = torch.tensor(cont)
-            seq = torch.stack([m[j].gather(1, target[:, None]).sum() for m in per_member])
+            seq = torch.tensor([m[j][0] for m in per_member], dtype=torch.float64)
             mixed = float(torch.logsumexp(seq, 0) - torch.log(torch.tensor(float(len(seq)))))
-            greedy = any(bool((m[j].argmax(-1) == target).all()) for m in per_member)
-            out.append((mixed, len(cont), greedy))
+            out.append((mixed, len(cont), any(m[j][2] for m in per_member)))
         return out
 
     def _generate_batch(self, enc: list[list[int]], prompts: list[str]) -> list[str]:
