@@ -7,9 +7,12 @@ thread writes the previous result at its final offset. At most one unit waits in
 A work unit is a whole tensor, or, for strategies that treat rows independently (elementwise
 or row-wise math), a block of about CHUNK_ELEMENTS elements of rows. So for those strategies
 peak memory is a few blocks whatever the model size: the 128k x 4096 embedding of a large
-model costs what a small one does. Strategies that need a whole tensor (TIES' top-k threshold,
-slerp's angle between whole tensors) get it whole. The engine sees files and never math; the
-strategies see tensors and never files.
+model costs what a small one does. Strategies that are elementwise once they know a few
+whole-tensor statistics (TIES' top-k thresholds, slerp's angle) declare statistics passes
+(Strategy.stats_passes): the tensor's row blocks are then read once per pass and folded into the
+statistics (units that write nothing), then once more and merged with them in ctx.stats. Only
+tensors whose vocabularies differ (`tokenizer: base`) still go whole to such strategies. The
+engine sees files and never math; the strategies see tensors and never files.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -87,7 +90,8 @@ class _StreamContext(TensorContext):
 
 @dataclass
 class _Unit:
-    """One step of the pipeline: the rows [start, stop) of a task's tensor, or all of it."""
+    """One step of the pipeline: the rows [start, stop) of a task's tensor, or all of it. A unit
+    of a statistics pass computes None and writes nothing."""
 
     task: TensorTask
     rows: tuple[int, int] | None
@@ -95,33 +99,64 @@ class _Unit:
     first_element: int = 0
 
 
-def _blocked_compute(task: TensorTask) -> Compute | None:
-    """The task's computation with a streaming context, when it may run block by block."""
+class _Stream:
+    """One tensor streamed in row blocks: its statistics, folded pass by pass, then its merge.
+    Its units run in plan order on one thread, so they share this state without locks."""
+
+    def __init__(self, task: TensorTask) -> None:
+        self.strategy, self.params, self.model_params, ctx, self.has_base, _ = task.compute.args  # type: ignore[attr-defined]
+        self.ctx = _StreamContext(ctx.name, ctx.role, ctx.seed, ctx.model_ids)
+        self.passes = self.strategy.stats_passes(self.params, self.model_params)
+        self.stats = None
+
+    def fold(self, pass_index: int, last: bool, inputs: list[torch.Tensor]) -> None:
+        base, tensors = (inputs[-1], inputs[:-1]) if self.has_base else (None, inputs)
+        s, p, mp = self.strategy, self.params, self.model_params
+        self.stats = s.fold_stats(pass_index, self.stats, tensors, base, p, mp, self.ctx)
+        if last:
+            self.stats = s.finish_stats(pass_index, self.stats, p, mp)
+            if pass_index == self.passes - 1:  # generators stay shared: replace() keeps the dict
+                self.ctx = replace(self.ctx, stats=self.stats)
+
+    def merge(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return _merge_group(self.strategy, self.params, self.model_params, self.ctx, self.has_base, None, inputs)
+
+
+def _streamable(task: TensorTask) -> bool:
+    """Whether the task may run block by block: a tensor-wise merge by a row-separable strategy."""
     c = task.compute
     if not (isinstance(c, partial) and c.func is _merge_group and len(c.args) == 6 and not c.keywords):
+        return False
+    strategy, vocab_rows = c.args[0], c.args[5]
+    return vocab_rows is None and strategy.row_separable
+
+
+def block_rows(task: TensorTask, chunk: int | None = None) -> int | None:
+    """Rows per work unit when the task is streamed in row blocks, else None (whole tensor)."""
+    chunk = chunk or CHUNK_ELEMENTS
+    rows = task.shape[0] if task.shape else 0
+    if task.numel <= chunk or rows <= 1 or not all(c.info(n).shape == task.shape for c, n in task.inputs):
         return None
-    strategy, params, model_params, ctx, has_base, vocab_rows = c.args
-    if vocab_rows is not None or not strategy.row_separable:
+    if not _streamable(task):
         return None
-    stream = _StreamContext(ctx.name, ctx.role, ctx.seed, ctx.model_ids)
-    return partial(_merge_group, strategy, params, model_params, stream, has_base, vocab_rows)
+    return max(1, chunk // (task.numel // rows))
 
 
 def _units(tasks: list[TensorTask], chunk: int | None = None):
     """Split tasks into work units (lazily, in plan order)."""
-    chunk = chunk or CHUNK_ELEMENTS
     for task in tasks:
-        rows = task.shape[0] if task.shape else 0
-        if task.numel > chunk and rows > 1 and all(c.info(n).shape == task.shape for c, n in task.inputs):
-            compute = _blocked_compute(task)
-            if compute is not None:
-                per_row = task.numel // rows
-                step = max(1, chunk // per_row)
-                for start in range(0, rows, step):
-                    stop = min(rows, start + step)
-                    yield _Unit(task, (start, stop), compute, start * per_row)
-                continue
-        yield _Unit(task, None, task.compute)
+        step = block_rows(task, chunk)
+        if step is None:
+            yield _Unit(task, None, task.compute)
+            continue
+        rows, per_row = task.shape[0], task.numel // task.shape[0]
+        stream = _Stream(task)
+        blocks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+        for p in range(stream.passes):
+            for start, stop in blocks:
+                yield _Unit(task, (start, stop), partial(stream.fold, p, stop == rows), start * per_row)
+        for start, stop in blocks:
+            yield _Unit(task, (start, stop), stream.merge, start * per_row)
 
 
 def _input_bytes(unit: _Unit) -> int:
@@ -229,6 +264,13 @@ def run_plan(
                 except Exception as e:
                     raise MergeLabError(f"tensor '{task.output}': the strategy failed: {e}") from e
                 del inputs
+                if result is None:  # a statistics pass: nothing to write
+                    if defer:
+                        if pending_write is not None:
+                            pending_write.result()
+                        next_inputs = reader.submit(_load, following, dev)
+                    unit = following
+                    continue
                 if pending_write is not None:
                     pending_write.result()
                 nbytes = result.numel() * task.dtype.itemsize

@@ -18,7 +18,7 @@ Strategies are discovered through the entry-point group `merge_lab.strategies`; 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -48,6 +48,9 @@ class TensorContext:
     role: TensorRole
     seed: int
     model_ids: tuple[str, ...]  # the recipe's reference for each input, in order
+    # The whole tensor's statistics (see Strategy.stats_passes) when the engine gathered them over
+    # row blocks beforehand; None when merge() gets the whole tensor and should gather them itself.
+    stats: Any = field(default=None, compare=False, repr=False)
 
     def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded from (seed, tensor name, model): independent of order and threads."""
@@ -70,8 +73,10 @@ class Strategy:
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     structural: ClassVar[bool] = False
-    # True when a row of the result depends only on that row of the inputs (and random draws come
-    # in row-major order from ctx.generator): the engine may then stream a tensor in row blocks.
+    # True when a row of the result depends only on that row of the inputs and on the tensor's
+    # statistics (random draws coming in row-major order from ctx.generator): the engine may then
+    # stream a tensor in row blocks, first folding every block into the statistics when
+    # stats_passes() asks for them (see fold_stats), then merging every block with them in ctx.stats.
     row_separable: ClassVar[bool] = False
     # Parameters under which the result equals the first model exactly (used by the contract suite).
     identity_params: ClassVar[dict[str, Any]] = {}
@@ -86,6 +91,44 @@ class Strategy:
     ) -> torch.Tensor:
         """Merge one tensor group. Inputs are float32 on the compute device; return the same shape."""
         raise NotImplementedError
+
+    # -- whole-tensor statistics, for strategies that are elementwise once they know a few scalars
+    # (slerp's angle, TIES' magnitude threshold): the engine streams such a tensor in row blocks,
+    # pass by pass, instead of holding it whole.
+
+    def stats_passes(self, params: BaseModel, model_params: list[BaseModel]) -> int:
+        """How many passes over the tensor's row blocks gather its statistics (0: none needed)."""
+        return 0
+
+    def fold_stats(
+        self,
+        pass_index: int,
+        stats: Any,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        params: BaseModel,
+        model_params: list[BaseModel],
+        ctx: TensorContext,
+    ) -> Any:
+        """Fold one row block (or the whole tensor) into the statistics and return them.
+
+        `stats` is None at the first block of pass 0, then whatever the previous call returned.
+        Must not modify the inputs, nor draw from ctx.generator (merge() owns the random streams).
+        """
+        raise NotImplementedError
+
+    def finish_stats(self, pass_index: int, stats: Any, params: BaseModel, model_params: list[BaseModel]) -> Any:
+        """Called after the last block of each pass (e.g. to pick a histogram bin); returns the stats."""
+        return stats
+
+    def tensor_stats(self, tensors, base, params, model_params, ctx: TensorContext) -> Any:
+        """The statistics of a tensor given whole: every pass over one block. merge() calls this
+        when ctx.stats is None, so whole and streamed tensors share one definition."""
+        stats = None
+        for p in range(self.stats_passes(params, model_params)):
+            stats = self.fold_stats(p, stats, tensors, base, params, model_params, ctx)
+            stats = self.finish_stats(p, stats, params, model_params)
+        return stats
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:

@@ -33,62 +33,80 @@ def deltas_(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tenso
     return tensors
 
 
-# Tensors at least this large find TIES' threshold by a sampled bracket, then an exact selection
-# among the few entries inside it; smaller ones call kthvalue directly.
-_BRACKET_MIN = 1 << 23
-_SAMPLE = 1 << 16
+def magnitude_bits(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|tensor - base| as the int32 bit patterns of its float32 values, flat.
 
-
-def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest (1-based) of a flat tensor, exactly as torch.kthvalue gives it.
-
-    kthvalue is an O(n) selection, but a single-threaded one that copies its input. For large
-    tensors we bracket the answer with a strided sample, count what lies below the bracket and
-    select among the entries inside it (about 1% of them), in a few multi-threaded passes; if the
-    bracket misses (odd data), we fall back to kthvalue over everything.
+    For non-negative floats the bit pattern orders like the value, so a radix select over these
+    integers finds the exact k-th largest magnitude.
     """
-    n = values.numel()
-    if n < _BRACKET_MIN:
-        return torch.kthvalue(values, k).values
-    sample = values[:: n // _SAMPLE]
-    m = sample.numel()
-    q = k / n
-    margin = 6.0 * (q * (1.0 - q) / m) ** 0.5 + 8.0 / m
-    lo_rank = max(1, int((q - margin) * m))
-    hi_rank = min(m, int((q + margin) * m) + 1)
-    lo = torch.kthvalue(sample, lo_rank).values if q - margin > 0 else None
-    hi = torch.kthvalue(sample, hi_rank).values if q + margin < 1 else None
-    below = int((values < lo).sum()) if lo is not None else 0
-    if lo is None and hi is None:
-        return torch.kthvalue(values, k).values
-    if lo is None:
-        inside = values <= hi
-    elif hi is None:
-        inside = values >= lo
-    else:
-        inside = (values >= lo).logical_and_(values <= hi)
-    candidates = values[inside]
-    if below < k <= below + candidates.numel():
-        return torch.kthvalue(candidates, k - below).values
-    return torch.kthvalue(values, k).values
+    return torch.sub(tensor, base).abs_().view(torch.int32).reshape(-1)
+
+
+def _select(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest of the counted values, and that value's rank in the bin."""
+    from_top = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, k))
+    above = int(from_top[j - 1]) if j > 0 else 0
+    return counts.numel() - 1 - j, k - above
+
+
+class TopKThreshold:
+    """The magnitude threshold that keeps the `density` share of a tensor (at least one entry),
+    found exactly over row blocks in two passes of a radix select on the float32 bit patterns:
+    pass 0 counts the values per high 16 bits, pass 1 counts the low 16 bits of the values in the
+    bin that holds the k-th largest. The result is torch.kthvalue's (n - k + 1)-th smallest."""
+
+    def __init__(self, density: float) -> None:
+        self.density = density
+        self.n = 0
+        self.high = torch.zeros(1 << 16, dtype=torch.int64)
+        self.low = torch.zeros(1 << 16, dtype=torch.int64)
+        self.bin = self.rank = 0
+        self.value: torch.Tensor | None = None  # float32 scalar; None: keep everything
+
+    def fold(self, pass_index: int, bits: torch.Tensor) -> None:
+        """Count one block's magnitude bits (from magnitude_bits) in this pass's histogram."""
+        if pass_index == 0:
+            self.n += bits.numel()
+            self.high += torch.bincount(bits >> 16, minlength=1 << 16).to(self.high.device)
+        elif self.n:
+            lo = self.bin << 16
+            inside = bits[(bits >= lo).logical_and_(bits < lo + (1 << 16))]
+            if inside.numel():
+                self.low += torch.bincount(inside.sub_(lo), minlength=1 << 16).to(self.low.device)
+
+    def finish(self, pass_index: int) -> None:
+        if not self.n:
+            return
+        if pass_index == 0:
+            self.bin, self.rank = _select(self.high, max(1, int(self.density * self.n)))
+        else:
+            low, _ = _select(self.low, self.rank)
+            self.value = torch.tensor((self.bin << 16) | low, dtype=torch.int32).view(torch.float32)
+
+    def trim_(self, delta: torch.Tensor) -> torch.Tensor:
+        """Zero the entries of (a block of) delta below the threshold; ties with it are kept."""
+        if self.value is not None:
+            delta.masked_fill_(delta.abs() < self.value.to(delta.device), 0.0)
+        return delta
 
 
 def trim_topk_(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `density` share of entries largest in magnitude (at least one), zero the rest.
 
-    Uses a selection for the threshold (kth_smallest), not a full sort. Entries tied with the
-    threshold are all kept.
+    The threshold is TopKThreshold's exact selection over the whole tensor (no sort); entries
+    tied with the threshold are all kept.
     """
-    n = delta.numel()
-    if density >= 1.0 or n == 0:
+    if density >= 1.0 or delta.numel() == 0:
         return delta
     if density <= 0.0:
         return delta.zero_()
-    k = max(1, int(density * n))
-    magnitude = delta.abs().reshape(-1)
-    threshold = kth_smallest(magnitude, n - k + 1)
-    delta.masked_fill_(magnitude.view(delta.shape) < threshold, 0.0)
-    return delta
+    selection = TopKThreshold(density)
+    bits = delta.abs().view(torch.int32).reshape(-1)
+    for p in (0, 1):
+        selection.fold(p, bits)
+        selection.finish(p)
+    return selection.trim_(delta)
 
 
 def dare_drop_(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool) -> torch.Tensor:

@@ -9,6 +9,10 @@ flat vector: both are normalised, their angle theta = acos(dot) is found, and
 out = sin((1-t) theta)/sin(theta) * a + sin(t theta)/sin(theta) * b on the original
 (unnormalised) tensors. Nearly collinear tensors (|dot| > 0.9995) are interpolated linearly,
 (1-t) a + t b.
+
+The norms and the dot product are statistics (Strategy.stats_passes), summed in float64 over row
+blocks in one pass; the interpolation is then elementwise, so the engine streams every tensor in
+row blocks whatever its size.
 """
 
 from __future__ import annotations
@@ -30,11 +34,30 @@ class SlerpParams(BaseModel):
     t: float = Field(0.5, description="interpolation position: 0 gives the first endpoint, 1 the second")
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    na = float(torch.linalg.vector_norm(a))
-    nb = float(torch.linalg.vector_norm(b))
+# Sums are taken over sub-blocks of this many elements, converted to float64 (bounded memory
+# even when a whole embedding comes at once).
+_SUM_ELEMENTS = 1 << 20
+
+
+def sums(a: torch.Tensor, b: torch.Tensor, into: tuple[float, float, float] = (0.0, 0.0, 0.0)):
+    """(a.a, b.b, a.b) in float64, added to `into`: the statistics slerp needs, block by block."""
+    aa, bb, ab = into
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for i in range(0, fa.numel(), _SUM_ELEMENTS):
+        x, y = fa[i : i + _SUM_ELEMENTS].double(), fb[i : i + _SUM_ELEMENTS].double()
+        aa += float(torch.dot(x, x))
+        bb += float(torch.dot(y, y))
+        ab += float(torch.dot(x, y))
+    return aa, bb, ab
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, stats: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """Interpolate in place into `a`; `stats` are sums(a, b) over the whole tensors (a, b may be
+    row blocks of them), computed here when not given."""
+    aa, bb, ab = stats if stats is not None else sums(a, b)
+    na, nb = math.sqrt(aa), math.sqrt(bb)
     na, nb = (na if na > EPS else 1.0), (nb if nb > EPS else 1.0)
-    dot = float(torch.dot(a.reshape(-1), b.reshape(-1))) / (na * nb)
+    dot = ab / (na * nb)
     dot = min(1.0, max(-1.0, dot))
     if abs(dot) > DOT_THRESHOLD:
         return a.mul_(1.0 - t).add_(b, alpha=t)
@@ -52,6 +75,14 @@ class Slerp(Strategy):
     min_models = 1
     max_models = 2
     identity_params = {"t": 1.0}  # with a base: t = 1 is the other model
+    row_separable = True  # given the norms and the dot product
+
+    def stats_passes(self, params, model_params) -> int:
+        return 0 if params.t in (0.0, 1.0) else 1
+
+    def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
+        a, b = (base, tensors[0]) if base is not None else (tensors[0], tensors[1])
+        return sums(a, b, stats or (0.0, 0.0, 0.0))
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
@@ -69,4 +100,4 @@ class Slerp(Strategy):
             return a
         if params.t == 1.0:
             return b
-        return slerp(params.t, a, b)
+        return slerp(params.t, a, b, ctx.stats)

@@ -4,10 +4,15 @@ Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIP
 (arXiv 2306.01708).
 
 Semantics, per tensor: delta_i = theta_i - base; keep the `density` share of each delta_i largest
-in magnitude (selection by kthvalue, not a sort; at least one entry); weight it by w_i; elect
+in magnitude (at least one entry; entries tied with the threshold are kept); weight it by w_i; elect
 each entry's sign as the sign of sum_i w_i delta_i; average the weighted deltas that agree with
 the elected sign, dividing by the sum of the weights of the agreeing models (`normalize`, default
 true; the disjoint mean); out = base + lambda * that. Matches mergekit's `ties`.
+
+Only the thresholds need the whole tensor, so they are statistics (Strategy.stats_passes): two
+passes of an exact radix select over row blocks (strategies.common.TopKThreshold); the trim, the
+sign election and the disjoint mean are then elementwise, and the engine streams every tensor in
+row blocks whatever its size.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from pydantic import Field
 
 from merge_lab.registry import Strategy, TensorContext
-from strategies.common import SparseModel, TaskArithmeticParams, combine, deltas_, trim_topk_
+from strategies.common import SparseModel, TaskArithmeticParams, TopKThreshold, combine, deltas_, magnitude_bits
 
 
 class TiesParams(TaskArithmeticParams):
@@ -31,9 +36,31 @@ class Ties(Strategy):
     needs_base = True
     uses_base = True
     identity_params = {"weight": 1.0, "density": 1.0}
+    row_separable = True  # given the thresholds
+
+    def stats_passes(self, params, model_params) -> int:
+        return 2 if any(0.0 < p.density < 1.0 for p in model_params) else 0
+
+    def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
+        if stats is None:  # one threshold per model that trims; None: keep all or drop all
+            stats = [TopKThreshold(p.density) if 0.0 < p.density < 1.0 else None for p in model_params]
+        for t, selection in zip(tensors, stats):
+            if selection is not None:
+                selection.fold(pass_index, magnitude_bits(t, base))
+        return stats
+
+    def finish_stats(self, pass_index, stats, params, model_params):
+        for selection in stats:
+            if selection is not None:
+                selection.finish(pass_index)
+        return stats
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
+        stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
         deltas = deltas_(tensors, base)
-        for d, p in zip(deltas, model_params):
-            trim_topk_(d, p.density)
+        for i, (d, p) in enumerate(zip(deltas, model_params)):
+            if p.density <= 0.0:
+                d.zero_()
+            elif stats is not None and stats[i] is not None:
+                stats[i].trim_(d)
         return combine(deltas, [p.weight for p in model_params], base, params.lambda_, params.normalize, True)
