@@ -13,6 +13,7 @@ scores a training item.
       - {source: advbench, split: train, limit: 60, response_template: "{refusal}"}
       - {source: benign_requests, split: train, limit: 60}
       - {jsonl: my_rows.jsonl}
+      - {suite: harmless_refusal, limit: 40, response_template: "{refusal}"}   # a suite's train split
     train: {steps: 60, batch_size: 8, lr: 8.0e-4, max_tokens: 160, seed: 0}
 """
 
@@ -32,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from merge_lab.errors import MergeLabError
 
@@ -53,6 +54,7 @@ class DataSpec(BaseModel):
 
     source: str | None = Field(None, description="a shipped source (merge_lab.data.sources())")
     jsonl: str | None = Field(None, description="a JSONL file: one {prompt, response} object per line")
+    suite: str | None = Field(None, description="a registered suite's item selection, on its 'train' split only")
     split: Literal["train", "validation", "test"] | None = Field(
         "train", description="shipped sources: which split (never train on 'test')")
     limit: int | None = Field(None, ge=1, description="at most this many rows from this block")
@@ -62,9 +64,17 @@ class DataSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_origin(self) -> DataSpec:
-        if (self.source is None) == (self.jsonl is None):
-            raise ValueError("give exactly one of 'source' (a shipped data set) or 'jsonl' (a file)")
+        if sum(x is not None for x in (self.source, self.jsonl, self.suite)) != 1:
+            raise ValueError("give exactly one of 'source' (a shipped data set), 'jsonl' (a file) or 'suite'")
         return self
+
+    @field_validator("split")
+    @classmethod
+    def _suite_trains_on_train(cls, split: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("suite") is not None and split != "train":
+            raise ValueError(f"a suite block reads the suite's 'train' split only (its '{split}' items are "
+                             "evaluation items); drop `split:` or set it to train")
+        return split
 
 
 class LoraSpec(BaseModel):
@@ -165,7 +175,11 @@ def _fill(template: str, ex, where: str) -> str:
 def _examples(spec: DataSpec, i: int):
     from merge_lab import data
 
-    if spec.source is not None:
+    if spec.suite is not None:
+        from merge_lab.fusion.data import suite_train_items
+
+        items = suite_train_items(spec.suite, spec.response_template, f"data.{i}")
+    elif spec.source is not None:
         if spec.split == "test":
             raise MergeLabError(f"data.{i}: training on the 'test' split would leak evaluation items; use 'train'.")
         items = data.select(spec.source, spec.split)
@@ -181,7 +195,7 @@ def training_rows(recipe: AlignRecipe) -> list[Row]:
     """The rows a recipe trains on, templated, in a stable order (before the seeded shuffle)."""
     rows: list[Row] = []
     for i, spec in enumerate(recipe.data):
-        where = f"data.{i} ({spec.source or spec.jsonl})"
+        where = f"data.{i} ({spec.source or spec.jsonl or 'suite ' + str(spec.suite)})"
         items = _examples(spec, i)
         if not items:
             raise MergeLabError(f"{where}: selects no items; check source, split, label and limit.")

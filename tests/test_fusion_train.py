@@ -127,7 +127,11 @@ def test_bad_train_block_and_data_are_refused(moe, tmp_path):
     wrong = write_recipe(tmp_path / "w.yaml", {**recipe, "train": {"data": str(rows), "steps": 1}})
     with pytest.raises(MergeLabError, match="rows.jsonl, line 2: label 'evil'"):
         fuse(wrong, tmp_path / "o3", progress=False)
-    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    evaluated = write_recipe(tmp_path / "s.yaml", {**recipe, "train": {"data": [
+        {"expert": "honest", "suite": "honest_truthfulqa", "split": "test"}]}})
+    with pytest.raises(MergeLabError, match=r"s.yaml, line \d+ \(train.data.0.split\): .*'train' split only"):
+        fuse(evaluated, tmp_path / "o4", progress=False)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4))
     assert not list(tmp_path.glob(".o*"))  # no work folder either
 
 
@@ -137,5 +141,5 @@ def test_data_blocks_from_shipped_sources_carry_their_expert_label():
     rows = load_examples([{"expert": "helpful", "source": "refusal_pairs", "split": "train", "label": "answer",
                            "limit": 3}], LABELS)
     assert len(rows) == 3 and {r.label for r in rows} == {"helpful"} and all(r.prompt and r.response for r in rows)
-    with pytest.raises(MergeLabError, match=r"train.data.0: expert 'evil' is not one"):
+    with pytest.raises(MergeLabError, match=r"train.data.0.expert: expert 'evil' is not one"):
         load_examples([{"expert": "evil", "source": "refusal_pairs"}], LABELS)

@@ -26,6 +26,15 @@ def mean_routing_probs(router_logits: list[torch.Tensor], mask: torch.Tensor) ->
     return (probs * m).sum(dim=(0, 2)) / (len(router_logits) * m.sum(dim=(0, 2)).clamp_min(1.0))
 
 
+def skip_prefix(mask: torch.Tensor, start: int) -> torch.Tensor:
+    """The attention mask without its first `start` positions (the examples' shared prefix)."""
+    if start <= 0:
+        return mask
+    out = mask.clone()
+    out[:, :start] = 0
+    return out
+
+
 def gating_loss(mean_probs: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     """NLL of the labelled expert's mean routing probability (a probability, so no second softmax)."""
     return -torch.log(mean_probs.gather(1, expert[:, None]).squeeze(1).clamp_min(1e-12)).mean()

@@ -51,7 +51,8 @@ def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, 
         from merge_lab.fusion.assemble import expert_labels
         from merge_lab.fusion.data import load_examples
 
-        load_examples(cfg.data, expert_labels(recipe), recipe.where("train", "data"))
+        load_examples(cfg.data, expert_labels(recipe), recipe.where("train", "data"),
+                      lambda *key: recipe.where("train", "data", *key))
     work = work_dir(out)
     assembled = work / "moe"
     reuse = resume and (assembled / "config.json").exists()

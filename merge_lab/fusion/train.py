@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from merge_lab.errors import MergeLabError
 from merge_lab.fusion import losses
-from merge_lab.fusion.data import Encoded, collate, encode, load_examples
+from merge_lab.fusion.data import Encoded, collate, encode, load_examples, shared_prefix
 from merge_lab.fusion.layout import expert_labels
 from merge_lab.fusion.routing import capture_router_logits, routers
 from merge_lab.recipe import Recipe
@@ -34,7 +34,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     data: str | list[dict[str, Any]] = Field(
-        description="JSONL of {prompt, response, label} rows, or align-style blocks each with `expert: LABEL`"
+        description="JSONL of {prompt, response, label} rows, or align-style blocks each with `expert: LABEL` and "
+                    "one of `source:` (a shipped set by split), `jsonl:` or `suite:` (a registered suite's items on "
+                    "its train split, never the ones it evaluates; reference replies, or response_template)"
     )
     steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="examples per step (per process)")
@@ -52,6 +54,9 @@ class TrainConfig(BaseModel):
         0.0, alias="gamma", description="weight of each expert's drift regulariser: one number or {label: gamma}"
     )
     load_balance: float = Field(0.0, ge=0, description="weight of the load-balancing loss (0: off)")
+    gating_tokens: Literal["all", "content"] = Field(
+        "all", description="tokens the gating loss (and the routing accuracy) averages over: all real tokens "
+                           "(the paper), or content: all but the prefix every example shares (system prompt)")
     seed: int = Field(0, description="seed of LoRA init, data order and dropout")
     eval_rows: int = Field(96, ge=0, description="routing accuracy before/after is measured on this many rows (0: off)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only on Ctrl-C)")
@@ -192,8 +197,9 @@ def _load_state(folder: Path, model, optimizer) -> tuple[int, list]:
 
 
 @torch.no_grad()
-def routing_accuracy(model, encoded: list[Encoded], pad_id: int, device, batch: int = 16) -> float:
-    """Share of examples whose mean routing probability is highest on their labelled expert."""
+def routing_accuracy(model, encoded: list[Encoded], pad_id: int, device, batch: int = 16, skip: int = 0) -> float:
+    """Share of examples whose mean routing probability is highest on their labelled expert
+    (averaged over real tokens after the first `skip`)."""
     was_training = model.training
     model.eval()
     hits = 0
@@ -201,7 +207,7 @@ def routing_accuracy(model, encoded: list[Encoded], pad_id: int, device, batch: 
         b = {k: v.to(device) for k, v in collate(encoded[i:i + batch], pad_id).items()}
         with capture_router_logits(model) as captured:
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        probs = losses.mean_routing_probs(captured, b["attention_mask"])
+        probs = losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], skip))
         hits += int((probs.argmax(-1) == b["expert"]).sum())
     model.train(was_training)
     return hits / len(encoded)
@@ -265,8 +271,9 @@ def train(
     start, history = 0, []
     if resume and (state_dir / STATE_FILE).exists():
         start, history = _load_state(state_dir, inner, optimizer)
+    skip = shared_prefix(encoded) if cfg.gating_tokens == "content" else 0
     probe = encoded[:: max(1, -(-len(encoded) // cfg.eval_rows))] if cfg.eval_rows else []
-    acc_before = routing_accuracy(inner, probe, pad_id, device) if start == 0 and probe else float("nan")
+    acc_before = routing_accuracy(inner, probe, pad_id, device, skip=skip) if start == 0 and probe else float("nan")
 
     step = start
     with _progress(progress and accelerator.is_main_process, console) as bar:
@@ -279,7 +286,7 @@ def train(
                 with capture_router_logits(inner) as captured:
                     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
                 lm = losses.lm_loss(out.logits, b["labels"])
-                probs = losses.mean_routing_probs(captured, b["attention_mask"])
+                probs = losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], skip))
                 gate = losses.gating_loss(probs, b["expert"])
                 drift = _drift_per_expert(inner, cfg, expert_params, initial, len(labels)).to(device)
                 loss = lm + cfg.gating_weight * gate + (gammas * drift).sum()
@@ -305,6 +312,6 @@ def train(
             if accelerator.is_main_process:
                 _save_state(state_dir, inner, optimizer, step, history)
             raise
-    acc_after = routing_accuracy(inner, probe, pad_id, device) if probe else float("nan")
+    acc_after = routing_accuracy(inner, probe, pad_id, device, skip=skip) if probe else float("nan")
     final = inner.merge_and_unload() if cfg.trainable == "router+lora" else inner
     return TrainResult(final, step, True, history, acc_before, acc_after)
