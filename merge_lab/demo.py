@@ -61,14 +61,14 @@ PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
         "align": {"train": {"steps": 6, "batch_size": 4, "max_tokens": 64}, "lora": {"layers": 4}, "data_limit": 40},
         "fuse": {"train": {"steps": 3, "batch_size": 4, "max_length": 64, "eval_rows": 12}, "data_limit": 12},
-        "compare": {"settings": {"limit": 8, "max_new_tokens": 16},
+        "compare": {"settings": {"limit": 8, "max_new_tokens": 16, "max_length": 256}, "selection": {"limit": 4},
                     "suites": ["harmless_refusal", "harmless_overrefusal", "honest_truefalse", "helpful_likelihood"]},
     },
     "default": {},
     "thorough": {
         "align": {"train": {"steps": 200, "max_tokens": 192}, "lora": {"layers": None}},
         "fuse": {"train": {"steps": 200, "eval_rows": 96}},
-        "compare": {"settings": {"limit": 260, "max_new_tokens": 48},
+        "compare": {"settings": {"limit": 260, "max_new_tokens": 48}, "selection": {"limit": 64},
                     "suites": ["harmless_refusal", "harmless_overrefusal", "helpful_likelihood", "helpful_winrate",
                                "honest_truefalse", "honest_truthfulqa", "honest_deceptive",
                                "capability_commonsenseqa"]},
@@ -253,21 +253,27 @@ def write_manifest(root: Path, profile: str, base: Path, report: Path | None) ->
             trained += doc["ids"]
     fusion_ids = fusion_items(root / "recipes" / "08_fuse_h3_moe.yaml")
     trained += fusion_ids
-    suites = {}
+    suites, selection = {}, {}
     results = report / "results.json" if report else None
     if results is not None and results.is_file():
-        suites = suite_items(json.loads(results.read_text()))
-    for s in suites.values():
+        doc = json.loads(results.read_text())
+        suites = suite_items(doc)
+        for sel in (doc.get("selection") or {}).values():
+            for name, ids in sel["ids"].items():
+                selection.setdefault(name, set()).update(ids)
+    for s in [*suites.values(), *({"ids": sorted(v)} for v in selection.values())]:
         data.check_disjoint(trained, s["ids"])
     manifest = {
         "profile": profile,
         "base": str(base.resolve()),
         "note": "the experts are LoRA fine-tunes made here from this one base; experts and fusion train on the "
-                "'train' split, suites evaluate the 'test' split, and the two are checked disjoint by id and content",
+                "'train' split, suites evaluate the 'test' split, the fused model's top-k is chosen on the "
+                "'validation' split (selection_items), and training items are checked disjoint from both by id and content",
         "experts": experts,
         "fusion_rows": {"note": "rows the router training drew from (train split)", "count": len(set(fusion_ids)),
                         "by_source": _by_source(fusion_ids)},
         "suites": {n: {"count": len(s["ids"]), "by_source": s["by_source"]} for n, s in suites.items()},
+        "selection_items": {n: {"count": len(ids), "by_source": _by_source(sorted(ids))} for n, ids in selection.items()},
         "disjoint_checked": bool(suites) and bool(trained),
     }
     path = root / "manifest.json"

@@ -84,6 +84,12 @@ def test_manifest_lists_disjoint_training_and_evaluation_items(demo_run):
     evaluated = {f"{s}:{i}" for x in manifest["suites"].values() for s, idx in x["by_source"].items() for i in idx}
     assert trained and evaluated and not trained & evaluated
     assert all(data.split_of(i) == "train" for i in trained)
+    # the fused model's top-k was chosen on validation items, apart from both
+    chosen_on = {f"{s}:{i}" for x in manifest["selection_items"].values() for s, idx in x["by_source"].items() for i in idx}
+    assert chosen_on and not chosen_on & (trained | evaluated)
+    assert all(data.split_of(i) == "validation" for i in chosen_on)
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert [t["values"]["num_experts_per_tok"] for t in results["selection"]["h3_moe"]["tried"]] == [1, 2, 3]
     data.check_disjoint(trained, evaluated)
 
 

@@ -355,6 +355,12 @@ def test_bad_input_fails_before_work(world, tmp_path, monkeypatch):
         ({"judge": {"reward": "x"}, "suites": ["helpful_winrate"]}, "reward_model"),
         ({"settings": {"limit": 4, "split": "train"}}, "not an evaluation split"),
         ({"headline": "fused"}, "headline 'fused' is not a candidate"),
+        ({"candidates": [{"name": "refuse", "checkpoint": str(root / "refuse"), "choose": {"top_k": [1, 2]}}]},
+         r"choose: \['top_k'\] not in .*config.json"),
+        ({"candidates": [{"name": "refuse", "checkpoint": str(root / "refuse"), "choose": {"rms_norm_eps": [1e-5]}}],
+          "selection": {"split": "test"}}, "selection.split is 'test'"),
+        ({"candidates": [{"name": "e", "ensemble": [str(root / "refuse")], "choose": {"x": [1]}}]},
+         "needs a checkpoint candidate"),
     ]
     broken = tmp_path / "broken"
     make_checkpoint(broken, seed=1)
@@ -394,6 +400,27 @@ def test_bad_input_fails_before_work(world, tmp_path, monkeypatch):
             run_compare(_spec(tmp_path, **over), progress=False)
         assert loads == [], f"{msg}: a model was loaded before the error"  # the error came before any work
         assert not (tmp_path / "out").exists()  # nothing evaluated, nothing cached
+
+
+def test_choose_picks_on_the_validation_split(world, tmp_path):
+    """A negative RMSNorm epsilon turns the toy 'refuse' model's activations into NaN, so it stops
+    refusing. `choose` must try both values on the validation split and keep the working one (listed
+    second, so a selection that ignored the scores would keep the first)."""
+    root = world[0]
+    spec = {"output": str(tmp_path / "out"), "suites": ["harmless_refusal"],
+            "settings": {"limit": 4, "max_new_tokens": 10, "bootstrap": 100}, "selection": {"limit": 3},
+            "candidates": [{"name": "refuse", "checkpoint": str(root / "refuse"),
+                            "choose": {"rms_norm_eps": [-1000.0, 1e-6]}},
+                           {"name": "ens", "ensemble": ["refuse", str(root / "comply")]}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    res = run_compare(tmp_path / "c.yaml", progress=False)
+    sel = res.results["selection"]["refuse"]
+    assert sel["chosen"] == {"rms_norm_eps": 1e-6} and sel["split"] == "validation"
+    assert [t["mean"] for t in sel["tried"]] == [0.0, 1.0] and sel["n"] == {"harmless_refusal": 3}
+    assert value(res, "harmless_refusal", "refuse") == 1.0  # the report evaluates the chosen variant
+    evaluated_on = {s for _, s in res.evaluated}
+    assert evaluated_on == {"harmless_refusal"}
+    assert "was chosen on the 'validation' split" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_cli_compare_and_suites(world, tmp_path):

@@ -12,6 +12,11 @@
       - {name: ties, recipe: ties.yaml}                  # or the recipe inline: {merge_method: ties, ...}
       - {name: ens, ensemble: [base, ties], weights: [0.5, 0.5]}
       - {name: bon, best_of_n: [base, ties]}             # scorer: the judge, or reward_model: ./rm
+      - {name: moe, checkpoint: ./moe, choose: {num_experts_per_tok: [1, 2]}}
+    selection: {split: validation, limit: 24}   # where `choose:` values are tried (never the test split)
+
+`choose:` tries config.json values of a checkpoint candidate on the selection split and keeps the
+best on the mean of the objectives; the report says what was tried, what won, and on which items.
 
 Relative paths count from the working directory (as in recipes), falling back to the compare
 file's folder. Everything that can be wrong in the file (unknown suites, candidates that do not load, ensembles
@@ -55,13 +60,25 @@ class CandidateSpec(BaseModel):
     reward_model: str | None = None
     source: bool = False
     group: str | None = None  # e.g. merge, ensemble: the headline is compared with each group's best
+    choose: dict[str, list[Any]] | None = None  # config.json values tried on the selection split
 
     @model_validator(mode="after")
     def _one_kind(self) -> CandidateSpec:
         kinds = [k for k in ("checkpoint", "recipe", "ensemble", "best_of_n") if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError(f"candidate '{self.name}': give exactly one of checkpoint, recipe, ensemble, best_of_n")
+        if self.choose is not None and (self.checkpoint is None or not self.choose or not all(self.choose.values())):
+            raise ValueError(f"candidate '{self.name}': `choose:` needs a checkpoint candidate and a non-empty "
+                             "list of values per config key, e.g. {num_experts_per_tok: [1, 2]}")
         return self
+
+
+class Selection(BaseModel):
+    """Where `choose:` values are compared: a split other than the evaluation split."""
+
+    model_config = ConfigDict(extra="forbid")
+    split: str = "validation"
+    limit: int | None = None  # items per suite (default: settings.limit)
 
 
 class CompareSpec(BaseModel):
@@ -76,6 +93,7 @@ class CompareSpec(BaseModel):
     training_data: list[str | dict[str, Any]] = []
     headline: str | None = None  # the candidate whose verdict leads the report (e.g. the fused model)
     notes: list[str] = []  # plain statements printed first in the report (what the candidates are)
+    selection: Selection = Selection()
 
 
 def load_spec(path: str | Path) -> tuple[CompareSpec, Path]:
@@ -108,6 +126,7 @@ class Comparison:
     cache: ResultCache
     training_checked: list[str] = field(default_factory=list)
     evaluated: list[tuple[str, str]] = field(default_factory=list)
+    selection_suites: list[Suite] = field(default_factory=list)  # the same suites on the selection split
 
 
 def _resolve(root: Path, p: str) -> Path:
@@ -189,6 +208,15 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
     entries = [dict(x, path=str(_resolve(root, x["path"]))) if isinstance(x, dict) and "path" in x else x
                for x in spec.suites]
     suites = [make_suite(x, split=s.split, limit=s.limit, seed=s.seed) for x in entries]
+    selection_suites = []
+    if any(c.choose for c in spec.candidates):
+        sel = spec.selection
+        if sel.split == s.split:
+            raise MergeLabError(
+                f"{path}: selection.split is '{sel.split}', the split the report evaluates on; values chosen there "
+                "would flatter the chosen candidate. Use another split (validation)."
+            )
+        selection_suites = [make_suite(x, split=sel.split, limit=sel.limit or s.limit, seed=s.seed) for x in entries]
     names = [x.name for x in suites]
     if not names:
         raise MergeLabError(f"{path}: no suites; list some under `suites:` (`merge-lab suites` shows them).")
@@ -212,7 +240,7 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
     checked = []
     for entry in [*spec.training_data, *map(str, _discovered_training(by_name))]:
         train = _training_items(root, entry)
-        for x in suites:
+        for x in suites + selection_suites:
             try:
                 data.check_disjoint(train, x.items())
             except MergeLabError as e:
@@ -241,8 +269,15 @@ def prepare(path: str | Path, output: str | Path | None = None) -> Comparison:
             judge.check()
         except MergeLabError as e:
             raise MergeLabError(f"the judge does not load: {e}") from None
+    for c in spec.candidates:
+        if c.choose:
+            config = json.loads((by_name[c.name].path / "config.json").read_text())
+            unknown = [k for k in c.choose if k not in config]
+            if unknown:
+                raise MergeLabError(f"candidate '{c.name}': choose: {unknown} not in {by_name[c.name].path}/config.json.")
     ctx = EvalContext(judge=judge, reference=reference)
-    return Comparison(spec, root, out, settings, suites, by_name, sources, ctx, cache, training_checked=checked)
+    return Comparison(spec, root, out, settings, suites, by_name, sources, ctx, cache, training_checked=checked,
+                      selection_suites=selection_suites)
 
 
 _JUDGES: dict[tuple[str, str], cands.Scorer] = {}
@@ -394,6 +429,62 @@ def _reference_to_cache(comp: Comparison, settings_key: dict) -> None:
         comp.cache.put(key, {"answers": comp.ctx._reference_answers})
 
 
+# ------------------------------------------------------------------ choosing values on the selection split
+
+
+def variant_folder(src: Path, overrides: dict[str, Any], root: Path) -> Path:
+    """A checkpoint folder that differs from `src` only in config.json: links to every other file."""
+    config = json.loads((src / "config.json").read_text())
+    config.update(overrides)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    folder = root / "variants" / f"{src.name}-{hashlib.sha256((str(src.resolve()) + text).encode()).hexdigest()[:12]}"
+    if not (folder / "config.json").exists():
+        tmp = folder.with_name(folder.name + ".partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and f.name != "config.json" and not (tmp / f.name).exists():
+                (tmp / f.name).symlink_to(f.resolve())
+        (tmp / "config.json").write_text(text)
+        tmp.rename(folder)
+    return folder
+
+
+def select(comp: Comparison, progress: bool = True, console: Console | None = None) -> dict[str, dict]:
+    """For each candidate with `choose:`, evaluate every combination of its values on the selection
+    split's suites, keep the best on the mean of the objectives (as the headline ranks), and point the
+    candidate (and the ensembles that share it) at that variant. Returns what was tried, for the report."""
+    import itertools
+
+    chosen: dict[str, dict] = {}
+    for spec in comp.spec.candidates:
+        if not spec.choose:
+            continue
+        cand = comp.candidates[spec.name]
+        keys = list(spec.choose)
+        combos = [dict(zip(keys, values)) for values in itertools.product(*(spec.choose[k] for k in keys))]
+        variants = {
+            f"{spec.name} ({', '.join(f'{k}={v}' for k, v in combo.items())})":
+                cands.ModelCandidate(spec.name, variant_folder(cand.path, combo, comp.cache.root), comp.settings)
+            for combo in combos
+        }
+        sub = Comparison(comp.spec, comp.root, comp.output, comp.settings, comp.selection_suites, variants, [],
+                         comp.ctx, comp.cache)
+        objectives = aggregate(sub, evaluate(sub, progress, console), full=False)["objectives"]
+        picked = [o for o in H3_OBJECTIVES if o in objectives] or list(objectives)
+        means = {n: sum(objectives[o][n] for o in picked) / len(picked) for n in variants}
+        best = max(variants, key=lambda n: means[n])  # first listed wins a tie
+        cand.path, cand._tok, cand._lms = variants[best].path, None, []
+        chosen[spec.name] = {
+            "split": comp.spec.selection.split,
+            "n": {x.name: len(x.items()) for x in comp.selection_suites},
+            "ids": {x.name: [e.id for e in x.items()] for x in comp.selection_suites},
+            "objectives": picked,
+            "tried": [{"values": combo, "mean": means[n]} for combo, n in zip(combos, variants)],
+            "chosen": combos[list(variants).index(best)],
+        }
+    return chosen
+
+
 # ------------------------------------------------------------------ aggregation
 
 
@@ -427,8 +518,9 @@ def headline(spec: CompareSpec, objectives: dict[str, dict[str, float]]) -> dict
     return {"candidate": spec.headline, "objectives": chosen, "mean": mean[spec.headline], "against": against}
 
 
-def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]]) -> dict:
-    """results.json: settings, suites, candidates with cost, estimates, paired tests, oracle, best."""
+def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]], full: bool = True) -> dict:
+    """results.json: settings, suites, candidates with cost, estimates, paired tests, oracle, best
+    (`full=False`: estimates and objectives only, as selection needs)."""
     n_boot, seed = comp.settings.bootstrap, comp.settings.seed
     names = list(comp.candidates)
     out: dict[str, Any] = {
@@ -452,6 +544,8 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]]) -> dict:
         est = {n: bootstrap_ci(per[n], n_boot, seed) for n in names}
         out["results"][suite.name] = {n: e.as_dict() for n, e in est.items()}
         out["oracle"][suite.name] = bootstrap_ci(oracle(per, higher), n_boot, seed).as_dict()
+        if not full:
+            continue
         ranked = sorted(names, key=lambda n: est[n].value, reverse=higher)
         best = {"candidate": ranked[0]}
         if len(ranked) > 1:
@@ -469,6 +563,8 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]]) -> dict:
     for obj in dict.fromkeys(out["suites"][s]["objective"] for s in out["suites"]):
         members = [s for s in out["suites"] if out["suites"][s]["objective"] == obj]
         out["objectives"][obj] = {n: sum(norm[s][n] for s in members) / len(members) for n in names}
+    if not full:
+        return out
     out["notes"] = list(comp.spec.notes)
     if comp.spec.headline:
         out["headline"] = headline(comp.spec, out["objectives"])
@@ -501,7 +597,9 @@ def run_compare(path: str | Path, output: str | Path | None = None, progress: bo
     from merge_lab.report import write_report
 
     comp = prepare(path, output)
+    chosen = select(comp, progress=progress, console=console)
     entries = evaluate(comp, progress=progress, console=console)
     results = aggregate(comp, entries)
+    results["selection"] = chosen
     files = write_report(results, comp.output)
     return CompareResult(comp.output, results, comp.evaluated, files)

@@ -63,7 +63,16 @@ def _notes(results: dict) -> list[str]:
          + ", ".join(results.get("training_checked", [])) + "." if results.get("training_checked") else
          "No training data was listed or found beside the checkpoints, so overlap was not checked here."),
         f"Confidence intervals: {st['bootstrap']} bootstrap resamples; small n means wide intervals.",
+        *[_selection_note(name, sel) for name, sel in results.get("selection", {}).items()],
     ]
+
+
+def _selection_note(name: str, sel: dict) -> str:
+    tried = "; ".join(", ".join(f"{k}={v}" for k, v in t["values"].items()) + f": {t['mean']:.2f}" for t in sel["tried"])
+    won = ", ".join(f"{k}={v}" for k, v in sel["chosen"].items())
+    n = ", ".join(f"{k} {v}" for k, v in sel["n"].items())
+    return (f"{name}: {won} was chosen on the '{sel['split']}' split, never on the evaluation split "
+            f"(mean of {', '.join(sel['objectives'])}, scaled 0-1 across the values tried: {tried}; items per suite: {n}).")
 
 
 def _md_table(t: tables.Table) -> str:
