@@ -34,9 +34,10 @@ class SlerpParams(BaseModel):
     t: float = Field(0.5, description="interpolation position: 0 gives the first endpoint, 1 the second")
 
 
-# Sums are taken over sub-blocks of this many elements, converted to float64 (bounded memory
-# even when a whole embedding comes at once).
-_SUM_ELEMENTS = 1 << 20
+# Sums are taken over sub-blocks of this many elements converted to float64: small enough to stay
+# in cache and in the allocator's reused memory (1M-element sub-blocks took 5x the CPU time), and
+# memory stays bounded even when a whole embedding comes at once.
+_SUM_ELEMENTS = 1 << 16
 
 
 def sums(a: torch.Tensor, b: torch.Tensor, into: tuple[float, float, float] = (0.0, 0.0, 0.0)):
