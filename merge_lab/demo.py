@@ -320,6 +320,18 @@ def suite_items(results: dict) -> dict[str, dict]:
 # ------------------------------------------------------------------ the pipeline
 
 
+def _quiet_libraries() -> None:
+    """The demo shows one progress line per step and our own bars: transformers' per-load and per-save
+    bars and its deprecation notices about its own internals would bury them."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def run_demo(
     out: str | Path = DEFAULT_OUT,
     *,
@@ -350,6 +362,7 @@ def run_demo(
     eta = Eta([nominal["base"]] + [nominal[s.kind] for s in steps])
     result = DemoResult(root, None, root / "manifest.json")
     started = time.perf_counter()
+    _quiet_libraries()
     console.rule(f"[bold]merge_lab demo[/bold] — profile {profile}, output {root}")
 
     t = time.perf_counter()
