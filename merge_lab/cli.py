@@ -56,6 +56,21 @@ def friendly(fn):
     return wrapper
 
 
+def _import_frozen() -> None:
+    """Import torch and the engine with the garbage collector off, then freeze what they made.
+
+    Importing torch creates a few hundred thousand objects that the collector would otherwise
+    scan over and over while it loads and once more at exit: about 0.7 s of the 2 s it costs."""
+    import gc
+
+    gc.disable()
+    try:
+        import merge_lab.engine  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -80,6 +95,7 @@ def merge(
     the largest tensor times the number of models. The output is written beside OUT and
     renamed into place at the end: an interrupted merge leaves nothing behind.
     """
+    _import_frozen()
     from merge_lab.engine import run_plan
     from merge_lab.plan import make_plan
     from merge_lab.recipe import load_recipe

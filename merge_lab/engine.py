@@ -1,8 +1,9 @@
 """The engine: runs a Plan tensor by tensor into a ShardWriter.
 
 Reading, computing and writing overlap: a loader thread reads the next work unit's inputs
-(pread, converted to float32 in the same pass) while the current one computes, and a writer
-thread writes the previous result at its final offset. At most one unit waits in each stage.
+(converted to float32 straight from the memory-mapped page cache, into buffers the main thread
+allocates) while the current one computes, and a writer thread writes the previous result at its
+final offset. At most one unit waits in each stage.
 
 A work unit is a whole tensor, or, for strategies that treat rows independently (elementwise
 or row-wise math), a block of about CHUNK_ELEMENTS elements of rows. So for those strategies
@@ -17,6 +18,7 @@ engine sees files and never math; the strategies see tensors and never files.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import time
@@ -164,16 +166,52 @@ def _input_bytes(unit: _Unit) -> int:
     return 4 * n * len(unit.task.inputs)
 
 
-def _load(unit: _Unit, device: torch.device) -> list[torch.Tensor]:
+def _load(unit: _Unit, device: torch.device, buffers: list[torch.Tensor | None]) -> list[torch.Tensor]:
     out = []
-    for ckpt, name in unit.task.inputs:
-        info = ckpt.info(name)
-        if info.dtype.is_floating_point:
-            t = ckpt.read(name, unit.rows, torch.float32)
-        else:
-            t = ckpt.read(name, unit.rows)
+    for (ckpt, name), buf in zip(unit.task.inputs, buffers):
+        t = ckpt.read(name, unit.rows, torch.float32, out=buf) if buf is not None else ckpt.read(name, unit.rows)
         out.append(t.to(device) if device.type != "cpu" else t)
     return out
+
+
+def _prefetch(reader: ThreadPoolExecutor, unit: _Unit, device: torch.device) -> Future:
+    """Start reading a unit's inputs on the reader thread, into float32 buffers allocated here.
+
+    Allocated on the main thread, the blocks come from glibc's main heap, which (with
+    _tune_malloc's thresholds) keeps freed blocks for the next unit; blocks malloc'ed on the
+    reader thread live in its arena's 64 MB heaps, which glibc unmaps and maps again as units
+    come and go, a page fault per 4 KiB each time."""
+    buffers: list[torch.Tensor | None] = []
+    for ckpt, name in unit.task.inputs:
+        info = ckpt.info(name)
+        if not info.dtype.is_floating_point:
+            buffers.append(None)
+            continue
+        n = 1
+        for d in info.shape[1:]:
+            n *= d
+        n *= (unit.rows[1] - unit.rows[0]) if unit.rows is not None else (info.shape[0] if info.shape else 1)
+        buffers.append(torch.empty(n, dtype=torch.float32))
+    return reader.submit(_load, unit, device, buffers)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+
+
+def _tune_malloc() -> None:
+    """Let glibc keep freed row blocks for reuse instead of returning them to the kernel.
+
+    By default blocks of a few MB are mmap'ed and unmapped, or trimmed off the heap top, so
+    every block faults in fresh zeroed pages. Serving allocations up to 32 MiB from the heap and
+    trimming only above 256 MiB free (the most this lets the process keep) took the 0.5B
+    linear merge from about 250k to about 60k page faults (sys time 2.5 s -> 1.5 s, at load 9).
+    Process-wide and harmless elsewhere; a no-op without glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    mallopt(M_TRIM_THRESHOLD, 256 * 2**20)
 
 
 def copy_side_files(source: Path | None, dest: Path) -> list[str]:
@@ -233,6 +271,7 @@ def run_plan(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeLabError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
     check_disk(plan, out)
+    _tune_malloc()
     specs = [TensorSpec(t.output, t.shape, t.dtype) for t in plan.tasks]
     shard_bytes = parse_size(shard_size if shard_size is not None else plan.recipe.shard_size)
     metadata = {"format": "pt", "merge_lab_recipe_sha256": recipe_hash(plan), "merge_lab_strategy": plan.strategy}
@@ -249,13 +288,13 @@ def run_plan(
             pending_write: Future | None = None
             units = _units(plan.tasks)
             unit = next(units, None)
-            next_inputs: Future | None = reader.submit(_load, unit, dev) if unit is not None else None
+            next_inputs: Future | None = _prefetch(reader, unit, dev) if unit is not None else None
             while unit is not None:
                 assert next_inputs is not None
                 inputs = next_inputs.result()
                 following = next(units, None)
                 defer = following is not None and _input_bytes(following) > PREFETCH_BYTES
-                next_inputs = reader.submit(_load, following, dev) if following is not None and not defer else None
+                next_inputs = _prefetch(reader, following, dev) if following is not None and not defer else None
                 task = unit.task
                 try:
                     result = unit.compute(inputs)
@@ -268,7 +307,7 @@ def run_plan(
                     if defer:
                         if pending_write is not None:
                             pending_write.result()
-                        next_inputs = reader.submit(_load, following, dev)
+                        next_inputs = _prefetch(reader, following, dev)
                     unit = following
                     continue
                 if pending_write is not None:
@@ -279,7 +318,7 @@ def run_plan(
                 del result
                 if defer:
                     pending_write.result()
-                    next_inputs = reader.submit(_load, following, dev)
+                    next_inputs = _prefetch(reader, following, dev)
                 if unit.rows is None or unit.rows[1] == task.shape[0]:
                     done += 1
                 bar.update(job, advance=nbytes, tensors=f"{done}/{len(plan.tasks)}",

@@ -26,6 +26,8 @@ from merge_lab.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
 from merge_lab.errors import MergeLabError
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# Largest dtype conversion done in a reused per-thread buffer (bigger ones allocate and free).
+STAGING_BYTES = 64 * 2**20
 
 
 def parse_size(text: str | int) -> int:
@@ -162,6 +164,7 @@ class ShardWriter:
         self._written: set[str] = set()
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # per writing thread: its conversion buffers
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -204,7 +207,7 @@ class ShardWriter:
                 f"tensor '{name}': computed shape {tuple(tensor.shape)} at element {first_element} "
                 f"does not fit the planned shape {shape}"
             )
-        data = tensor.detach().to(device="cpu", dtype=slot.spec.dtype).contiguous().reshape(-1)
+        data = self._converted(tensor.detach(), slot.spec.dtype)
         fd = self._files[slot.shard].fileno()
         if n:
             buf = memoryview(data.view(torch.uint8).numpy())
@@ -216,6 +219,22 @@ class ShardWriter:
             self._counts[name] = got
             if got >= total:
                 self._written.add(name)
+
+    def _converted(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`tensor` as flat contiguous CPU `dtype`. Conversions up to STAGING_BYTES go into a
+        buffer this thread reuses: a fresh one per row block cost a page fault per 4 KiB
+        (0.5B linear benchmark: about 250k faults for the 1 GB output)."""
+        if tensor.device.type == "cpu" and tensor.dtype == dtype and tensor.is_contiguous():
+            return tensor.reshape(-1)
+        n = tensor.numel()
+        if n * dtype.itemsize > STAGING_BYTES:
+            return tensor.to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+        staging = getattr(self._local, "staging", {})
+        buf = staging.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = staging[dtype] = torch.empty(n, dtype=dtype)
+            self._local.staging = staging
+        return buf[:n].view(tensor.shape).copy_(tensor).reshape(-1)
 
     def finish(self) -> Path:
         """Check completeness, write the index, and move the folder into place."""

@@ -137,8 +137,12 @@ def combine(
     by the sum of the weights of the contributing models (the disjoint mean).
     """
     for d, w in zip(deltas, weights):
-        d.mul_(w)
-    total = deltas[0].clone() if deltas else torch.zeros_like(base)
+        if w != 1.0:  # x * 1 == x: skip the pass
+            d.mul_(w)
+    if not deltas:
+        total = torch.zeros_like(base)
+    else:  # without sign consensus the deltas are not needed again: sum into the first in place
+        total = deltas[0].clone() if sign_consensus else deltas[0]
     for d in deltas[1:]:
         total.add_(d)
     if not sign_consensus:

@@ -35,7 +35,7 @@ class Linear(Strategy):
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         weights = [p.weight for p in model_params]
-        out = tensors[0].mul_(weights[0])
+        out = tensors[0] if weights[0] == 1.0 else tensors[0].mul_(weights[0])  # x * 1 == x: skip the pass
         for t, w in zip(tensors[1:], weights[1:]):
             out.add_(t, alpha=w)
         if params.normalize:
