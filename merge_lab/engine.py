@@ -208,7 +208,7 @@ def _tune_malloc() -> None:
     Process-wide and harmless elsewhere; a no-op without glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no glibc (TypeError: Windows' CDLL(None))
         return
     mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
     mallopt(M_TRIM_THRESHOLD, 256 * 2**20)
