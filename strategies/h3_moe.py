@@ -34,8 +34,12 @@ Where we differ from the paper's public code, and why:
   labels from a running total so the third type never gets its own label).
 - Any number of layers and experts, safetensors shards in a standard layout instead of a
   hard-coded 32x3 model pickled into one 31 GB file.
+- Routing accuracy is measured on the tokens after the prefix all examples share (the chat
+  template's system block has the same routing in every example; averaged in, it hid a router
+  that had learned: 0.48 on all tokens vs 0.98 on content tokens on SmolLM2-135M).
 - Additions: `router_init: centroid` (rows from the base's hidden states on each label's
-  prompts), `non_ffn: average`, an optional load-balancing loss, Qwen bases.
+  prompts), `non_ffn: average`, an optional load-balancing loss, `gating_tokens: content`
+  (the gating loss without the shared prefix; default `all`, the paper's), Qwen bases.
 """
 
 from __future__ import annotations

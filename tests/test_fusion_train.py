@@ -70,25 +70,30 @@ def test_gating_loss_makes_routing_learn_the_labels(moe, tmp_path):
     assert without.accuracy_after < 0.6
 
 
-def test_content_gating_tokens_learn_despite_a_long_shared_system_prompt(moe, tmp_path):
-    """Every example starts with the same 135-token system block (its hidden states are the same in
-    every example: causal model). Averaged over all tokens, the gating loss is mostly that block and
-    routing learns slowly; over the content tokens it learns the labels in the same steps."""
+def test_routing_accuracy_is_measured_after_a_long_shared_system_prompt(moe, tmp_path):
+    """Every example starts with the same 135-token system block: causal, so its hidden states and
+    routing are the same in every example. Averaged over all tokens, that block hides what the
+    router learned (the real SmolLM2 run read 0.58 -> 0.48 where content tokens gave 0.79 -> 0.98);
+    the reported accuracy skips it. Both gating_tokens modes learn the labels."""
     import shutil
 
     from transformers import AutoTokenizer
+
+    from merge_lab.fusion.data import encode, load_examples
+    from merge_lab.fusion.train import routing_accuracy
 
     folder = shutil.copytree(moe[2], tmp_path / "moe")
     tok = AutoTokenizer.from_pretrained(str(folder))
     system = ("You are a helpful assistant. " * 5)[:120]
     tok.chat_template = "<|im_start|>system\n" + system + "<|im_end|>\n" + tok.chat_template
     tok.save_pretrained(str(folder))
-    runs = {}
+    encoded = [encode(tok, ex, LABELS, 256) for ex in load_examples(str(moe[3]), LABELS)]
     for mode in ("all", "content"):
         cfg = TrainConfig(data=str(moe[3]), steps=25, batch_size=8, lr=0.05, gating_tokens=mode, **{"lambda": 1.0})
-        runs[mode] = train(folder, cfg, tmp_path / mode, progress=False)
-    assert runs["content"].accuracy_before < 0.6 and runs["content"].accuracy_after > 0.9
-    assert runs["all"].accuracy_after < 0.8, runs["all"].accuracy_after
+        result = train(folder, cfg, tmp_path / mode, progress=False)
+        assert result.accuracy_before < 0.6 and result.accuracy_after > 0.9, (mode, result.accuracy_after)
+        whole = routing_accuracy(result.model, encoded, tok.pad_token_id, "cpu")  # the prefix averaged in
+        assert whole < 0.8, (mode, whole)
 
 
 def _expert_drift(model, folder) -> float:

@@ -111,7 +111,7 @@ def inspect(model_dir: str | Path, data: str | Path, max_examples: int = 200, ma
     """Route labelled data through a fused MoE: per-label, per-layer expert shares and routing accuracy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merge_lab.fusion.data import collate, encode, load_jsonl
+    from merge_lab.fusion.data import collate, encode, load_jsonl, shared_prefix
     from merge_lab.fusion.layout import expert_labels
     from merge_lab.fusion.train import routing_accuracy
 
@@ -122,6 +122,6 @@ def inspect(model_dir: str | Path, data: str | Path, max_examples: int = 200, ma
     encoded = [encode(tokenizer, ex, labels, max_length) for ex in load_jsonl(data, labels)[:max_examples]]
     batches = [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
     result = routing_counts(model, batches, labels)
-    result["accuracy"] = routing_accuracy(model, encoded, pad, "cpu", batch_size)
+    result["accuracy"] = routing_accuracy(model, encoded, pad, "cpu", batch_size, skip=shared_prefix(encoded))
     result["examples"] = len(encoded)
     return result

@@ -29,7 +29,18 @@ STATE_FILE = "state.pt"
 
 
 class TrainConfig(BaseModel):
-    """The recipe's `train:` block."""
+    """The recipe's `train:` block.
+
+    gating_tokens: SmolLM2's chat template puts the same 24-token system block before every
+    prompt (~40% of a 60-token example). Runs on SmolLM2-135M, 3 experts, router only, 30 steps,
+    lr 1e-2, lambda 0.5, batch 8, max_length 96, routing accuracy on 42-48 training rows (all
+    tokens / content tokens):
+      trained demo experts, random init: before 0.33 / 0.33; all 0.86 / 0.98; content 0.93 / 0.98
+      random LoRA experts, centroid init: before 0.58 / 0.79; all 0.48 / 0.98; content 0.54 / 0.83
+    Both losses teach the router; what hid it was measuring over all tokens, so accuracy is now
+    always measured on content tokens. Neither loss wins in both runs (one seed each), so `all`,
+    the paper's definition, stays the default.
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -55,8 +66,10 @@ class TrainConfig(BaseModel):
     )
     load_balance: float = Field(0.0, ge=0, description="weight of the load-balancing loss (0: off)")
     gating_tokens: Literal["all", "content"] = Field(
-        "all", description="tokens the gating loss (and the routing accuracy) averages over: all real tokens "
-                           "(the paper), or content: all but the prefix every example shares (system prompt)")
+        "all", description="tokens the gating loss averages over: all real tokens (the issue's and paper's "
+                           "definition), or content: all but the prefix every example shares (the chat template's "
+                           "system block, identical hidden states in every example). Routing accuracy is always "
+                           "measured on the content tokens")
     seed: int = Field(0, description="seed of LoRA init, data order and dropout")
     eval_rows: int = Field(96, ge=0, description="routing accuracy before/after is measured on this many rows (0: off)")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only on Ctrl-C)")
@@ -271,9 +284,10 @@ def train(
     start, history = 0, []
     if resume and (state_dir / STATE_FILE).exists():
         start, history = _load_state(state_dir, inner, optimizer)
-    skip = shared_prefix(encoded) if cfg.gating_tokens == "content" else 0
+    shared = shared_prefix(encoded)  # same hidden states in every example: no routing signal to measure
+    skip = shared if cfg.gating_tokens == "content" else 0
     probe = encoded[:: max(1, -(-len(encoded) // cfg.eval_rows))] if cfg.eval_rows else []
-    acc_before = routing_accuracy(inner, probe, pad_id, device, skip=skip) if start == 0 and probe else float("nan")
+    acc_before = routing_accuracy(inner, probe, pad_id, device, skip=shared) if start == 0 and probe else float("nan")
 
     step = start
     with _progress(progress and accelerator.is_main_process, console) as bar:
@@ -299,7 +313,9 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 terms = {"loss": loss.item(), "lm": lm.item(), "gate": gate.item(), "drift": drift.sum().item(),
-                         "balance": balance.item(), "route_acc": losses.routing_accuracy(probs, b["expert"]).item()}
+                         "balance": balance.item(), "route_acc": losses.routing_accuracy(
+                             losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], shared)),
+                             b["expert"]).item()}
                 history.append(terms)
                 bar.update(job, advance=1, terms=" ".join(f"{k} {v:.3g}" for k, v in terms.items()))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
@@ -312,6 +328,6 @@ def train(
             if accelerator.is_main_process:
                 _save_state(state_dir, inner, optimizer, step, history)
             raise
-    acc_after = routing_accuracy(inner, probe, pad_id, device, skip=skip) if probe else float("nan")
+    acc_after = routing_accuracy(inner, probe, pad_id, device, skip=shared) if probe else float("nan")
     final = inner.merge_and_unload() if cfg.trainable == "router+lora" else inner
     return TrainResult(final, step, True, history, acc_before, acc_after)
