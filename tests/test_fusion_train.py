@@ -40,11 +40,24 @@ def _state(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("trainable", ["router", "router+lora", "router+experts"])
-def test_routers_train_and_frozen_parts_do_not_change(moe, tmp_path, trainable):
+def test_routers_train_and_frozen_parts_do_not_change(moe, tmp_path, trainable, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    seen: list[dict[int, float]] = []  # per optimizer step: |grad| summed, by parameter identity
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        seen.append({id(p): float(p.grad.abs().sum()) for g in self.param_groups for p in g["params"]
+                     if p.grad is not None})
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     before = _state(AutoModelForCausalLM.from_pretrained(str(moe[2]), dtype=torch.float32))
-    after = _state(_run(moe, tmp_path, trainable=trainable, **{"lambda": 0.1}).model)
+    result = _run(moe, tmp_path, trainable=trainable, **{"lambda": 0.1})
+    gates = [p for n, p in result.model.named_parameters() if n.endswith(".mlp.gate.weight")]
+    assert gates and len(seen) == 2
+    assert all(grads.get(id(p), 0.0) > 0 for grads in seen for p in gates), f"a router got no gradient ({trainable})"
+    after = _state(result.model)
     assert set(after) == set(before)
     for name, t in before.items():
         changed = not torch.equal(after[name], t)
