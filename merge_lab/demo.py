@@ -75,10 +75,11 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
 }
 
-# Nominal seconds per step on 2 CPU cores, for the ETA before anything has been timed here.
+# Nominal seconds per step on 2 CPU cores, for the ETA before anything has been timed here
+# (quick: an idle machine; default: runs at load 3-9 divided by about 3).
 NOMINAL = {
-    "quick": {"base": 40, "align": 30, "merge": 12, "fuse": 45, "compare": 90},
-    "default": {"base": 40, "align": 200, "merge": 20, "fuse": 200, "compare": 900},
+    "quick": {"base": 40, "align": 10, "merge": 5, "fuse": 45, "compare": 200},
+    "default": {"base": 40, "align": 80, "merge": 10, "fuse": 600, "compare": 900},
     "thorough": {"base": 40, "align": 1500, "merge": 20, "fuse": 1500, "compare": 10800},
 }
 
