@@ -348,8 +348,10 @@ def _progress(console: Console, enabled: bool) -> Progress:
     )
 
 
-def evaluate(comp: Comparison, progress: bool = True, console: Console | None = None) -> dict[str, dict[str, dict]]:
-    """Fill (candidate, suite) -> cache entry, evaluating only what the cache lacks."""
+def evaluate(comp: Comparison, progress: bool = True, console: Console | None = None,
+             routing: bool = True) -> dict[str, dict[str, dict]]:
+    """Fill (candidate, suite) -> cache entry, evaluating only what the cache lacks (`routing`:
+    also record an MoE's expert use, which the report plots; selection does without)."""
     console = console or Console(stderr=True)
     settings_key = comp.settings.key()
     entries: dict[str, dict[str, dict]] = {}
@@ -384,7 +386,7 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
                         "candidate": name, "suite": suite.name, "records": records,
                         "seconds": time.perf_counter() - t0, "params": list(params),
                         "counters": {k: after[k] - before[k] for k in after},
-                        "routing": cand.routing(suite.routing_texts(cand)) if _is_moe(cand) else None,
+                        "routing": cand.routing(suite.routing_texts(cand)) if routing and _is_moe(cand) else None,
                         "peak_memory_bytes": mem.peak_bytes,
                     }
                     comp.cache.put(key, entry)  # at once: an interrupted run resumes from here
@@ -469,7 +471,7 @@ def select(comp: Comparison, progress: bool = True, console: Console | None = No
         }
         sub = Comparison(comp.spec, comp.root, comp.output, comp.settings, comp.selection_suites, variants, [],
                          comp.ctx, comp.cache)
-        objectives = aggregate(sub, evaluate(sub, progress, console), full=False)["objectives"]
+        objectives = aggregate(sub, evaluate(sub, progress, console, routing=False), full=False)["objectives"]
         picked = [o for o in H3_OBJECTIVES if o in objectives] or list(objectives)
         means = {n: sum(objectives[o][n] for o in picked) / len(picked) for n in variants}
         best = max(variants, key=lambda n: means[n])  # first listed wins a tie
