@@ -60,6 +60,14 @@ def fingerprint_folder(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _folder_state(path: Path) -> tuple:
+    """What a model folder is within this process, from a stat of its files (no hashing: loading a
+    model must not read its weights twice): the memo's key. Symlinks resolve, so a config-only
+    variant of a folder differs from it by its own config.json."""
+    return tuple(sorted((f.name, str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
+                        for f in path.iterdir() if f.is_file()))
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -100,7 +108,7 @@ class Counters:
         return dict(self.__dict__)
 
 
-# What one model (by content fingerprint and dtype) already computed in this process: a continuation's
+# What one model (by its folder's files and dtype) already computed in this process: a continuation's
 # (summed log-prob, tokens, greedy?) and a prompt's greedy answer. Best-of-N reuses its members' work
 # (members are evaluated as candidates of their own first), so each member scores and generates once.
 # Each entry keeps the seconds its computation took, so a reuse still costs what the work costs in the
@@ -128,7 +136,7 @@ class _LM:
         except Exception as e:
             raise MergeLabError(f"{path}: the model does not load in transformers ({type(e).__name__}: {e}).") from None
         self.device = device
-        self.identity = (fingerprint_folder(path), str(dtype))
+        self.identity = (_folder_state(path), str(dtype))
         self.reused_seconds = 0.0  # seconds of remembered work this object handed out again
         self.is_moe = any("experts" in n for n, _ in self.model.named_parameters())
 
