@@ -182,6 +182,9 @@ def _examples(spec: DataSpec, i: int):
     elif spec.source is not None:
         if spec.split == "test":
             raise MergeLabError(f"data.{i}: training on the 'test' split would leak evaluation items; use 'train'.")
+        if spec.source in data.EVALUATION_ONLY:
+            raise MergeLabError(f"data.{i}: source '{spec.source}' is evaluation-only (it has no train split); "
+                                "train on another source or on your own JSONL.")
         items = data.select(spec.source, spec.split)
     else:
         items = data.load_jsonl(spec.jsonl)

