@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.fusion_inputs import LABELS, build
-from benchmarks.run import machine
+from benchmarks.run import machine, spread
 from benchmarks.runners import ROOT
 
 MODES = ("router", "router+lora")
@@ -88,13 +88,7 @@ def _med(rows: list[dict], key: str) -> float | None:
 
 
 def _fmt(rows: list[dict], key: str, digits: int = 1) -> str:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if not values:
-        return "—"
-    med = statistics.median(values)
-    if len(values) == 1:
-        return f"{med:.{digits}f}"
-    return f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+    return spread([r[key] for r in rows if r.get(key) is not None], digits)
 
 
 def _ratio(a: float | None, b: float | None) -> str:

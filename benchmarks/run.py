@@ -85,7 +85,8 @@ def _measure(size: str, rep: int, method: str, runner: str, models: tuple[Path, 
           f"cpu {m.cpu:7.2f} s  rss {m.rss_mb:7.0f} MB{'' if m.ok else '  FAILED'}", file=sys.stderr, flush=True)
 
 
-def _fmt(values: list[float], digits: int = 1) -> str:
+def spread(values: list[float], digits: int = 1) -> str:
+    """Median (min–max, n=) of repeated measurements; the one format of every benchmark table."""
     if not values:
         return "—"
     med = statistics.median(values)
@@ -154,8 +155,8 @@ def render(results: dict) -> str:
                 fail = f" ({d['failed']} failed)" if d.get("failed") else ""
                 if not d["wall"] and not d.get("failed"):
                     fail = " (not run)"
-                lines.append(f"| {method} | {runner}{fail} | {_fmt(d['wall'])} | {_fmt(d['cpu'])} | "
-                             f"{_fmt(d['rss'], 0)} | {ratio} | {cpu_ratio} | {target} | {met} |")
+                lines.append(f"| {method} | {runner}{fail} | {spread(d['wall'])} | {spread(d['cpu'])} | "
+                             f"{spread(d['rss'], 0)} | {ratio} | {cpu_ratio} | {target} | {met} |")
         lines.append("")
         probes = results.get("probes", {}).get(size, {})
         if probes:

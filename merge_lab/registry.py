@@ -152,7 +152,7 @@ def recipe_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-_DISCOVERED = False
+_LOADED_GROUPS: set[str] = set()  # entry-point groups already loaded
 
 
 def register(strategy: type[Strategy], name: str | None = None) -> type[Strategy]:
@@ -165,7 +165,11 @@ def register(strategy: type[Strategy], name: str | None = None) -> type[Strategy
 
 
 def load_plugins(group: str, registry: dict, register_fn, kind: str) -> None:
-    """Register every entry point of `group` not registered yet (shared by strategies and suites)."""
+    """Register every entry point of `group` not registered yet, once per process (shared by
+    strategies and suites)."""
+    if group in _LOADED_GROUPS:
+        return
+    _LOADED_GROUPS.add(group)
     for ep in entry_points(group=group):
         if ep.name in registry:
             continue
@@ -178,16 +182,8 @@ def load_plugins(group: str, registry: dict, register_fn, kind: str) -> None:
             ) from e
 
 
-def _discover() -> None:
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register, "strategy")
-
-
 def available() -> dict[str, type[Strategy]]:
-    _discover()
+    load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register, "strategy")
     return dict(sorted(_REGISTRY.items()))
 
 

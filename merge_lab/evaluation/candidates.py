@@ -283,7 +283,7 @@ class Settings(BaseModel):
     batch_size: int = 8  # scoring: every position's logits are kept, so memory grows with it
     # generating: a decoding step reads every weight once whatever the batch, so wide batches pay
     # (SmolLM2-135M on 2 cores: 0.16 s a step at 8 rows, 0.27 s at 40)
-    generate_batch_size: int = 32
+    generate_batch_size: int = 64
     bootstrap: int = 1000
     device: str = "cpu"
     dtype: str = "float32"

@@ -418,7 +418,6 @@ class LmEvalSuite(Suite):
 # ------------------------------------------------------------------ the registry
 
 _REGISTRY: dict[str, type[Suite]] = {}
-_DISCOVERED = False
 
 
 def register_suite(cls: type[Suite], name: str | None = None) -> type[Suite]:
@@ -435,18 +434,10 @@ for _cls in BUILTIN:
     register_suite(_cls)
 
 
-def _discover() -> None:
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
+def available() -> dict[str, type[Suite]]:
     from merge_lab.registry import load_plugins
 
     load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register_suite, "suite")
-
-
-def available() -> dict[str, type[Suite]]:
-    _discover()
     return dict(sorted(_REGISTRY.items()))
 
 
