@@ -400,6 +400,8 @@ def run_demo(
             eta.finished(i, 0.0, reused=True)
             continue
         console.print(header)
+        if fresh and target.exists():  # redo means from nothing: no cached comparison results either
+            shutil.rmtree(target)
         t = time.perf_counter()
         RUNNERS[step.kind](run_path, target, console, progress)
         seconds = time.perf_counter() - t
