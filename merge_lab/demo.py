@@ -78,10 +78,10 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 # Nominal seconds per step on 2 CPU cores, for the ETA before anything has been timed here
-# (quick: an idle machine; default: runs at load 3-9 divided by about 3).
+# (quick and default: measured on an idle machine).
 NOMINAL = {
     "quick": {"base": 40, "align": 10, "merge": 5, "fuse": 45, "compare": 200},
-    "default": {"base": 40, "align": 80, "merge": 10, "fuse": 600, "compare": 900},
+    "default": {"base": 40, "align": 70, "merge": 5, "fuse": 470, "compare": 1040},
     "thorough": {"base": 40, "align": 1500, "merge": 20, "fuse": 1500, "compare": 10800},
 }
 
