@@ -113,7 +113,7 @@ def _refusal_pairs() -> list[dict]:
         lines = [ln for ln in path.read_text().splitlines(keepends=True) if not ln.startswith("#")]
         for r in csv.DictReader(lines):
             prompt = r["objective"].strip()
-            key = " ".join(prompt.lower().split())
+            key = normalise(prompt)
             is_harmful = key in harmful or any(m in key for m in _HARMFUL_MARKERS)
             refused = r["human_score"].strip() == "1"
             label = ("refusal" if refused else "harmful_answer") if is_harmful else ("off_topic" if refused else "answer")
@@ -166,7 +166,7 @@ def _factual_pairs() -> list[dict]:
     for rel in ("deception/bridge_pairs.json", "deception/bridge_scaleup.json"):
         rows += [{"prompt": r["prompt"], "response": r["positive"], "label": "true",
                   "meta": {"false": r["negative"], "domain": r.get("domain")}} for r in _rho(rel)]
-    return [r for r in rows if " ".join((r["prompt"] or r["response"]).lower().split()) not in taken]
+    return [r for r in rows if normalise(r["prompt"] or r["response"]) not in taken]
 
 
 def _summary_pairs() -> list[dict]:
@@ -279,6 +279,11 @@ def load_source(name: str) -> list[Example]:
 def content_key(example: Example) -> str:
     """What leakage is about: the normalised prompt (or the statement, for prompt-less items)."""
     text = example.prompt if example.prompt.strip() else (example.response or "")
+    return normalise(text)
+
+
+def normalise(text: str) -> str:
+    """Lower case, whitespace collapsed: the form in which two shipped texts count as the same."""
     return " ".join(text.lower().split())
 
 
