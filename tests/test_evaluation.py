@@ -269,6 +269,18 @@ def test_token_ensemble_of_one_equals_the_model(tmp_path):
     assert tok.decode([t for t in ref[0, ids.shape[1]:].tolist() if t not in (2, 4)]) == out[1]
 
 
+def test_routing_shares_do_not_depend_on_batching(tmp_path):
+    """Left-padded batches route every real token as it routes alone: shares are token counts."""
+    path = make_moe(tmp_path / "moe")
+    texts = ["a", "a much longer text that needs padding on the left", "mid length text"]
+    alone = ModelCandidate("one", path, Settings(batch_size=1)).routing(texts)
+    batched = ModelCandidate("all", path, Settings(batch_size=3)).routing(texts)
+    assert len(alone) == 2 and all(len(layer) == 3 for layer in alone)
+    assert torch.allclose(torch.tensor(alone), torch.tensor(batched), atol=1e-6)
+    first = ModelCandidate("first", path, Settings(batch_size=1)).routing(texts[:1])
+    assert not torch.allclose(torch.tensor(first), torch.tensor(alone))  # the texts route differently
+
+
 def test_best_of_n_reuses_what_its_members_computed(tmp_path, monkeypatch):
     s = Settings(max_new_tokens=5, batch_size=2)
     paths = []

@@ -13,6 +13,7 @@ of candidate they hold. Every candidate counts the tokens and seconds it spends,
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -123,6 +124,18 @@ def forget() -> None:
     _ANSWERS.clear()
 
 
+def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of a batch padded on the left: every row ends at
+    the last position, where continuation scores and the next generated token are read."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class _LM:
     """One loaded causal LM: batched continuation log-probs and a KV-cached next-token stepper."""
 
@@ -139,6 +152,8 @@ class _LM:
         self.identity = (_folder_state(path), str(dtype))
         self.reused_seconds = 0.0  # seconds of remembered work this object handed out again
         self.is_moe = any("experts" in n for n, _ in self.model.named_parameters())
+        # the KV cache's argument and output field: `cache` from transformers 5.2x, `past_key_values` before
+        self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def params(self) -> tuple[int, int]:
         """(total, active per token): for an MoE only top-k of E experts' weights are active."""
@@ -170,14 +185,7 @@ class _LM:
         Left-padded, so every continuation ends at the last position and only the last
         max(len(cont)) + 1 positions need logits (`logits_to_keep`): a long prompt with a short
         answer costs no vocabulary-sized rows for the prompt."""
-        seqs = [c + t for c, t in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = left_padded([c + t for c, t in batch], pad_id)
         keep = max(len(t) for _, t in batch) + 1
         logits = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -keep:].float()
         out = []
@@ -202,28 +210,19 @@ class _LM:
         return [_SCORES[k][0] for k in keys]
 
     @torch.no_grad()
-    def routing(self, batch: list[list[int]], pad_id: int) -> list[list[float]] | None:
-        """Share of (token, top-k slot) assignments per expert, per layer; None for dense models."""
+    def routing(self, batch: list[list[int]], pad_id: int) -> torch.Tensor | None:
+        """Counts of (token, top-k slot) assignments, [layer, expert]; None for dense models."""
         if not self.is_moe:
             return None
         k = getattr(self.model.config, "num_experts_per_tok", 1)
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(batch):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_router_logits=True)
+        ids, mask, pos = left_padded(batch, pad_id)
+        out = self.forward(1, input_ids=ids, attention_mask=mask, position_ids=pos, output_router_logits=True)
         logits = getattr(out, "router_logits", None)
         if not logits:
             return None
         keep = mask.reshape(-1).bool()
-        result = []
-        for layer in logits:
-            top = layer.float().cpu()[keep].topk(k, dim=-1).indices.reshape(-1)
-            counts = torch.bincount(top, minlength=layer.shape[-1]).float()
-            result.append((counts / counts.sum()).tolist())
-        return result
+        return torch.stack([torch.bincount(layer.float().cpu()[keep].topk(k, dim=-1).indices.reshape(-1),
+                                           minlength=layer.shape[-1]) for layer in logits])
 
     def stepper(self, prompts: list[list[int]], pad_id: int) -> _Stepper:
         return _Stepper(self, prompts, pad_id)
@@ -235,15 +234,9 @@ class _Stepper:
     @torch.no_grad()
     def __init__(self, lm: _LM, prompts: list[list[int]], pad_id: int):
         self.lm = lm
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = left_padded(prompts, pad_id)
         out = lm.forward(1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        self.past, self.mask, self.pos = out.past_key_values, mask, pos[:, -1]
+        self.past, self.mask, self.pos = getattr(out, lm.cache_name), mask, pos[:, -1]
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
 
     @torch.no_grad()
@@ -251,8 +244,8 @@ class _Stepper:
         self.mask = torch.cat([self.mask, torch.ones((len(next_ids), 1), dtype=torch.long)], dim=1)
         self.pos = self.pos + 1
         out = self.lm.forward(1, input_ids=next_ids[:, None], attention_mask=self.mask, position_ids=self.pos[:, None],
-                              past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+                              use_cache=True, **{self.lm.cache_name: self.past})
+        self.past = getattr(out, self.lm.cache_name)
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
         return self.logp
 
@@ -484,15 +477,13 @@ class Candidate:
             return None
         tok = self.tokenizer
         enc = [tok(t, add_special_tokens=False)["input_ids"][: self.settings.max_length] or [tok.eos_token_id] for t in texts]
-        acc = None
+        counts = 0
         for s in range(0, len(enc), max(1, self.settings.batch_size)):
-            r = self._lms[0].routing(enc[s : s + self.settings.batch_size], tok.pad_token_id)
-            if r is None:
+            c = self._lms[0].routing(enc[s : s + self.settings.batch_size], tok.pad_token_id)
+            if c is None:
                 return None
-            n = len(enc[s : s + self.settings.batch_size])
-            acc = [[a * n for a in layer] for layer in r] if acc is None else [
-                [x + a * n for x, a in zip(row, layer)] for row, layer in zip(acc, r)]
-        return [[x / len(enc) for x in row] for row in acc] if acc else None
+            counts = counts + c
+        return (counts / counts.sum(-1, keepdim=True)).tolist() if enc else None
 
 
 class ModelCandidate(Candidate):
