@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict
 
 from merge_lab.errors import MergeLabError
 
-# Raise when a change alters scores or answers (cached results of older versions are then redone).
-SCORING_VERSION = 2
+# Raise when a change alters scores, answers or routing shares (cached results of older versions are then redone).
+SCORING_VERSION = 3
 
 LogProbs = tuple[float, int]  # summed log-probability of a continuation, its number of tokens
 
