@@ -23,8 +23,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from merge_lab.errors import MergeLabError
+from merge_lab.writer import atomic_folder
 
 # Templated refusals for harmful requests that ship without a reply (AdvBench, Do-Not-Answer, HarmBench).
 REFUSALS = (
@@ -423,9 +422,7 @@ def align(
     if not all(math.isfinite(x) for x in losses):
         raise MergeLabError(f"training diverged (loss {losses[-1]}); lower train.lr (now {cfg.lr}).")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.eval()
         model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
         model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
@@ -450,12 +447,6 @@ def align(
             "losses": [round(x, 5) for x in losses],
         }, indent=1) + "\n")
         (tmp / "align_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     head = sum(losses[: max(1, len(losses) // 5)]) / max(1, len(losses) // 5)
     tail = sum(losses[-max(1, len(losses) // 5):]) / max(1, len(losses) // 5)
     return AlignResult(out, out / "adapter", merged_path, steps, len(keep), seconds, head, tail)

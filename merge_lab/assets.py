@@ -10,8 +10,6 @@ where the user is online, a hub id works as a base too (`resolve_base`).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from merge_lab.errors import MergeLabError
@@ -80,6 +78,8 @@ def convert_gguf(gguf: str | Path, out: str | Path, model=None, tokenizer=None) 
     """
     from transformers import AutoModelForCausalLM
 
+    from merge_lab.writer import atomic_folder
+
     out = Path(out)
     if model is None or tokenizer is None:
         model, tokenizer = load_gguf(gguf)
@@ -95,18 +95,10 @@ def convert_gguf(gguf: str | Path, out: str | Path, model=None, tokenizer=None) 
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     plain.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         plain.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / DONE_MARKER).write_text(f"converted from {Path(gguf).name}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

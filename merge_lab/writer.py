@@ -17,6 +17,8 @@ import shutil
 import struct
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +122,40 @@ def remove_stale_partials(target: Path) -> list[Path]:
     return removed
 
 
+def partial_folder(target: Path) -> Path:
+    """A new hidden temporary sibling of `target`, named with this process id so that
+    remove_stale_partials can tell a killed run's folder from a live one's."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+
+
+def move_into_place(tmp: Path, target: Path) -> Path:
+    """Rename the finished `tmp` to `target`; an existing target is moved aside first, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Fill the yielded temporary folder; it becomes `target` (replacing it) when the block ends
+    without error and is removed otherwise, so the target is never half-written."""
+    target = Path(target)
+    tmp = partial_folder(target)
+    try:
+        yield tmp
+        move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class ShardWriter:
     """Use as a context manager: on an exception the temporary folder is removed."""
 
@@ -139,11 +175,7 @@ class ShardWriter:
         if len({s.name for s in specs}) != len(specs):
             raise MergeLabError("internal: duplicate output tensor names in the plan")
         self.force = force
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(self.target)
-        self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.target.name}.partial-{os.getpid()}-", dir=self.target.parent)
-        )
+        self.tmp = partial_folder(self.target)
         shards = _layout(specs, max_shard_bytes)
         n = len(shards)
         self.shard_names = (
@@ -252,14 +284,7 @@ class ShardWriter:
                 "weight_map": {n: self.shard_names[s.shard] for n, s in self.slots.items()},
             }
             (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            self.target.rename(old)
-        self.tmp.rename(self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.target
+        return move_into_place(self.tmp, self.target)
 
     def abort(self) -> None:
         for f in self._files:

@@ -218,3 +218,22 @@ def test_a_killed_run_leaves_nothing_after_the_next_run(family, tmp_path):
     merge(write_recipe(tmp_path / "r.yaml", ties(base, models[:2])), tmp_path / "out", progress=False)
     assert not stale.exists() and live.exists()
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_atomic_folder_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
+    """align, the GGUF conversion and compare's config variants write through atomic_folder."""
+    from merge_lab.writer import atomic_folder
+
+    target = tmp_path / "expert"
+    target.mkdir()
+    (target / "old.txt").write_text("previous run")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(target) as tmp:
+            (tmp / "adapter.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert (target / "old.txt").exists() and not (target / "adapter.safetensors").exists()
+    with atomic_folder(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(f".expert.partial-{os.getpid()}-")
+        (tmp / "adapter.safetensors").write_bytes(b"whole")
+    assert [p.name for p in target.iterdir()] == ["adapter.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expert"]

@@ -47,6 +47,7 @@ from merge_lab.evaluation.cache import ResultCache
 from merge_lab.evaluation.cost import PeakMemory, summarize
 from merge_lab.evaluation.metrics import bootstrap_ci, oracle, paired_test
 from merge_lab.evaluation.suites import EvalContext, Suite, make_suite
+from merge_lab.writer import atomic_folder
 
 
 class CandidateSpec(BaseModel):
@@ -441,13 +442,11 @@ def variant_folder(src: Path, overrides: dict[str, Any], root: Path) -> Path:
     text = json.dumps(config, indent=2, sort_keys=True)
     folder = root / "variants" / f"{src.name}-{hashlib.sha256((str(src.resolve()) + text).encode()).hexdigest()[:12]}"
     if not (folder / "config.json").exists():
-        tmp = folder.with_name(folder.name + ".partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for f in src.iterdir():
-            if f.is_file() and f.name != "config.json" and not (tmp / f.name).exists():
-                (tmp / f.name).symlink_to(f.resolve())
-        (tmp / "config.json").write_text(text)
-        tmp.rename(folder)
+        with atomic_folder(folder) as tmp:
+            for f in src.iterdir():
+                if f.is_file() and f.name != "config.json":
+                    (tmp / f.name).symlink_to(f.resolve())
+            (tmp / "config.json").write_text(text)
     return folder
 
 
