@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from merge_lab.errors import MergeLabError
+from merge_lab.progress import progress_bar
 from merge_lab.writer import atomic_folder
 
 # Templated refusals for harmful requests that ship without a reply (AdvBench, Do-Not-Answer, HarmBench).
@@ -317,21 +318,6 @@ def pick_device(name: str) -> torch.device:
 # ------------------------------------------------------------------ training
 
 
-def step_progress(console, enabled: bool = True):
-    """A rich progress bar for step loops: bar, n/N, elapsed and ETA."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not enabled)
-
-
 def align(
     recipe: AlignRecipe | str | Path,
     out: str | Path,
@@ -401,7 +387,7 @@ def align(
     seen: set[int] = set()
     losses: list[float] = []
     start = time.perf_counter()
-    with step_progress(console, progress) as bar:
+    with progress_bar(console, progress) as bar:
         job = bar.add_task(f"align {recipe.label or ''}".strip(), total=steps)
         for step in range(steps):
             if len(order) < cfg.batch_size:

@@ -29,18 +29,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import DownloadColumn, TextColumn
 
 from merge_lab.card import model_card, recipe_hash, recipe_text
 from merge_lab.errors import MergeLabError
 from merge_lab.plan import Compute, Plan, TensorTask, _merge_group, make_plan
+from merge_lab.progress import progress_bar
 from merge_lab.recipe import Recipe, load_recipe
 from merge_lab.registry import TensorContext
 from merge_lab.writer import ShardWriter, TensorSpec, parse_size
@@ -225,21 +219,6 @@ def copy_side_files(source: Path | None, dest: Path) -> list[str]:
     return copied
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TextColumn("{task.fields[tensors]} tensors"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def check_disk(plan: Plan, out: Path) -> None:
     parent = out.resolve().parent
     while not parent.exists():
@@ -279,7 +258,7 @@ def run_plan(
     written = 0
     with ShardWriter(out, specs, shard_bytes, metadata, force=force) as writer:
         with (
-            _progress(console, progress) as bar,
+            progress_bar(console, progress, DownloadColumn(), TextColumn("{task.fields[tensors]} tensors")) as bar,
             ThreadPoolExecutor(1, thread_name_prefix="merge-read") as reader,
             ThreadPoolExecutor(1, thread_name_prefix="merge-write") as writer_pool,
         ):

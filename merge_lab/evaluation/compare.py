@@ -38,7 +38,6 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from merge_lab import data
 from merge_lab.errors import MergeLabError
@@ -47,6 +46,7 @@ from merge_lab.evaluation.cache import ResultCache
 from merge_lab.evaluation.cost import PeakMemory, summarize
 from merge_lab.evaluation.metrics import bootstrap_ci, oracle, paired_test
 from merge_lab.evaluation.suites import EvalContext, Suite, make_suite
+from merge_lab.progress import progress_bar
 from merge_lab.writer import atomic_folder
 
 
@@ -342,13 +342,6 @@ def _build(c: CandidateSpec, known: dict, root: Path, cache: ResultCache, settin
 # ------------------------------------------------------------------ running
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not enabled, transient=False,
-    )
-
-
 def evaluate(comp: Comparison, progress: bool = True, console: Console | None = None,
              routing: bool = True) -> dict[str, dict[str, dict]]:
     """Fill (candidate, suite) -> cache entry, evaluating only what the cache lacks (`routing`:
@@ -357,7 +350,7 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
     settings_key = comp.settings.key()
     entries: dict[str, dict[str, dict]] = {}
     _reference_from_cache(comp, settings_key)
-    with _progress(console, progress) as bar:
+    with progress_bar(console, progress) as bar:
         for name, cand in comp.candidates.items():
             entries[name] = {}
             todo = []

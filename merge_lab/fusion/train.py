@@ -17,12 +17,14 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from rich.progress import MofNCompleteColumn, TextColumn
 
 from merge_lab.errors import MergeLabError
 from merge_lab.fusion import losses
 from merge_lab.fusion.data import Encoded, collate, encode, load_examples, shared_prefix
 from merge_lab.fusion.layout import expert_labels
 from merge_lab.fusion.routing import capture_router_logits, routers
+from merge_lab.progress import progress_bar
 from merge_lab.recipe import Recipe
 
 STATE_FILE = "state.pt"
@@ -226,22 +228,6 @@ def routing_accuracy(model, encoded: list[Encoded], pad_id: int, device, batch: 
     return hits / len(encoded)
 
 
-def _progress(enabled: bool, console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]fuse"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[terms]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
-    )
-
-
 def train(
     moe_dir: str | Path,
     cfg: TrainConfig,
@@ -290,7 +276,8 @@ def train(
     acc_before = routing_accuracy(inner, probe, pad_id, device, skip=shared) if start == 0 and probe else float("nan")
 
     step = start
-    with _progress(progress and accelerator.is_main_process, console) as bar:
+    with progress_bar(console, progress and accelerator.is_main_process, MofNCompleteColumn(),
+                      TextColumn("{task.fields[terms]}")) as bar:
         job = bar.add_task("fuse", total=cfg.steps, completed=start, terms="")
         try:
             while step < cfg.steps:
