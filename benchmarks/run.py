@@ -1,6 +1,6 @@
 """`make bench`: merge_lab against mergekit and the I/O floor on synthetic Llama-shaped checkpoints.
 
-    python -m benchmarks.run              # 0.5B (2 repetitions) and 1.5B (1) sets, all methods
+    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions each, all methods (~75 min idle)
     python -m benchmarks.run --quick      # 0.5B only, 1 repetition
     python -m benchmarks.run --sizes tiny --reps 1 --out /tmp/R.md --work /tmp/w   # smoke test
 
@@ -32,8 +32,6 @@ METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
 # wall time targets against mergekit (issue 5)
 WALL_TARGET = {"ties": 0.5, "dare_ties": 0.5, "linear": 0.8, "task_arithmetic": 0.8, "slerp": 0.8}
 FLOOR_TARGET = {"linear": 1.5}
-# mergekit's sort-based TIES and DARE on the 1.5B set would take most of an hour: `make bench` stays
-# under about 45 minutes on 2 cores without them.
 
 
 def machine() -> str:
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", default=["0.5B", "1.5B"], choices=sorted(SHAPES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
-    ap.add_argument("--reps", type=int, nargs="+", default=[2, 1],
+    ap.add_argument("--reps", type=int, nargs="+", default=[3],
                     help="repetitions per size, in --sizes order (the last value holds for the rest)")
     ap.add_argument("--quick", action="store_true", help="0.5B set only, 1 repetition")
     ap.add_argument("--jobs", type=int, default=1,
