@@ -39,11 +39,12 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# both synthetic sets (0.5B, 1.5B), 3 repetitions each: 35 min on 2 idle cores (benchmarks/RESULTS.md)
 bench: setup
 	$(PY) -m benchmarks.run
 
 # the cost of H3 fusion on the demo's model (benchmarks/FUSION_RESULTS.md); not part of `make bench`:
-# about half an hour a repetition on 2 busy cores
+# 3 repetitions, 7 min on 2 idle cores (several times longer when other work shares them)
 bench-fusion: setup
 	$(PY) -m benchmarks.fusion
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.fusion_inputs import LABELS, build
-from benchmarks.run import machine, spread
+from benchmarks.run import load_line, machine, spread
 from benchmarks.runners import ROOT
 
 MODES = ("router", "router+lora")
@@ -110,8 +110,7 @@ def render(results: dict) -> str:
         f"Machine: {results['machine']}.  ",
         "Commands (their repetitions add up): " + "; ".join(f"`{c}`" for c in results["commands"])
         + f". Total {results['minutes']:.0f} min.  ",
-        (f"1-minute load average after each measurement: {min(loads):.1f}–{max(loads):.1f} "
-         f"(median {statistics.median(loads):.1f}; the machine was shared with other work).  " if loads else ""),
+        load_line(loads, "after each measurement"),
         f"Model: the base `{results['base']}`; three experts = the base with seeded noise "
         f"(2% of each tensor's spread) on its FFN weights; the MoE = their `h3_moe` assembly "
         f"(top_k {s['top_k']} of {len(LABELS)}, attention and embeddings from the base). float32 on CPU, "

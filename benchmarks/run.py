@@ -92,14 +92,14 @@ def spread(values: list[float], digits: int = 1) -> str:
     return f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f}, n={len(values)})"
 
 
-def _load_line(results: dict) -> str:
-    loads = [x for rows in results["sizes"].values() for m in rows.values() for d in m.values() for x in d.get("load", [])]
+def load_line(loads: list[float], when: str) -> str:
+    """The 1-minute load averages sampled `when`, and whether other work shared the cores."""
     if not loads:
         return ""
     median, cores = statistics.median(loads), os.cpu_count() or 1
     who = ("the machine was shared with other work" if median > cores + 0.5
            else "the benchmark's own runs; no other work of note")
-    return f"1-minute load average at the end of each run: {min(loads):.1f}–{max(loads):.1f} (median {median:.1f}; {who}).  "
+    return f"1-minute load average {when}: {min(loads):.1f}–{max(loads):.1f} (median {median:.1f}; {who}).  "
 
 
 def render(results: dict) -> str:
@@ -110,7 +110,8 @@ def render(results: dict) -> str:
         "Commands (their repetitions add up): " + "; ".join(f"`{c}`" for c in results["commands"])
         + f". Total {results['minutes']:.0f} min; repetitions done: "
         + ", ".join(f"{k}: {v}" for k, v in results.get("done", {}).items()) + ".  ",
-        _load_line(results),
+        load_line([x for rows in results["sizes"].values() for m in rows.values() for d in m.values()
+                   for x in d.get("load", [])], "at the end of each run"),
         "Inputs: synthetic Llama-shaped bf16 checkpoints (vocabulary 128256, untied embeddings), sharded in "
         "1 GB files; base + 2 fine-tunes per set (linear averages all three, slerp uses base + 1). "
         "Recipe: `dtype: float32, out_dtype: bfloat16` for both tools (float32 arithmetic, bf16 output). "
