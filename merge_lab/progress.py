@@ -14,11 +14,13 @@ from rich.progress import (
 )
 
 
-def progress_bar(console: Console | None, enabled: bool = True, *counts: ProgressColumn) -> Progress:
+def progress_bar(console: Console | None, enabled: bool = True, *counts: ProgressColumn, eta: bool = True) -> Progress:
     """Description, bar, `counts` (default: done/total), elapsed time and ETA; `enabled=False`
-    keeps the same calls working without drawing anything."""
+    keeps the same calls working without drawing anything. `eta=False` for many short bars with
+    long descriptions (compare's one per candidate and suite), which the ETA would squeeze out of
+    an 80-column terminal."""
+    remaining = (TextColumn("ETA"), TimeRemainingColumn()) if eta else ()
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), *(counts or (MofNCompleteColumn(),)),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=not enabled,
+        TimeElapsedColumn(), *remaining, console=console, disable=not enabled,
     )

@@ -350,7 +350,7 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
     settings_key = comp.settings.key()
     entries: dict[str, dict[str, dict]] = {}
     _reference_from_cache(comp, settings_key)
-    with progress_bar(console, progress) as bar:
+    with progress_bar(console, progress, eta=False) as bar:
         for name, cand in comp.candidates.items():
             entries[name] = {}
             todo = []
