@@ -67,8 +67,10 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
     "default": {},
     "thorough": {
-        "align": {"train": {"steps": 200, "max_tokens": 192}, "lora": {"layers": None}},
-        "fuse": {"train": {"steps": 200, "eval_rows": 96}},
+        # two passes over each expert's rows (60-118 steps): 200 steps, 3-7 passes, drove the helpful
+        # expert's training loss to 0.01 on its 240 rows (memorised, not aligned)
+        "align": {"train": {"steps": None, "epochs": 2, "max_tokens": 192}, "lora": {"layers": None}},
+        "fuse": {"train": {"steps": 55, "eval_rows": 96}},  # two passes over its 221 labelled rows, batch 8
         "compare": {"settings": {"limit": 260, "max_new_tokens": 48}, "selection": {"limit": 64},
                     # the broad suites: ~240 benign prompts, ~250 true/false pairs (the shipped test splits)
                     "suites": ["harmless_refusal", "harmless_overrefusal_broad", "helpful_likelihood", "helpful_winrate",

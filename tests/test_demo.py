@@ -44,6 +44,27 @@ def test_profiles_relocate_paths_and_cap_data(tmp_path):
     assert doc["train"]["lambda"] > 0 and all(v > 0 for v in doc["train"]["gamma"].values())
 
 
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_gives_valid_recipes(profile, tmp_path):
+    """Overrides are checked by the same schemas the steps use, before hours are spent on a profile."""
+    from merge_lab.align import AlignRecipe
+    from merge_lab.evaluation.compare import CompareSpec
+    from merge_lab.fusion.train import TrainConfig
+    from merge_lab.recipe import Recipe
+
+    for step in STEPS:
+        doc = effective_recipe(step, DEMO_RECIPES / step.recipe, tmp_path, PROFILES[profile], None)
+        if step.kind == "align":
+            train = AlignRecipe.model_validate(doc).train
+            assert (train.steps, train.epochs) == ((None, 2) if profile == "thorough" else (train.steps, None))
+        elif step.kind == "compare":
+            CompareSpec.model_validate(doc)
+        else:
+            Recipe.model_validate({k: v for k, v in doc.items() if k != "train"})
+            if step.kind == "fuse":
+                TrainConfig.model_validate(doc["train"])
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
