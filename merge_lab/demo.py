@@ -80,11 +80,12 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 # Nominal seconds per step on 2 CPU cores, for the ETA before anything has been timed here
-# (quick and default: measured on an idle machine).
+# (quick and default: measured on an idle machine; thorough: its steps measured on a faster idle
+# machine, its comparison estimated from the first candidates).
 NOMINAL = {
     "quick": {"base": 40, "align": 10, "merge": 5, "fuse": 45, "compare": 200},
     "default": {"base": 40, "align": 70, "merge": 5, "fuse": 470, "compare": 1040},
-    "thorough": {"base": 40, "align": 1500, "merge": 20, "fuse": 1500, "compare": 10800},
+    "thorough": {"base": 40, "align": 175, "merge": 5, "fuse": 470, "compare": 5400},
 }
 
 
