@@ -1,6 +1,6 @@
 """`make bench`: merge_lab against mergekit and the I/O floor on synthetic Llama-shaped checkpoints.
 
-    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions each, all methods (~75 min idle)
+    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions each, all methods (35 min on 2 idle cores)
     python -m benchmarks.run --quick      # 0.5B only, 1 repetition
     python -m benchmarks.run --sizes tiny --reps 1 --out /tmp/R.md --work /tmp/w   # smoke test
 
