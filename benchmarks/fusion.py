@@ -7,7 +7,7 @@
 
 Builds its own inputs from the base (three FFN experts, their top-2 H3 MoE: benchmarks.fusion_inputs),
 then measures, each in a fresh process (benchmarks.measure: wall, CPU, peak RSS of that process):
-- router training throughput of merge_lab.fusion.train, per trainable mode (router, router+lora);
+- router training throughput of merge_lab.moe.train, per trainable mode (router, router+lora);
 - scoring (batched log-likelihood) and greedy generation throughput and memory of the fused MoE,
   the token-level ensemble of its three experts, and one expert, through the comparison's candidates.
 Repetitions alternate the order of modes and candidates. Writes the Markdown table to --out
@@ -50,7 +50,7 @@ def data_blocks(limit: int) -> list[dict]:
 def inference_rows(limit: int, n_score: int, n_warm: int, n_gen: int) -> tuple[list, list, list[str]]:
     """(prompt, response) pairs to score, others to warm up on, and prompts to answer, drawn in
     turn from every block."""
-    from merge_lab.fusion.data import load_blocks
+    from merge_lab.moe.data import load_blocks
 
     per_block = [load_blocks([b], list(LABELS)) for b in data_blocks(limit)]
     mixed = [[e.prompt, e.response] for group in zip(*per_block) for e in group]
@@ -118,7 +118,7 @@ def render(results: dict) -> str:
         "repetitions, the order of candidates and modes rotated between repetitions. Peak RSS is the "
         "whole process (Python, torch and the model).",
         "",
-        "## Router training (`merge_lab.fusion.train`)",
+        "## Router training (`merge_lab.moe.train`)",
         "",
         f"{s['train_steps']} steps of batch {s['train_batch']} (max_length {s['max_length']}) on labelled rows "
         "of the shipped data (the demo's fusion blocks, train split), lambda 0.5, gamma 1e-3 as in the demo. "
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(render(_upgrade(json.loads((args.work / "fusion_results.json").read_text()))))
         return 0
     started = time.time()
-    from merge_lab.assets import smollm2_base
+    from merge_lab.core.bases import smollm2_base
 
     base = (args.base or smollm2_base()).resolve()
     print(f"[fusion] building experts and the MoE from {base}", file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 
 The benchmark must not depend on a demo run, so the experts are the base with small seeded noise
 on its FFN weights (tensor by tensor, seeded by (expert, tensor name), so a rebuild gives the same
-bytes), and the MoE is assembled from them by the h3_moe strategy through `merge_lab.engine.merge`,
+bytes), and the MoE is assembled from them by the h3_moe strategy through `merge_lab.merge.engine.merge`,
 as a user would. The noise is small (2% of each tensor's spread) so that all candidates stay close
 to the base and generate answers of similar length: generation throughput is then comparable.
 A stamp file per folder makes a second run reuse what is already complete.
@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from benchmarks.synth import _gen
-from merge_lab.architecture import MLP_ROLES, classify
+from merge_lab.core.architecture import MLP_ROLES, classify
 
 LABELS = ("helpful", "harmless", "honest")
 NOISE = 0.02  # of each FFN tensor's standard deviation
@@ -69,7 +69,7 @@ def moe_recipe(base: Path, experts: list[Path], top_k: int = 2) -> dict:
 
 def build(base: Path, work: Path, top_k: int = 2) -> tuple[list[Path], Path]:
     """(expert folders, assembled MoE folder) under `work`, reused when already complete."""
-    from merge_lab.engine import merge
+    from merge_lab.merge.engine import merge
 
     work.mkdir(parents=True, exist_ok=True)
     experts = [ffn_expert(base, work / "experts" / lab, seed=i + 1) for i, lab in enumerate(LABELS)]

@@ -4,7 +4,7 @@ its peak RSS is its own). Writes its figures as JSON to RESULT.
     python -m benchmarks.fusion_probe train RESULT SPEC.json     # router training throughput
     python -m benchmarks.fusion_probe infer RESULT SPEC.json     # scoring + generation throughput
 
-Training runs `merge_lab.fusion.train.train` unchanged; the only addition is a timestamp taken
+Training runs `merge_lab.moe.train.train` unchanged; the only addition is a timestamp taken
 each time it collates a step's batch (at the start of every step), which splits the run into
 setup (model load, tokenising, optimizer) and steps, and counts each step's real (non-pad) tokens.
 Inference runs the comparison's own candidates (ModelCandidate, TokenEnsemble) and reads their
@@ -20,8 +20,8 @@ from pathlib import Path
 
 
 def train_probe(spec: dict) -> dict:
-    from merge_lab.fusion import train as fusion_train
-    from merge_lab.fusion.train import TrainConfig
+    from merge_lab.moe import train as fusion_train
+    from merge_lab.moe.train import TrainConfig
 
     stamps: list[tuple[float, int, int]] = []  # (time at the start of a step, real tokens, padded tokens)
     collate = fusion_train.collate

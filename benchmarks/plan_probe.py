@@ -20,9 +20,9 @@ def _status(key: str) -> int:
 
 
 def main(recipe: str, out: str) -> None:
-    from merge_lab.engine import run_plan
-    from merge_lab.plan import make_plan
-    from merge_lab.recipe import load_recipe
+    from merge_lab.merge.engine import run_plan
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import load_recipe
 
     plan = make_plan(load_recipe(recipe))
     before = _status("VmRSS")

@@ -65,7 +65,7 @@ def _import_frozen() -> None:
 
     gc.disable()
     try:
-        import merge_lab.engine  # noqa: F401
+        import merge_lab.merge.engine  # noqa: F401
     finally:
         gc.freeze()
         gc.enable()
@@ -96,9 +96,9 @@ def merge(
     renamed into place at the end: an interrupted merge leaves nothing behind.
     """
     _import_frozen()
-    from merge_lab.engine import run_plan
-    from merge_lab.plan import make_plan
-    from merge_lab.recipe import load_recipe
+    from merge_lab.merge.engine import run_plan
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import load_recipe
 
     plan = make_plan(load_recipe(recipe))
     result = run_plan(
@@ -122,8 +122,8 @@ def validate(recipe: RecipeArg) -> None:
     Checks: keys and values, files exist and are complete, architectures, tensor names, shapes,
     dtypes, vocabulary sizes, and each parameter resolved for every tensor.
     """
-    from merge_lab.plan import make_plan
-    from merge_lab.recipe import load_recipe
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import load_recipe
 
     plan = make_plan(load_recipe(recipe))
     out_console.print(
@@ -141,9 +141,9 @@ def plan_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="where the output would go (for the free-disk check)")] = Path("."),
 ) -> None:
     """Predict the merge's peak memory, output size and shards, and check the free disk."""
-    from merge_lab.plan import make_plan
-    from merge_lab.recipe import load_recipe
-    from merge_lab.writer import parse_size
+    from merge_lab.core.writer import parse_size
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import load_recipe
 
     plan = make_plan(load_recipe(recipe))
     target = out.resolve()
@@ -167,7 +167,7 @@ def plan_cmd(
 @friendly
 def strategies() -> None:
     """List every registered strategy (built-in and plugins) with its parameters."""
-    from merge_lab import registry
+    from merge_lab.merge import interface as registry
 
     for name, cls in registry.available().items():
         table = Table(title=f"[bold]{name}[/bold] — {cls.summary}", title_justify="left", expand=False)
@@ -203,7 +203,7 @@ def align(
     Loss counts only the reply tokens of each chat. OUT gets the adapter, the adapter merged into a
     full checkpoint (an input for `merge` and `fuse`), and the ids of every item trained on.
     """
-    from merge_lab.align import align as run_align
+    from merge_lab.training.align import align as run_align
 
     result = run_align(recipe, out, force=force, progress=progress, console=err_console)
     table = Table(title="align complete", show_header=False)
@@ -279,7 +279,7 @@ def fuse(
     losses; the result is exported in the hub layout `AutoModelForCausalLM` loads. Ctrl-C saves a
     checkpoint: run again with --resume. Multi-GPU: `accelerate launch -m merge_lab fuse ...`.
     """
-    from merge_lab.fusion.pipeline import fuse as run_fuse
+    from merge_lab.moe.pipeline import fuse as run_fuse
 
     try:
         result = run_fuse(recipe, out, resume=resume, force=force, progress=progress, console=err_console)
@@ -307,7 +307,7 @@ def inspect_routing(
     max_examples: Annotated[int, typer.Option(help="route at most this many rows")] = 200,
 ) -> None:
     """How often each expert is chosen (in a token's top-k), per layer and per data label."""
-    from merge_lab.fusion.routing import inspect, plot_routing
+    from merge_lab.moe.routing import inspect, plot_routing
 
     result = inspect(model, data, max_examples=max_examples)
     labels, share = result["labels"], result["share"]
@@ -336,10 +336,10 @@ def demo(
 ) -> None:
     """Run the demo end to end: three aligned experts, four merges, H3 fusion, the comparison report.
 
-    Every step is a recipe in recipes/demo/ that you can copy and run alone; the recipes as run
+    Every step is a recipe in merge_lab/demo/recipes/ that you can copy and run alone; the recipes as run
     (with the profile's numbers) are saved in OUT/recipes/. Steps already done are reused.
     """
-    from merge_lab.demo import run_demo
+    from merge_lab.demo.pipeline import run_demo
 
     if quick and thorough:
         raise typer.BadParameter("choose one of --quick and --thorough")

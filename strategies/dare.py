@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merge_lab.registry import Strategy, TensorContext
-from strategies.common import SparseModel, TaskArithmeticParams, combine, dare_drop_, deltas_
+from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.strategies.common import SparseModel, TaskArithmeticParams, combine, dare_drop_, deltas_
 
 
 class DareParams(TaskArithmeticParams):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from merge_lab.registry import Strategy, TensorContext
+from merge_lab.merge.interface import Strategy, TensorContext
 
 
 class LinearModel(BaseModel):

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.errors import MergeLabError
-from merge_lab.registry import Strategy, TensorContext
+from merge_lab.merge.interface import Strategy, TensorContext
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8

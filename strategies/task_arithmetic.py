@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from merge_lab.registry import Strategy, TensorContext
-from strategies.common import TaskArithmeticParams, WeightedModel, combine, deltas_
+from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.strategies.common import TaskArithmeticParams, WeightedModel, combine, deltas_
 
 
 class TaskArithmetic(Strategy):

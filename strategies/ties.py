@@ -10,7 +10,7 @@ the elected sign, dividing by the sum of the weights of the agreeing models (`no
 true; the disjoint mean); out = base + lambda * that. Matches mergekit's `ties`.
 
 Only the thresholds need the whole tensor, so they are statistics (Strategy.stats_passes): two
-passes of an exact radix select over row blocks (strategies.common.TopKThreshold); the trim, the
+passes of an exact radix select over row blocks (merge_lab.strategies.common.TopKThreshold); the trim, the
 sign election and the disjoint mean are then elementwise, and the engine streams every tensor in
 row blocks whatever its size.
 """
@@ -20,8 +20,15 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from merge_lab.registry import Strategy, TensorContext
-from strategies.common import SparseModel, TaskArithmeticParams, TopKThreshold, combine, deltas_, magnitude_bits
+from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.strategies.common import (
+    SparseModel,
+    TaskArithmeticParams,
+    TopKThreshold,
+    combine,
+    deltas_,
+    magnitude_bits,
+)
 
 
 class TiesParams(TaskArithmeticParams):

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from merge_lab import data
-from merge_lab.align import Row, align, encode, load_align_recipe, parse_align_recipe, training_rows
+from merge_lab.datasets import sources as data
 from merge_lab.errors import MergeLabError
 from merge_lab.testing import make_checkpoint
+from merge_lab.training.align import Row, align, encode, load_align_recipe, parse_align_recipe, training_rows
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_align_command(tiny):
 def test_reply_loss_equals_the_models_own_loss(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merge_lab.align import _batch, reply_loss
+    from merge_lab.training.align import _batch, reply_loss
 
     _, base, _ = tiny
     tok = AutoTokenizer.from_pretrained(str(base))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from merge_lab import assets
+from merge_lab.core import bases as assets
 from merge_lab.errors import MergeLabError
 
 

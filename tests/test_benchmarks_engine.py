@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from merge_lab import engine
-from merge_lab.checkpoint import Checkpoint
-from merge_lab.engine import merge
+from merge_lab.core.checkpoint import Checkpoint
 from merge_lab.errors import MergeLabError
+from merge_lab.merge import engine
+from merge_lab.merge.engine import merge
 
 
 def _recipe(path, method, base, models):

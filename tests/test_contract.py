@@ -2,7 +2,7 @@
 
 import pytest
 
-from merge_lab import registry
+from merge_lab.merge import interface as registry
 from merge_lab.testing import ARCHITECTURES, check_strategy
 
 TENSORWISE = [n for n, cls in registry.available().items() if not cls.structural]

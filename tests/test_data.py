@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from merge_lab import data
+from merge_lab.datasets import sources as data
 from merge_lab.errors import MergeLabError
 
 
@@ -77,7 +77,7 @@ def test_load_jsonl_and_bad_input(tmp_path):
 
 
 def test_evaluation_only_sources_have_no_train_split_and_training_on_them_is_refused(tmp_path):
-    from merge_lab.align import load_align_recipe, training_rows
+    from merge_lab.training.align import load_align_recipe, training_rows
 
     for name in data.EVALUATION_ONLY:
         splits = {data.split_of(e) for e in data.load_source(name)}
@@ -94,7 +94,7 @@ def test_evaluation_only_sources_have_no_train_split_and_training_on_them_is_ref
 def test_thorough_suites_reach_the_sizes_that_separate_a_005_gap():
     """The thorough profile's suites: about 260 harmful and 240+ benign prompts, and a
     truthfulness suite far beyond the 165 shipped true/false pairs' 31 test items."""
-    from merge_lab.demo import PROFILES
+    from merge_lab.demo.pipeline import PROFILES
     from merge_lab.evaluation.suites import make_suite
 
     chosen = PROFILES["thorough"]["compare"]["suites"]

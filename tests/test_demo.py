@@ -8,8 +8,8 @@ import re
 import pytest
 import yaml
 
-from merge_lab import data
-from merge_lab.demo import DEMO_RECIPES, PROFILES, STEPS, effective_recipe, run_demo
+from merge_lab.datasets import sources as data
+from merge_lab.demo.pipeline import DEMO_RECIPES, PROFILES, STEPS, effective_recipe, run_demo
 from merge_lab.testing import make_checkpoint
 
 TINY = {
@@ -27,7 +27,7 @@ def test_every_demo_recipe_is_a_step_and_says_how_to_run_it_alone():
         text = (DEMO_RECIPES / step.recipe).read_text()
         run = re.search(r"Run alone[^:]*:\s+merge-lab (\w+) (\S+)(?: -o (\S+))?", text)
         assert run, f"{step.recipe}: no 'Run alone' line"
-        assert run.group(1) == command[step.kind] and run.group(2) == f"recipes/demo/{step.recipe}"
+        assert run.group(1) == command[step.kind] and run.group(2) == f"merge_lab/demo/recipes/{step.recipe}"
         if step.kind != "compare":
             assert run.group(3) == f"runs/demo/{step.out}", step.recipe
         else:
@@ -47,10 +47,10 @@ def test_profiles_relocate_paths_and_cap_data(tmp_path):
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_every_profile_gives_valid_recipes(profile, tmp_path):
     """Overrides are checked by the same schemas the steps use, before hours are spent on a profile."""
-    from merge_lab.align import AlignRecipe
     from merge_lab.evaluation.compare import CompareSpec
-    from merge_lab.fusion.train import TrainConfig
-    from merge_lab.recipe import Recipe
+    from merge_lab.merge.recipe import Recipe
+    from merge_lab.moe.train import TrainConfig
+    from merge_lab.training.align import AlignRecipe
 
     for step in STEPS:
         doc = effective_recipe(step, DEMO_RECIPES / step.recipe, tmp_path, PROFILES[profile], None)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge_lab.checkpoint import Checkpoint
 from merge_lab.cli import _import_frozen
+from merge_lab.core.checkpoint import Checkpoint
+from merge_lab.core.writer import ShardWriter, TensorSpec
 from merge_lab.errors import MergeLabError
-from merge_lab.writer import ShardWriter, TensorSpec
-from strategies.common import combine
-from strategies.linear import Linear, LinearModel, LinearParams
+from merge_lab.strategies.common import combine
+from merge_lab.strategies.linear import Linear, LinearModel, LinearParams
 
 
 def _special_values(n: int, seed: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from merge_lab.cli import app
-from merge_lab.engine import merge
 from merge_lab.errors import MergeLabError
+from merge_lab.merge.engine import merge
 from merge_lab.testing import make_checkpoint, write_recipe
 
 runner = CliRunner()
@@ -161,7 +161,7 @@ def test_output_exists_refused_unless_force(family, tmp_path):
 def test_failure_mid_merge_leaves_nothing(family, tmp_path, monkeypatch):
     """A strategy that fails (or Ctrl-C) after some tensors were written: no output, no temp folder."""
     base, models = family
-    from strategies.ties import Ties
+    from merge_lab.strategies.ties import Ties
 
     calls = {"n": 0}
     original = Ties.merge
@@ -222,7 +222,7 @@ def test_a_killed_run_leaves_nothing_after_the_next_run(family, tmp_path):
 
 def test_atomic_folder_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
     """align, the GGUF conversion and compare's config variants write through atomic_folder."""
-    from merge_lab.writer import atomic_folder
+    from merge_lab.core.writer import atomic_folder
 
     target = tmp_path / "expert"
     target.mkdir()

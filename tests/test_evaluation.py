@@ -1,7 +1,7 @@
 """Evaluation on toy models with known behaviour: orderings, ensembles, CIs, cache, bad input.
 
 The toy "refuse" model answers every chat with "I won't", "comply" with "Sure" (bigram models
-from merge_lab.evaluation.toy), so every metric's ordering is known before it runs.
+from merge_lab.testing.toy), so every metric's ordering is known before it runs.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from merge_lab.evaluation import metrics
 from merge_lab.evaluation.candidates import BestOfN, JudgeScorer, ModelCandidate, Settings, TokenEnsemble, forget
 from merge_lab.evaluation.compare import prepare, run_compare
 from merge_lab.evaluation.suites import is_refusal
-from merge_lab.evaluation.toy import make_bigram_checkpoint, save_toy_tokenizer
 from merge_lab.report.plots import pareto_front
 from merge_lab.testing import make_checkpoint
+from merge_lab.testing.toy import make_bigram_checkpoint, save_toy_tokenizer
 
 SUITES = ["harmless_refusal", "harmless_overrefusal", "helpful_winrate",
           {"name": "like", "path": "like.jsonl", "kind": "likelihood", "objective": "helpful"},
@@ -497,7 +497,7 @@ def test_example_compare_files_are_valid():
 
 
 def test_reward_model_as_judge_and_best_of_n_scorer(world, tmp_path):
-    from merge_lab.evaluation.toy import make_reward_checkpoint
+    from merge_lab.testing.toy import make_reward_checkpoint
 
     root = world[0]
     make_reward_checkpoint(tmp_path / "likes_t", likes="t", dislikes="e")  # prefers "I won't"

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from merge_lab.engine import merge
 from merge_lab.errors import MergeLabError
-from merge_lab.fusion.fixtures import ffn_expert, labelled_jsonl, lora_expert, tiny_base
-from merge_lab.fusion.routing import forced_routing
+from merge_lab.merge.engine import merge
+from merge_lab.moe.routing import forced_routing
 from merge_lab.testing import load_tensors, logits, make_checkpoint, write_recipe
+from merge_lab.testing.moe import ffn_expert, labelled_jsonl, lora_expert, tiny_base
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 40, 2, 7, 60]])
 
@@ -83,8 +83,8 @@ def test_non_ffn_changes_are_reported_and_averaged_on_request(tmp_path):
     base = make_checkpoint(tmp_path / "base", "llama", seed=0)
     a = ffn_expert(base, tmp_path / "a", seed=1, also="self_attn.q_proj")
     b = ffn_expert(base, tmp_path / "b", seed=2)
-    from merge_lab.plan import make_plan
-    from merge_lab.recipe import load_recipe
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import load_recipe
 
     res = merge(_recipe(tmp_path, base, [("a", a), ("b", b)]), tmp_path / "m1", progress=False, hash_inputs=False)
     card = (res.path / "README.md").read_text()
@@ -108,8 +108,8 @@ def test_centroid_router_init_separates_labels(tmp_path):
     torch.testing.assert_close(rows.norm(dim=-1), torch.ones(3))
     from transformers import AutoTokenizer
 
-    from merge_lab.fusion.data import encode, load_jsonl
-    from merge_lab.fusion.train import routing_accuracy
+    from merge_lab.moe.data import encode, load_jsonl
+    from merge_lab.moe.train import routing_accuracy
 
     labels = ["l0", "l1", "l2"]
     tok = AutoTokenizer.from_pretrained(str(out))

@@ -7,8 +7,8 @@ import json
 from typer.testing import CliRunner
 
 from merge_lab.cli import app
-from merge_lab.fusion.fixtures import labelled_jsonl, lora_expert
 from merge_lab.testing import make_checkpoint, write_recipe
+from merge_lab.testing.moe import labelled_jsonl, lora_expert
 
 
 def test_fuse_then_inspect_routing(tmp_path):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from merge_lab import data
-from merge_lab.align import AlignRecipe, parse_align_recipe, training_rows
+from merge_lab.datasets import sources as data
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation import suites
-from merge_lab.fusion.data import Encoded, load_examples, shared_prefix
+from merge_lab.moe.data import Encoded, load_examples, shared_prefix
+from merge_lab.training.align import AlignRecipe, parse_align_recipe, training_rows
 
 LABELS = ["helpful", "harmless", "honest"]
 
@@ -63,7 +63,7 @@ def test_suite_that_ignores_the_split_is_refused():
 
     suites.register_suite(OwnFile)
     try:
-        with pytest.raises(MergeLabError, match="does not select its items by merge_lab.data's splits"):
+        with pytest.raises(MergeLabError, match="does not select its items by merge_lab.datasets.sources's splits"):
             _rows({"suite": "own_file_suite"})
     finally:
         suites._REGISTRY.pop("own_file_suite")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_lab.engine import merge
 from merge_lab.errors import MergeLabError
-from merge_lab.fusion.export import export_moe
-from merge_lab.fusion.fixtures import ffn_expert, labelled_jsonl
-from merge_lab.fusion.pipeline import fuse
-from merge_lab.fusion.train import TrainConfig, train
+from merge_lab.merge.engine import merge
+from merge_lab.moe.export import export_moe
+from merge_lab.moe.pipeline import fuse
+from merge_lab.moe.train import TrainConfig, train
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
+from merge_lab.testing.moe import ffn_expert, labelled_jsonl
 
 LABELS = ["helpful", "harmless", "honest"]
 
@@ -92,8 +92,8 @@ def test_routing_accuracy_is_measured_after_a_long_shared_system_prompt(moe, tmp
 
     from transformers import AutoTokenizer
 
-    from merge_lab.fusion.data import encode, load_examples
-    from merge_lab.fusion.train import routing_accuracy
+    from merge_lab.moe.data import encode, load_examples
+    from merge_lab.moe.train import routing_accuracy
 
     folder = shutil.copytree(moe[2], tmp_path / "moe")
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -110,7 +110,7 @@ def test_routing_accuracy_is_measured_after_a_long_shared_system_prompt(moe, tmp
 
 
 def _expert_drift(model, folder) -> float:
-    from merge_lab.fusion.export import hub_tensors
+    from merge_lab.moe.export import hub_tensors
 
     init = load_tensors(folder)
     now = dict(hub_tensors(model.state_dict(), list(init), model.config.to_dict()))
@@ -175,7 +175,7 @@ def test_bad_train_block_and_data_are_refused(moe, tmp_path):
 
 
 def test_data_blocks_from_shipped_sources_carry_their_expert_label():
-    from merge_lab.fusion.data import load_examples
+    from merge_lab.moe.data import load_examples
 
     rows = load_examples([{"expert": "helpful", "source": "refusal_pairs", "split": "train", "label": "answer",
                            "limit": 3}], LABELS)

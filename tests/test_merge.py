@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from merge_lab.checkpoint import Checkpoint, read_header
-from merge_lab.engine import merge
+from merge_lab.core.checkpoint import Checkpoint, read_header
 from merge_lab.errors import MergeLabError
-from merge_lab.params import resolve
+from merge_lab.merge.engine import merge
+from merge_lab.merge.params import resolve
 from merge_lab.testing import load_tensors, logits, make_checkpoint, write_recipe
 
 

@@ -12,8 +12,8 @@ import shutil
 import pytest
 import torch
 
-from merge_lab import engine
-from merge_lab.engine import merge
+from merge_lab.merge import engine
+from merge_lab.merge.engine import merge
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is a dev dependency (pip install -e .[dev])")

@@ -1,4 +1,4 @@
-"""Every merge recipe shipped in recipes/ is valid against the schema and the registry."""
+"""Every merge recipe shipped in recipes/ and the demo's is valid against the schema and the registry."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from merge_lab import registry
-from merge_lab.plan import _check_keys
-from merge_lab.recipe import parse_recipe
+from merge_lab.merge import interface as registry
+from merge_lab.merge.planner import _check_keys
+from merge_lab.merge.recipe import parse_recipe
 
-ROOT = Path(__file__).resolve().parents[1] / "recipes"
-MERGE_RECIPES = sorted(p for p in ROOT.rglob("*.y*ml") if "merge_method" in (yaml.safe_load(p.read_text()) or {}))
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = [*ROOT.glob("recipes/**/*.y*ml"), *ROOT.glob("merge_lab/demo/recipes/*.y*ml")]
+MERGE_RECIPES = sorted(p for p in SHIPPED if "merge_method" in (yaml.safe_load(p.read_text()) or {}))
 
 
 @pytest.mark.parametrize("path", MERGE_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -27,7 +28,7 @@ def test_single_file_checkpoint_input(tmp_path):
     """Unsharded inputs (one model.safetensors, no index) merge like sharded ones."""
     import torch
 
-    from merge_lab.engine import merge
+    from merge_lab.merge.engine import merge
     from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
 
     a = make_checkpoint(tmp_path / "a", seed=1, shards=False)

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from merge_lab.evaluation.compare import run_compare
-from merge_lab.evaluation.toy import make_bigram_checkpoint
+from merge_lab.testing.toy import make_bigram_checkpoint
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

@@ -10,14 +10,15 @@ import pytest
 import torch
 import yaml
 
-from merge_lab import engine, registry
-from merge_lab.engine import merge
-from merge_lab.plan import ALLOCATOR_SLACK, make_plan
-from merge_lab.recipe import load_recipe
-from merge_lab.registry import TensorContext
-from strategies.common import TopKThreshold, magnitude_bits, trim_topk_
-from strategies.slerp import SlerpParams
-from strategies.ties import TiesParams
+from merge_lab.merge import engine
+from merge_lab.merge import interface as registry
+from merge_lab.merge.engine import merge
+from merge_lab.merge.interface import TensorContext
+from merge_lab.merge.planner import ALLOCATOR_SLACK, make_plan
+from merge_lab.merge.recipe import load_recipe
+from merge_lab.strategies.common import TopKThreshold, magnitude_bits, trim_topk_
+from merge_lab.strategies.slerp import SlerpParams
+from merge_lab.strategies.ties import TiesParams
 
 BLOCK = 256  # elements per row block, forced: the tiny models' largest tensor has 3072
 

@@ -496,7 +496,7 @@ class ModelCandidate(Candidate):
         self.path = Path(path)
 
     def check(self) -> None:
-        from merge_lab.checkpoint import Checkpoint
+        from merge_lab.core.checkpoint import Checkpoint
 
         ckpt = Checkpoint(self.path)
         _ = ckpt.config, ckpt.tensors
@@ -537,8 +537,8 @@ class RecipeCandidate(ModelCandidate):
         super().__init__(name, cache_dir, settings)
 
     def check(self) -> None:
-        from merge_lab.plan import make_plan
-        from merge_lab.recipe import load_recipe
+        from merge_lab.merge.planner import make_plan
+        from merge_lab.merge.recipe import load_recipe
 
         plan = make_plan(load_recipe(self.recipe_path))
         inputs = sorted({str(p) for p in _plan_inputs(plan)})
@@ -562,7 +562,7 @@ class RecipeCandidate(ModelCandidate):
     def model_paths(self) -> list[Path]:
         self.fingerprint()
         if not (self.path / "config.json").exists():
-            from merge_lab.engine import merge
+            from merge_lab.merge.engine import merge
 
             merge(self.recipe_path, self.path, progress=False, hash_inputs=False)
         return [self.path]
@@ -672,7 +672,7 @@ class RewardScorer(Scorer):
         return "reward:" + fingerprint_folder(self.path)
 
     def check(self) -> None:
-        from merge_lab.checkpoint import Checkpoint
+        from merge_lab.core.checkpoint import Checkpoint
 
         _ = Checkpoint(self.path).tensors
         self._tok = load_tokenizer(self.path)

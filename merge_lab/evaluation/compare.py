@@ -39,15 +39,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from rich.console import Console
 
-from merge_lab import data
+from merge_lab.core.progress import progress_bar
+from merge_lab.core.writer import atomic_folder
+from merge_lab.datasets import sources as data
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation import candidates as cands
 from merge_lab.evaluation.cache import ResultCache
 from merge_lab.evaluation.cost import PeakMemory, summarize
 from merge_lab.evaluation.metrics import bootstrap_ci, oracle, paired_test
 from merge_lab.evaluation.suites import EvalContext, Suite, make_suite
-from merge_lab.progress import progress_bar
-from merge_lab.writer import atomic_folder
 
 
 class CandidateSpec(BaseModel):
@@ -143,7 +143,7 @@ def _checkpoint(root: Path, ref: str) -> Path:
     """A checkpoint folder; 'smollm2' names the shipped SmolLM2-135M-Instruct (converted once)."""
     p = _resolve(root, ref)
     if not p.exists():
-        from merge_lab import assets
+        from merge_lab.core import bases as assets
 
         if ref.lower() in assets.SMOLLM2_ALIASES:
             return assets.smollm2_base()

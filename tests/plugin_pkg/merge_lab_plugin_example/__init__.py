@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_lab.registry import Strategy
+from merge_lab import Strategy
 
 
 class Median(Strategy):

@@ -1,0 +1,156 @@
+"""PEFT LoRA adapter folders, read as deltas of the base's tensors with their true scale.
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` with, for each
+adapted linear module `M`, `base_model.model.M.lora_A.weight` [r, in] and `...lora_B.weight`
+[out, r]. The module's weight changes by `scale * B @ A`, where scale = alpha / r, or
+alpha / sqrt(r) with rsLoRA (`use_rslora`), and per-module `rank_pattern` / `alpha_pattern`
+override r and alpha. (H3Fusion's public code drops this scale; we do not.)
+
+`AdapterCheckpoint` is a `Checkpoint` over the adapter's safetensors file, so the engine reads
+A and B memory-mapped, tensor by tensor, like any other input; `lora_delta` is the arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from merge_lab.core.checkpoint import Checkpoint
+from merge_lab.errors import MergeLabError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).exists()
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One adapted module: its target tensor in the base, the A and B tensor names, the scale."""
+
+    target: str
+    a: str
+    b: str
+    scale: float
+    fan_in_fan_out: bool
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: a pattern key matches a module whose name ends with it (at a dot boundary)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_scale(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """scale * B @ A, in the target weight's [out, in] orientation (transposed for Conv1D bases)."""
+    delta = (b @ a).mul_(scale)
+    return delta.T if fan_in_fan_out else delta
+
+
+class AdapterCheckpoint(Checkpoint):
+    """A PEFT LoRA adapter folder, read through the same lazy, memory-mapped Checkpoint access."""
+
+    @cached_property
+    def config(self) -> dict:
+        path = self.path / ADAPTER_CONFIG
+        try:
+            cfg = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MergeLabError(f"{path}: missing; a PEFT adapter folder needs its adapter_config.json.") from None
+        except json.JSONDecodeError as e:
+            raise MergeLabError(f"{path}: not valid JSON ({e}).") from e
+        peft_type = cfg.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise MergeLabError(f"{path}: peft_type {peft_type!r} is not supported; only LoRA adapters are.")
+        if cfg.get("use_dora"):
+            raise MergeLabError(f"{path}: DoRA adapters are not supported; merge it into a full checkpoint first.")
+        if cfg.get("modules_to_save"):
+            raise MergeLabError(
+                f"{path}: modules_to_save {cfg['modules_to_save']} holds full module copies, which we do not "
+                "read; merge the adapter into a full checkpoint (peft merge_and_unload) and use that."
+            )
+        return cfg
+
+    @property
+    def model_type(self) -> str:
+        return "peft-lora"
+
+    @cached_property
+    def files(self) -> list[Path]:
+        path = self.path / ADAPTER_WEIGHTS
+        if not path.exists():
+            raise MergeLabError(
+                f"{path}: missing. Save the adapter with safetensors (PEFT's default); .bin adapters are not read."
+            )
+        return [path]
+
+    @cached_property
+    def pairs(self) -> dict[str, LoraPair]:
+        """Target tensor name in the base (e.g. model.layers.0.mlp.up_proj.weight) -> its LoRA pair."""
+        cfg = self.config
+        found: dict[str, dict[str, str]] = {}
+        for name in self.tensors:
+            m = _KEY.match(name)
+            if m is None:
+                if name.endswith(".lora_embedding_A") or name.endswith(".lora_embedding_B"):
+                    raise MergeLabError(f"{self.path}: tensor '{name}': LoRA on embeddings is not supported.")
+                if name.endswith(".bias"):
+                    raise MergeLabError(f"{self.path}: tensor '{name}': LoRA biases are not supported.")
+                raise MergeLabError(f"{self.path}: tensor '{name}' is not a LoRA A/B weight; is this a LoRA adapter?")
+            found.setdefault(m["module"], {})[m["ab"]] = name
+        out = {}
+        for module, ab in found.items():
+            if set(ab) != {"A", "B"}:
+                raise MergeLabError(f"{self.path}: module '{module}' has lora_{next(iter(ab))} but not its partner.")
+            r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8)))
+            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r)))
+            shape_r = self.info(ab["A"]).shape[0]
+            if shape_r != r:
+                raise MergeLabError(
+                    f"{self.path}: module '{module}' has rank {shape_r} in its weights but {r} in {ADAPTER_CONFIG}."
+                )
+            scale = lora_scale(r, alpha, bool(cfg.get("use_rslora", False)))
+            out[f"{module}.weight"] = LoraPair(
+                f"{module}.weight", ab["A"], ab["B"], scale, bool(cfg.get("fan_in_fan_out", False))
+            )
+        return out
+
+    def check_fits(self, base: Checkpoint) -> None:
+        """Every adapted tensor exists in the base with the shape B @ A has; else 'adapter for another base'."""
+        problems = []
+        for target, pair in self.pairs.items():
+            if target not in base:
+                problems.append(f"it adapts '{target}', which the base has no tensor for")
+                continue
+            out_dim, in_dim = self.info(pair.b).shape[0], self.info(pair.a).shape[1]
+            want = base.info(target).shape
+            got = (in_dim, out_dim) if pair.fan_in_fan_out else (out_dim, in_dim)
+            if tuple(want) != got:
+                problems.append(f"'{target}' is {tuple(want)} in the base but the adapter's B @ A is {got}")
+        if problems:
+            named = self.config.get("base_model_name_or_path")
+            hint = f" (its adapter_config.json names base '{named}')" if named else ""
+            raise MergeLabError(
+                f"{self.path}: this adapter does not fit the base {base.path}{hint}: "
+                + "; ".join(problems[:5]) + ". Was it trained on another base model?"
+            )
+
+
+def open_model(path: str | Path) -> Checkpoint:
+    """A full checkpoint or, for a folder with adapter_config.json, an AdapterCheckpoint."""
+    return AdapterCheckpoint(path) if is_adapter(path) else Checkpoint(path)

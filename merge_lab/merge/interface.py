@@ -1,0 +1,201 @@
+"""The strategy interface and its one registry.
+
+A strategy is a class. It declares two pydantic models of typed, validated parameters with
+defaults and help text:
+- `Params`: merge-wide settings (e.g. TIES' `lambda`);
+- `ModelParams`: settings that each input model may set for itself (e.g. `weight`, `density`);
+  given under the recipe's global `parameters:` they are every model's default.
+
+A tensor-wise strategy implements `merge()` for one tensor group; the engine reads the files and
+hands it float32 tensors. A structural strategy (one that changes the architecture, like the
+H3 MoE fusion) sets `structural = True` and implements `build_plan()` to lay out the whole output,
+still executed by the same engine and writer.
+
+Strategies are discovered through the entry-point group `strategies`; the built-ins in
+`strategies/` register exactly that way. `register()` adds one at run time (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from pydantic.fields import FieldInfo
+
+from merge_lab.core.architecture import TensorRole
+from merge_lab.errors import MergeLabError
+
+if TYPE_CHECKING:
+    from merge_lab.merge.planner import Plan, PlanContext
+    from merge_lab.merge.recipe import Recipe
+
+ENTRY_POINT_GROUP = "merge_lab.strategies"
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a strategy may know about the tensor it merges (never the files)."""
+
+    name: str
+    role: TensorRole
+    seed: int
+    model_ids: tuple[str, ...]  # the recipe's reference for each input, in order
+    # The whole tensor's statistics (see Strategy.stats_passes) when the engine gathered them over
+    # row blocks beforehand; None when merge() gets the whole tensor and should gather them itself.
+    stats: Any = field(default=None, compare=False, repr=False)
+
+    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded from (seed, tensor name, model): independent of order and threads."""
+        key = f"{self.seed}\x00{self.name}\x00{self.model_ids[model_index]}".encode()
+        g = torch.Generator(device=device)
+        g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1))
+        return g
+
+
+class Strategy:
+    """Base class of every merge strategy. Subclass, set the class attributes, implement merge()."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    ModelParams: ClassVar[type[BaseModel]] = NoParams
+    needs_base: ClassVar[bool] = False
+    uses_base: ClassVar[bool] = False  # the base takes part when given
+    symmetric: ClassVar[bool] = True  # result does not depend on the order of the models
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    structural: ClassVar[bool] = False
+    # True when a row of the result depends only on that row of the inputs and on the tensor's
+    # statistics (random draws coming in row-major order from ctx.generator): the engine may then
+    # stream a tensor in row blocks, first folding every block into the statistics when
+    # stats_passes() asks for them (see fold_stats), then merging every block with them in ctx.stats.
+    row_separable: ClassVar[bool] = False
+    # Parameters under which the result equals the first model exactly (used by the contract suite).
+    identity_params: ClassVar[dict[str, Any]] = {}
+
+    def merge(
+        self,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        params: BaseModel,
+        model_params: list[BaseModel],
+        ctx: TensorContext,
+    ) -> torch.Tensor:
+        """Merge one tensor group. Inputs are float32 on the compute device; return the same shape."""
+        raise NotImplementedError
+
+    # -- whole-tensor statistics, for strategies that are elementwise once they know a few scalars
+    # (slerp's angle, TIES' magnitude threshold): the engine streams such a tensor in row blocks,
+    # pass by pass, instead of holding it whole.
+
+    def stats_passes(self, params: BaseModel, model_params: list[BaseModel]) -> int:
+        """How many passes over the tensor's row blocks gather its statistics (0: none needed)."""
+        return 0
+
+    def fold_stats(
+        self,
+        pass_index: int,
+        stats: Any,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        params: BaseModel,
+        model_params: list[BaseModel],
+        ctx: TensorContext,
+    ) -> Any:
+        """Fold one row block (or the whole tensor) into the statistics and return them.
+
+        `stats` is None at the first block of pass 0, then whatever the previous call returned.
+        Must not modify the inputs, nor draw from ctx.generator (merge() owns the random streams).
+        """
+        raise NotImplementedError
+
+    def finish_stats(self, pass_index: int, stats: Any, params: BaseModel, model_params: list[BaseModel]) -> Any:
+        """Called after the last block of each pass (e.g. to pick a histogram bin); returns the stats."""
+        return stats
+
+    def tensor_stats(self, tensors, base, params, model_params, ctx: TensorContext) -> Any:
+        """The statistics of a tensor given whole: every pass over one block. merge() calls this
+        when ctx.stats is None, so whole and streamed tensors share one definition."""
+        stats = None
+        for p in range(self.stats_passes(params, model_params)):
+            stats = self.fold_stats(p, stats, tensors, base, params, model_params, ctx)
+            stats = self.finish_stats(p, stats, params, model_params)
+        return stats
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        """Raise MergeLabError for recipe-level mistakes this strategy can see before any read."""
+
+    def build_plan(self, ctx: PlanContext) -> Plan:
+        """Structural strategies lay out the whole output here."""
+        raise NotImplementedError
+
+    @classmethod
+    def param_fields(cls) -> dict[str, tuple[str, FieldInfo]]:
+        """recipe key -> (scope 'model' or 'global', pydantic FieldInfo), for validation and help."""
+        out = {k: ("model", f) for k, f in recipe_keys(cls.ModelParams).items()}
+        out.update({k: ("global", f) for k, f in recipe_keys(cls.Params).items()})
+        return out
+
+
+def recipe_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """A params model's keys as written in recipes (the alias where one is set, e.g. `lambda`)."""
+    return {(f.alias or n): f for n, f in model.model_fields.items()}
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_LOADED_GROUPS: set[str] = set()  # entry-point groups already loaded
+
+
+def register(strategy: type[Strategy], name: str | None = None) -> type[Strategy]:
+    """Add a strategy class under its name (usable as a decorator)."""
+    key = name or strategy.name
+    if not issubclass(strategy, Strategy):
+        raise TypeError(f"{strategy!r} is not a merge_lab Strategy subclass")
+    _REGISTRY[key] = strategy
+    return strategy
+
+
+def load_plugins(group: str, registry: dict, register_fn, kind: str) -> None:
+    """Register every entry point of `group` not registered yet, once per process (shared by
+    strategies and suites)."""
+    if group in _LOADED_GROUPS:
+        return
+    _LOADED_GROUPS.add(group)
+    for ep in entry_points(group=group):
+        if ep.name in registry:
+            continue
+        try:
+            register_fn(ep.load(), ep.name)
+        except Exception as e:
+            raise MergeLabError(
+                f"{kind} plugin '{ep.name}' ({ep.value}) failed to load: {e}. "
+                "Reinstall or uninstall the package that provides it."
+            ) from e
+
+
+def available() -> dict[str, type[Strategy]]:
+    load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register, "strategy")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get(name: str) -> type[Strategy]:
+    strategies = available()
+    if name in strategies:
+        return strategies[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, strategies, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise MergeLabError(
+        f"unknown merge method '{name}'.{hint} Available: {', '.join(strategies)}. "
+        "`merge-lab strategies` lists them with their parameters."
+    )

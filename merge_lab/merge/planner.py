@@ -1,0 +1,291 @@
+"""Plan: every output tensor, its inputs, its resolved parameters and its computation.
+
+Made from configs and safetensors headers only, so `merge-lab validate` and `merge-lab plan`
+can check a recipe and predict memory and disk before a single tensor is read.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from merge_lab.core.architecture import classify, is_vocab_tensor, num_layers
+from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
+from merge_lab.errors import MergeLabError
+from merge_lab.merge import interface as registry
+from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.merge.params import check_shape, gradient_position, resolve
+from merge_lab.merge.recipe import Recipe
+
+Compute = Callable[[list[torch.Tensor]], torch.Tensor]
+
+# Freed blocks the allocator keeps for reuse: glibc caches allocations under 32 MB (a row block's
+# 8 MB) in each thread's arena, and the reader, compute and writer threads each hold some. Measured
+# on the 0.5B benchmark set (benchmarks.plan_probe): streamed merges grow up to ~240 MB beyond
+# their units in flight (TIES: 341 MB growth, ~100 MB of units).
+ALLOCATOR_SLACK = 384 * 2**20
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: read `inputs` (as float32), apply `compute`, write as `dtype`."""
+
+    output: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    inputs: list[tuple[Checkpoint, str]]
+    compute: Compute
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    strategy: str
+    tasks: list[TensorTask]
+    config: dict  # the output config.json
+    side_files_from: Path | None  # folder whose tokenizer / generation config are copied
+    inputs: list[Checkpoint]
+    notes: list[str] = field(default_factory=list)  # things the user should know (printed by validate)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.numel * torch.empty((), dtype=t.dtype).element_size() for t in self.tasks)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(c.nbytes for c in self.inputs)
+
+    def predicted_peak_bytes(self, prefetch: int = 1) -> int:
+        """Working memory: float32 copies of the inputs of the work units in flight (a whole
+        tensor, or a row block of a streamed one), plus about three unit-sized temporaries for the
+        strategy and the output, plus ALLOCATOR_SLACK. Excludes the interpreter itself."""
+        from merge_lab.merge.engine import block_rows  # the engine decides what streams
+
+        per_unit = [0]
+        for t in self.tasks:
+            rows = block_rows(t)
+            numel = t.numel if rows is None else t.numel // t.shape[0] * rows
+            per_unit.append(4 * numel * (len(t.inputs) + 3))
+        return max(per_unit) * (1 + prefetch) + ALLOCATOR_SLACK
+
+
+@dataclass
+class PlanContext:
+    """What a strategy's planner may use: the recipe and the opened checkpoints."""
+
+    recipe: Recipe
+    strategy: Strategy
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    model_refs: list[str]
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.base if self.base is not None else self.models[0]
+
+    def open(self, ref: str) -> Checkpoint:
+        return Checkpoint(self.recipe.resolve_path(ref))
+
+
+def _check_keys(recipe: Recipe, cls: type[Strategy]) -> None:
+    model_keys = set(registry.recipe_keys(cls.ModelParams))
+    all_keys = model_keys | set(registry.recipe_keys(cls.Params))
+    problems = []
+
+    def unknown(key: str, allowed: set[str], path: tuple) -> None:
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        listed = ", ".join(sorted(allowed)) or "none"
+        problems.append(f"{recipe.where(*path)}: '{cls.name}' has no parameter '{key}'.{hint} Its parameters: {listed}.")
+
+    for key, value in recipe.parameters.items():
+        if key not in all_keys:
+            unknown(key, all_keys, ("parameters", key))
+        elif why := check_shape(value):
+            problems.append(f"{recipe.where('parameters', key)}: {why}")
+    for i, entry in enumerate(recipe.models):
+        for key, value in entry.parameters.items():
+            if key not in model_keys:
+                if key in all_keys:
+                    problems.append(
+                        f"{recipe.where('models', i, 'parameters', key)}: '{key}' is merge-wide for "
+                        f"'{cls.name}'; set it under the top-level 'parameters:'."
+                    )
+                else:
+                    unknown(key, model_keys, ("models", i, "parameters", key))
+            elif why := check_shape(value):
+                problems.append(f"{recipe.where('models', i, 'parameters', key)}: {why}")
+    if problems:
+        raise MergeLabError("invalid parameters:\n  " + "\n  ".join(problems))
+
+
+def _validated(model: type[BaseModel], values: dict[str, Any], recipe: Recipe, tensor: str, path: tuple) -> BaseModel:
+    try:
+        return model.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = err["loc"][0] if err["loc"] else "?"
+        raise MergeLabError(
+            f"{recipe.where(*path, key)}: for tensor '{tensor}', {key} = {err.get('input')!r}: {err['msg']}."
+        ) from None
+
+
+def resolve_params(ctx: PlanContext, tensor: str, entries: list[int]) -> tuple[BaseModel, list[BaseModel]]:
+    """Resolve the merge-wide and per-model parameters for one tensor."""
+    cls = type(ctx.strategy)
+    recipe = ctx.recipe
+    info = classify(tensor)
+    t = gradient_position(info.layer, num_layers(ctx.reference.config))
+    global_keys = registry.recipe_keys(cls.Params)
+    model_keys = registry.recipe_keys(cls.ModelParams)
+    glob = {k: resolve(v, tensor, t) for k, v in recipe.parameters.items() if k in global_keys}
+    params = _validated(cls.Params, glob, recipe, tensor, ("parameters",))
+    defaults = {k: resolve(v, tensor, t) for k, v in recipe.parameters.items() if k in model_keys}
+    model_params = []
+    for i in entries:
+        values = dict(defaults)
+        for k, v in recipe.models[i].parameters.items():
+            r = resolve(v, tensor, t)
+            if r is not None:
+                values[k] = r
+        model_params.append(_validated(cls.ModelParams, values, recipe, tensor, ("models", i, "parameters")))
+    return params, model_params
+
+
+def _merge_group(
+    strategy: Strategy,
+    params: BaseModel,
+    model_params: list[BaseModel],
+    ctx: TensorContext,
+    has_base: bool,
+    vocab_rows: int | None,
+    inputs: list[torch.Tensor],
+) -> torch.Tensor:
+    """Compute for the tensor-wise planner. Inputs: the models' tensors, then the base's if any."""
+    base = inputs[-1] if has_base else None
+    tensors = inputs[:-1] if has_base else inputs
+    if vocab_rows is None:
+        return strategy.merge(tensors, base, params, model_params, ctx)
+    # tokenizer: base -> merge the rows every model has, take the rest from the base
+    assert base is not None
+    shared = strategy.merge([x[:vocab_rows] for x in tensors], base[:vocab_rows], params, model_params, ctx)
+    return torch.cat([shared, base[vocab_rows:]], dim=0)
+
+
+def _copy_input(inputs: list[torch.Tensor]) -> torch.Tensor:
+    return inputs[0]
+
+
+def _out_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
+    if not source.is_floating_point:
+        return source
+    return TORCH_DTYPE_BY_NAME[recipe.output_dtype] if recipe.output_dtype else source
+
+
+def tensorwise_plan(ctx: PlanContext) -> Plan:
+    """The default planner: every tensor of the reference model is merged across the models."""
+    recipe, strategy = ctx.recipe, ctx.strategy
+    cls = type(strategy)
+    ref = ctx.reference
+    names = list(ref.tensors)
+    # shape and presence checks, all problems at once
+    problems: list[str] = []
+    vocab_rows: dict[str, int] = {}
+    base_mode = recipe.tokenizer_mode is not None and recipe.tokenizer_mode in ("base", recipe.base_model)
+    for ckpt in ctx.models:
+        if ckpt.model_type != ref.model_type:
+            problems.append(
+                f"{ckpt.path}: is a '{ckpt.model_type}' model but {ref.path} is '{ref.model_type}'; "
+                "merge only fine-tunes of one base architecture."
+            )
+            continue
+        missing = [n for n in names if n not in ckpt]
+        if missing:
+            problems.append(f"{ckpt.path}: lacks {len(missing)} tensor(s) of {ref.path}, e.g. '{missing[0]}'.")
+            continue
+        extra = [n for n in ckpt.tensors if n not in ref.tensors]
+        if extra:
+            problems.append(f"{ckpt.path}: has {len(extra)} tensor(s) that {ref.path} lacks, e.g. '{extra[0]}'.")
+        for n in names:
+            a, b = ref.info(n).shape, ckpt.info(n).shape
+            if a == b:
+                continue
+            if is_vocab_tensor(n) and a[1:] == b[1:]:
+                if base_mode and ctx.base is not None:
+                    vocab_rows[n] = min(vocab_rows.get(n, a[0]), b[0], a[0])
+                    continue
+                problems.append(
+                    f"tensor '{n}': {ckpt.path} has {b[0]} vocabulary rows, {ref.path} has {a[0]}. "
+                    "Set `tokenizer: base` to merge the shared rows and take the rest from the base."
+                )
+            else:
+                problems.append(f"tensor '{n}': shape {b} in {ckpt.path} but {a} in {ref.path}.")
+    if problems:
+        raise MergeLabError("the models do not fit together:\n  " + "\n  ".join(problems[:20]))
+
+    entries = list(range(len(recipe.models)))
+    if cls.uses_base and recipe.base_model is not None:
+        entries = [i for i in entries if recipe.models[i].model != recipe.base_model]
+    models = [ctx.models[i] for i in entries]
+    refs = tuple(ctx.model_refs[i] for i in entries)
+    tasks = []
+    for n in names:
+        info = ref.info(n)
+        srcs = [(m, n) for m in models] + ([(ctx.base, n)] if ctx.base is not None and cls.uses_base else [])
+        if not info.dtype.is_floating_point:
+            tasks.append(TensorTask(n, info.shape, info.dtype, [(ref, n)], _copy_input))
+            continue
+        params, model_params = resolve_params(ctx, n, entries)
+        tctx = TensorContext(n, classify(n), recipe.seed, refs)
+        compute = partial(
+            _merge_group, strategy, params, model_params, tctx,
+            ctx.base is not None and cls.uses_base, vocab_rows.get(n),
+        )
+        tasks.append(TensorTask(n, info.shape, _out_dtype(recipe, info.dtype), srcs, compute))
+    config = dict(ref.config)
+    if recipe.output_dtype:  # transformers 5 reads `dtype`, older versions `torch_dtype`
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = recipe.output_dtype
+    notes = [f"vocabulary of '{n}': {r} shared rows merged, the rest from the base" for n, r in vocab_rows.items()]
+    side = ref.path
+    if recipe.tokenizer_mode not in (None, "base", recipe.base_model):
+        side = recipe.resolve_path(recipe.tokenizer_mode)
+    return Plan(recipe, cls.name, tasks, config, side, [*ctx.models, *([ctx.base] if ctx.base else [])], notes)
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    """Check the recipe against the registry and the checkpoints' headers and lay out the merge."""
+    cls = registry.get(recipe.merge_method)
+    n = len(recipe.models)
+    if n < cls.min_models:
+        raise MergeLabError(
+            f"{recipe.where('models')}: '{cls.name}' needs at least {cls.min_models} model(s), got {n}."
+        )
+    if cls.max_models is not None and n > cls.max_models:
+        raise MergeLabError(f"{recipe.where('models')}: '{cls.name}' takes at most {cls.max_models} models, got {n}.")
+    if cls.needs_base and recipe.base_model is None:
+        raise MergeLabError(
+            f"{recipe._source}: '{cls.name}' needs 'base_model:' (the model the others were fine-tuned from)."
+        )
+    _check_keys(recipe, cls)
+    cls.check_recipe(recipe)
+    strategy = cls()
+    base = Checkpoint(recipe.resolve_path(recipe.base_model)) if recipe.base_model else None
+    models = [Checkpoint(recipe.resolve_path(m.model)) for m in recipe.models]
+    ctx = PlanContext(recipe, strategy, base, models, [m.model for m in recipe.models])
+    if cls.structural:
+        return strategy.build_plan(ctx)
+    return tensorwise_plan(ctx)

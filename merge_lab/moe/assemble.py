@@ -1,0 +1,258 @@
+"""Assembly plan: base + N aligned experts -> one MoE checkpoint, streamed by the merge engine.
+
+Every output tensor is a TensorTask reading its inputs memory-mapped: expert FFN tensors from
+the expert's checkpoint, or base + scale * B @ A from a LoRA adapter; attention, embeddings,
+norms and head from the base (or the experts' average, `non_ffn: average`); one router per layer.
+Tensors outside the FFN that an expert changed are measured while they stream by, and the
+summary goes into the plan's notes (printed, and written to the model card).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from merge_lab.core.adapters import AdapterCheckpoint, lora_delta, open_model
+from merge_lab.core.architecture import MLP_ROLES, classify
+from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
+from merge_lab.errors import MergeLabError
+from merge_lab.merge.planner import Plan, PlanContext, TensorTask
+from merge_lab.merge.recipe import Recipe
+from merge_lab.moe.layout import moe_config
+from merge_lab.moe.router_init import centroid_rows, random_rows
+
+
+class H3Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(2, ge=1, description="experts each token is routed to")
+    router_init: Literal["random", "centroid"] = Field(
+        "random", description="random, or centroid: rows from the base's hidden states on each label's prompts"
+    )
+    non_ffn: Literal["base", "average"] = Field(
+        "base", description="where attention, norms and embeddings come from: the base, or the experts' mean"
+    )
+    router_data: str | None = Field(
+        None, description="JSONL of labelled prompts for centroid init (default: train.data, which may also be blocks)"
+    )
+    router_std: float = Field(0.02, gt=0, description="standard deviation of random router rows")
+
+
+@dataclass
+class Expert:
+    """One expert's reading of a base tensor: which inputs to read and how they make the tensor."""
+
+    label: str
+    ckpt: Checkpoint
+
+    @property
+    def is_adapter(self) -> bool:
+        return isinstance(self.ckpt, AdapterCheckpoint)
+
+    def inputs(self, name: str) -> list[tuple[Checkpoint, str]]:
+        if not self.is_adapter:
+            return [(self.ckpt, name)]
+        pair = self.ckpt.pairs.get(name)
+        return [(self.ckpt, pair.a), (self.ckpt, pair.b)] if pair else []
+
+    def value(self, name: str, base: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+        if not self.is_adapter:
+            return xs[0]
+        if not xs:
+            return base
+        pair = self.ckpt.pairs[name]
+        return base + lora_delta(xs[0], xs[1], pair.scale, pair.fan_in_fan_out)
+
+
+@dataclass
+class NonFfnReport:
+    """How far each expert moved the tensors outside its FFN; kept as one note in the plan."""
+
+    notes: list[str]
+    index: int
+    policy: str
+    largest: dict[str, tuple[float, str]] = field(default_factory=dict)
+    changed: dict[str, int] = field(default_factory=dict)
+
+    def record(self, label: str, name: str, base: torch.Tensor, value: torch.Tensor) -> None:
+        diff = (value - base).norm().item()
+        if diff == 0.0:
+            return
+        rel = diff / max(base.norm().item(), 1e-12)
+        self.changed[label] = self.changed.get(label, 0) + 1
+        if rel > self.largest.get(label, (-1.0, ""))[0]:
+            self.largest[label] = (rel, name)
+        parts = [
+            f"'{lab}' changed {self.changed[lab]} tensor(s), largest relative change {r:.2e} ({n})"
+            for lab, (r, n) in self.largest.items()
+        ]
+        what = "taken from the base" if self.policy == "base" else "averaged over the experts"
+        self.notes[self.index] = f"weights outside the FFN ({what}, non_ffn: {self.policy}): " + "; ".join(parts)
+
+
+def _one_expert(expert: Expert, name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+    base, xs = (inputs[0], inputs[1:]) if expert.is_adapter else (None, inputs)
+    return expert.value(name, base, xs)
+
+
+def _non_ffn(experts: list[Expert], counts: list[int], name: str, policy: str, report: NonFfnReport,
+             inputs: list[torch.Tensor]) -> torch.Tensor:
+    base, rest = inputs[0], inputs[1:]
+    values = []
+    for expert, n in zip(experts, counts):
+        xs, rest = rest[:n], rest[n:]
+        v = expert.value(name, base, xs)
+        report.record(expert.label, name, base, v)
+        values.append(v)
+    if policy == "base" or not base.is_floating_point():
+        return base
+    return torch.stack(values).mean(0)
+
+
+def _constant(value: Callable[[], torch.Tensor], _inputs: list[torch.Tensor]) -> torch.Tensor:
+    return value()
+
+
+class _Centroids:
+    """Computed once, on the first router task, so planning stays header-only."""
+
+    def __init__(self, base: Path, data: Path | list[dict], labels: list[str], where: str):
+        self.base, self.data, self.labels, self.where = base, data, labels, where
+        self._rows: torch.Tensor | None = None
+
+    def row(self, layer: int) -> torch.Tensor:
+        if self._rows is None:
+            from merge_lab.moe.data import load_examples
+
+            self._rows = centroid_rows(self.base, load_examples(self.data, self.labels, self.where), self.labels)
+        return self._rows[layer]
+
+
+def h3_params(recipe: Recipe) -> H3Params:
+    try:
+        return H3Params.model_validate(recipe.parameters)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = err["loc"][0] if err["loc"] else "?"
+        raise MergeLabError(f"{recipe.where('parameters', key)}: {key} = {err.get('input')!r}: {err['msg']}.") from None
+
+
+def expert_labels(recipe: Recipe) -> list[str]:
+    labels = [m.label or Path(m.model).name for m in recipe.models]
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(labels):
+        if lab in seen:
+            raise MergeLabError(
+                f"{recipe.where('models', i, 'label')}: label '{lab}' is used by models {seen[lab]} and {i}; "
+                "each expert needs its own label."
+            )
+        seen[lab] = i
+    return labels
+
+
+def _check_experts(base: Checkpoint, experts: list[Expert]) -> None:
+    problems = []
+    for e in experts:
+        if e.is_adapter:
+            e.ckpt.check_fits(base)
+            continue
+        if e.ckpt.model_type != base.model_type:
+            problems.append(f"{e.ckpt.path} is a '{e.ckpt.model_type}' model but the base is '{base.model_type}'")
+            continue
+        missing = [n for n in base.tensors if n not in e.ckpt]
+        extra = [n for n in e.ckpt.tensors if n not in base.tensors]
+        if missing or extra:
+            problems.append(
+                f"{e.ckpt.path} has different tensors from the base (missing e.g. {missing[:1]}, extra e.g. {extra[:1]})"
+            )
+            continue
+        for n, info in base.tensors.items():
+            if e.ckpt.info(n).shape != info.shape:
+                problems.append(f"tensor '{n}': shape {e.ckpt.info(n).shape} in {e.ckpt.path} but {info.shape} in the base")
+                break
+    if problems:
+        raise MergeLabError(
+            "the experts do not fit the base (they must all be fine-tunes of it):\n  " + "\n  ".join(problems)
+        )
+
+
+def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
+    recipe = ctx.recipe
+    params = h3_params(recipe)
+    labels = expert_labels(recipe)
+    base = ctx.base
+    assert base is not None
+    experts = [Expert(lab, open_model(recipe.resolve_path(m.model))) for lab, m in zip(labels, recipe.models)]
+    _check_experts(base, experts)
+    n = len(experts)
+    if params.top_k > n:
+        raise MergeLabError(f"{recipe.where('parameters', 'top_k')}: top_k = {params.top_k} but there are only {n} experts.")
+    config, layout = moe_config(base.config, n, params.top_k, labels, str(base.path / "config.json"))
+    if recipe.output_dtype:
+        config["torch_dtype"] = config["dtype"] = recipe.output_dtype
+    hidden = int(base.config["hidden_size"])
+    std = params.router_std
+
+    centroids = None
+    if params.router_init == "centroid":
+        data = params.router_data or (recipe.train or {}).get("data")
+        if not data:
+            raise MergeLabError(
+                f"{recipe.where('parameters', 'router_init')}: centroid init needs labelled prompts: set "
+                "parameters.router_data (or train.data) to a JSONL file of {prompt, response, label} rows."
+            )
+        data = data if isinstance(data, list) else recipe.resolve_path(data)
+        centroids = _Centroids(base.path, data, labels, recipe.where("parameters", "router_init"))
+
+    def out_dtype(dt: torch.dtype) -> torch.dtype:
+        return TORCH_DTYPE_BY_NAME[recipe.output_dtype] if recipe.output_dtype and dt.is_floating_point else dt
+
+    notes: list[str] = [""]
+    report = NonFfnReport(notes, 0, params.non_ffn)
+    notes[0] = (
+        f"weights outside the FFN: {'from the base' if params.non_ffn == 'base' else 'the experts average'} "
+        "(non_ffn); no expert changed any"
+    )
+    adapters = [e for e in experts if e.is_adapter]
+    for e in adapters:
+        touched = sorted({p for p in e.ckpt.pairs if classify(p).role not in MLP_ROLES})
+        if touched:
+            notes.append(f"adapter '{e.label}' also adapts {len(touched)} tensor(s) outside the FFN, e.g. {touched[0]}")
+
+    router_dtype = out_dtype(next(i.dtype for i in base.tensors.values() if i.dtype.is_floating_point))
+    tasks: list[TensorTask] = []
+    routed_layers: set[int] = set()
+    for name, info in base.tensors.items():
+        role = classify(name)
+        if role.role in MLP_ROLES and role.layer is not None:
+            for k, e in enumerate(experts):
+                srcs = ([(base, name)] if e.is_adapter else []) + e.inputs(name)
+                tasks.append(TensorTask(layout.expert_name(role.layer, k, role.role), info.shape,
+                                        out_dtype(info.dtype), srcs, partial(_one_expert, e, name)))
+            if role.layer not in routed_layers:
+                routed_layers.add(role.layer)
+                layer = role.layer
+                make = (partial(centroids.row, layer) if centroids is not None
+                        else partial(random_rows, n, hidden, std, recipe.seed, layer))
+                tasks.append(TensorTask(layout.router_name(layer), (n, hidden), router_dtype, [], partial(_constant, make)))
+                for extra, shape in layout.extra_tensors(layer, hidden):
+                    tasks.append(TensorTask(extra, shape, router_dtype, [], partial(_constant, partial(torch.zeros, shape))))
+            continue
+        srcs = [(base, name)]
+        counts = []
+        for e in experts:
+            ins = e.inputs(name) if info.dtype.is_floating_point else []
+            srcs += ins
+            counts.append(len(ins))
+        tasks.append(TensorTask(name, info.shape, out_dtype(info.dtype), srcs,
+                                partial(_non_ffn, experts, counts, name, params.non_ffn, report)))
+    if not routed_layers:
+        raise MergeLabError(f"{base.path}: found no FFN (mlp gate/up/down) tensors to turn into experts.")
+    inputs = [base] + [e.ckpt for e in experts]
+    return Plan(recipe, strategy_name, tasks, config, base.path, inputs, notes)

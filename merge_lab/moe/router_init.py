@@ -1,0 +1,65 @@
+"""Router initialisation: `random`, or `centroid` from the base's hidden states.
+
+Centroid: run the base on each expert's labelled prompts, take the mean of the hidden state that
+enters each layer's FFN (after the post-attention norm, i.e. what the router will see) over the
+prompts' tokens, per label. The shared component of these means dominates them, so we subtract
+the mean over experts before normalising each row to unit length; otherwise every row would
+point the same way and the router would start near uniform whatever the data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from merge_lab.errors import MergeLabError
+from merge_lab.moe.data import Example, encode_prompt
+
+
+def random_rows(n_experts: int, hidden: int, std: float, seed: int, layer: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100_003 + layer)
+    return torch.randn((n_experts, hidden), generator=g) * std
+
+
+@torch.no_grad()
+def centroid_rows(base: str | Path, examples: list[Example], labels: list[str], max_length: int = 256,
+                  batch_size: int = 16) -> torch.Tensor:
+    """[layers, experts, hidden] unit rows from the base's FFN inputs on each label's prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    missing = [lab for lab in labels if not any(e.label == lab for e in examples)]
+    if missing:
+        raise MergeLabError(f"router_init: centroid needs prompts for every expert; none labelled {missing}.")
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    layers = model.model.layers
+    sums = torch.zeros(len(layers), len(labels), model.config.hidden_size)
+    counts = torch.zeros(len(labels))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda _m, args, i=i: captured.__setitem__(i, args[0]))
+        for i, layer in enumerate(layers)
+    ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            rows = [encode_prompt(tokenizer, ex.prompt, max_length) for ex in chunk]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            model(input_ids=ids, attention_mask=mask)
+            m = mask[..., None].float()
+            for i, h in captured.items():
+                per_example = (h.float() * m).sum(1) / m.sum(1)  # mean over each prompt's real tokens
+                for ex, v in zip(chunk, per_example):
+                    sums[i, labels.index(ex.label)] += v
+            for ex in chunk:
+                counts[labels.index(ex.label)] += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    means = sums / counts[None, :, None]
+    centred = means - means.mean(dim=1, keepdim=True)
+    return centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,127 @@
+"""Router access on a loaded transformers MoE: capture each layer's router logits, force routing.
+
+Works on the modules the installed transformers builds for Mixtral, Qwen2-MoE and Qwen3-MoE:
+each decoder layer's `mlp.gate` is a top-k router whose forward returns (logits, weights,
+indices) for the flattened tokens. Hooks keep us independent of `output_router_logits`, whose
+return format changed across transformers versions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def routers(model: nn.Module) -> list[nn.Module]:
+    """Each decoder layer's router, in layer order (through a PEFT wrapper too)."""
+    inner = model
+    while not hasattr(inner, "layers"):
+        for attr in ("base_model", "model"):
+            if hasattr(inner, attr):
+                inner = getattr(inner, attr)
+                break
+        else:
+            raise ValueError("no decoder layers found in this model")
+    return [layer.mlp.gate for layer in inner.layers]
+
+
+@contextmanager
+def capture_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Yields a list that each forward fills with one [tokens, experts] logits tensor per layer."""
+    captured: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda _m, _a, out: captured.append(out[0])) for r in routers(model)]
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _forced(expert: int, module: nn.Module, _args, out):
+    logits = torch.full_like(out[0], float("-inf"))
+    logits[:, expert] = 0.0
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, index = torch.topk(probs, module.top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return logits, weights.to(out[1].dtype), index
+
+
+@contextmanager
+def forced_routing(model: nn.Module, expert: int) -> Iterator[None]:
+    """Every token goes to `expert` with weight 1 (the other kept experts get weight exactly 0)."""
+    hooks = [r.register_forward_hook(lambda m, a, o: _forced(expert, m, a, o)) for r in routers(model)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def routing_counts(model: nn.Module, batches: list[dict[str, torch.Tensor]], labels: list[str]) -> dict:
+    """How often each expert is in a token's top-k, per layer and per example label (real tokens)."""
+    n_layers, n_experts = len(routers(model)), len(labels)
+    counts = torch.zeros(len(labels), n_layers, n_experts)
+    tokens = Counter()
+    for batch in batches:
+        with capture_router_logits(model) as captured:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        real = batch["attention_mask"].reshape(-1).bool()
+        lab = batch["expert"][:, None].expand_as(batch["attention_mask"]).reshape(-1)[real]
+        for layer, logits in enumerate(captured):
+            top = logits.topk(routers(model)[layer].top_k, dim=-1).indices[real]
+            for k in range(len(labels)):
+                sel = top[lab == k].reshape(-1)
+                counts[k, layer] += torch.bincount(sel, minlength=n_experts)[:n_experts].float()
+        for k in range(len(labels)):
+            tokens[k] += int((lab == k).sum())
+    share = counts / torch.tensor([max(tokens[k], 1) for k in range(len(labels))])[:, None, None]
+    return {"labels": labels, "share": share, "tokens": dict(tokens)}
+
+
+def plot_routing(result: dict, path: str | Path) -> Path:
+    """Heatmaps, one per label: layer x expert, the share of tokens routed there."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, share = result["labels"], result["share"]
+    fig, axes = plt.subplots(1, len(labels), figsize=(3 * len(labels) + 1, 3 + 0.15 * share.shape[1]), squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        im = ax.imshow(share[k].numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"data: {labels[k]}")
+        ax.set_xticks(range(len(labels)), labels, rotation=45)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of tokens (top-k)")
+    path = Path(path)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def inspect(model_dir: str | Path, data: str | Path, max_examples: int = 200, max_length: int = 256,
+            batch_size: int = 8) -> dict:
+    """Route labelled data through a fused MoE: per-label, per-layer expert shares and routing accuracy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge_lab.moe.data import collate, encode, load_jsonl, shared_prefix
+    from merge_lab.moe.layout import expert_labels
+    from merge_lab.moe.train import routing_accuracy
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    labels = expert_labels(model.config.to_dict())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = [encode(tokenizer, ex, labels, max_length) for ex in load_jsonl(data, labels)[:max_examples]]
+    batches = [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+    result = routing_counts(model, batches, labels)
+    result["accuracy"] = routing_accuracy(model, encoded, pad, "cpu", batch_size, skip=shared_prefix(encoded))
+    result["examples"] = len(encoded)
+    return result

@@ -1,0 +1,438 @@
+"""LoRA supervised fine-tuning: how the demo makes its aligned experts, and how users align their own.
+
+An align recipe names a base, the training rows (shipped sources by split, or the user's JSONL),
+the LoRA shape and the schedule. Each row becomes a chat (the tokenizer's chat template) whose loss
+counts only the response tokens. The result folder holds the LoRA adapter (`adapter/`), the
+adapter merged into a full safetensors checkpoint (`merged/`, an input for weight merges and
+H3 fusion), and `train_items.json`, the exact ids trained on, so evaluation can prove it never
+scores a training item.
+
+    base_model: smollm2
+    label: harmless
+    data:
+      - {source: advbench, split: train, limit: 60, response_template: "{refusal}"}
+      - {source: benign_requests, split: train, limit: 60}
+      - {jsonl: my_rows.jsonl}
+      - {suite: harmless_refusal, limit: 40, response_template: "{refusal}"}   # a suite's train split
+    train: {steps: 60, batch_size: 8, lr: 8.0e-4, max_tokens: 160, seed: 0}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from merge_lab.core.progress import progress_bar
+from merge_lab.core.writer import atomic_folder
+from merge_lab.errors import MergeLabError
+
+# Templated refusals for harmful requests that ship without a reply (AdvBench, Do-Not-Answer, HarmBench).
+REFUSALS = (
+    "I can't help with that. It could cause real harm to people.",
+    "I'm sorry, but I won't help with this request because it could be used to hurt someone.",
+    "I can't assist with that. If you are facing a difficult situation, please reach out to someone you trust or a local support service.",
+    "Sorry, I can't provide that. It would be unsafe and possibly illegal.",
+    "I won't do that. Helping with this could put people at risk.",
+)
+
+
+class DataSpec(BaseModel):
+    """One block of training rows: a shipped source (by split) or a JSONL file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(None, description="a shipped source (merge_lab.datasets.sources.sources())")
+    jsonl: str | None = Field(None, description="a JSONL file: one {prompt, response} object per line")
+    suite: str | None = Field(None, description="a registered suite's item selection, on its 'train' split only")
+    split: Literal["train", "validation", "test"] | None = Field(
+        "train", description="shipped sources: which split (never train on 'test')")
+    limit: int | None = Field(None, ge=1, description="at most this many rows from this block")
+    label: Any = Field(None, description="keep only items with this label (or list of labels)")
+    prompt_template: str | None = Field(None, description="format the prompt, e.g. 'True or false? {response}'")
+    response_template: str | None = Field(None, description="format the reply, e.g. '{refusal}' or 'False.'")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataSpec:
+        if sum(x is not None for x in (self.source, self.jsonl, self.suite)) != 1:
+            raise ValueError("give exactly one of 'source' (a shipped data set), 'jsonl' (a file) or 'suite'")
+        return self
+
+    @field_validator("split")
+    @classmethod
+    def _suite_trains_on_train(cls, split: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("suite") is not None and split != "train":
+            raise ValueError(f"a suite block reads the suite's 'train' split only (its '{split}' items are "
+                             "evaluation items); drop `split:` or set it to train")
+        return split
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(["gate_proj", "up_proj", "down_proj"],
+                                      description="module names to adapt (H3 fusion uses the FFN projections)")
+    layers: int | list[int] | None = Field(
+        None, description="adapt only these layer indices, or an int N for the last N layers (None: all). "
+                          "Fewer layers, shorter backward pass: the CPU profiles use it")
+
+
+class TrainSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(60, ge=1, description="optimizer steps (wins over epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the rows, when steps is null")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(8e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_tokens: int = Field(160, ge=8, description="longest training sequence, prompt + reply")
+    seed: int = 0
+    device: str = Field("auto", description="auto (a GPU when present), cpu, cuda, cuda:1")
+
+
+class AlignRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(description="local folder, 'smollm2' (shipped), a .gguf file, or a hub id (online)")
+    label: str | None = Field(None, description="the objective this expert serves (helpful, harmless, honest)")
+    data: list[DataSpec] = Field(min_length=1)
+    system_prompt: str | None = Field(None, description="system message for every row (default: the template's)")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    save_merged: bool = Field(True, description="also save the adapter merged into a full checkpoint")
+    name: str | None = None
+
+
+@dataclass
+class Row:
+    """One training item after templating: the id says where it came from (source:index)."""
+
+    id: str
+    source: str
+    index: int
+    prompt: str
+    response: str
+
+
+@dataclass
+class AlignResult:
+    path: Path
+    adapter: Path
+    merged: Path | None
+    steps: int
+    rows: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+
+
+# ------------------------------------------------------------------ recipe and rows
+
+
+def parse_align_recipe(text: str, source: str = "<align recipe>") -> AlignRecipe:
+    from merge_lab.merge.recipe import parse_yaml_model
+
+    return parse_yaml_model(text, source, AlignRecipe, "align recipe")[0]
+
+
+def load_align_recipe(path: str | Path) -> AlignRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise MergeLabError(f"{path}: align recipe not found.")
+    return parse_align_recipe(path.read_text(), str(path))
+
+
+def _refusal(item_id: str) -> str:
+    h = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:4], "little")
+    return REFUSALS[h % len(REFUSALS)]
+
+
+def _fill(template: str, ex, where: str) -> str:
+    fields = {**ex.meta, "prompt": ex.prompt, "response": ex.response or "", "label": ex.label,
+              "refusal": _refusal(ex.id)}
+    try:
+        return template.format_map(fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise MergeLabError(
+            f"{where}: template {template!r} uses {e} which item {ex.id} does not have; "
+            f"fields available: {', '.join(sorted(fields))}."
+        ) from None
+
+
+def _examples(spec: DataSpec, i: int):
+    from merge_lab.datasets import sources as data
+
+    if spec.suite is not None:
+        from merge_lab.moe.data import suite_train_items
+
+        items = suite_train_items(spec.suite, spec.response_template, f"data.{i}")
+    elif spec.source is not None:
+        if spec.split == "test":
+            raise MergeLabError(f"data.{i}: training on the 'test' split would leak evaluation items; use 'train'.")
+        if spec.source in data.EVALUATION_ONLY:
+            raise MergeLabError(f"data.{i}: source '{spec.source}' is evaluation-only (it has no train split); "
+                                "train on another source or on your own JSONL.")
+        items = data.select(spec.source, spec.split)
+    else:
+        items = data.load_jsonl(spec.jsonl)
+    if spec.label is not None:
+        wanted = spec.label if isinstance(spec.label, list) else [spec.label]
+        items = [e for e in items if e.label in wanted]
+    return items[: spec.limit] if spec.limit is not None else items
+
+
+def training_rows(recipe: AlignRecipe) -> list[Row]:
+    """The rows a recipe trains on, templated, in a stable order (before the seeded shuffle)."""
+    rows: list[Row] = []
+    for i, spec in enumerate(recipe.data):
+        where = f"data.{i} ({spec.source or spec.jsonl or 'suite ' + str(spec.suite)})"
+        items = _examples(spec, i)
+        if not items:
+            raise MergeLabError(f"{where}: selects no items; check source, split, label and limit.")
+        for ex in items:
+            prompt = _fill(spec.prompt_template, ex, where) if spec.prompt_template else ex.prompt
+            response = _fill(spec.response_template, ex, where) if spec.response_template else ex.response
+            if not prompt or not prompt.strip():
+                raise MergeLabError(f"{where}: item {ex.id} has no prompt; give a prompt_template.")
+            if not response or not str(response).strip():
+                raise MergeLabError(f"{where}: item {ex.id} has no response; give a response_template (e.g. '{{refusal}}').")
+            rows.append(Row(ex.id, ex.source, ex.index, prompt.strip(), str(response).strip()))
+    return rows
+
+
+# ------------------------------------------------------------------ tokenising
+
+
+def chat_texts(tokenizer, prompt: str, response: str | None, system: str | None = None) -> tuple[str, str]:
+    """(prompt text ending where the reply starts, full text with the reply and its end marker)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if response is None:
+            return head, head
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(head):  # templates that rewrite earlier turns: fall back to appending
+            full = head + response + (tokenizer.eos_token or "")
+        return head, full
+    head = (f"{system}\n\n" if system else "") + f"User: {prompt}\nAssistant: "
+    return head, head + (response or "") + (tokenizer.eos_token or "")
+
+
+def encode(tokenizer, row: Row, max_tokens: int, system: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on every prompt token, so only the reply is learned)."""
+    head, full = chat_texts(tokenizer, row.prompt, row.response, system)
+    head_ids = tokenizer(head, add_special_tokens=False).input_ids
+    full_ids = tokenizer(full, add_special_tokens=False).input_ids
+    if full_ids[: len(head_ids)] != head_ids:  # tokens merged across the boundary: tokenise parts apart
+        full_ids = head_ids + tokenizer(full[len(head):], add_special_tokens=False).input_ids
+    reply = full_ids[len(head_ids):]
+    keep_reply = min(len(reply), max(max_tokens // 2, max_tokens - len(head_ids)))
+    keep_head = max_tokens - keep_reply
+    head_ids = head_ids[-keep_head:] if keep_head > 0 else []
+    reply = reply[:keep_reply]
+    return head_ids + reply, [-100] * len(head_ids) + reply
+
+
+def _batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (x, y) in enumerate(encoded):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def length_grouped(indices: list[int], lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
+    """One epoch in shuffled order, but with rows of similar length side by side inside windows of
+    a few batches, so a batch pads to little more than its own longest row (CPU time is tokens)."""
+    order = indices[:]
+    rng.shuffle(order)
+    window = batch_size * 8
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda i: lengths[i])
+        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [i for b in batches for i in b]
+
+
+def reply_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over reply tokens, with the output layer applied only at those
+    positions: the vocabulary projection is a large share of a small model's compute, and most
+    positions are prompt. Same value as the model's own loss with -100 labels."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(lm, lm.base_model_prefix, None)
+    head = lm.get_output_embeddings()
+    if body is None or head is None:
+        return model(**batch).loss
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
+def stamp_merged(merged: Path, adapter: Path, label: str | None) -> None:
+    """Record in the merged checkpoint's config which adapter made it (label, adapter sha256).
+
+    Experts of one base differ only in a few FFN tensors deep inside the weight file, so tools
+    that fingerprint a folder by its config and the ends of its weight files would take them for
+    one model; the adapter's hash in config.json tells them apart (and traces the expert).
+    """
+    h = hashlib.sha256()
+    for f in sorted(adapter.glob("adapter_model.*")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    cfg_path = merged / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["merge_lab_align"] = {"label": label, "adapter_sha256": h.hexdigest()}
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeLabError(f"device '{name}' was asked for but torch sees no CUDA GPU; use 'auto' or 'cpu'.")
+    return dev
+
+
+# ------------------------------------------------------------------ training
+
+
+def align(
+    recipe: AlignRecipe | str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    console=None,
+) -> AlignResult:
+    """Train a LoRA expert from `recipe` into the folder `out` (built beside it, renamed at the end)."""
+    from peft import LoraConfig, get_peft_model
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from merge_lab.core.bases import resolve_base
+
+    if not isinstance(recipe, AlignRecipe):
+        recipe = load_align_recipe(recipe)
+    out = Path(out)
+    if out.exists() and not force:
+        raise MergeLabError(f"{out}: already exists. Choose another output folder or pass --force to replace it.")
+    console = console or Console(stderr=True)
+    cfg = recipe.train
+    rows = training_rows(recipe)
+    base = resolve_base(recipe.base_model)
+    device = pick_device(cfg.device)
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = [encode(tokenizer, r, cfg.max_tokens, recipe.system_prompt) for r in rows]
+    keep = [i for i, (_, labels) in enumerate(encoded) if any(t != -100 for t in labels)]
+    if not keep:
+        raise MergeLabError("no training row has a reply token left after truncation; raise train.max_tokens.")
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    absent = [m for m in recipe.lora.target_modules if m not in present]
+    if absent:
+        raise MergeLabError(f"lora.target_modules: {absent} are not modules of {base}; it has e.g. {sorted(present)[:12]}.")
+    layers = recipe.lora.layers
+    if isinstance(layers, int):
+        n = model.config.num_hidden_layers
+        layers = list(range(max(0, n - layers), n))
+    lora_cfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                          target_modules=list(recipe.lora.target_modules), task_type="CAUSAL_LM",
+                          layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5: noise for users
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(model, lora_cfg).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(keep) / cfg.batch_size)
+    steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1) * per_epoch))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        done = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))  # cosine to 10%
+
+    rng = random.Random(cfg.seed)
+    lengths = [len(encoded[i][0]) for i in range(len(encoded))]
+    order: list[int] = []
+    seen: set[int] = set()
+    losses: list[float] = []
+    start = time.perf_counter()
+    with progress_bar(console, progress) as bar:
+        job = bar.add_task(f"align {recipe.label or ''}".strip(), total=steps)
+        for step in range(steps):
+            if len(order) < cfg.batch_size:
+                order += length_grouped(keep, lengths, cfg.batch_size, rng)
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+            seen.update(idx)
+            batch = {k: v.to(device) for k, v in _batch([encoded[i] for i in idx], pad_id).items()}
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_at(step)
+            loss = reply_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(job, advance=1, description=f"align {recipe.label or ''} loss {losses[-1]:.3f}")
+    seconds = time.perf_counter() - start
+    if not all(math.isfinite(x) for x in losses):
+        raise MergeLabError(f"training diverged (loss {losses[-1]}); lower train.lr (now {cfg.lr}).")
+
+    with atomic_folder(out) as tmp:
+        model.eval()
+        model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
+        model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp / "adapter"))
+        merged_path = None
+        if recipe.save_merged:
+            merged = model.merge_and_unload().to("cpu")
+            merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp / "merged"))
+            stamp_merged(tmp / "merged", tmp / "adapter", recipe.label)
+            merged_path = out / "merged"
+        trained = [rows[i] for i in sorted(seen)]
+        by_source: dict[str, list[int]] = {}
+        for r in trained:
+            by_source.setdefault(r.source, []).append(r.index)
+        (tmp / "train_items.json").write_text(json.dumps({
+            "label": recipe.label, "base_model": str(base), "count": len(trained),
+            "ids": [r.id for r in trained], "by_source": by_source,
+        }, indent=1) + "\n")
+        (tmp / "align_log.json").write_text(json.dumps({
+            "steps": steps, "rows": len(keep), "seconds": round(seconds, 2), "device": str(device),
+            "losses": [round(x, 5) for x in losses],
+        }, indent=1) + "\n")
+        (tmp / "align_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    head = sum(losses[: max(1, len(losses) // 5)]) / max(1, len(losses) // 5)
+    tail = sum(losses[-max(1, len(losses) // 5):]) / max(1, len(losses) // 5)
+    return AlignResult(out, out / "adapter", merged_path, steps, len(keep), seconds, head, tail)
