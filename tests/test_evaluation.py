@@ -469,7 +469,7 @@ def test_a_registered_suite_plugs_in(tmp_path):
         assert isinstance(made, Shouty) and len(made.items()) == 3
         assert all(data_split == "test" for data_split in (suites.data.split_of(e) for e in made.items()))
     finally:
-        suites._REGISTRY.pop("test_shouty")
+        suites.SUITES.unregister("test_shouty")
     with pytest.raises(TypeError):
         suites.register_suite(type("Bad", (suites.Suite,), {"name": "bad", "objective": "vibes"}))
     over = suites.make_suite({"name": "harmless_refusal", "limit": 5, "split": "validation"}, limit=50)

@@ -42,7 +42,7 @@ def test_suite_block_in_fusion_data_carries_its_expert_label():
 
 def test_suite_block_errors_say_what_to_do():
     with pytest.raises(MergeLabError, match=r"unknown suite 'honest_truthfulq'\. Did you mean 'honest_truthfulqa'\? "
-                                            r"Registered suites: .*harmless_refusal"):
+                                            r"Available: .*harmless_refusal"):
         _rows({"suite": "honest_truthfulq"})
     with pytest.raises(MergeLabError, match=r"data.0: suite 'harmless_refusal' .* no reference response .*response_template"):
         _rows({"suite": "harmless_refusal"})
@@ -66,7 +66,7 @@ def test_suite_that_ignores_the_split_is_refused():
         with pytest.raises(MergeLabError, match="does not select its items by merge_lab.datasets.sources's splits"):
             _rows({"suite": "own_file_suite"})
     finally:
-        suites._REGISTRY.pop("own_file_suite")
+        suites.SUITES.unregister("own_file_suite")
 
 
 def test_shared_prefix_is_the_prompt_start_every_example_has():

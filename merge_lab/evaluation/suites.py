@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from merge_lab.core.registry import Registry
 from merge_lab.datasets import sources as data
 from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
@@ -417,28 +418,16 @@ class LmEvalSuite(Suite):
 
 # ------------------------------------------------------------------ the registry
 
-_REGISTRY: dict[str, type[Suite]] = {}
-
-
-def register_suite(cls: type[Suite], name: str | None = None) -> type[Suite]:
-    """Add a suite class under its name (usable as a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, Suite)):
-        raise TypeError(f"{cls!r} is not a merge_lab Suite subclass")
+def _check_objective(cls: type[Suite]) -> None:
     if cls.objective not in OBJECTIVES:
         raise TypeError(f"suite {cls.__name__}: objective must be one of {OBJECTIVES}")
-    _REGISTRY[name or cls.name] = cls
-    return cls
 
 
+SUITES: Registry[type[Suite]] = Registry(ENTRY_POINT_GROUP, "suite", Suite, "merge-lab suites", _check_objective)
+register_suite = SUITES.register
+available = SUITES.available
 for _cls in BUILTIN:
     register_suite(_cls)
-
-
-def available() -> dict[str, type[Suite]]:
-    from merge_lab.merge.interface import load_plugins
-
-    load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register_suite, "suite")
-    return dict(sorted(_REGISTRY.items()))
 
 
 def make_suite(spec: str | dict, split: str = "test", limit: int | None = None, seed: int = 0) -> Suite:
@@ -461,14 +450,9 @@ def make_suite(spec: str | dict, split: str = "test", limit: int | None = None, 
         spec = name
     if spec.startswith("lm_eval:"):
         return LmEvalSuite(spec.split(":", 1)[1], split=split, limit=limit, seed=seed)
-    suites = available()
-    if spec not in suites:
-        import difflib
-
-        close = difflib.get_close_matches(spec, suites, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise MergeLabError(
-            f"unknown suite '{spec}'.{hint} Available: {', '.join(suites)}; or 'lm_eval:TASK', or "
-            "{name, path, kind} for your own JSONL. `merge-lab suites` lists them."
-        )
-    return suites[spec](split=split, limit=limit, seed=seed)
+    if spec not in SUITES:  # the registry's error, plus the two other ways to name a suite
+        try:
+            SUITES.get(spec)
+        except MergeLabError as e:
+            raise MergeLabError(f"{e} Or 'lm_eval:TASK', or {{name, path, kind}} for your own JSONL.") from None
+    return SUITES.get(spec)(split=split, limit=limit, seed=seed)

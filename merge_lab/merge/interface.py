@@ -11,7 +11,7 @@ hands it float32 tensors. A structural strategy (one that changes the architectu
 H3 MoE fusion) sets `structural = True` and implements `build_plan()` to lay out the whole output,
 still executed by the same engine and writer.
 
-Strategies are discovered through the entry-point group `strategies`; the built-ins in
+Strategies are discovered through the entry-point group `merge_lab.strategies` (core.registry); the built-ins in
 `strategies/` register exactly that way. `register()` adds one at run time (tests, notebooks).
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -27,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
 
 from merge_lab.core.architecture import TensorRole
-from merge_lab.errors import MergeLabError
+from merge_lab.core.registry import Registry
 
 if TYPE_CHECKING:
     from merge_lab.merge.planner import Plan, PlanContext
@@ -151,51 +150,7 @@ def recipe_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
     return {(f.alias or n): f for n, f in model.model_fields.items()}
 
 
-_REGISTRY: dict[str, type[Strategy]] = {}
-_LOADED_GROUPS: set[str] = set()  # entry-point groups already loaded
-
-
-def register(strategy: type[Strategy], name: str | None = None) -> type[Strategy]:
-    """Add a strategy class under its name (usable as a decorator)."""
-    key = name or strategy.name
-    if not issubclass(strategy, Strategy):
-        raise TypeError(f"{strategy!r} is not a merge_lab Strategy subclass")
-    _REGISTRY[key] = strategy
-    return strategy
-
-
-def load_plugins(group: str, registry: dict, register_fn, kind: str) -> None:
-    """Register every entry point of `group` not registered yet, once per process (shared by
-    strategies and suites)."""
-    if group in _LOADED_GROUPS:
-        return
-    _LOADED_GROUPS.add(group)
-    for ep in entry_points(group=group):
-        if ep.name in registry:
-            continue
-        try:
-            register_fn(ep.load(), ep.name)
-        except Exception as e:
-            raise MergeLabError(
-                f"{kind} plugin '{ep.name}' ({ep.value}) failed to load: {e}. "
-                "Reinstall or uninstall the package that provides it."
-            ) from e
-
-
-def available() -> dict[str, type[Strategy]]:
-    load_plugins(ENTRY_POINT_GROUP, _REGISTRY, register, "strategy")
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get(name: str) -> type[Strategy]:
-    strategies = available()
-    if name in strategies:
-        return strategies[name]
-    import difflib
-
-    close = difflib.get_close_matches(name, strategies, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise MergeLabError(
-        f"unknown merge method '{name}'.{hint} Available: {', '.join(strategies)}. "
-        "`merge-lab strategies` lists them with their parameters."
-    )
+STRATEGIES: Registry[type[Strategy]] = Registry(ENTRY_POINT_GROUP, "merge method", Strategy, "merge-lab strategies")
+register = STRATEGIES.register
+available = STRATEGIES.available
+get = STRATEGIES.get

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from merge_lab.core.architecture import classify, is_vocab_tensor, num_layers
 from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
@@ -134,14 +134,11 @@ def _check_keys(recipe: Recipe, cls: type[Strategy]) -> None:
 
 
 def _validated(model: type[BaseModel], values: dict[str, Any], recipe: Recipe, tensor: str, path: tuple) -> BaseModel:
+    values = {k: v for k, v in values.items() if v is not None}
     try:
-        return model.model_validate({k: v for k, v in values.items() if v is not None})
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = err["loc"][0] if err["loc"] else "?"
-        raise MergeLabError(
-            f"{recipe.where(*path, key)}: for tensor '{tensor}', {key} = {err.get('input')!r}: {err['msg']}."
-        ) from None
+        return recipe.validate_block(model, path, f"parameters for tensor '{tensor}'", values)
+    except MergeLabError as e:
+        raise MergeLabError(str(e)) from None
 
 
 def resolve_params(ctx: PlanContext, tensor: str, entries: list[int]) -> tuple[BaseModel, list[BaseModel]]:
@@ -278,7 +275,7 @@ def make_plan(recipe: Recipe) -> Plan:
         raise MergeLabError(f"{recipe.where('models')}: '{cls.name}' takes at most {cls.max_models} models, got {n}.")
     if cls.needs_base and recipe.base_model is None:
         raise MergeLabError(
-            f"{recipe._source}: '{cls.name}' needs 'base_model:' (the model the others were fine-tuned from)."
+            f"{recipe.source}: '{cls.name}' needs 'base_model:' (the model the others were fine-tuned from)."
         )
     _check_keys(recipe, cls)
     cls.check_recipe(recipe)

@@ -8,13 +8,12 @@ The schema is a superset of mergekit's for the methods we support (`merge_method
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from merge_lab.core.config import Where, load_yaml_text, validate
 from merge_lab.errors import MergeLabError
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -78,102 +77,49 @@ class Recipe(BaseModel):
         """Model references are local paths, relative to the working directory (as in mergekit)."""
         return Path(ref).expanduser()
 
-    _lines: dict[tuple, int] = {}
-    _source: str = "<recipe>"
+    _where: Where = Where("<recipe>")
+
+    @property
+    def source(self) -> str:
+        """The file the recipe came from, for messages."""
+        return self._where.source
 
     def line_of(self, *path: Any) -> int | None:
-        return _line_for(self._lines, tuple(path))
+        return self._where.line(*path)
 
     def where(self, *path: Any) -> str:
         """'recipe.yaml, line 7 (models.1.parameters.weight)' for error messages."""
-        line = self.line_of(*path)
-        key = ".".join(str(p) for p in path)
-        return f"{self._source}, line {line} ({key})" if line else f"{self._source} ({key})"
+        return self._where(*path)
 
-
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    out = {} if out is None else out
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value
-            out[path + (key,)] = k.start_mark.line + 1
-            _line_map(v, path + (key,), out)
-            out[path + (key,)] = k.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _line_map(v, path + (i,), out)
-    return out
-
-
-def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return None
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Valid keys of the object at `loc` inside `model`, for 'did you mean' hints."""
-    if not loc:
-        return list(model.model_fields)
-    if model is Recipe and loc[0] == "models" and len(loc) == 2:
-        return list(ModelEntry.model_fields)
-    if model is Recipe and loc[0] == "tokenizer" and len(loc) == 1:
-        return list(TokenizerSpec.model_fields)
-    return []
-
-
-def _format_error(err: dict, lines: dict, source: str, model: type[BaseModel] | None = None) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    line = _line_for(lines, loc)
-    where = f"{source}, line {line}" if line else source
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        allowed = _fields_at(model or Recipe, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        return f"{where}: unknown key '{key}'.{hint} Allowed here: {', '.join(allowed)}."
-    if err["type"] == "missing":
-        return f"{where}: missing required key '{key}'."
-    return f"{where}: '{key}': {err['msg']} (got {err.get('input')!r})."
-
-
-def parse_yaml_model(text: str, source: str, model: type[M], what: str) -> tuple[M, dict[tuple, int]]:
-    """Validate YAML `text` against `model`; errors name the key, its line and the closest valid key.
-
-    Returns the validated object and the map from key paths to line numbers. One loader for every
-    YAML file the project reads (merge recipes, align recipes), so all report errors alike.
-    """
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise MergeLabError(f"{source}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise MergeLabError(f"{source}: {what} is a YAML mapping of keys to values.")
-    lines = _line_map(node) if node is not None else {}
-    if model is Recipe and "slices" in data:
-        raise MergeLabError(
-            f"{source}, line {lines.get(('slices',), '?')}: mergekit 'slices' (layer stacking) is not supported; "
-            "use 'models:' with per-layer parameter gradients instead."
-        )
-    try:
-        return model.model_validate(data), lines
-    except ValidationError as e:
-        msgs = [_format_error(err, lines, source, model) for err in e.errors()]
-        raise MergeLabError(f"invalid {what}:\n  " + "\n  ".join(msgs)) from None
+    def validate_block(self, model: type[M], path: tuple, what: str, data: Any = None) -> M:
+        """A block of this recipe (its `train:`, its parameters) as `model`, errors with recipe lines."""
+        if data is None:
+            data = self
+            for p in path:
+                data = data[p] if isinstance(data, (dict, list)) else getattr(data, p)
+        return validate(model, data, self._where, what, path)
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    recipe, lines = parse_yaml_model(text, source, Recipe, "recipe")
-    recipe._lines = lines
-    recipe._source = source
+    data, where = load_yaml_text(text, source, "recipe")
+    if not isinstance(data, dict):
+        raise MergeLabError(f"{source}: a recipe is a YAML mapping of keys to values.")
+    if "slices" in data:
+        raise MergeLabError(
+            f"{where('slices')}: mergekit 'slices' (layer stacking) is not supported; "
+            "use 'models:' with per-layer parameter gradients instead."
+        )
+    recipe = validate(Recipe, data, where, "recipe")
+    recipe._where = where
     return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise MergeLabError(f"{path}: recipe file not found.")
-    return parse_recipe(path.read_text(), source=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeLabError(f"{path}: cannot be read as a UTF-8 text file ({type(e).__name__}).") from None
+    return parse_recipe(text, source=str(path))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.core.adapters import AdapterCheckpoint, lora_delta, open_model
 from merge_lab.core.architecture import MLP_ROLES, classify
@@ -135,12 +135,7 @@ class _Centroids:
 
 
 def h3_params(recipe: Recipe) -> H3Params:
-    try:
-        return H3Params.model_validate(recipe.parameters)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = err["loc"][0] if err["loc"] else "?"
-        raise MergeLabError(f"{recipe.where('parameters', key)}: {key} = {err.get('input')!r}: {err['msg']}.") from None
+    return recipe.validate_block(H3Params, ("parameters",), "h3_moe parameters")
 
 
 def expert_labels(recipe: Recipe) -> list[str]:

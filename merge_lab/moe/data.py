@@ -118,17 +118,10 @@ def suite_train_items(name: str, response_template: str | None, where: str) -> l
     score a reference response (likelihood, true/false, multiple choice) give it as the reply;
     the others (refusal rate, win rate) score only what the model writes to a prompt, so their
     items have no reply to learn: those need a `response_template` (e.g. "{refusal}")."""
-    import difflib
-
     from merge_lab.datasets import sources as data
     from merge_lab.evaluation import suites
 
-    registered = suites.available()
-    if name not in registered:
-        close = difflib.get_close_matches(name, registered, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise MergeLabError(f"{where}: unknown suite '{name}'.{hint} Registered suites: {', '.join(registered)}.")
-    cls = registered[name]
+    cls = suites.SUITES.get(name, where)
     reference = issubclass(cls, (suites.LikelihoodSuite, suites.TrueFalseSuite, suites.MultipleChoiceSuite))
     if not reference and response_template is None:
         raise MergeLabError(

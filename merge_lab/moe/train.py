@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import MofNCompleteColumn, TextColumn
 
 from merge_lab.core.progress import progress_bar
@@ -93,17 +93,8 @@ class TrainConfig(BaseModel):
 def train_config(recipe: Recipe) -> TrainConfig:
     """Validate the recipe's `train:` block, with the recipe line of the offending key."""
     if recipe.train is None:
-        raise MergeLabError(f"{recipe._source}: has no 'train:' block; add one (data, steps, ...) to fuse.")
-    try:
-        cfg = TrainConfig.model_validate(recipe.train)
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            key = err["loc"][0] if err["loc"] else "?"
-            allowed = ", ".join(f.alias or n for n, f in TrainConfig.model_fields.items())
-            hint = f" Allowed keys: {allowed}." if err["type"] == "extra_forbidden" else ""
-            msgs.append(f"{recipe.where('train', key)}: {err['msg']} (got {err.get('input')!r}).{hint}")
-        raise MergeLabError("invalid train block:\n  " + "\n  ".join(msgs)) from None
+        raise MergeLabError(f"{recipe.source}: has no 'train:' block; add one (data, steps, ...) to fuse.")
+    cfg = recipe.validate_block(TrainConfig, ("train",), "train block")
     labels = [m.label or Path(m.model).name for m in recipe.models]
     if isinstance(cfg.drift_weight, dict):
         unknown = [k for k in cfg.drift_weight if k not in labels]

@@ -33,6 +33,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from merge_lab.core.config import load_yaml, parse_yaml
 from merge_lab.core.progress import progress_bar
 from merge_lab.core.writer import atomic_folder
 from merge_lab.errors import MergeLabError
@@ -143,16 +144,11 @@ class AlignResult:
 
 
 def parse_align_recipe(text: str, source: str = "<align recipe>") -> AlignRecipe:
-    from merge_lab.merge.recipe import parse_yaml_model
-
-    return parse_yaml_model(text, source, AlignRecipe, "align recipe")[0]
+    return parse_yaml(text, source, AlignRecipe, "align recipe")[0]
 
 
 def load_align_recipe(path: str | Path) -> AlignRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise MergeLabError(f"{path}: align recipe not found.")
-    return parse_align_recipe(path.read_text(), str(path))
+    return load_yaml(path, AlignRecipe, "align recipe")[0]
 
 
 def _refusal(item_id: str) -> str:
