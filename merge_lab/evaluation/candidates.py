@@ -23,9 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from merge_lab.errors import MergeLabError
+from merge_lab.training import chat
 
 # Raise when a change alters scores, answers or routing shares (cached results of older versions are then redone).
-SCORING_VERSION = 3
+SCORING_VERSION = 4
 
 LogProbs = tuple[float, int]  # summed log-probability of a continuation, its number of tokens
 
@@ -124,18 +125,6 @@ def forget() -> None:
     _ANSWERS.clear()
 
 
-def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids) of a batch padded on the left: every row ends at
-    the last position, where continuation scores and the next generated token are read."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 class _LM:
     """One loaded causal LM: batched continuation log-probs and a KV-cached next-token stepper."""
 
@@ -185,7 +174,7 @@ class _LM:
         Left-padded, so every continuation ends at the last position and only the last
         max(len(cont)) + 1 positions need logits (`logits_to_keep`): a long prompt with a short
         answer costs no vocabulary-sized rows for the prompt."""
-        ids, mask, pos = left_padded([c + t for c, t in batch], pad_id)
+        ids, mask, pos = chat.left_padded([c + t for c, t in batch], pad_id)
         keep = max(len(t) for _, t in batch) + 1
         logits = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -keep:].float()
         out = []
@@ -215,7 +204,7 @@ class _LM:
         if not self.is_moe:
             return None
         k = getattr(self.model.config, "num_experts_per_tok", 1)
-        ids, mask, pos = left_padded(batch, pad_id)
+        ids, mask, pos = chat.left_padded(batch, pad_id)
         out = self.forward(1, input_ids=ids, attention_mask=mask, position_ids=pos, output_router_logits=True)
         logits = getattr(out, "router_logits", None)
         if not logits:
@@ -234,7 +223,7 @@ class _Stepper:
     @torch.no_grad()
     def __init__(self, lm: _LM, prompts: list[list[int]], pad_id: int):
         self.lm = lm
-        ids, mask, pos = left_padded(prompts, pad_id)
+        ids, mask, pos = chat.left_padded(prompts, pad_id)
         out = lm.forward(1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         self.past, self.mask, self.pos = getattr(out, lm.cache_name), mask, pos[:, -1]
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
@@ -337,24 +326,16 @@ class Candidate:
 
     # --- text in, text out
     def format_prompt(self, prompt: str) -> str:
-        tok = self.tokenizer
-        if self.settings.chat_template and getattr(tok, "chat_template", None):
-            return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        return f"{prompt}\n" if prompt else ""
+        """The prompt as training formats it (training.chat): the same text the experts learned on."""
+        return chat.prompt_text(self.tokenizer, prompt, template=self.settings.chat_template)
 
     def _encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids, cut by training's one truncation rule (chat.fit)."""
         tok = self.tokenizer
-        ctx = tok(context, add_special_tokens=False)["input_ids"] if context else []
-        cont = tok(continuation, add_special_tokens=False)["input_ids"]
+        ctx = chat.tokens(tok, context)
         if not ctx:
             ctx = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
-        limit = self.settings.max_length
-        if len(ctx) + len(cont) > limit:
-            # keep the prompt (its end, at most half the window) and score the continuation's start:
-            # cutting the prompt instead would score an answer to a question the model never saw
-            ctx = ctx[-max(limit // 2, limit - len(cont)):]
-            cont = cont[: limit - len(ctx)]
-        return ctx, cont
+        return chat.fit(ctx, chat.tokens(tok, continuation), self.settings.max_length)
 
     def _report(self, done: int, total: int) -> None:
         """Progress within one call (scoring or generating `total` requests)."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from merge_lab.errors import MergeLabError
+from merge_lab.training import chat
 
 if TYPE_CHECKING:
     from merge_lab.datasets import sources as data
@@ -141,25 +142,15 @@ def suite_train_items(name: str, response_template: str | None, where: str) -> l
     return items
 
 
-def _prompt_text(tokenizer, prompt: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return prompt + "\n"
-
-
 def encode(tokenizer, ex: Example, labels: list[str], max_length: int) -> Encoded:
-    """Chat-formatted prompt + response (+ eos); the loss mask covers the response and eos."""
-    prompt = tokenizer(_prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
-    response = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response = response + [tokenizer.eos_token_id]
-    ids = (prompt + response)[:max_length]
-    mask = ([False] * len(prompt) + [True] * len(response))[:max_length]
-    return Encoded(ids, mask, labels.index(ex.label))
+    """The chat format of training (training.chat); the loss mask covers the reply and its end marker."""
+    ids, targets = chat.training_row(tokenizer, ex.prompt, ex.response, max_length)
+    return Encoded(ids, [t != chat.IGNORE for t in targets], labels.index(ex.label))
 
 
 def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:
-    return tokenizer(_prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"][:max_length]
+    """A prompt as the fused model will see it before its reply (router initialisation)."""
+    return chat.fit(chat.tokens(tokenizer, chat.prompt_text(tokenizer, prompt)), [], max_length)[0]
 
 
 def shared_prefix(encoded: list[Encoded]) -> int:
@@ -177,17 +168,9 @@ def shared_prefix(encoded: list[Encoded]) -> int:
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, attention_mask, labels (-100 off the response), expert."""
-    width = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    target = torch.full((len(batch), width), -100, dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        attn[i, :n] = 1
-        t = torch.tensor(e.ids)
-        t[~torch.tensor(e.loss_mask)] = -100
-        target[i, :n] = t
+    """Right-padded tensors: input_ids, attention_mask, labels (IGNORE off the response), expert."""
+    ids, attn = chat.right_padded([e.ids for e in batch], pad_id)
+    target, _ = chat.right_padded([[t if m else chat.IGNORE for t, m in zip(e.ids, e.loss_mask)] for e in batch],
+                                  pad_id, fill=chat.IGNORE)
     return {"input_ids": ids, "attention_mask": attn, "labels": target,
             "expert": torch.tensor([e.label for e in batch], dtype=torch.long)}

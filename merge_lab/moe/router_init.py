@@ -15,6 +15,7 @@ import torch
 
 from merge_lab.errors import MergeLabError
 from merge_lab.moe.data import Example, encode_prompt
+from merge_lab.training import chat
 
 
 def random_rows(n_experts: int, hidden: int, std: float, seed: int, layer: int) -> torch.Tensor:
@@ -41,14 +42,12 @@ def centroid_rows(base: str | Path, examples: list[Example], labels: list[str], 
         layer.mlp.register_forward_pre_hook(lambda _m, args, i=i: captured.__setitem__(i, args[0]))
         for i, layer in enumerate(layers)
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = chat.pad_id(tokenizer)
     try:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             rows = [encode_prompt(tokenizer, ex.prompt, max_length) for ex in chunk]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            ids, mask = chat.right_padded(rows, pad)
             model(input_ids=ids, attention_mask=mask)
             m = mask[..., None].float()
             for i, h in captured.items():

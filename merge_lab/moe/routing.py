@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from merge_lab.training import chat
+
 
 def routers(model: nn.Module) -> list[nn.Module]:
     """Each decoder layer's router, in layer order (through a PEFT wrapper too)."""
@@ -118,7 +120,7 @@ def inspect(model_dir: str | Path, data: str | Path, max_examples: int = 200, ma
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     labels = expert_labels(model.config.to_dict())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = chat.pad_id(tokenizer)
     encoded = [encode(tokenizer, ex, labels, max_length) for ex in load_jsonl(data, labels)[:max_examples]]
     batches = [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
     result = routing_counts(model, batches, labels)

@@ -26,6 +26,7 @@ from merge_lab.moe import losses
 from merge_lab.moe.data import Encoded, collate, encode, load_examples, shared_prefix
 from merge_lab.moe.layout import expert_labels
 from merge_lab.moe.routing import capture_router_logits, routers
+from merge_lab.training import chat
 
 STATE_FILE = "state.pt"
 
@@ -245,7 +246,7 @@ def train(
     tokenizer = AutoTokenizer.from_pretrained(str(moe_dir))
     model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32)
     labels = expert_labels(model.config.to_dict())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = chat.pad_id(tokenizer)
     encoded = [encode(tokenizer, ex, labels, cfg.max_length) for ex in load_examples(cfg.data, labels, "train.data")]
     model, expert_params, initial = _setup(model, cfg)
     model.train()

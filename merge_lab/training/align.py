@@ -37,6 +37,7 @@ from merge_lab.core.config import load_yaml, parse_yaml
 from merge_lab.core.progress import progress_bar
 from merge_lab.core.writer import atomic_folder
 from merge_lab.errors import MergeLabError
+from merge_lab.training import chat
 
 # Templated refusals for harmful requests that ship without a reply (AdvBench, Do-Not-Answer, HarmBench).
 REFUSALS = (
@@ -212,45 +213,14 @@ def training_rows(recipe: AlignRecipe) -> list[Row]:
 # ------------------------------------------------------------------ tokenising
 
 
-def chat_texts(tokenizer, prompt: str, response: str | None, system: str | None = None) -> tuple[str, str]:
-    """(prompt text ending where the reply starts, full text with the reply and its end marker)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if response is None:
-            return head, head
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-        if not full.startswith(head):  # templates that rewrite earlier turns: fall back to appending
-            full = head + response + (tokenizer.eos_token or "")
-        return head, full
-    head = (f"{system}\n\n" if system else "") + f"User: {prompt}\nAssistant: "
-    return head, head + (response or "") + (tokenizer.eos_token or "")
-
-
 def encode(tokenizer, row: Row, max_tokens: int, system: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 on every prompt token, so only the reply is learned)."""
-    head, full = chat_texts(tokenizer, row.prompt, row.response, system)
-    head_ids = tokenizer(head, add_special_tokens=False).input_ids
-    full_ids = tokenizer(full, add_special_tokens=False).input_ids
-    if full_ids[: len(head_ids)] != head_ids:  # tokens merged across the boundary: tokenise parts apart
-        full_ids = head_ids + tokenizer(full[len(head):], add_special_tokens=False).input_ids
-    reply = full_ids[len(head_ids):]
-    keep_reply = min(len(reply), max(max_tokens // 2, max_tokens - len(head_ids)))
-    keep_head = max_tokens - keep_reply
-    head_ids = head_ids[-keep_head:] if keep_head > 0 else []
-    reply = reply[:keep_reply]
-    return head_ids + reply, [-100] * len(head_ids) + reply
+    """Token ids and labels (IGNORE on every prompt token, so only the reply is learned)."""
+    return chat.training_row(tokenizer, row.prompt, row.response, max_tokens, system)
 
 
 def _batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, (x, y) in enumerate(encoded):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
+    ids, mask = chat.right_padded([x for x, _ in encoded], pad_id)
+    labels, _ = chat.right_padded([y for _, y in encoded], pad_id, fill=chat.IGNORE)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -343,7 +313,7 @@ def align(
 
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = chat.pad_id(tokenizer)
     encoded = [encode(tokenizer, r, cfg.max_tokens, recipe.system_prompt) for r in rows]
     keep = [i for i, (_, labels) in enumerate(encoded) if any(t != -100 for t in labels)]
     if not keep:
