@@ -21,3 +21,12 @@ def family(tmp_path_factory):
     base = make_checkpoint(root / "base", "llama", seed=0, dtype=torch.bfloat16)
     models = [make_checkpoint(root / f"m{i}", "llama", seed=i, dtype=torch.bfloat16, base=base) for i in (1, 2, 3)]
     return base, models
+
+
+@pytest.fixture(scope="session")
+def fp32_family(tmp_path_factory):
+    """A float32 llama base with 3 layers and three fine-tunes of it (the parity tests' inputs)."""
+    root = tmp_path_factory.mktemp("parity")
+    base = make_checkpoint(root / "base", "llama", seed=0, dtype=torch.float32, layers=3)
+    models = [make_checkpoint(root / f"m{i}", "llama", seed=i, dtype=torch.float32, base=base, layers=3) for i in (1, 2, 3)]
+    return base, models

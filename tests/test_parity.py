@@ -7,39 +7,14 @@ Intended differences (documented in the strategies' docstrings):
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
+from parity_support import assert_same_tensors, run_mergekit, run_ours
 
 from merge_lab.merge import engine
-from merge_lab.merge.engine import merge
-from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
+from merge_lab.testing import load_tensors
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is a dev dependency (pip install -e .[dev])")
-
-
-@pytest.fixture(scope="module")
-def fp32_family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parity")
-    base = make_checkpoint(root / "base", "llama", seed=0, dtype=torch.float32, layers=3)
-    models = [make_checkpoint(root / f"m{i}", "llama", seed=i, dtype=torch.float32, base=base, layers=3) for i in (1, 2, 3)]
-    return base, models
-
-
-def run_mergekit(recipe: dict, out):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    shutil.rmtree(out, ignore_errors=True)
-    run_merge(MergeConfiguration.model_validate(recipe), str(out), options=MergeOptions(copy_tokenizer=False, quiet=True))
-    return load_tensors(out)
-
-
-def run_ours(recipe: dict, tmp_path, name="ours"):
-    path = write_recipe(tmp_path / f"{name}.yaml", recipe)
-    return load_tensors(merge(path, tmp_path / name, progress=False, hash_inputs=False).path)
 
 
 def recipes(base, models):
@@ -80,9 +55,7 @@ def test_same_tensors_as_mergekit(case, fp32_family, tmp_path, monkeypatch):
     recipe = recipes(base, models)[case] | {"dtype": "float32"}
     theirs = run_mergekit(recipe, tmp_path / "mergekit")
     ours = run_ours(recipe, tmp_path)
-    assert set(ours) == set(theirs)
-    for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=f"{case}: {name}")
+    assert_same_tensors(ours, theirs, case)
     if case.startswith(("ties", "slerp")):  # streamed in row blocks (forced small): the same bytes
         monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 200)
         blocked = run_ours(recipe, tmp_path, "blocked")
