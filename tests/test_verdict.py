@@ -224,3 +224,42 @@ def test_suites_from_results_shape():
                "per_example": {"qa": {"a": [{"id": 1, "score": 1}, {"id": 2, "score": 0}]}}}
     (s,) = suites_from_results(results)
     assert s.name == "qa" and s.scores == {"a": [1.0, 0.0]} and s.higher_is_better
+
+
+def test_randomization_p_is_valid_under_the_null():
+    """Exchangeable pairs: the raw p falls below 0.05 about 5% of the time, also when the comparator is
+    the base that anchors the scale (the swaps then move the scale, and the statistic is recomputed)."""
+    rejections = {"other": 0, "base": 0}
+    reps = 150
+    for r in range(reps):
+        rng = np.random.default_rng(1000 + r)
+        ss = [SuiteScores(f"s{k}", "helpful", True, {"base": binary(rng, 0.4, 40), "src": binary(rng, 0.8, 40),
+                                                    "a": binary(rng, 0.4, 40), "b": binary(rng, 0.4, 40)})
+              for k in range(2)]
+        v = compare_headline(ss, "a", ["b", "base"], "base", ["src"], n_boot=20, n_perm=200, seed=r)
+        rejections["other"] += v.comparisons[0].p < 0.05
+        rejections["base"] += v.comparisons[1].p < 0.05
+    assert all(k / reps < 0.1 for k in rejections.values()), rejections
+
+
+def test_scale_collapsing_in_resamples_is_reported(world):
+    n = 50
+    base = bits(10, n)
+    src = list(base)
+    src[-1] = 1.0  # the source beats the base on one item only
+    s = SuiteScores("thin", "helpful", True, {"base": base, "src": src, "h": bits(30, n), "c": bits(10, n)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v = compare_headline([s], "h", ["c"], "base", ["src"])
+    c = v.comparisons[0]
+    assert c.unstable == pytest.approx(math.exp(-1), abs=0.05)  # draws that miss that one item
+    assert any("collapsed" in note for note in v.notes) and any("not resolved" in note for note in v.notes)
+    # collapsed draws count as an infinite gap in the gap's direction: the size is unknown, the sign is not
+    assert c.ci[1] == math.inf and c.ci[0] > 0 and c.verdict == BETTER
+
+
+def test_base_beating_every_source_keeps_orientation():
+    s = SuiteScores("qa", "helpful", True, {"base": bits(6, 10), "src": bits(2, 10), "c": bits(8, 10)})
+    out = headline_scores([s], "base", ["src"])
+    assert out.scores["src"] == pytest.approx(-1.0) and out.scores["c"] == pytest.approx(0.5)
+    assert any("beats every source" in note for note in out.notes)

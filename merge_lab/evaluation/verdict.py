@@ -33,6 +33,12 @@ BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no significant difference"
 _TOL = 1e-12  # a scale narrower than this is zero-width
 
 
+class _AsDict:
+    def as_dict(self) -> dict:
+        """Plain dicts and lists, for results.json and the report."""
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class SuiteScores:
     """One suite: per candidate, per-example scores in the same item order for every candidate."""
@@ -107,10 +113,10 @@ def _p_text(p: float) -> str:
 
 
 def _interval(x: np.ndarray, alpha: float) -> tuple[float, float]:
-    x = x[np.isfinite(x)]
+    x = x[~np.isnan(x)]
     if x.size == 0:
         return float("nan"), float("nan")
-    lo, hi = np.quantile(x, [alpha / 2, 1 - alpha / 2])
+    lo, hi = np.quantile(x, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")  # no arithmetic on +-inf
     return float(lo), float(hi)
 
 
@@ -127,11 +133,8 @@ class _Plan:
     excluded: dict[str, str]
     notes: list[str]
 
-    def headline(self, m: Mapping[str, Mapping[str, np.ndarray]], q: Mapping[str, np.ndarray],
-                 wanted: Sequence[str]) -> dict[str, np.ndarray]:
-        """Headline score of each wanted candidate from per-suite means m[suite][name] and the
-        base's second moment q[suite] (arrays broadcast: a point estimate or one value per draw)."""
-        total: dict[str, np.ndarray] = {c: np.zeros(()) for c in wanted}
+    def _terms(self, m: Mapping[str, Mapping[str, np.ndarray]], q: Mapping[str, np.ndarray]):
+        """Per used suite: orientation, base mean and 1 / scale width (inf where the width is zero)."""
         for s in self.used:
             ms, sign = m[s.name], 1.0 if s.higher_is_better else -1.0
             base = ms[self.base]
@@ -140,11 +143,36 @@ class _Plan:
                 width = np.abs(top - sign * base)
             else:
                 width = np.sqrt(np.maximum(q[s.name] - base**2, 0.0))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                inv = np.where(width > _TOL, 1.0 / width, np.nan)
+            with np.errstate(divide="ignore"):
+                yield s, sign, base, np.where(width > _TOL, 1.0 / width, np.inf)
+
+    def headline(self, m: Mapping[str, Mapping[str, np.ndarray]], q: Mapping[str, np.ndarray],
+                 wanted: Sequence[str]) -> dict[str, np.ndarray]:
+        """Headline score of each wanted candidate from per-suite means m[suite][name] and the
+        base's second moment q[suite] (arrays broadcast: a point estimate or one value per draw)."""
+        total: dict[str, np.ndarray] = {c: np.zeros(()) for c in wanted}
+        for s, sign, base, inv in self._terms(m, q):
             for c in wanted:
-                total[c] = total[c] + self.weight[s.name] * sign * (ms[c] - base) * inv
+                total[c] = total[c] + self.weight[s.name] * _scaled(sign * (m[s.name][c] - base), inv)
         return total
+
+    def diff(self, m: Mapping[str, Mapping[str, np.ndarray]], q: Mapping[str, np.ndarray], a: str, b: str):
+        """Headline score of a minus b (the base cancels); where a scale collapses, +-inf by the sign
+        of the gap (nan only if two collapsed suites disagree)."""
+        total = np.zeros(())
+        for s, sign, _, inv in self._terms(m, q):
+            total = total + self.weight[s.name] * _scaled(sign * (m[s.name][a] - m[s.name][b]), inv)
+        return total
+
+    def collapsed(self, m: Mapping[str, Mapping[str, np.ndarray]], q: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Per draw: did any suite's scale have zero width?"""
+        return np.any(np.stack(np.broadcast_arrays(*[np.isinf(t[3]) for t in self._terms(m, q)])), axis=0)
+
+
+def _scaled(gap: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """gap / width with a zero gap on a zero-width scale counted as 0, not nan."""
+    with np.errstate(invalid="ignore"):
+        return np.where(gap == 0, 0.0, gap * inv)
 
 
 def _moments(suites: Sequence[SuiteScores], names: Sequence[str], base: str):
@@ -174,6 +202,10 @@ def _plan(suites: Sequence[SuiteScores], base: str, sources: Sequence[str], scal
             width = abs(sign * float(ms[ref] - ms[base]))
             if width > _TOL and sign * float(ms[ref] - ms[base]) < 0:
                 plan.notes.append(f"{s.name}: the base beats every source; the best source ({ref}) sits at -1")
+            se = float(np.std(s.array(ref) - s.array(base), ddof=1)) / math.sqrt(s.n) if s.n > 1 else 0.0
+            if width > _TOL and width < 2 * se:
+                plan.notes.append(f"{s.name}: the scale is not resolved (best source - base = {width:.3f}, "
+                                  f"s.e. {se:.3f}); scores on this suite are noisy")
             why = f"the best source ({ref}) scores the same as the base ({base}): a zero-width scale"
         else:
             ref, width = base, math.sqrt(max(float(q[s.name] - ms[base] ** 2), 0.0))
@@ -201,7 +233,7 @@ def _candidates(suites: Sequence[SuiteScores]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class HeadlineScores:
+class HeadlineScores(_AsDict):
     """Point headline scores: per candidate, per objective, per suite (no test)."""
 
     scale: str
@@ -213,9 +245,6 @@ class HeadlineScores:
     reference: dict[str, str]
     excluded: dict[str, str]
     notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def headline_scores(suites: Sequence[SuiteScores], base: str, sources: Sequence[str] = (), scale: str = "source",
@@ -237,7 +266,7 @@ def headline_scores(suites: Sequence[SuiteScores], base: str, sources: Sequence[
 
 
 @dataclass(frozen=True)
-class HeadlineComparison:
+class HeadlineComparison(_AsDict):
     """The headline candidate against one comparator: scores, difference, test and verdict."""
 
     candidate: str
@@ -252,10 +281,7 @@ class HeadlineComparison:
     p_holm: float
     verdict: str
     n: dict[str, int]
-    unstable: float  # share of bootstrap draws where a suite's scale collapsed to zero width
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    unstable: float  # share of bootstrap draws where a suite's scale collapsed (counted as +-inf)
 
     def sentence(self) -> str:
         d, (lo, hi) = self.diff, self.ci
@@ -266,7 +292,7 @@ class HeadlineComparison:
 
 
 @dataclass(frozen=True)
-class HeadlineVerdict:
+class HeadlineVerdict(_AsDict):
     """All comparisons of one headline candidate, with the scale and the method that produced them."""
 
     candidate: str
@@ -279,11 +305,6 @@ class HeadlineVerdict:
     reference: dict[str, str]
     excluded: dict[str, str]
     notes: list[str]
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["comparisons"] = [c.as_dict() for c in self.comparisons]
-        return out
 
 
 def compare_headline(suites: Sequence[SuiteScores], candidate: str, against: Sequence[str], base: str,
@@ -320,21 +341,20 @@ def compare_headline(suites: Sequence[SuiteScores], candidate: str, against: Seq
             if squares and base in (candidate, c):
                 mid2 = ((s.array(candidate) ** 2).mean() + (s.array(c) ** 2).mean()) / 2
                 qp[s.name] = mid2 + (1 if base == candidate else -1) * half2[s.name][:, j]
-        null = plan.headline(mp, qp, [candidate, c])
-        raw.append(_p_value(null[candidate] - null[c], float(point[candidate] - point[c])))
+        raw.append(_p_value(plan.diff(mp, qp, candidate, c), float(plan.diff(m, q, candidate, c))))
     adj = holm(raw)
     out = []
+    unstable = float(np.mean(plan.collapsed(mb, qb)))
     for c, p, ph in zip(against, raw, adj):
-        d = boot[candidate] - boot[c]
-        lo, hi = _interval(d, alpha)
+        lo, hi = _interval(plan.diff(mb, qb, candidate, c), alpha)
         out.append(HeadlineComparison(
             candidate, c, float(point[candidate]), _interval(boot[candidate], alpha), float(point[c]),
-            _interval(boot[c], alpha), float(point[candidate] - point[c]), (lo, hi), p, float(ph),
-            _word(float(ph), lo, hi, alpha), {s.name: s.n for s in plan.used}, float(np.mean(~np.isfinite(d)))))
+            _interval(boot[c], alpha), float(plan.diff(m, q, candidate, c)), (lo, hi), p, float(ph),
+            _word(float(ph), lo, hi, alpha), {s.name: s.n for s in plan.used}, unstable))
     method = (f"{scale} scale; {n_boot} paired bootstrap draws of items within each suite (references resampled "
               f"too); p from {n_perm} within-suite paired swaps, two-sided, Holm-corrected over {len(against)}")
-    notes = list(plan.notes) + [f"{c.against}: the scale collapsed in {c.unstable:.0%} of bootstrap draws"
-                                for c in out if c.unstable > 0]
+    notes = list(plan.notes) + ([f"a suite's scale collapsed to zero width in {unstable:.0%} of bootstrap draws "
+                                 "(those draws count as infinitely large gaps)"] if unstable > 0 else [])
     return HeadlineVerdict(candidate, scale, base, plan.sources, alpha, method, out, plan.reference,
                            plan.excluded, notes)
 
@@ -345,7 +365,7 @@ def render_headline(verdict: HeadlineVerdict) -> list[str]:
 
 
 @dataclass(frozen=True)
-class SuiteComparison:
+class SuiteComparison(_AsDict):
     """One suite, candidate against one comparator: raw mean difference (suite units), test, verdict."""
 
     suite: str
@@ -360,9 +380,6 @@ class SuiteComparison:
     verdict: str
     n: int
     tests: int  # size of the Holm family
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     def sentence(self) -> str:
         d, (lo, hi) = self.diff, self.ci
@@ -400,7 +417,7 @@ def render_suites(comparisons: Sequence[SuiteComparison]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class SampleSizeCheck:
+class SampleSizeCheck(_AsDict):
     """Can these suite sizes separate anything but huge gaps? ``message`` is None when they can."""
 
     flagged: bool
@@ -409,9 +426,6 @@ class SampleSizeCheck:
     mde: dict[str, float]  # per suite, in the suite's own units
     headline_mde: float  # in headline-scale units
     power: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def sample_size_check(suites: Sequence[SuiteScores], base: str, sources: Sequence[str] = (), scale: str = "source",
