@@ -153,7 +153,8 @@ class _Plan:
         total: dict[str, np.ndarray] = {c: np.zeros(()) for c in wanted}
         for s, sign, base, inv in self._terms(m, q):
             for c in wanted:
-                total[c] = total[c] + self.weight[s.name] * _scaled(sign * (m[s.name][c] - base), inv)
+                with np.errstate(invalid="ignore"):  # inf - inf: two collapsed suites disagree -> nan
+                    total[c] = total[c] + self.weight[s.name] * _scaled(sign * (m[s.name][c] - base), inv)
         return total
 
     def diff(self, m: Mapping[str, Mapping[str, np.ndarray]], q: Mapping[str, np.ndarray], a: str, b: str):
@@ -161,7 +162,8 @@ class _Plan:
         of the gap (nan only if two collapsed suites disagree)."""
         total = np.zeros(())
         for s, sign, _, inv in self._terms(m, q):
-            total = total + self.weight[s.name] * _scaled(sign * (m[s.name][a] - m[s.name][b]), inv)
+            with np.errstate(invalid="ignore"):
+                total = total + self.weight[s.name] * _scaled(sign * (m[s.name][a] - m[s.name][b]), inv)
         return total
 
     def collapsed(self, m: Mapping[str, Mapping[str, np.ndarray]], q: Mapping[str, np.ndarray]) -> np.ndarray:
