@@ -111,6 +111,10 @@ def test_identical_candidates_p_is_one(world):
         c = compare_headline(world, "h", ["twin"], scale=scale, **KW).comparisons[0]
         assert c.p == 1.0 and c.p_holm == 1.0 and c.verdict == NO_DIFFERENCE
         assert c.diff == 0.0 and c.ci == (0.0, 0.0)
+    clone = [SuiteScores(s.name, s.objective, s.higher_is_better, {**s.scores, "clone": s.scores["base"]})
+             for s in world]  # identical to the base that anchors the z scale: the swaps move the scale
+    c = compare_headline(clone, "clone", ["base"], scale="z", **KW).comparisons[0]
+    assert c.p == 1.0 and c.verdict == NO_DIFFERENCE and c.diff == 0.0
     rows = compare_suites(world, "h", "twin")
     assert all(r.p == 1.0 and r.verdict == NO_DIFFERENCE for r in rows)
 
@@ -149,6 +153,8 @@ def test_lower_is_better_oriented(world):
     assert rows["qa"].diff > 0 and rows["qa"].verdict == BETTER
     assert {r.suite: r.verdict for r in compare_suites(world, "weak", "h")}["over_refusal"] == WORSE
     assert headline_scores(world, objectives=["harmless"], **KW).scores["h"] > 1.0
+    only = compare_headline(world, "h", ["weak"], objectives=["harmless"], **KW).comparisons[0]
+    assert only.diff > 0 and only.verdict == BETTER and only.n == {"over_refusal": 200}
     assert "lower is better" in render_suites([refusal])[0]
     assert render_suites([refusal])[0].startswith("over_refusal: h is better than weak by -")
 

@@ -6,7 +6,8 @@ the other candidates in the file: ``"source"`` puts the base at 0 and the best s
 that suite's mean, respecting higher_is_better) at 1; ``"z"`` measures (mean - base mean) in units
 of the base's per-item standard deviation. Both are oriented so that higher is better. Suite
 scores are averaged per objective, then over objectives. A suite whose scale has zero width is
-left out and reported, never divided by.
+left out and reported, never divided by; a resample in which a scale collapses to zero width
+counts as an infinitely large gap in the direction of the gap (reported as ``unstable``).
 
 Test. Items are resampled within each suite (the same items for every candidate, including the
 references, so the scale's own uncertainty is in the interval): a percentile bootstrap interval
@@ -398,6 +399,8 @@ def compare_suites(suites: Sequence[SuiteScores], candidate: str, against: str |
     """Per suite, paired bootstrap interval and sign-flip p of mean(candidate - comparator), Holm over
     every (suite, comparator) test in this call; the verdict word respects higher_is_better."""
     against = [against] if isinstance(against, str) else list(against)
+    if not against:
+        raise MergeLabError(f"nothing to compare {candidate!r} against: name at least one other candidate")
     rng = np.random.default_rng(seed)
     rows = []
     for s in suites:
