@@ -3,7 +3,7 @@ paired test of each comparison, Holm correction, and warnings for suites that ca
 
 Scale. Per suite, a candidate's mean is placed on a scale fixed by declared references, never by
 the other candidates in the file: ``"source"`` puts the base at 0 and the best source model (by
-that suite's mean, respecting higher_is_better) at 1; ``"z"`` measures (mean - base mean) in units
+that suite's mean, respecting higher_is_better; re-chosen in every resample) at 1; ``"z"`` measures (mean - base mean) in units
 of the base's per-item standard deviation. Both are oriented so that higher is better. Suite
 scores are averaged per objective, then over objectives. A suite whose scale has zero width is
 left out and reported, never divided by; a resample in which a scale collapses to zero width
@@ -442,21 +442,15 @@ def sample_size_check(suites: Sequence[SuiteScores], base: str, sources: Sequenc
     minimum detectable gap exceeds max_gap (on the source scale 1.0 is the whole base-to-best-source gap)."""
     plan = _plan(suites, base, sources, scale, objectives)
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    m, q = _moments(plan.used, [base, *plan.sources], base)
+    inv = {t[0].name: float(t[3]) for t in plan._terms(*_moments(plan.used, [base, *plan.sources], base))}
     n, mde, var = {}, {}, 0.0
-    used = {s.name for s in plan.used}
     for s in (s for s in suites if objectives is None or s.objective in objectives):
         sigma = float(np.std(s.array(base), ddof=1)) if s.n > 1 else 0.0
         if sigma == 0.0:  # the base is constant here: borrow the candidates' typical spread
             sigma = float(np.mean([np.std(s.array(c)) for c in s.scores]))
         n[s.name], mde[s.name] = s.n, z * math.sqrt(2.0) * sigma / math.sqrt(s.n)
-        if s.name in used:
-            sign = 1.0 if s.higher_is_better else -1.0
-            if scale == "source":
-                width = abs(sign * float(m[s.name][plan.reference[s.name]] - m[s.name][base]))
-            else:
-                width = math.sqrt(max(float(q[s.name] - m[s.name][base] ** 2), 0.0))
-            var += (plan.weight[s.name] * mde[s.name] / z / width) ** 2
+        if s.name in inv:  # the headline's variance: weight / width times the suite's s.e. of a gap
+            var += (plan.weight[s.name] * inv[s.name] * mde[s.name] / z) ** 2
     headline_mde = z * math.sqrt(var)
     sizes = "/".join(str(v) for v in n.values())
     small, wide = all(v < min_items for v in n.values()), headline_mde > max_gap
