@@ -1,0 +1,334 @@
+"""mergekit-moe configs: read them as mergekit-moe 0.1.5 does, check them, translate to h3_moe.
+
+A mergekit-moe YAML (`base_model`, `experts[]` with prompts, `gate_mode`, `experts_per_token`,
+`shared_experts`, `architecture`, `dtype`) becomes our `h3_moe` recipe dict plus a side
+structure (`MergekitExtras`) holding what the recipe has no key for yet: gate mode and prompts
+(rows come from merge_lab.moe.gates), per-expert noise_scale / residual_scale, shared experts.
+
+Where we are stricter than mergekit-moe, and why:
+- Unknown keys are errors with line and did-you-mean (mergekit's pydantic models ignore them, so a
+  misspelt `negative_promts` silently drops the prompts).
+- `gate_mode` must be one mergekit's router knows (an unknown one crashes it mid-run).
+- Checks mergekit only logs and exits on (`is_bad_config`) raise with the key's line.
+Where we are looser: `uniform_random` does not need prompts (mergekit's check asks for them
+although the mode never reads them).
+
+Model references are mergekit's: a path, `path@revision`, `base+lora`, or a mapping
+{model, lora, override_architecture}; paths are relative to the working directory, as in
+mergekit. Only local folders are used here (no hub, no revisions).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from merge_lab.core.config import Where, load_yaml, parse_yaml
+from merge_lab.errors import MergeLabError
+from merge_lab.moe.gates import PROMPT_MODES, ExpertPrompts, GateMode
+
+WHAT = "mergekit-moe config"
+# mergekit's output architectures, in its ALL_OUTPUT_ARCHITECTURES order; `architecture:` picks
+# those whose name starts with it (case-insensitive), so `qwen` matches both Qwen ones.
+MERGEKIT_ARCHITECTURES = ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE")
+# mergekit output architecture -> our layout family (merge_lab.moe.layout.FAMILIES values)
+H3_FAMILY = {"Mixtral": "mixtral", "Qwen MoE": "qwen2_moe", "Qwen3 MoE": "qwen3_moe"}
+_DTYPES = ("bfloat16", "float16", "float32", "float64", "int64")  # mergekit's dtype_from_name
+_RECIPE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+class ModelPathSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    revision: str | None = None
+
+
+class ModelRefSpec(BaseModel):
+    """mergekit's ModelReference written out as a mapping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | ModelPathSpec
+    lora: str | ModelPathSpec | None = None
+    override_architecture: str | None = None
+
+
+class MoeExpert(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_model: str | ModelRefSpec = Field(description="the expert model (its FFN weights become the expert)")
+    positive_prompts: list[str] | None = Field(None, description="prompts to route to this expert")
+    negative_prompts: list[str] | None = Field(None, description="prompts to route away from it")
+    noise_scale: float | None = Field(None, description="std of Gaussian noise added to its FFN weights")
+    residual_scale: float | None = Field(None, description="factor on its down_proj")
+
+
+class MergekitMoeConfig(BaseModel):
+    """Every key mergekit-moe 0.1.5 (`mergekit/moe/config.py`) reads, with its defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str | ModelRefSpec = Field(description="attention, embeddings, norms come from here")
+    experts: list[MoeExpert] = Field(description="one MoE expert per entry, in router row order")
+    gate_mode: GateMode = Field("hidden", description="how router rows are made: see merge_lab.moe.gates")
+    dtype: str | None = Field(None, description="output dtype (default: the base's torch_dtype)")
+    experts_per_token: int = Field(2, ge=1, description="top-k")
+    shared_experts: list[MoeExpert] | None = Field(None, description="always-on experts (Qwen MoE: exactly one)")
+    architecture: str | None = Field(None, description="output architecture: mixtral, qwen, qwen3, deepseek")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        name = v.removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}")
+        return name
+
+
+@dataclass(frozen=True)
+class ExpertExtras:
+    """What mergekit-moe does to one expert that our h3_moe recipe has no key for."""
+
+    source: str
+    noise_scale: float | None = None  # mergekit: tensor + randn_like(tensor) * noise_scale, every FFN tensor
+    residual_scale: float | None = None  # mergekit: down_proj * residual_scale (after the noise)
+
+
+@dataclass(frozen=True)
+class MergekitExtras:
+    """The side structure `to_h3_recipe` cannot put into the recipe, for `merge-lab moe` to wire."""
+
+    gate_mode: str
+    # prompts in the order mergekit computes gates: routed experts, then shared experts when mergekit
+    # gates them (they have prompts, or the mode is random); gates.gate_rows takes this list as is
+    gate_prompts: list[ExpertPrompts]
+    routed_experts: int  # rows [:, :routed_experts] are the router; the rest the shared-expert gates
+    experts: list[ExpertExtras]
+    shared_experts: list[ExpertExtras] = field(default_factory=list)
+    architecture: str | None = None  # mergekit's output architecture, when resolved from the models
+    unsupported: list[str] = field(default_factory=list)  # what h3_moe cannot do yet, in words
+
+
+def parse_mergekit_moe(text: str, source: str = "<mergekit-moe>", allow_all_same: bool = False
+                       ) -> tuple[MergekitMoeConfig, Where]:
+    config, where = parse_yaml(text, source, MergekitMoeConfig, WHAT)
+    check_config(config, where, allow_all_same)
+    return config, where
+
+
+def load_mergekit_moe(path: str | Path, allow_all_same: bool = False) -> tuple[MergekitMoeConfig, Where]:
+    """A mergekit-moe YAML file, validated and checked; errors name the file, line and key."""
+    config, where = load_yaml(path, MergekitMoeConfig, WHAT)
+    check_config(config, where, allow_all_same)
+    return config, where
+
+
+def _prompts(e: MoeExpert) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(e.positive_prompts or []), tuple(e.negative_prompts or [])
+
+
+def ref_text(ref: str | ModelRefSpec) -> str:
+    """A reference as mergekit prints it: path[@rev][+lora[@rev]]."""
+    if isinstance(ref, str):
+        return ref
+
+    def one(p: str | ModelPathSpec) -> str:
+        return p if isinstance(p, str) else (f"{p.path}@{p.revision}" if p.revision else p.path)
+
+    return one(ref.model) + (f"+{one(ref.lora)}" if ref.lora is not None else "")
+
+
+def matching_architectures(name: str | None) -> list[str]:
+    """mergekit's candidates for `architecture:` (all when unset)."""
+    if not name:
+        return list(MERGEKIT_ARCHITECTURES)
+    return [a for a in MERGEKIT_ARCHITECTURES if a.lower().startswith(name.lower())]
+
+
+def check_config(config: MergekitMoeConfig, where: Where, allow_all_same: bool = False) -> None:
+    """mergekit-moe's checks (`is_bad_config`, the shared-expert and architecture rules), as errors.
+
+    `allow_all_same` is mergekit's --i-understand-this-is-not-useful-without-training.
+    """
+    n = len(config.experts)
+    if n == 0:
+        raise MergeLabError(f"{where('experts')}: no experts; list at least {config.experts_per_token} "
+                            "(experts_per_token) under experts:, each with a source_model.")
+    if config.experts_per_token > n:
+        raise MergeLabError(
+            f"{where('experts_per_token')}: experts_per_token = {config.experts_per_token} but there are only {n} "
+            "experts; lower experts_per_token or add experts."
+        )
+    prompt_mode = config.gate_mode in PROMPT_MODES
+    if prompt_mode:
+        for i, e in enumerate(config.experts):
+            if not e.positive_prompts:
+                raise MergeLabError(
+                    f"{where('experts', i)}: gate_mode '{config.gate_mode}' makes each router row from the expert's "
+                    "prompts, and this expert has no positive_prompts. Add a few prompts that should go to it, or "
+                    "set gate_mode: random / uniform_random."
+                )
+        if n > 1 and all(_prompts(e) == _prompts(config.experts[0]) for e in config.experts[1:]):
+            raise MergeLabError(
+                f"{where('experts')}: every expert has the same positive and negative prompts, so every router row "
+                "is the same and the router cannot choose. Give each expert prompts typical of what it should handle."
+            )
+    if n > 1 and not allow_all_same and len({ref_text(e.source_model) for e in config.experts}) == 1:
+        raise MergeLabError(
+            f"{where('experts')}: every expert is the same model; the MoE would cost more and give the same output. "
+            "Use different experts (or allow it explicitly if you will train the result)."
+        )
+    shared = config.shared_experts or []
+    with_prompts = [bool(e.positive_prompts) for e in shared]
+    if shared and any(with_prompts) and not all(with_prompts):
+        raise MergeLabError(f"{where('shared_experts')}: give prompts to all shared experts or to none, not a mix.")
+    if config.architecture is not None and not matching_architectures(config.architecture):
+        raise MergeLabError(
+            f"{where('architecture')}: unknown architecture '{config.architecture}'; mergekit-moe writes "
+            f"{', '.join(MERGEKIT_ARCHITECTURES)} (give a prefix: mixtral, deepseek, qwen, qwen3)."
+        )
+    fits = [a for a in matching_architectures(config.architecture) if _shared_fits(a, config) is None]
+    if not fits:
+        reasons = "; ".join(f"{a}: {_shared_fits(a, config)}" for a in matching_architectures(config.architecture))
+        key = "shared_experts" if shared else "architecture"
+        raise MergeLabError(f"{where(key)}: no output architecture takes these shared experts ({reasons}).")
+
+
+def _shared_fits(arch: str, config: MergekitMoeConfig) -> str | None:
+    """Why `arch` refuses the config's shared experts (None when it takes them), as mergekit decides."""
+    shared = config.shared_experts or []
+    if arch in ("Mixtral", "Qwen3 MoE"):
+        return "has no shared experts" if shared else None
+    if arch == "Qwen MoE":
+        if len(shared) != 1:
+            return "needs exactly one shared expert"
+        if config.gate_mode != "random" and not shared[0].positive_prompts:
+            return "needs positive_prompts for the shared expert's gate"
+        return None
+    if len(shared) > 1:  # DeepSeek MoE
+        return "takes at most one shared expert"
+    if shared and (shared[0].positive_prompts or shared[0].negative_prompts):
+        return "cannot gate a shared expert (remove its prompts)"
+    return None
+
+
+def _local(ref: str | ModelRefSpec, where: str, base: str) -> str:
+    """A reference as a local path our recipe takes (`base+lora` -> the adapter folder)."""
+    if isinstance(ref, ModelRefSpec) and ref.override_architecture:
+        raise MergeLabError(f"{where}: override_architecture is not supported; remove it.")
+    text = ref_text(ref)
+    if "@" in text:
+        raise MergeLabError(f"{where}: '{text}' names a hub revision; merge-lab reads local folders only. "
+                            "Download that revision and give its folder.")
+    if "+" in text:
+        model, lora = text.split("+", 1)
+        if Path(model).expanduser().resolve() != Path(base).expanduser().resolve():
+            raise MergeLabError(f"{where}: '{text}' applies a LoRA to '{model}', not to the base_model; h3_moe applies "
+                                "adapters to the base only. Merge the adapter into its model first and give that folder.")
+        return lora  # h3_moe takes a PEFT adapter folder trained on the base directly
+    return text
+
+
+def _labels(paths: list[str]) -> list[str]:
+    labels: list[str] = []
+    for i, p in enumerate(paths):
+        name = Path(p).name or f"expert{i}"
+        labels.append(name if name not in labels else f"{name}_{i}")
+    return labels
+
+
+def to_h3_recipe(config: MergekitMoeConfig, source: Where | str) -> dict:
+    """The h3_moe recipe dict for `config` (routed experts only; see `mergekit_extras` for the rest).
+
+    Non-FFN weights come from the base (mergekit copies them from the base), top_k is
+    experts_per_token, labels are the experts' folder names. `router_init` is left at `random`:
+    the rows are mergekit's gates (`gates.gate_rows`), which the caller must hand to the plan.
+    """
+    where = source if isinstance(source, Where) else Where(source)
+    if "+" in ref_text(config.base_model):
+        raise MergeLabError(f"{where('base_model')}: a base with a LoRA ('+') is not supported; merge it first.")
+    base = _local(config.base_model, where("base_model"), "")
+    paths = [_local(e.source_model, where("experts", i, "source_model"), base) for i, e in enumerate(config.experts)]
+    recipe: dict = {
+        "merge_method": "h3_moe",
+        "base_model": base,
+        "models": [{"model": p, "label": lab} for p, lab in zip(paths, _labels(paths))],
+        "parameters": {"top_k": config.experts_per_token, "router_init": "random", "non_ffn": "base"},
+    }
+    if config.dtype is not None:
+        if config.dtype not in _RECIPE_DTYPES:
+            raise MergeLabError(f"{where('dtype')}: dtype {config.dtype} is not an output dtype merge-lab writes; "
+                                f"use one of {', '.join(_RECIPE_DTYPES)}.")
+        recipe["dtype"] = config.dtype
+    return recipe
+
+
+def gate_prompts(config: MergekitMoeConfig) -> list[ExpertPrompts]:
+    """The experts whose gates mergekit computes, in its order: routed, then shared when gated."""
+    need = list(config.experts)
+    shared = config.shared_experts or []
+    if shared and (any(e.positive_prompts for e in shared) or config.gate_mode in ("random", "uniform_random")):
+        need += shared
+    return [ExpertPrompts(list(e.positive_prompts or []), list(e.negative_prompts or [])) for e in need]
+
+
+def _model_type(path: str, where: str) -> str:
+    cfg = Path(path).expanduser() / "config.json"
+    if not cfg.is_file():
+        raise MergeLabError(f"{where}: '{path}' is not a local model folder (no config.json).")
+    try:
+        return str(json.loads(cfg.read_text(encoding="utf-8")).get("model_type", "unknown"))
+    except (OSError, ValueError) as e:
+        raise MergeLabError(f"{cfg}: not a readable config.json ({type(e).__name__}).") from None
+
+
+def output_architecture(config: MergekitMoeConfig, where: Where) -> str:
+    """The architecture mergekit-moe would write for these models (its `select_output_arch`)."""
+    refs = [("base_model",), *(("experts", i, "source_model") for i in range(len(config.experts))),
+            *(("shared_experts", i, "source_model") for i in range(len(config.shared_experts or [])))]
+    models = [config.base_model] + [e.source_model for e in config.experts + (config.shared_experts or [])]
+    types = [_model_type(ref_text(m).split("+")[0].split("@")[0], where(*r)) for m, r in zip(models, refs)]
+    ok = {"Mixtral": ("llama", "mistral"), "DeepSeek MoE": ("llama", "mistral"),
+          "Qwen MoE": ("llama", "mistral", "qwen2"), "Qwen3 MoE": ("qwen3",)}
+    fits = [a for a in matching_architectures(config.architecture)
+            if _shared_fits(a, config) is None and len(set(types)) == 1 and types[0] in ok[a]]
+    if not fits:
+        raise MergeLabError(
+            f"{where('architecture' if config.architecture else 'base_model')}: no mergekit-moe output architecture "
+            f"takes these models (model types {sorted(set(types))}, {len(config.shared_experts or [])} shared experts)."
+        )
+    return "Mixtral" if "Mixtral" in fits else fits[0]
+
+
+def mergekit_extras(config: MergekitMoeConfig, source: Where | str) -> MergekitExtras:
+    """What the recipe cannot hold, with the output architecture checked against the models on disk."""
+    where = source if isinstance(source, Where) else Where(source)
+    arch = output_architecture(config, where)
+    unsupported = []
+    if arch not in H3_FAMILY:
+        unsupported.append(f"output architecture {arch}: h3_moe writes Mixtral, Qwen2-MoE and Qwen3-MoE only")
+    base_type = _model_type(ref_text(config.base_model), where("base_model"))
+    if arch == "Qwen MoE" and base_type != "qwen2":
+        unsupported.append(f"Qwen MoE output from a {base_type} base: h3_moe picks the layout from the base "
+                           "(llama/mistral -> Mixtral)")
+    shared = [ExpertExtras(ref_text(e.source_model), e.noise_scale, e.residual_scale)
+              for e in config.shared_experts or []]
+    if shared:
+        unsupported.append("shared expert: h3_moe's Qwen2-MoE shared expert is a zero placeholder; mergekit copies "
+                           "the shared model's FFN and gates it with its own row")
+    experts = [ExpertExtras(ref_text(e.source_model), e.noise_scale, e.residual_scale) for e in config.experts]
+    if any(e.noise_scale is not None or e.residual_scale is not None for e in experts + shared):
+        unsupported.append("noise_scale / residual_scale on expert FFN weights")
+    return MergekitExtras(config.gate_mode, gate_prompts(config), len(config.experts), experts, shared, arch,
+                          unsupported)
+
+
+def translate(config: MergekitMoeConfig, source: Where | str) -> tuple[dict, MergekitExtras]:
+    """(h3_moe recipe dict, side structure): what `merge-lab moe` needs from a mergekit-moe config."""
+    return to_h3_recipe(config, source), mergekit_extras(config, source)
