@@ -17,6 +17,7 @@ from merge_lab.moe.gates import ExpertPrompts, degenerate_layers, gate_rows, mer
 from merge_lab.moe.mergekit_config import (
     MergekitMoeConfig,
     MoeExpert,
+    config_gate_rows,
     gate_prompts,
     load_mergekit_moe,
     mergekit_extras,
@@ -239,6 +240,19 @@ def test_qwen_shared_expert_is_reported(models):
     assert len(extras.gate_prompts) == 3 and extras.routed_experts == 2  # the shared gate is the last row
     assert any("shared expert" in u for u in extras.unsupported)
     assert len(gate_prompts(config)) == 3
+    routed, shared = config_gate_rows(config, where, device="cpu")
+    assert routed.shape == (2, 2, 32) and shared.shape == (2, 1, 32)
+    whole = gate_rows(models["base"], extras.gate_prompts, "hidden", device="cpu")
+    assert torch.equal(routed, whole[:, :2]) and torch.equal(shared, whole[:, 2:])
+
+
+def test_mapping_references_and_missing_file(models, tmp_path):
+    data = yaml.safe_load(_sample(models))
+    data["experts"][0]["source_model"] = {"model": {"path": str(models["math"])}}
+    config, where = parse_mergekit_moe(yaml.safe_dump(data), "moe.yml")
+    assert to_h3_recipe(config, where)["models"][0]["model"] == str(models["math"])
+    with pytest.raises(MergeLabError, match="mergekit-moe config not found"):
+        load_mergekit_moe(tmp_path / "nope.yml")
 
 
 def test_mergekit_moe_build_writes_our_gate_rows(models, tmp_path):

@@ -24,11 +24,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from merge_lab.core.config import Where, load_yaml, parse_yaml
 from merge_lab.errors import MergeLabError
-from merge_lab.moe.gates import PROMPT_MODES, ExpertPrompts, GateMode
+from merge_lab.moe.gates import PROMPT_MODES, ExpertPrompts, GateMode, gate_rows
 
 WHAT = "mergekit-moe config"
 # mergekit's output architectures, in its ALL_OUTPUT_ARCHITECTURES order; `architecture:` picks
@@ -327,6 +328,19 @@ def mergekit_extras(config: MergekitMoeConfig, source: Where | str) -> MergekitE
         unsupported.append("noise_scale / residual_scale on expert FFN weights")
     return MergekitExtras(config.gate_mode, gate_prompts(config), len(config.experts), experts, shared, arch,
                           unsupported)
+
+
+def config_gate_rows(config: MergekitMoeConfig, source: Where | str, seed: int = 0, device: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(router rows [layers, experts, hidden], shared-expert gate rows [layers, shared, hidden]) for
+    `config`, as mergekit-moe computes them; the second is empty when mergekit gates no shared expert."""
+    where = source if isinstance(source, Where) else Where(source)
+    if "+" in ref_text(config.base_model):
+        raise MergeLabError(f"{where('base_model')}: a base with a LoRA ('+') is not supported; merge it first.")
+    base = _local(config.base_model, where("base_model"), "")
+    rows = gate_rows(base, gate_prompts(config), config.gate_mode, seed=seed, device=device)
+    n = len(config.experts)
+    return rows[:, :n].contiguous(), rows[:, n:].contiguous()
 
 
 def translate(config: MergekitMoeConfig, source: Where | str) -> tuple[dict, MergekitExtras]:
