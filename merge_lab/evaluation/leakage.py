@@ -8,7 +8,7 @@ from pathlib import Path
 
 from merge_lab.datasets import sources as data
 from merge_lab.errors import MergeLabError
-from merge_lab.evaluation.candidates import Candidate
+from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.paths import resolve
 from merge_lab.evaluation.suites import Suite
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from merge_lab.core.config import Where
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.cache import ResultCache
-from merge_lab.evaluation.candidates import Candidate
 from merge_lab.evaluation.factory import CandidateFactory
+from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.leakage import check_disjoint, discovered_training
 from merge_lab.evaluation.memo import Memo
 from merge_lab.evaluation.paths import resolve

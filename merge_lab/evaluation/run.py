@@ -9,8 +9,8 @@ import torch
 from rich.console import Console
 
 from merge_lab.core.progress import progress_bar
-from merge_lab.evaluation.candidates import Candidate
 from merge_lab.evaluation.cost import PeakMemory
+from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.prepare import Comparison
 
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 from merge_lab.datasets import sources as data
 from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
-from merge_lab.evaluation.candidates import Candidate
+from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.scorers import Scorer
 
 OBJECTIVES = ("harmless", "honest", "helpful", "capability", "custom")

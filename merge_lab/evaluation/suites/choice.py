@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from merge_lab.datasets.sources import Example
-from merge_lab.evaluation.candidates import Candidate
+from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.suites.base import EvalContext, Suite
 
 

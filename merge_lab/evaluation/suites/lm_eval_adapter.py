@@ -6,7 +6,7 @@ import hashlib
 
 from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
-from merge_lab.evaluation.candidates import Candidate
+from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.suites.base import EvalContext, Suite
 
 

@@ -8,7 +8,7 @@ hear that, here is ..." as a refusal. Swap in a judge model by subclassing Refus
 from __future__ import annotations
 
 from merge_lab.datasets.sources import Example
-from merge_lab.evaluation.candidates import Candidate
+from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.suites.base import EvalContext, Suite
 
 REFUSAL_MARKERS = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from merge_lab.datasets.sources import Example
-from merge_lab.evaluation.candidates import Candidate
+from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.suites.base import EvalContext, Suite
 
 
