@@ -242,7 +242,7 @@ class BestOfN(Candidate):
         return [p for m in self.members for p in m.model_paths()]
 
     def _score_batch(self, batch: list[Pair], pad: int) -> list[Scored]:
-        per_member = [lm.score(batch, pad) for lm in self._models]
+        per_member = [lm.score(batch, pad) for lm in self.models]
         out = []
         for j, (_, cont) in enumerate(batch):
             seq = torch.tensor([m[j][0] for m in per_member], dtype=torch.float64)
@@ -251,7 +251,7 @@ class BestOfN(Candidate):
         return out
 
     def _generate_batch(self, enc: list[list[int]], prompts: list[str]) -> list[str]:
-        answers = [self._greedy([lm], torch.zeros(1), enc) for lm in self._models]
+        answers = [self._greedy([lm], torch.zeros(1), enc) for lm in self.models]
         scores = [self.scorer.score(prompts, a) for a in answers]
         return [answers[max(range(len(answers)), key=lambda m: scores[m][i])][i] for i in range(len(enc))]
 
