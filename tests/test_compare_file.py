@@ -59,3 +59,10 @@ def test_candidate_and_suite_entries_name_their_line(tmp_path):
     f = write(tmp_path, "suites: [harmless_refusal]\ncandidates: [{name: a, checkpoint: a}]\nheadline: z\n")
     with pytest.raises(MergeLabError, match=r"line 3 \(headline\): headline 'z' is not a candidate"):
         prepare(f)
+
+
+def test_training_data_errors_name_their_line(tmp_path):
+    f = write(tmp_path, "suites: [harmless_refusal]\ncandidates: [{name: a, checkpoint: a}]\n"
+                        "training_data:\n  - advbench:train\n  - {url: x}\n")
+    with pytest.raises(MergeLabError, match=r"line 5 \(training_data\.1\): training_data entry"):
+        prepare(f)

@@ -59,15 +59,19 @@ def discovered_training(candidates: dict[str, Candidate]) -> list[Path]:
     return found
 
 
-def check_disjoint(root: Path, entries: list[str | dict], suites: list[Suite]) -> list[str]:
-    """Every entry's items disjoint from every suite's, else an error naming both; the entries checked."""
+def check_disjoint(root: Path, entries: list[tuple[str, str | dict]], suites: list[Suite]) -> list[str]:
+    """Every (place, entry)'s items disjoint from every suite's, else an error naming the place (a
+    compare file's line, or the train_items.json found), the entry and the suite; the entries checked."""
     checked = []
-    for entry in entries:
-        train = training_items(root, entry)
+    for place, entry in entries:
+        try:
+            train = training_items(root, entry)
+        except MergeLabError as e:
+            raise MergeLabError(f"{place}: {e}") from None
         for x in suites:
             try:
                 data.check_disjoint(train, x.items())
             except MergeLabError as e:
-                raise MergeLabError(f"training data {entry} overlaps suite '{x.name}': {e}") from None
+                raise MergeLabError(f"{place}: training data {entry} overlaps suite '{x.name}': {e}") from None
         checked.append(str(entry))
     return checked

@@ -102,7 +102,8 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
         raise MergeLabError(f"{where('headline')}: headline '{spec.headline}' is not a candidate; name one of "
                             f"{', '.join(by_name)}.")
 
-    training = [*spec.training_data, *map(str, discovered_training(by_name))]
+    training = [*((where("training_data", i), e) for i, e in enumerate(spec.training_data)),
+                *((f"found beside a candidate ({f})", str(f)) for f in discovered_training(by_name))]
     checked = check_disjoint(root, training, suites + selection_suites)
 
     judge = factory.scorer(spec.judge, ("judge",))
