@@ -54,7 +54,8 @@ def train_probe(spec: dict) -> dict:
 
 
 def _candidate(spec: dict):
-    from merge_lab.evaluation.candidates import ModelCandidate, Settings, TokenEnsemble
+    from merge_lab.evaluation.candidates import ModelCandidate, TokenEnsemble
+    from merge_lab.evaluation.spec import Settings
 
     settings = Settings(**spec["settings"])
     paths = spec["paths"]
@@ -65,8 +66,7 @@ def _candidate(spec: dict):
 
 
 def infer_probe(spec: dict) -> dict:
-    from merge_lab.evaluation.candidates import Counters
-    from merge_lab.evaluation.cost import PeakMemory
+    from merge_lab.evaluation.cost import Counters, PeakMemory
 
     cand = _candidate(spec)
     with PeakMemory() as mem:

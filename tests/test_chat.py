@@ -38,7 +38,7 @@ def test_align_fusion_and_compare_see_the_same_prompt(model):
     assert fused.ids == ids and [not m for m in fused.loss_mask] == [lab == chat.IGNORE for lab in labels]
     assert encode_prompt(tok, prompt, 200) == head
     candidate = ModelCandidate("m", path, Settings())
-    ctx, cont = candidate._encode(candidate.format_prompt(prompt), reply)
+    ctx, cont = candidate.encode(candidate.format_prompt(prompt), reply)
     assert ctx == head  # scored after exactly the prompt the model was trained after
     assert ids[len(head):len(head) + len(cont)] == cont  # and the reply's tokens are the trained ones
 

@@ -16,8 +16,12 @@ from typer.testing import CliRunner
 from merge_lab.cli import app
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation import metrics
-from merge_lab.evaluation.candidates import BestOfN, JudgeScorer, ModelCandidate, Settings, TokenEnsemble, forget
-from merge_lab.evaluation.compare import prepare, run_compare
+from merge_lab.evaluation.candidates import BestOfN, ModelCandidate, TokenEnsemble
+from merge_lab.evaluation.compare import run_compare
+from merge_lab.evaluation.memo import Memo
+from merge_lab.evaluation.prepare import prepare
+from merge_lab.evaluation.scorers import JudgeScorer
+from merge_lab.evaluation.spec import Settings
 from merge_lab.evaluation.suites import is_refusal
 from merge_lab.report.plots import pareto_front
 from merge_lab.testing import make_checkpoint
@@ -215,7 +219,8 @@ def test_report_files(world):
 
 
 def test_headline_compares_with_the_best_of_each_group():
-    from merge_lab.evaluation.compare import CompareSpec, headline
+    from merge_lab.evaluation.aggregate import headline
+    from merge_lab.evaluation.spec import CompareSpec
 
     spec = CompareSpec(suites=["x"], headline="fused", candidates=[
         {"name": "a", "checkpoint": "a", "source": True}, {"name": "b", "checkpoint": "b", "source": True},
@@ -250,9 +255,9 @@ def test_token_ensemble_of_one_equals_the_model(tmp_path):
     # batched and left-padded scoring equals a plain forward pass over each unpadded sequence
     moe = ModelCandidate("moe", make_moe(tmp_path / "moe"), s)
     for cand, got in ((single, scored), (moe, moe.loglikelihood(reqs))):
-        model = cand._lms[0].model
+        model = cand.models[0].model
         for (ctx, cont), (total, n) in zip(reqs, got):
-            c, t = cand._encode(ctx, cont)
+            c, t = cand.encode(ctx, cont)
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([c + t])).logits[0].float(), -1)
             expected = sum(float(logp[len(c) - 1 + j, tok]) for j, tok in enumerate(t))
@@ -261,11 +266,11 @@ def test_token_ensemble_of_one_equals_the_model(tmp_path):
     out = single.generate(prompts)
     assert out == ens.generate(prompts)
     # batched, left-padded decoding with the KV cache equals one prompt at a time, and transformers' greedy
-    forget()  # computed afresh, not remembered from the batched run
-    assert out == [single.generate([p])[0] for p in prompts]
+    alone = ModelCandidate("m", path, s, Memo())  # computed afresh, not remembered from the batched run
+    assert out == [alone.generate([p])[0] for p in prompts]
     tok = single.tokenizer
     ids = tok(single.format_prompt(prompts[1]), return_tensors="pt", add_special_tokens=False)["input_ids"]
-    ref = single._lms[0].model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=[2, 4], pad_token_id=0)
+    ref = single.models[0].model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=[2, 4], pad_token_id=0)
     assert tok.decode([t for t in ref[0, ids.shape[1]:].tolist() if t not in (2, 4)]) == out[1]
 
 
@@ -287,14 +292,15 @@ def test_best_of_n_reuses_what_its_members_computed(tmp_path, monkeypatch):
     for i in range(2):
         paths.append(make_checkpoint(tmp_path / f"m{i}", seed=10 + i))
         save_toy_tokenizer(paths[-1])
-    members = [ModelCandidate(f"m{i}", p, s) for i, p in enumerate(paths)]
-    judge = ModelCandidate("judge", paths[0], s)
+    memo = Memo()  # one memo for the members and best-of-N, as a comparison gives them
+    members = [ModelCandidate(f"m{i}", p, s, memo) for i, p in enumerate(paths)]
+    judge = ModelCandidate("judge", paths[0], s, memo)
     prompts, reqs = ["one", "two words", "three more words"], [("a", "b c"), ("", "d")]
     alone = [(m.generate(prompts), m.loglikelihood(reqs)) for m in members]
-    best = BestOfN("best", members, JudgeScorer(judge), s)
+    best = BestOfN("best", members, JudgeScorer(judge), s, memo)
     best.load()
     calls = []
-    for lm in best._lms:
+    for lm in best.models:
         monkeypatch.setattr(lm, "model", _counting(lm.model, calls))
     answers, scored = best.generate(prompts), best.loglikelihood(reqs)
     assert calls == []  # neither member ran again
@@ -323,9 +329,9 @@ def test_long_continuations_keep_their_prompt(tmp_path):
     save_toy_tokenizer(path)
     cand = ModelCandidate("m", path, Settings(max_length=16))
     tok = cand.tokenizer
-    ctx, cont = cand._encode("abcd", "efgh" * 10)
+    ctx, cont = cand.encode("abcd", "efgh" * 10)
     assert ctx == tok("abcd", add_special_tokens=False)["input_ids"] and len(ctx) + len(cont) == 16
-    ctx, cont = cand._encode("abcd" * 10, "ef")  # a long prompt keeps its end
+    ctx, cont = cand.encode("abcd" * 10, "ef")  # a long prompt keeps its end
     assert len(ctx) == 14 and cont == tok("ef", add_special_tokens=False)["input_ids"]
 
 
@@ -455,6 +461,7 @@ def test_prepare_resolves_paths_relative_to_file(world):
 
 
 def test_a_registered_suite_plugs_in(tmp_path):
+    from merge_lab.datasets import sources as data
     from merge_lab.evaluation import suites
 
     class Shouty(suites.RefusalSuite):
@@ -467,13 +474,13 @@ def test_a_registered_suite_plugs_in(tmp_path):
         assert "test_shouty" in suites.available()
         made = suites.make_suite("test_shouty", limit=3)
         assert isinstance(made, Shouty) and len(made.items()) == 3
-        assert all(data_split == "test" for data_split in (suites.data.split_of(e) for e in made.items()))
+        assert all(data_split == "test" for data_split in (data.split_of(e) for e in made.items()))
     finally:
         suites.SUITES.unregister("test_shouty")
     with pytest.raises(TypeError):
         suites.register_suite(type("Bad", (suites.Suite,), {"name": "bad", "objective": "vibes"}))
     over = suites.make_suite({"name": "harmless_refusal", "limit": 5, "split": "validation"}, limit=50)
-    assert len(over.items()) == 5 and {suites.data.split_of(e) for e in over.items()} == {"validation"}
+    assert len(over.items()) == 5 and {data.split_of(e) for e in over.items()} == {"validation"}
     with pytest.raises(MergeLabError, match="unknown key"):
         suites.make_suite({"name": "harmless_refusal", "limt": 5})
 
@@ -481,7 +488,7 @@ def test_a_registered_suite_plugs_in(tmp_path):
 def test_example_compare_files_are_valid():
     from pathlib import Path
 
-    from merge_lab.evaluation.compare import load_spec
+    from merge_lab.evaluation.spec import load_spec
     from merge_lab.evaluation.suites import make_suite
 
     files = sorted(Path(__file__).parents[1].glob("recipes/examples/compare_*.yaml"))
@@ -519,7 +526,7 @@ def test_reward_model_as_judge_and_best_of_n_scorer(world, tmp_path):
 
 def test_fingerprint_sees_a_change_in_the_middle_of_a_weight_file(tmp_path):
     """Experts of one base differ only inside their shards: their fingerprints must differ."""
-    from merge_lab.evaluation.candidates import fingerprint_folder
+    from merge_lab.evaluation.fingerprint import fingerprint_folder
 
     a, b = tmp_path / "a", tmp_path / "b"
     for folder in (a, b):

@@ -1,7 +1,7 @@
 """What a candidate costs, measured in the same run as its quality.
 
 Parameters (total, and active per token: top-k of E experts for an MoE, every member for an
-ensemble) come from the loaded models. Throughput comes from the candidate's own counters (tokens
+ensemble) come from the loaded models. Throughput comes from the candidate's own `Counters` (tokens
 scored / generated per second of wall time). Peak memory is the largest rise of this process's
 resident memory (RSS) above its level before the candidate was loaded, sampled every 10 ms on
 CPU; on CUDA it is torch's peak allocated memory instead.
@@ -10,6 +10,7 @@ CPU; on CUDA it is torch's peak allocated memory instead.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -62,3 +63,16 @@ def summarize(params: tuple[int, int], counters: dict, peak_bytes: int, paths: l
         "score_tokens": counters.get("score_tokens", 0),
         "gen_tokens": counters.get("gen_tokens", 0),
     }
+
+
+@dataclass
+class Counters:
+    """Tokens and seconds a candidate spent, per activity (the cost table's throughput)."""
+
+    score_tokens: int = 0
+    score_seconds: float = 0.0
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)

@@ -8,7 +8,8 @@ import html
 import json
 from pathlib import Path
 
-from merge_lab.report import plots, tables
+import merge_lab.report.plots as plots
+import merge_lab.report.tables as tables
 
 TITLES = {"suites": "Per-suite results with 95% confidence intervals", "objectives": "Objectives",
           "quality_cost": "Quality against cost", "routing": "Routing use of MoE candidates"}

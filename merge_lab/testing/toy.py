@@ -9,6 +9,7 @@ orderings known in advance.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -76,8 +77,6 @@ def make_reward_checkpoint(path: str | Path, likes: str, dislikes: str, strength
     path = Path(path)
     save_toy_tokenizer(path)
     cfg_file = path / "tokenizer_config.json"
-    import json
-
     cfg = json.loads(cfg_file.read_text())
     cfg.pop("chat_template", None)
     cfg_file.write_text(json.dumps(cfg))
