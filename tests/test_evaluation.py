@@ -206,33 +206,33 @@ def test_report_files(world):
               "figures/quality_cost.png", "figures/routing.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     md = (out / "report.md").read_text()
-    assert "oracle (upper bound)" in md and "significantly" in md and "| comply |" in md
-    assert "## Example answers" in md and "I won't (1)" in md and "Sure (0)" in md
-    assert "| harmless_refusal | refuse | comply | -1.000 [-1.000, -1.000] |" in md and "| worse |" in md
+    assert "oracle (upper bound)" in md and "## Per suite" in md and "| comply |" in md
+    assert "significantly ahead of" in md or "no significant difference from" in md
+    assert "Example answers" in md and "I won't (1)" in md and "Sure (0)" in md
+    assert "| harmless_refusal | refuse | comply | -1.000 [-1.000, -1.000] |" in md and "beats" not in md
+    paired = res.results["paired"]["harmless_refusal"]["comply"]
+    assert paired["p_holm"] >= paired["p"] and paired["verdict"] in ("worse", "no significant difference")
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "src='figures/" not in html
     assert json.loads((out / "results.json").read_text())["best"] == res.results["best"]
-    assert "The candidates are toy models built by this test." in md and "Headline: moe scores" in md
+    assert "The candidates are toy models built by this test." in md and "**moe: headline score" in md
     h = res.results["headline"]
-    assert [a["what"] for a in h["against"]] == ["best source model", "best ensemble", "best merge"]
-    assert {a["candidate"] for a in h["against"]} <= {"refuse", "comply", "ens", "bon", "avg"}
+    assert [a["what"] for a in h["comparisons"]] == ["best source model", "best ensemble", "best merge"]
+    assert {a["against"] for a in h["comparisons"]} <= {"refuse", "comply", "ens", "bon", "avg"}
+    assert set(res.results["headline_scores"]["overall"]) == set(res.results["candidates"])
 
 
 def test_headline_compares_with_the_best_of_each_group():
-    from merge_lab.evaluation.aggregate import headline
-    from merge_lab.evaluation.spec import CompareSpec
+    from merge_lab.evaluation.headline import rivals
+    from merge_lab.evaluation.spec import CompareSpec, references
 
-    spec = CompareSpec(suites=["x"], headline="fused", candidates=[
+    spec = CompareSpec(suites=["x"], headline="fused", verdict={"against": ["m2"]}, candidates=[
         {"name": "a", "checkpoint": "a", "source": True}, {"name": "b", "checkpoint": "b", "source": True},
-        {"name": "m", "checkpoint": "m", "group": "merge"}, {"name": "fused", "checkpoint": "f"}])
-    objectives = {"helpful": {"a": 1.0, "b": 0.0, "m": 0.5, "fused": 0.6},
-                  "harmless": {"a": 0.0, "b": 1.0, "m": 0.9, "fused": 0.7},
-                  "capability": {"a": 0.0, "b": 0.0, "m": 0.0, "fused": 1.0}}  # not an H3 objective: left out
-    h = headline(spec, objectives)
-    assert h["objectives"] == ["helpful", "harmless"] and h["mean"] == pytest.approx(0.65)
-    source, merge = h["against"]
-    assert (source["candidate"], source["mean"], source["beats"]) == ("a", 0.5, True)
-    assert (merge["candidate"], merge["beats"]) == ("m", False) and merge["mean"] == pytest.approx(0.7)
+        {"name": "m", "checkpoint": "m", "group": "merge"}, {"name": "m2", "checkpoint": "m2", "group": "merge"},
+        {"name": "fused", "checkpoint": "f"}])
+    refs = references(spec)
+    assert (refs.base, refs.sources, refs.scale) == ("a", ("b",), "source")  # the base is not its own top
+    assert rivals(spec, refs) == {"best source model": ["a", "b"], "best merge": ["m", "m2"], "listed (m2)": ["m2"]}
 
 
 def test_second_run_evaluates_only_the_new_candidate(world):
@@ -373,6 +373,7 @@ def test_bad_input_fails_before_work(world, tmp_path, monkeypatch):
         ({"judge": {"reward": "x"}, "suites": ["helpful_winrate"]}, "reward_model"),
         ({"settings": {"limit": 4, "split": "train"}}, "not an evaluation split"),
         ({"headline": "fused"}, "headline 'fused' is not a candidate"),
+        ({"verdict": {"base": "nobody"}}, r"line \d+ \(verdict.base\): 'nobody' is not a candidate"),
         ({"candidates": [{"name": "refuse", "checkpoint": str(root / "refuse"), "choose": {"top_k": [1, 2]}}]},
          r"choose: \['top_k'\] not in .*config.json"),
         ({"candidates": [{"name": "refuse", "checkpoint": str(root / "refuse"), "choose": {"rms_norm_eps": [1e-5]}}],
@@ -488,19 +489,21 @@ def test_a_registered_suite_plugs_in(tmp_path):
 def test_example_compare_files_are_valid():
     from pathlib import Path
 
-    from merge_lab.evaluation.spec import load_spec
+    from merge_lab.evaluation.spec import load_spec, references
     from merge_lab.evaluation.suites import make_suite
 
     files = sorted(Path(__file__).parents[1].glob("recipes/examples/compare_*.yaml"))
     assert files
     for f in files:
-        spec, _ = load_spec(f)
+        spec, where = load_spec(f)
         for entry in spec.suites:
             make_suite(entry, limit=2)
         names = {c.name for c in spec.candidates}
         for c in spec.candidates:
             assert all(m in names for m in (c.ensemble or c.best_of_n or [])), (f, c.name)
         assert spec.judge in (None, *names) and spec.reference in (None, *names)
+        refs = references(spec, where)  # the verdict's defaults resolve (or there is no headline to test)
+        assert refs is not None or spec.headline is None, f
 
 
 def test_reward_model_as_judge_and_best_of_n_scorer(world, tmp_path):

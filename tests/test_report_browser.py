@@ -1,5 +1,5 @@
 """The HTML report in a real headless Chromium: no console errors, every figure decoded, and a
-screenshot that shows the plots. Chromium comes from Debian's package (`make setup` runs
+screenshot that shows the plots, and the verdict block inside the first screen. Chromium comes from Debian's package (`make setup` runs
 scripts/install_chromium.sh); without it these tests skip with the install hint."""
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def report(tmp_path_factory):
     (root / "like.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "response": "Sure"}) + "\n" for i in range(4)))
     spec = {"output": str(root / "report"), "settings": {"limit": 4, "max_new_tokens": 8, "bootstrap": 200},
             "suites": ["harmless_refusal", "honest_truefalse", {"name": "like", "path": "like.jsonl", "kind": "likelihood"}],
+            "headline": "ens",
             "candidates": [{"name": "refuse", "checkpoint": "refuse", "source": True},
                            {"name": "comply", "checkpoint": "comply", "source": True},
                            {"name": "ens", "ensemble": ["refuse", "comply"]}]}
@@ -79,6 +80,16 @@ def test_report_opens_without_errors_and_shows_every_plot(report, tmp_path):
     assert rgb.std() > 0.05  # not blank
     colourful = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.25  # plot colours; tables are grey text
     assert colourful.mean() > 0.005, colourful.mean()
+
+
+def test_verdict_block_is_in_the_first_screen(report, tmp_path):
+    """The verdict is what a reviewer reads first: its box starts inside a 1300x900 window."""
+    dom = chromium(report / "report.html", tmp_path, "--dump-dom", "--window-size=1300,900")
+    top = re.search(r'data-verdict-top="(-?\d+)"', dom.stdout)
+    height = re.search(r'data-viewport-height="(\d+)"', dom.stdout)
+    assert top and height, "the page did not record where the verdict block is"
+    assert 0 <= int(top.group(1)) < int(height.group(1)) <= 900, (top.group(1), height.group(1))
+    assert "<section id=\"verdict\">" in dom.stdout and "headline score" in dom.stdout
 
 
 def test_browser_check_catches_a_broken_figure(report, tmp_path):

@@ -268,4 +268,4 @@ def test_base_beating_every_source_keeps_orientation():
     s = SuiteScores("qa", "helpful", True, {"base": bits(6, 10), "src": bits(2, 10), "c": bits(8, 10)})
     out = headline_scores([s], "base", ["src"])
     assert out.scores["src"] == pytest.approx(-1.0) and out.scores["c"] == pytest.approx(0.5)
-    assert any("beats every source" in note for note in out.notes)
+    assert any("scores above every source" in note for note in out.notes)

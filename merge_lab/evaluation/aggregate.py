@@ -1,5 +1,6 @@
 """results.json from cache entries: estimates with intervals, paired tests, the oracle, the best
-candidate per suite, objectives (min-max scaled across candidates), cost, and the headline."""
+candidate per suite, cost, the reference-anchored headline scores and the tested verdict
+(headline.py), and the relative objectives (min-max scaled across the candidates in the file)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from typing import Any
 
 from merge_lab.evaluation.candidates import describe
 from merge_lab.evaluation.cost import summarize
+from merge_lab.evaluation.headline import judge, rivals
 from merge_lab.evaluation.metrics import bootstrap_ci, oracle, paired_test
 from merge_lab.evaluation.prepare import Comparison
-from merge_lab.evaluation.spec import CompareSpec
+from merge_lab.evaluation.spec import CompareSpec, references
 from merge_lab.evaluation.suites import ranked_objectives
 from merge_lab.evaluation.suites.refusal import CLASSIFIER
+from merge_lab.evaluation.verdict import holm, verdict_word
 
 
 def scaled(values: dict[str, float], higher: bool) -> dict[str, float]:
@@ -28,23 +31,25 @@ def objective_means(objectives: dict[str, dict[str, float]]) -> tuple[list[str],
     return chosen, {n: sum(objectives[o][n] for o in chosen) / len(chosen) for n in objectives[chosen[0]]}
 
 
-def headline(spec: CompareSpec, objectives: dict[str, dict[str, float]]) -> dict:
-    """The headline candidate's mean over the objectives (the three H3 ones when present) against
-    the best source model and the best of each candidate group."""
-    chosen, mean = objective_means(objectives)
-    rivals: dict[str, list[str]] = {}
-    for c in spec.candidates:
-        if c.name == spec.headline:
-            continue
-        if c.source:
-            rivals.setdefault("best source model", []).append(c.name)
-        if c.group:
-            rivals.setdefault(f"best {c.group}", []).append(c.name)
-    against = []
-    for what, names in rivals.items():
-        best = max(names, key=lambda n: mean[n])
-        against.append({"what": what, "candidate": best, "mean": mean[best], "beats": mean[spec.headline] > mean[best]})
-    return {"candidate": spec.headline, "objectives": chosen, "mean": mean[spec.headline], "against": against}
+def headline(spec: CompareSpec, results: dict[str, Any], n_boot: int = 1000, seed: int = 0) -> None:
+    """Reference-anchored headline scores for every candidate and, with `headline:` set, its tested
+    verdict against the best source model, each group's best and `verdict.against` (headline.py)."""
+    refs = references(spec)
+    if refs is None:
+        results["headline_scores"] = {"error": "no headline scale: name a candidate `base` and mark source models "
+                                               "with `source: true`, or write a `verdict:` block"}
+        return
+    judge(results, refs, spec.headline, rivals(spec, refs), n_boot=n_boot, n_perm=max(2000, n_boot), seed=seed)
+
+
+def _paired_verdicts(out: dict[str, Any], alpha: float = 0.05) -> None:
+    """Holm over the table of candidates against the best source, with the verdict words."""
+    tests = [(s, n) for s, p in out["paired"].items() for n in p if n != "reference"]
+    adj = holm([out["paired"][s][n]["p"] for s, n in tests]) if tests else []
+    for (s, n), ph in zip(tests, adj):
+        t = out["paired"][s][n]
+        t.update(p_holm=float(ph), verdict=verdict_word(float(ph), t["ci"][0], t["ci"][1], alpha,
+                                                        out["suites"][s]["higher_is_better"]))
 
 
 def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]], full: bool = True) -> dict:
@@ -95,8 +100,9 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]], full: bool 
     if not full:
         return out
     out["notes"] = list(comp.spec.notes)
-    if comp.spec.headline:
-        out["headline"] = headline(comp.spec, out["objectives"])
+    _paired_verdicts(out, comp.spec.verdict.alpha)
+    headline(comp.spec, out, n_boot, seed)
+    anchored = out["headline_scores"].get("overall", {})
     for n, c in comp.candidates.items():
         es = list(entries[n].values())
         counters = {k: sum(e["counters"][k] for e in es) for k in es[0]["counters"]}
@@ -104,7 +110,8 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]], full: bool 
         desc.update(
             source=n in comp.sources,
             cost=summarize(tuple(es[0]["params"]), counters, max(e.get("peak_memory_bytes", 0) for e in es)),
-            quality=sum(norm[s][n] for s in norm) / len(norm),
+            quality=anchored.get(n),  # the headline score (None when it cannot be computed)
+            quality_relative=sum(norm[s][n] for s in norm) / len(norm),
             routing={e["suite"]: e["routing"] for e in es if e.get("routing")},
             cached=all((n, s.name) not in comp.evaluated for s in comp.suites),
         )

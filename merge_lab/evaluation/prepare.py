@@ -17,7 +17,7 @@ from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.leakage import check_disjoint, discovered_training
 from merge_lab.evaluation.memo import Memo
 from merge_lab.evaluation.paths import resolve
-from merge_lab.evaluation.spec import CompareSpec, Settings, load_spec
+from merge_lab.evaluation.spec import CompareSpec, Settings, load_spec, references
 from merge_lab.evaluation.suites import EvalContext, Suite, make_suite
 
 
@@ -101,6 +101,7 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
     if spec.headline is not None and spec.headline not in by_name:
         raise MergeLabError(f"{where('headline')}: headline '{spec.headline}' is not a candidate; name one of "
                             f"{', '.join(by_name)}.")
+    references(spec, where)  # the verdict's base, sources and comparators, checked before any model runs
 
     training = [*((where("training_data", i), e) for i, e in enumerate(spec.training_data)),
                 *((f"found beside a candidate ({f})", str(f)) for f in discovered_training(by_name))]

@@ -14,6 +14,8 @@
       - {name: bon, best_of_n: [base, ties]}             # scorer: the judge, or reward_model: ./rm
       - {name: moe, checkpoint: ./moe, choose: {num_experts_per_tok: [1, 2]}}
     selection: {split: validation, limit: 24}   # where `choose:` values are tried (never the test split)
+    headline: moe                   # the candidate whose tested verdict opens the report
+    verdict: {base: base, scale: source, against: [ties], alpha: 0.05}   # the headline's references
 
 Compare files load through merge_lab.core.config, as recipes do: every error names the file, the
 line and the key, with the closest valid key when one is misspelt.
@@ -21,12 +23,15 @@ line and the key, with the closest valid key when one is misspelt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merge_lab.core.config import Where, load_yaml
+from merge_lab.errors import MergeLabError
 
 # Raise when a change alters scores, answers or routing shares (cached results of older versions are then redone).
 SCORING_VERSION = 4
@@ -95,6 +100,18 @@ class Selection(BaseModel):
     limit: int | None = None  # items per suite (default: settings.limit)
 
 
+class VerdictSpec(BaseModel):
+    """`verdict:`: the references the headline score is anchored to (so it does not move when an
+    unrelated candidate joins the file), extra comparators, and the test's level."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str | None = None  # default: the candidate named `base`, else the first `source: true` one
+    sources: list[str] | None = None  # default: the `source: true` candidates (the base left out)
+    scale: Literal["source", "z"] = "source"  # source: base = 0, best source = 1; z: base's per-item spread
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    against: list[str] = []  # compared with the headline besides the best source and each group's best
+
+
 class CompareSpec(BaseModel):
     """A whole compare file."""
 
@@ -110,6 +127,56 @@ class CompareSpec(BaseModel):
     headline: str | None = None  # the candidate whose verdict leads the report (e.g. the fused model)
     notes: list[str] = []  # plain statements printed first in the report (what the candidates are)
     selection: Selection = Selection()
+    verdict: VerdictSpec = VerdictSpec()
+
+
+@dataclass(frozen=True)
+class References:
+    """The resolved `verdict:` block: what the headline scale and test use."""
+
+    base: str
+    sources: tuple[str, ...]
+    scale: str
+    alpha: float
+    against: tuple[str, ...]
+
+
+def references(spec: CompareSpec, where: Where | Callable[..., str] | None = None) -> References | None:
+    """The declared (or default) references, checked against the candidates; None when the file
+    names no base and no source and asks for no verdict. Errors name the key and its line."""
+    place = where or (lambda *path: f"compare file ({'.'.join(str(p) for p in path)})")
+    names = [c.name for c in spec.candidates]
+    v = spec.verdict
+
+    def known(name: str, *path: Any) -> None:
+        if name not in names:
+            raise MergeLabError(f"{place(*path)}: '{name}' is not a candidate; name one of {', '.join(names)}.")
+
+    if v.base is not None:
+        known(v.base, "verdict", "base")
+    for i, name in enumerate(v.sources or []):
+        known(name, "verdict", "sources", i)
+    for i, name in enumerate(v.against):
+        known(name, "verdict", "against", i)
+        if name == spec.headline:
+            raise MergeLabError(f"{place('verdict', 'against', i)}: '{name}' is the headline candidate itself; "
+                                "list the candidates it should be compared with.")
+    declared = list(v.sources) if v.sources is not None else [c.name for c in spec.candidates if c.source]
+    base = v.base or ("base" if "base" in names else (declared[0] if declared else None))
+    sources = tuple(s for s in declared if s != base) or tuple(declared)
+    asked = spec.headline is not None or "verdict" in spec.model_fields_set
+    problem = None
+    if base is None:
+        problem = "no base to anchor the headline score: add a candidate named `base`, mark source models with " \
+                  "`source: true`, or set verdict.base"
+    elif v.scale == "source" and (not sources or sources == (base,)):
+        problem = (f"the 'source' scale needs source models besides the base ({base}): mark them `source: true`, "
+                   "list them in verdict.sources, or use verdict.scale: z")
+    if problem:
+        if asked:
+            raise MergeLabError(f"{place('verdict')}: {problem}.")
+        return None
+    return References(base, sources, v.scale, v.alpha, tuple(v.against))
 
 
 def load_spec(path: str | Path) -> tuple[CompareSpec, Where]:

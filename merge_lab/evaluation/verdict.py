@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from statistics import NormalDist
 
 import numpy as np
@@ -204,7 +204,7 @@ def _plan(suites: Sequence[SuiteScores], base: str, sources: Sequence[str], scal
             ref = max(sources, key=lambda c: sign * float(ms[c]))
             width = abs(sign * float(ms[ref] - ms[base]))
             if width > _TOL and sign * float(ms[ref] - ms[base]) < 0:
-                plan.notes.append(f"{s.name}: the base beats every source; the best source ({ref}) sits at -1")
+                plan.notes.append(f"{s.name}: the base scores above every source; the best source ({ref}) sits at -1")
             se = float(np.std(s.array(ref) - s.array(base), ddof=1)) / math.sqrt(s.n) if s.n > 1 else 0.0
             if width > _TOL and width < 2 * se:
                 plan.notes.append(f"{s.name}: the scale is not resolved (best source - base = {width:.3f}, "
@@ -416,6 +416,21 @@ def compare_suites(suites: Sequence[SuiteScores], candidate: str, against: str |
             for (s, c, obs, ci, p), ph in zip(rows, adj)]
 
 
+def verdict_word(p_holm: float, lo: float, hi: float, alpha: float = 0.05, higher_is_better: bool = True) -> str:
+    """better / worse only when the corrected p < alpha and the interval excludes 0, else no difference."""
+    return _word(p_holm, lo, hi, alpha, higher_is_better)
+
+
+def as_family(comparisons: Sequence[SuiteComparison], alpha: float = 0.05) -> list[SuiteComparison]:
+    """Holm over suite comparisons made one call at a time (e.g. each suite's best against its
+    runner-up), so the family is the whole set; verdict words follow the corrected p."""
+    if not comparisons:
+        return []
+    adj = holm([c.p for c in comparisons])
+    return [replace(c, p_holm=float(ph), verdict=_word(float(ph), c.ci[0], c.ci[1], alpha, c.higher_is_better),
+                    tests=len(comparisons)) for c, ph in zip(comparisons, adj)]
+
+
 def render_suites(comparisons: Sequence[SuiteComparison]) -> list[str]:
     """One sentence per suite comparison."""
     return [c.sentence() for c in comparisons]
@@ -446,8 +461,8 @@ def sample_size_check(suites: Sequence[SuiteScores], base: str, sources: Sequenc
     n, mde, var = {}, {}, 0.0
     for s in (s for s in suites if objectives is None or s.objective in objectives):
         sigma = float(np.std(s.array(base), ddof=1)) if s.n > 1 else 0.0
-        if sigma == 0.0:  # the base is constant here: borrow the candidates' typical spread
-            sigma = float(np.mean([np.std(s.array(c)) for c in s.scores]))
+        if sigma == 0.0:  # the base is constant here: borrow the spread of all candidates' scores pooled
+            sigma = float(np.std(np.concatenate([s.array(c) for c in s.scores])))
         n[s.name], mde[s.name] = s.n, z * math.sqrt(2.0) * sigma / math.sqrt(s.n)
         if s.name in inv:  # the headline's variance: weight / width times the suite's s.e. of a gap
             var += (plan.weight[s.name] * inv[s.name] * mde[s.name] / z) ** 2

@@ -47,7 +47,8 @@ def suite_bars(results: dict) -> bytes:
 
 
 def radar(results: dict) -> bytes | None:
-    """Objectives (mean min-max-normalised score of their suites; 1 = best candidate) per candidate."""
+    """Objectives (mean min-max-normalised score of their suites; 1 = best candidate) per candidate:
+    relative to the file's candidates, unlike the headline score."""
     objs = list(results["objectives"])
     if not objs:
         return None
@@ -65,7 +66,7 @@ def radar(results: dict) -> bytes | None:
     ax.set_xticks(angles, labels)
     ax.set_ylim(0, 1.05)
     ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=8)
-    ax.set_title("objectives (1 = best candidate on that objective)", fontsize=9)
+    ax.set_title("objectives, relative (1 = best candidate in this file on that objective)", fontsize=9)
     return _png(fig)
 
 
@@ -80,9 +81,13 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 
 def quality_cost(results: dict) -> bytes:
-    """Quality (mean normalised score over suites) against active parameters per token."""
-    names = list(results["candidates"])
-    pts = {n: (results["candidates"][n]["cost"]["params_active"], results["candidates"][n]["quality"]) for n in names}
+    """Quality (the reference-anchored headline score; the relative min-max mean when there is
+    none) against active parameters per token."""
+    cands = results["candidates"]
+    anchored = all(c.get("quality") is not None for c in cands.values())
+    key = "quality" if anchored else "quality_relative"
+    names = list(cands)
+    pts = {n: (cands[n]["cost"]["params_active"], cands[n][key]) for n in names}
     front = set(pareto_front(pts))
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for i, n in enumerate(names):
@@ -92,10 +97,18 @@ def quality_cost(results: dict) -> bytes:
     fr = sorted(pts[n] for n in front)
     ax.plot([p[0] for p in fr], [p[1] for p in fr], "k--", lw=1, label="Pareto front")
     ax.set_xlabel("active parameters per token")
-    ax.set_ylabel("quality (mean normalised score)")
-    ax.set_ylim(-0.05, 1.1)
+    hs = results.get("headline_scores", {})
+    if anchored and hs.get("scale") == "source":
+        ax.set_ylabel(f"headline score ({hs['base']} = 0, best source = 1)")
+        ax.axhline(0, color="gray", lw=0.8, ls=":")
+        ax.axhline(1, color="gray", lw=0.8, ls=":")
+    elif anchored:
+        ax.set_ylabel(f"headline score (base {hs.get('base')} standard deviations)")
+    else:
+        ax.set_ylabel("quality (relative: min-max across candidates)")
+        ax.set_ylim(-0.05, 1.1)
     ax.legend(fontsize=8)
-    ax.set_title("quality against cost", fontsize=9)
+    ax.set_title("headline score against cost" if anchored else "quality against cost", fontsize=9)
     return _png(fig)
 
 

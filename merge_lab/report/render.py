@@ -9,47 +9,36 @@ import json
 from pathlib import Path
 
 import merge_lab.report.plots as plots
+import merge_lab.report.summary as summary
 import merge_lab.report.tables as tables
 
-TITLES = {"suites": "Per-suite results with 95% confidence intervals", "objectives": "Objectives",
-          "quality_cost": "Quality against cost", "routing": "Routing use of MoE candidates"}
+TITLES = {"suites": "Per-suite results with 95% confidence intervals",
+          "objectives": "Objectives (relative: 1 = best candidate in this file)",
+          "quality_cost": "Headline score against cost", "routing": "Routing use of MoE candidates"}
+LEAD_FIGURES = ("quality_cost", "objectives")  # right after the verdict; the rest after the tables
 
+# (title, table, note, folded): the long per-suite tables are folded
 SECTIONS = [
-    ("Results", tables.quality, "Mean per suite with a 95% percentile bootstrap interval; bold: best. "
-     "The oracle picks the best candidate per example: an upper bound, not a real model."),
-    ("Best candidate per suite", tables.best, "Paired over the same items: bootstrap CI of the mean gap and "
-     "a sign-flip permutation p-value."),
-    ("Against the best single source model", tables.paired, "Each candidate minus the best source model on each "
-     "suite, paired over items (positive = higher metric); verdict at p < 0.05, direction-aware."),
-    ("Objectives", tables.objectives, "Mean of each objective's suites after min-max scaling across candidates "
-     "(1 = best candidate, 0 = worst): relative, not absolute."),
+    ("Headline scores", tables.headline_scores, "Reference-anchored (see the definition above): a candidate's "
+     "score depends only on itself and the declared references, not on the other candidates.", False),
     ("Cost", tables.cost, "Measured in the run that produced the results (cached candidates keep their "
-     "measurement). Peak memory: rise of process RSS while the candidate ran (CPU), or CUDA peak allocation."),
-    ("Suites", tables.suites, None),
+     "measurement). Peak memory: rise of process RSS while the candidate ran (CPU), or CUDA peak allocation.", False),
+    ("Objectives (relative)", tables.objectives, "Mean of each objective's suites after min-max scaling across "
+     "the candidates in this file (1 = best candidate, 0 = worst): relative, it moves when a candidate is added; "
+     "the headline scores above do not.", False),
+    ("Results per suite", tables.quality, "Mean per suite with a 95% percentile bootstrap interval; bold: best. "
+     "The oracle picks the best candidate per example: an upper bound, not a real model.", True),
+    ("Best candidate per suite", tables.best, "Paired over the same items: bootstrap CI of the mean gap and "
+     "a sign-flip permutation p-value, Holm-corrected over the suites; better/worse only when the corrected p < "
+     "alpha and the interval excludes 0.", True),
+    ("Headline candidate per suite", tables.headline_suites, "The headline candidate minus each comparator on "
+     "each suite, in the suite's own units; Holm over every row.", True),
+    ("Against the best single source model", tables.paired, "Each candidate minus the best source model on each "
+     "suite, paired over items (positive = higher metric); Holm over every row, direction-aware verdict.", True),
+    ("Suites", tables.suites, None, True),
     ("Example answers", tables.answers, "The first items of each generation suite: each candidate's greedy answer "
-     "and its score (1 = refusal on refusal suites, 1 = win on the win rate). Every item is in results.json."),
+     "and its score (1 = refusal on refusal suites, 1 = win on the win rate). Every item is in results.json.", True),
 ]
-
-
-def _summary(results: dict) -> list[str]:
-    lines = list(results.get("notes", []))
-    if h := results.get("headline"):
-        parts = [f"{a['what']} ({a['candidate']}, {a['mean']:.2f}): {'beats it' if a['beats'] else 'does not beat it'}"
-                 for a in h["against"]]
-        lines.append(
-            f"Headline: {h['candidate']} scores {h['mean']:.2f} on the mean of the objectives "
-            f"({', '.join(h['objectives'])}; each scaled 0-1 across candidates). Against the "
-            + "; against the ".join(parts) + ". Per-suite paired tests below say which gaps are beyond noise."
-        )
-    for s, b in results["best"].items():
-        if "runner_up" in b and b["diff"] == 0 and b["ci"] == [0, 0]:
-            lines.append(f"{s}: {b['candidate']} and {b['runner_up']} tie (identical per-example scores, n={b['n']}).")
-        elif "runner_up" in b:
-            verdict = "significantly" if b["significant"] else "not significantly (within noise)"
-            lines.append(f"{s}: best is {b['candidate']}, {verdict} ahead of {b['runner_up']} (p={b['p']:.3g}, n={b['n']}).")
-        else:
-            lines.append(f"{s}: only {b['candidate']} was evaluated.")
-    return lines
 
 
 def _notes(results: dict) -> list[str]:
@@ -99,46 +88,94 @@ def _html_table(t: tables.Table) -> str:
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:13px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
+#verdict{border:2px solid #333;padding:.2em 1em;margin:1em 0;background:#fafafa}#verdict .lead{font-size:16px;font-weight:600}
+details{margin:.4em 0 1em}summary{cursor:pointer;font-weight:600;font-size:17px}
 .note{color:#555;font-size:13px}.broken{color:#b00;font-weight:bold}"""
 
-# Marks a figure that failed to decode (and logs it), so a reader and the browser test both see it.
+# Marks a figure that failed to decode (and logs it), so a reader and the browser test both see it;
+# records where the verdict block starts, so the browser test can check it is in the first screen.
 CHECK = """window.addEventListener('load',function(){var ok=0;document.querySelectorAll('figure img').forEach(function(i){
 if(i.complete&&i.naturalWidth>0){ok++}else{console.error('figure failed to load: '+i.alt);
 i.insertAdjacentHTML('afterend','<p class="broken">figure failed to load</p>')}});
+var v=document.getElementById('verdict');if(v){var r=v.getBoundingClientRect();
+document.body.setAttribute('data-verdict-top',Math.round(r.top+window.scrollY));
+document.body.setAttribute('data-viewport-height',window.innerHeight)}
 document.body.setAttribute('data-figures-ok',ok)});"""
 
 
+def _md_verdict(results: dict) -> list[str]:
+    v = summary.verdict(results)
+    out = ["## Verdict", "", f"**{v.lead}**", ""]
+    if v.table[1]:
+        out += [_md_table(v.table), ""]
+    out += [f"- {x}" for x in v.points] + ([""] if v.points else [])
+    return out
+
+
 def render_markdown(results: dict, figures: dict[str, str]) -> str:
-    out = ["# Comparison report", ""]
-    out += ["## Summary", "", *[f"- {x}" for x in _summary(results)], ""]
-    for title, fn, note in SECTIONS:
+    out = ["# Comparison report", "", *_md_verdict(results)]
+    out += [f"- {x}" for x in results.get("notes", [])] + ([""] if results.get("notes") else [])
+    if text := summary.definition(results):
+        out += ["## What the headline score is", "", text, ""]
+    for key in (k for k in LEAD_FIGURES if k in figures):
+        out += [f"## {TITLES[key]}", "", f"![{TITLES[key]}]({figures[key]})", ""]
+    out += ["## Per suite", "", *[f"- {x}" for x in summary.suite_sentences(results)], ""]
+    for title, fn, note, folded in SECTIONS:
         table = fn(results)
-        if table[1]:
-            out += [f"## {title}", ""] + ([f"_{note}_", ""] if note else []) + [_md_table(table), ""]
-    out += ["## Figures", ""]
-    for key, rel in figures.items():
-        out += [f"### {TITLES[key]}", "", f"![{TITLES[key]}]({rel})", ""]
+        if not table[1]:
+            continue
+        body = ([f"_{note}_", ""] if note else []) + [_md_table(table), ""]
+        if folded:
+            out += [f"<details><summary>{title}</summary>", "", *body, "</details>", ""]
+        else:
+            out += [f"## {title}", "", *body]
+    rest = [k for k in figures if k not in LEAD_FIGURES]
+    if rest:
+        out += ["## More figures", ""]
+        for key in rest:
+            out += [f"### {TITLES[key]}", "", f"![{TITLES[key]}]({figures[key]})", ""]
     out += ["## How these numbers were made", "", *[f"- {x}" for x in _notes(results)], ""]
     return "\n".join(out)
 
 
+def _figure(key: str, png: bytes) -> str:
+    b64 = base64.b64encode(png).decode()
+    return (f"<figure><figcaption>{html.escape(TITLES[key])}</figcaption>"
+            f"<img alt='{key}' src='data:image/png;base64,{b64}'></figure>")
+
+
+def _html_verdict(results: dict) -> str:
+    v = summary.verdict(results)
+    parts = ["<section id='verdict'><h2>Verdict</h2>", f"<p class='lead'>{html.escape(v.lead)}</p>"]
+    if v.table[1]:
+        parts.append(_html_table(v.table))
+    if v.points:
+        parts += ["<ul>", *[f"<li>{html.escape(x)}</li>" for x in v.points], "</ul>"]
+    return "".join(parts) + "</section>"
+
+
 def render_html(results: dict, pngs: dict[str, bytes]) -> str:
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>merge_lab comparison report</title>",
-             f"<style>{CSS}</style></head><body><h1>Comparison report</h1>", "<h2>Summary</h2><ul>"]
-    parts += [f"<li>{html.escape(x)}</li>" for x in _summary(results)] + ["</ul>"]
-    for title, fn, note in SECTIONS:
+             f"<style>{CSS}</style></head><body><h1>Comparison report</h1>", _html_verdict(results)]
+    if results.get("notes"):
+        parts += ["<ul>", *[f"<li>{html.escape(x)}</li>" for x in results["notes"]], "</ul>"]
+    if text := summary.definition(results):
+        parts.append(f"<h2>What the headline score is</h2><p class='note'>{html.escape(text)}</p>")
+    parts += [_figure(k, pngs[k]) for k in LEAD_FIGURES if k in pngs]
+    parts += ["<h2>Per suite</h2><ul>", *[f"<li>{html.escape(x)}</li>" for x in summary.suite_sentences(results)],
+              "</ul>"]
+    for title, fn, note, folded in SECTIONS:
         table = fn(results)
         if not table[1]:
             continue
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        if note:
-            parts.append(f"<p class='note'>{html.escape(note)}</p>")
-        parts.append(_html_table(table))
-    parts.append("<h2>Figures</h2>")
-    for key, png in pngs.items():
-        b64 = base64.b64encode(png).decode()
-        parts.append(f"<figure><figcaption>{html.escape(TITLES[key])}</figcaption>"
-                     f"<img alt='{key}' src='data:image/png;base64,{b64}'></figure>")
+        body = (f"<p class='note'>{html.escape(note)}</p>" if note else "") + _html_table(table)
+        if folded:
+            parts.append(f"<details><summary>{html.escape(title)}</summary>{body}</details>")
+        else:
+            parts.append(f"<h2>{html.escape(title)}</h2>{body}")
+    rest = [k for k in pngs if k not in LEAD_FIGURES]
+    if rest:
+        parts += ["<h2>More figures</h2>", *[_figure(k, pngs[k]) for k in rest]]
     parts.append("<h2>How these numbers were made</h2><ul>")
     parts += [f"<li>{html.escape(x)}</li>" for x in _notes(results)] + ["</ul>"]
     parts.append(f"<script>{CHECK}</script></body></html>")

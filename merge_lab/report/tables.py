@@ -5,14 +5,14 @@ from __future__ import annotations
 Table = tuple[list[str], list[list[str]]]
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
+def fmt(v: float | None, digits: int = 3) -> str:
     if v is None or v != v:
         return "–"
     return f"{v:.{digits}f}"
 
 
 def _ci(e: dict) -> str:
-    return f"{_fmt(e['value'])} [{_fmt(e['ci'][0])}, {_fmt(e['ci'][1])}]"
+    return f"{fmt(e['value'])} [{fmt(e['ci'][0])}, {fmt(e['ci'][1])}]"
 
 
 def _si(n: float | None, unit: str = "") -> str:
@@ -38,29 +38,51 @@ def quality(results: dict) -> Table:
 
 
 def best(results: dict) -> Table:
-    header = ["suite", "best", "runner-up", "gap [95% CI]", "p (paired)", "significant at 0.05"]
+    """Each suite's best against its runner-up; Holm over the suites."""
+    header = ["suite", "best", "runner-up", "gap [95% CI]", "p (paired)", "p (Holm)", "verdict", "n"]
     rows = []
     for s, b in results["best"].items():
         if "runner_up" not in b:
-            rows.append([s, b["candidate"], "–", "–", "–", "–"])
+            rows.append([s, b["candidate"], "–", "–", "–", "–", "–", "–"])
             continue
-        rows.append([s, b["candidate"], b["runner_up"], f"{_fmt(b['diff'])} [{_fmt(b['ci'][0])}, {_fmt(b['ci'][1])}]",
-                     _fmt(b["p"], 4), "yes" if b["significant"] else "no (within noise)"])
+        rows.append([s, b["candidate"], b["runner_up"], f"{fmt(b['diff'])} [{fmt(b['ci'][0])}, {fmt(b['ci'][1])}]",
+                     fmt(b["p"], 4), fmt(b.get("p_holm"), 4), b.get("verdict", "–"), str(b["n"])])
+    return header, rows
+
+
+def headline_scores(results: dict) -> Table:
+    """Candidate x objective on the reference-anchored headline scale, and the overall score."""
+    hs = results.get("headline_scores", {})
+    if "overall" not in hs:
+        return [], []
+    objs = list(hs["per_objective"])
+    header = ["candidate", *objs, "headline (" + ", ".join(hs["objectives"]) + ")"]
+    top = max(hs["overall"].values())
+    rows = [[n, *[fmt(hs["per_objective"][o].get(n), 2) for o in objs],
+             f"**{fmt(v, 2)}**" if v == top else fmt(v, 2)] for n, v in hs["overall"].items()]
+    return header, rows
+
+
+def headline_suites(results: dict) -> Table:
+    """The headline candidate against each comparator on each suite, in the suite's own units."""
+    per = (results.get("headline") or {}).get("per_suite", [])
+    header = ["suite", "against", "difference [95% CI]", "p", "p (Holm)", "verdict", "n"]
+    rows = [[c["suite"], c["against"], f"{fmt(c['diff'])} [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}]", fmt(c["p"], 4),
+             fmt(c["p_holm"], 4), c["verdict"], str(c["n"])] for c in per]
     return header, rows
 
 
 def paired(results: dict) -> Table:
     """Each candidate minus the best single source model on that suite (paired over items)."""
-    header = ["suite", "best source", "candidate", "difference [95% CI]", "p", "verdict"]
+    header = ["suite", "best source", "candidate", "difference [95% CI]", "p", "p (Holm)", "verdict", "n"]
     rows = []
     for s, p in results["paired"].items():
         ref = p["reference"]
         for n, t in p.items():
             if n == "reference":
                 continue
-            better = (t["diff"] > 0) == results["suites"][s]["higher_is_better"]
-            verdict = "within noise" if t["p"] >= 0.05 or t["diff"] == 0 else ("better" if better else "worse")
-            rows.append([s, ref, n, f"{_fmt(t['diff'])} [{_fmt(t['ci'][0])}, {_fmt(t['ci'][1])}]", _fmt(t["p"], 4), verdict])
+            rows.append([s, ref, n, f"{fmt(t['diff'])} [{fmt(t['ci'][0])}, {fmt(t['ci'][1])}]", fmt(t["p"], 4),
+                         fmt(t.get("p_holm"), 4), t.get("verdict", "–"), str(t["n"])])
     return header, rows
 
 
@@ -71,7 +93,7 @@ def cost(results: dict) -> Table:
     for n, c in results["candidates"].items():
         k = c["cost"]
         rows.append([n, c["kind"] + (" (source)" if c.get("source") else ""), _si(k["params_total"]), _si(k["params_active"]),
-                     _fmt(k["score_tokens_per_s"], 1), _fmt(k["gen_tokens_per_s"], 1), _si(k["peak_memory_bytes"], "B"),
+                     fmt(k["score_tokens_per_s"], 1), fmt(k["gen_tokens_per_s"], 1), _si(k["peak_memory_bytes"], "B"),
                      "yes" if c.get("cached") else "no"])
     return header, rows
 
@@ -79,7 +101,7 @@ def cost(results: dict) -> Table:
 def objectives(results: dict) -> Table:
     names = list(results["candidates"])
     header = ["objective", *names]
-    rows = [[o, *[_fmt(v[n], 2) for n in names]] for o, v in results["objectives"].items()]
+    rows = [[o, *[fmt(v[n], 2) for n in names]] for o, v in results["objectives"].items()]  # relative: min-max
     return header, rows
 
 

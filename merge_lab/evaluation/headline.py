@@ -1,0 +1,132 @@
+"""The verdict part of results.json, from per-example scores: reference-anchored headline scores
+for every candidate, the headline candidate's tested comparisons, per-suite verdicts under the
+same rule, suites that do not separate the candidates, and the sample-size warning.
+
+Kept apart from aggregate.py so a results dict built from known scores can be judged directly
+(the tests do), and because every word the report uses ("better", "worse", "no significant
+difference") comes from here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from merge_lab.errors import MergeLabError
+from merge_lab.evaluation.spec import CompareSpec, References
+from merge_lab.evaluation.suites import ranked_objectives
+from merge_lab.evaluation.verdict import (
+    NO_DIFFERENCE,
+    SuiteScores,
+    as_family,
+    compare_headline,
+    compare_suites,
+    headline_scores,
+    non_separating_suites,
+    sample_size_check,
+    suites_from_results,
+)
+
+DEFINITIONS = {
+    "source": ("Headline score: per suite, a candidate's mean is placed on a scale fixed by declared references, "
+               "never by the other candidates in the file: the base ({base}) is 0 and the best source model "
+               "({sources}) on that suite is 1 (higher is better, whatever the metric's direction). Suite scores "
+               "are averaged within each objective, then over the objectives ({objectives}). A suite where the "
+               "best source scores the same as the base has no scale and is left out, as is a suite that does not "
+               "separate the candidates. Intervals resample items within each suite (references included); "
+               "p-values come from paired swaps of items, Holm-corrected over the comparisons shown, and a "
+               "verdict says better or worse only when the corrected p < {alpha} and the interval excludes 0."),
+    "z": ("Headline score: per suite, (candidate mean - base mean) in units of the base's ({base}) per-item "
+          "standard deviation, oriented so higher is better; averaged within each objective, then over the "
+          "objectives ({objectives}). A suite where the base gives one score on every item, or that does not "
+          "separate the candidates, is left out. Intervals resample items within each suite; p-values come from "
+          "paired swaps of items, Holm-corrected over the comparisons shown; better or worse only when the "
+          "corrected p < {alpha} and the interval excludes 0."),
+}
+
+
+def rivals(spec: CompareSpec, refs: References) -> dict[str, list[str]]:
+    """What the headline candidate is compared with: label -> the names the best is picked from."""
+    out: dict[str, list[str]] = {}
+    for c in spec.candidates:
+        if c.name == spec.headline:
+            continue
+        if c.source:
+            out.setdefault("best source model", []).append(c.name)
+        if c.group:
+            out.setdefault(f"best {c.group}", []).append(c.name)
+    for name in refs.against:
+        out[f"listed ({name})"] = [name]
+    return out
+
+
+def _objectives(suites: Sequence[SuiteScores]) -> list[str]:
+    return ranked_objectives(list(dict.fromkeys(s.objective for s in suites)))
+
+
+def judge(results: dict[str, Any], refs: References, headline: str | None = None,
+          against: Mapping[str, Sequence[str]] | None = None, n_boot: int = 1000, n_perm: int = 2000,
+          seed: int = 0) -> None:
+    """Fill results["non_separating"], ["headline_scores"], the per-suite verdicts in ["best"] and,
+    with a headline candidate, ["headline"] (comparators: the best of each `against` list by
+    headline score). Needs results["suites"] and results["per_example"]."""
+    suites = suites_from_results(results)
+    flagged = non_separating_suites(suites)
+    results["non_separating"] = flagged
+    _best_per_suite(results, suites, refs.alpha, n_boot, n_perm, seed)
+    usable = [s for s in suites if s.name not in flagged]
+    chosen = _objectives(usable) if usable else []
+    left_out = {k: f"{v}; left out of the headline" for k, v in flagged.items()}
+    block: dict[str, Any] = {"scale": refs.scale, "base": refs.base, "sources": list(refs.sources),
+                             "objectives": chosen, "definition": DEFINITIONS[refs.scale].format(
+                                 base=refs.base, sources=", ".join(refs.sources) or "none",
+                                 objectives=", ".join(chosen) or "none", alpha=refs.alpha)}
+    results["headline_scores"] = block
+    try:
+        if not usable:
+            raise MergeLabError("every suite was left out (" + "; ".join(f"{k}: {v}" for k, v in flagged.items()) + ")")
+        every = headline_scores(usable, refs.base, refs.sources, refs.scale)
+        overall = headline_scores(usable, refs.base, refs.sources, refs.scale, objectives=chosen)
+    except MergeLabError as e:
+        block.update(error=str(e), excluded=left_out)
+        if headline:
+            results["headline"] = {"candidate": headline, "error": f"no headline score: {e}"}
+        return
+    block.update(overall=overall.scores, per_objective=every.per_objective, per_suite=every.per_suite,
+                 reference=every.reference, excluded={**every.excluded, **left_out}, notes=every.notes)
+    if not headline:
+        return
+    picked: dict[str, str] = {}  # comparator -> why it was picked
+    for what, names in (against or {}).items():
+        names = [n for n in names if n != headline and n in overall.scores]
+        if names:
+            picked.setdefault(max(names, key=lambda n: overall.scores[n]), what)
+    out: dict[str, Any] = {"candidate": headline, "score": overall.scores.get(headline), "objectives": chosen,
+                           "excluded": block["excluded"], "comparisons": [], "per_suite": []}
+    results["headline"] = out
+    size = sample_size_check(usable, refs.base, refs.sources, refs.scale, objectives=chosen, alpha=refs.alpha)
+    out["sample_size"] = size.as_dict()
+    if not picked:
+        out["notes"] = ["nothing to compare with: mark source models or give candidates a `group:`"]
+        return
+    v = compare_headline(usable, headline, list(picked), refs.base, refs.sources, refs.scale, objectives=chosen,
+                         alpha=refs.alpha, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    out.update(score_ci=v.comparisons[0].score_ci, alpha=v.alpha, method=v.method, notes=v.notes,
+               comparisons=[{"what": picked[c.against], **c.as_dict(), "sentence": c.sentence()}
+                            for c in v.comparisons])
+    per = compare_suites(usable, headline, list(picked), refs.alpha, n_boot, n_perm, seed)
+    out["per_suite"] = [{**c.as_dict(), "sentence": c.sentence()} for c in per]
+
+
+def _best_per_suite(results: dict[str, Any], suites: Sequence[SuiteScores], alpha: float, n_boot: int,
+                    n_perm: int, seed: int) -> None:
+    """Each suite's best against its runner-up, Holm over the suites: the summary's sentences."""
+    rows = []
+    for s in suites:
+        b = results.get("best", {}).get(s.name)
+        if b and "runner_up" in b:
+            rows.append(compare_suites([s], b["candidate"], b["runner_up"], alpha, n_boot, n_perm, seed)[0])
+    for c in as_family(rows, alpha):
+        b = results["best"][c.suite]
+        b.update(diff=c.diff, ci=list(c.ci), p=c.p, p_holm=c.p_holm, verdict=c.verdict, n=c.n, tests=c.tests,
+                 significant=c.verdict != NO_DIFFERENCE)
