@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from merge_lab.evaluation.verdict import NO_DIFFERENCE
 from merge_lab.report.tables import Table, fmt
 
 SCALE_WORDS = {"source": "{base} = 0, best source = 1", "z": "units of {base}'s per-item standard deviation above it"}
@@ -47,7 +48,8 @@ def verdict(results: dict) -> Verdict:
         n = "/".join(str(x) for x in c["n"].values())
         v.table[1].append([c["what"], c["against"], _ci(c["against_score"], c["against_ci"]),
                            _ci(c["diff"], c["ci"]), fmt(c["p"], 3), fmt(c["p_holm"], 3), c["verdict"], n])
-    v.points += [c["sentence"] + "." for c in h["comparisons"]]
+    v.points += [(f"{h['candidate']}: " if c["verdict"] == NO_DIFFERENCE else "") + c["sentence"] + "."
+                 for c in h["comparisons"]]
     if msg := h.get("sample_size", {}).get("message"):
         v.points.append(msg[0].upper() + msg[1:])
     v.points += _left_out(hs) + [f"Note: {x}." for x in h.get("notes", [])]
@@ -71,7 +73,7 @@ def suite_sentences(results: dict) -> list[str]:
         else:
             tail = (f"{b['diff']:+.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}] "
                     f"(p = {b['p_holm']:.2g}, Holm-corrected over {b.get('tests', 1)} suites, n = {b['n']})")
-            if b.get("verdict", "no significant difference") == "no significant difference":
+            if b.get("verdict", NO_DIFFERENCE) == NO_DIFFERENCE:
                 lines.append(f"{s}: best is {b['candidate']}, no significant difference from {b['runner_up']}: {tail}.")
             else:
                 lines.append(f"{s}: best is {b['candidate']}, significantly ahead of {b['runner_up']}: {tail}.")
