@@ -14,7 +14,7 @@ import yaml
 
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.compare import run_compare
-from merge_lab.evaluation.headline import judge
+from merge_lab.evaluation.headline import fill_verdict
 from merge_lab.evaluation.spec import References, load_spec, references
 from merge_lab.report.summary import verdict
 from merge_lab.testing.toy import make_bigram_checkpoint
@@ -107,7 +107,7 @@ def _known(n: int = 300, seed: int = 0) -> dict[str, dict[str, list[float]]]:
 def test_verdict_words_follow_the_test_with_holm():
     results = _results(_known())
     refs = References("base", ("src",), "source", 0.05, ())
-    judge(results, refs, "head", {"best source model": ["src"], "best merge": ["close"]}, n_boot=400, n_perm=800)
+    fill_verdict(results, refs, "head", {"best source model": ["src"], "best merge": ["close"]}, n_boot=400, n_perm=800)
     by = {c["against"]: c for c in results["headline"]["comparisons"]}
     assert by["src"]["verdict"] == "better" and by["src"]["ci"][0] > 0  # +1.0 vs 0 on the source scale: huge
     assert by["close"]["verdict"] == "no significant difference" and by["close"]["ci"][0] <= 0 <= by["close"]["ci"][1]
@@ -124,7 +124,7 @@ def test_verdict_words_follow_the_test_with_holm():
 
 def test_a_suite_where_every_candidate_ties_is_flagged_and_left_out():
     results = _results(_known())
-    judge(results, References("base", ("src",), "source", 0.05, ()), "head", {"best source model": ["src"]},
+    fill_verdict(results, References("base", ("src",), "source", 0.05, ()), "head", {"best source model": ["src"]},
           n_boot=200, n_perm=400)
     assert "does not separate these candidates" in results["non_separating"]["flat"]
     excluded = results["headline_scores"]["excluded"]
@@ -137,7 +137,7 @@ def test_a_suite_where_every_candidate_ties_is_flagged_and_left_out():
 
 def test_a_small_sample_says_so_plainly():
     results = _results({s: {c: x[:5] for c, x in p.items()} for s, p in _known(n=20, seed=1).items() if s != "flat"})
-    judge(results, References("base", ("src",), "source", 0.05, ()), "head", {"best source model": ["src"]},
+    fill_verdict(results, References("base", ("src",), "source", 0.05, ()), "head", {"best source model": ["src"]},
           n_boot=200, n_perm=400)
     assert results["headline"]["sample_size"]["flagged"]
     assert any("cannot" in p.lower() or "too small" in p.lower() for p in verdict(results).points)
@@ -166,3 +166,8 @@ def test_verdict_keys_are_checked_with_their_line(tmp_path):
         spec({"scale": "minmax"})
     with pytest.raises(MergeLabError, match=r"verdict.alpha"):
         spec({"alpha": 1.5})
+
+
+def test_without_references_the_report_says_why_there_is_no_verdict():
+    v = verdict({"headline_scores": {"error": "no headline scale: name a candidate `base`"}})
+    assert v.lead == "No verdict: no headline scale: name a candidate `base`." and not v.table[1]

@@ -8,7 +8,7 @@ from typing import Any
 
 from merge_lab.evaluation.candidates import describe
 from merge_lab.evaluation.cost import summarize
-from merge_lab.evaluation.headline import judge, rivals
+from merge_lab.evaluation.headline import fill_verdict, rivals, suite_verdicts
 from merge_lab.evaluation.metrics import bootstrap_ci, oracle, paired_test
 from merge_lab.evaluation.prepare import Comparison
 from merge_lab.evaluation.spec import CompareSpec, references
@@ -34,12 +34,13 @@ def objective_means(objectives: dict[str, dict[str, float]]) -> tuple[list[str],
 def headline(spec: CompareSpec, results: dict[str, Any], n_boot: int = 1000, seed: int = 0) -> None:
     """Reference-anchored headline scores for every candidate and, with `headline:` set, its tested
     verdict against the best source model, each group's best and `verdict.against` (headline.py)."""
+    suite_verdicts(results, spec.verdict.alpha, n_boot, max(2000, n_boot), seed)
     refs = references(spec)
     if refs is None:
         results["headline_scores"] = {"error": "no headline scale: name a candidate `base` and mark source models "
                                                "with `source: true`, or write a `verdict:` block"}
         return
-    judge(results, refs, spec.headline, rivals(spec, refs), n_boot=n_boot, n_perm=max(2000, n_boot), seed=seed)
+    fill_verdict(results, refs, spec.headline, rivals(spec, refs), n_boot=n_boot, n_perm=max(2000, n_boot), seed=seed)
 
 
 def _paired_verdicts(out: dict[str, Any], alpha: float = 0.05) -> None:

@@ -64,16 +64,14 @@ def _objectives(suites: Sequence[SuiteScores]) -> list[str]:
     return ranked_objectives(list(dict.fromkeys(s.objective for s in suites)))
 
 
-def judge(results: dict[str, Any], refs: References, headline: str | None = None,
+def fill_verdict(results: dict[str, Any], refs: References, headline: str | None = None,
           against: Mapping[str, Sequence[str]] | None = None, n_boot: int = 1000, n_perm: int = 2000,
           seed: int = 0) -> None:
-    """Fill results["non_separating"], ["headline_scores"], the per-suite verdicts in ["best"] and,
-    with a headline candidate, ["headline"] (comparators: the best of each `against` list by
+    """Fill results["non_separating"], ["headline_scores"] and, with a headline candidate, ["headline"] (comparators: the best of each `against` list by
     headline score). Needs results["suites"] and results["per_example"]."""
     suites = suites_from_results(results)
     flagged = non_separating_suites(suites)
     results["non_separating"] = flagged
-    _best_per_suite(results, suites, refs.alpha, n_boot, n_perm, seed)
     usable = [s for s in suites if s.name not in flagged]
     chosen = _objectives(usable) if usable else []
     left_out = {k: f"{v}; left out of the headline" for k, v in flagged.items()}
@@ -118,9 +116,12 @@ def judge(results: dict[str, Any], refs: References, headline: str | None = None
     out["per_suite"] = [{**c.as_dict(), "sentence": c.sentence()} for c in per]
 
 
-def _best_per_suite(results: dict[str, Any], suites: Sequence[SuiteScores], alpha: float, n_boot: int,
-                    n_perm: int, seed: int) -> None:
-    """Each suite's best against its runner-up, Holm over the suites: the summary's sentences."""
+def suite_verdicts(results: dict[str, Any], alpha: float = 0.05, n_boot: int = 1000, n_perm: int = 2000,
+                   seed: int = 0) -> None:
+    """Each suite's best against its runner-up in results["best"], Holm over the suites (the
+    report's per-suite sentences), and results["non_separating"]; needs no references."""
+    suites = suites_from_results(results)
+    results["non_separating"] = non_separating_suites(suites)
     rows = []
     for s in suites:
         b = results.get("best", {}).get(s.name)

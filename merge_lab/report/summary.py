@@ -72,7 +72,7 @@ def suite_sentences(results: dict) -> list[str]:
             lines.append(f"{s}: {b['candidate']} and {b['runner_up']} tie (identical per-example scores, n = {b['n']}).")
         else:
             tail = (f"{b['diff']:+.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}] "
-                    f"(p = {b['p_holm']:.2g}, Holm-corrected over {b.get('tests', 1)} suites, n = {b['n']})")
+                    f"(p = {b.get('p_holm', b['p']):.2g}, Holm-corrected over {b.get('tests', 1)} suites, n = {b['n']})")
             if b.get("verdict", NO_DIFFERENCE) == NO_DIFFERENCE:
                 lines.append(f"{s}: best is {b['candidate']}, no significant difference from {b['runner_up']}: {tail}.")
             else:
