@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,10 +41,29 @@ print(json.dumps({"builtin": sorted(builtin), "ran": result.ran, "skipped": resu
 """
 
 
+def packages_on_disk() -> set[str]:
+    """Every package folder of the source tree, by the name it installs under."""
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "merge_lab").rglob("__init__.py")}
+    return found | {"merge_lab.strategies"}
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    block = re.search(r"^packages = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M)
+    listed = set(re.findall(r'"([\w.]+)"', block.group(1)))
+    assert listed == packages_on_disk(), "pyproject.toml [tool.setuptools] packages must list every package folder"
+
+
 def test_non_editable_install_has_the_strategies_and_runs_the_demo(tmp_path):
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+    # build from a copy of the files git knows: a stale build/ folder in the checkout must not leak in
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
                    check=True, capture_output=True)
     (wheel,) = wheels.glob("merge_lab-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
