@@ -49,7 +49,7 @@ def fingerprint(settings: str) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -103,7 +103,7 @@ def save_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.opti
         "format": FORMAT, "version": VERSION, "step": step, "history": history, "owner": owner,
         "optimizer": {"param_groups": groups, "scalars": scalars},
         "python_rng": [version, list(internal), gauss],
-        "tensors_sha256": _sha256(folder / TENSORS),
+        "tensors_sha256": sha256_of(folder / TENSORS),
     }
     _replace_atomically(folder / META, lambda tmp: tmp.write_text(json.dumps(meta) + "\n"))
 
@@ -146,7 +146,7 @@ def _read_tensors(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     path = folder / TENSORS
     if not path.is_file():
         raise _refuse(path, "is missing (the state folder holds only part of a state)")
-    if _sha256(path) != meta["tensors_sha256"]:
+    if sha256_of(path) != meta["tensors_sha256"]:
         raise _refuse(path, f"is not the file {META} was saved with (its sha256 differs: a run stopped while "
                             "saving, or the file was changed)")
     try:
