@@ -156,10 +156,10 @@ def test_a_pickled_state_is_never_loaded(tmp_path):
     live = tmp_path / "payload-is-live"
     pickle.loads(pickle.dumps(Plant(live)))  # the payload does what it says when unpickled
     assert live.exists()
-    (tmp_path / state.PICKLED).write_bytes(payload)
+    (tmp_path / state.LEGACY).write_bytes(payload)
     model, opt = _tiny()
     assert state.has_state(tmp_path)
-    with pytest.raises(MergeLabError, match="pickle format .* never loads"):
+    with pytest.raises(MergeLabError, match="torch.save format, which merge_lab never loads"):
         state.load_state(tmp_path, model, opt, "owner")
     assert not marker.exists()
 
@@ -236,7 +236,7 @@ def test_fuse_resume_never_runs_a_planted_pickle(stopped, tmp_path):
     marker = tmp_path / "pwned"
 
     def plant_beside(folder):  # a valid state is there: the pickle is ignored, with a note
-        (folder / state.PICKLED).write_bytes(pickle.dumps(Plant(marker)))
+        (folder / state.LEGACY).write_bytes(pickle.dumps(Plant(marker)))
 
     res, out = _resume(stopped, tmp_path / "beside", plant_beside)
     assert res.exit_code == 0, res.output
@@ -246,7 +246,7 @@ def test_fuse_resume_never_runs_a_planted_pickle(stopped, tmp_path):
     def plant_alone(folder):  # only the pickle: refused
         for name in (state.TENSORS, state.META):
             (folder / name).unlink()
-        (folder / state.PICKLED).write_bytes(pickle.dumps(Plant(marker)))
+        (folder / state.LEGACY).write_bytes(pickle.dumps(Plant(marker)))
 
     res, out = _resume(stopped, tmp_path / "alone", plant_alone)
     text = " ".join(res.output.split())

@@ -1,8 +1,8 @@
-"""Resumable fusion-training state without pickle: safetensors for the tensors, JSON for the rest.
+"""Resumable fusion-training state as data only: safetensors for the tensors, JSON for the rest.
 
 The work folder of `merge-lab fuse` sits beside the output, where anyone who can write there
-can plant a file; a pickle (torch.save) would run their code on `fuse --resume`. So nothing here
-is ever unpickled, and a state is loaded strictly: a missing or malformed file, a tensor of the
+can plant a file; a torch.save file would run their code on `fuse --resume` when loaded. So no
+Python object is ever deserialised here, and a state is loaded strictly: a missing or malformed file, a tensor of the
 wrong name, shape or dtype, or a state saved for another train block is a MergeLabError that says
 to start again without --resume.
 
@@ -32,7 +32,7 @@ from merge_lab.errors import MergeLabError
 
 TENSORS = "state.safetensors"
 META = "state.json"
-PICKLED = "state.pt"  # what merge_lab wrote before: never loaded
+LEGACY = "state.pt"  # the torch.save file merge_lab wrote before: never loaded
 FORMAT = "merge_lab.fuse-state"
 VERSION = 1
 _AGAIN = "run the same command without --resume to train from the start"
@@ -109,9 +109,9 @@ def save_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.opti
 
 
 def has_state(folder: str | Path) -> bool:
-    """Whether `folder` holds any resume state, loadable or not (a pickled one included)."""
+    """Whether `folder` holds any resume state, loadable or not (a legacy state.pt included)."""
     folder = Path(folder)
-    return any((folder / name).exists() for name in (TENSORS, META, PICKLED))
+    return any((folder / name).exists() for name in (TENSORS, META, LEGACY))
 
 
 def _refuse(path: Path, problem: str) -> MergeLabError:
@@ -121,10 +121,10 @@ def _refuse(path: Path, problem: str) -> MergeLabError:
 def _read_meta(folder: Path) -> dict:
     path = folder / META
     if not path.is_file():
-        if (folder / PICKLED).exists():
+        if (folder / LEGACY).exists():
             raise MergeLabError(
-                f"{folder / PICKLED}: a resume state in pickle format (torch.save), which merge_lab never loads: "
-                f"unpickling a file can run any code in it. {_AGAIN[0].upper() + _AGAIN[1:]}."
+                f"{folder / LEGACY}: a resume state in torch.save format, which merge_lab never loads: "
+                f"loading such a file can run any code it holds. {_AGAIN[0].upper() + _AGAIN[1:]}."
             )
         raise _refuse(path, "is missing (the state folder holds only part of a state)")
     try:

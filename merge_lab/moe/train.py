@@ -3,7 +3,7 @@
 Built on the checkpoint that assembly wrote, loaded by transformers as any user would load it;
 router logits are captured with hooks; device placement goes through `accelerate`, so the same
 code runs on CPU, one GPU, or several with `accelerate launch`. Batches are a pure function of
-(seed, step), and checkpoints (merge_lab.moe.state: safetensors and JSON, never pickle) hold the
+(seed, step), and checkpoints (merge_lab.moe.state: safetensors and JSON, data only) hold the
 trainable weights, the optimizer state and the RNG states, so an interrupted run resumed with
 `--resume` ends with the same weights as an uninterrupted one.
 
@@ -35,7 +35,7 @@ from merge_lab.moe.assemble import expert_labels, h3_params
 from merge_lab.moe.data import Encoded, as_blocks, collate, encode, load_rows, shared_prefix
 from merge_lab.moe.layout import expert_labels as checkpoint_labels
 from merge_lab.moe.routing import capture_router_logits, routers, routing_accuracy
-from merge_lab.moe.state import PICKLED, fingerprint, has_state, load_state, save_state
+from merge_lab.moe.state import LEGACY, fingerprint, has_state, load_state, save_state
 from merge_lab.training import chat
 from merge_lab.training.blocks import ExpertBlock
 
@@ -359,8 +359,8 @@ def train(
     if resume and has_state(state_dir):
         resumed = load_state(state_dir, run.inner, run.optimizer, run.owner)
         start, history = resumed.step, resumed.history
-        if (state_dir / PICKLED).exists():
-            notes.append(f"ignored {state_dir / PICKLED}: a pickle file, which merge_lab never loads")
+        if (state_dir / LEGACY).exists():
+            notes.append(f"ignored {state_dir / LEGACY}: a torch.save file, which merge_lab never loads")
     probe = run.probe()
     acc_before = (routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared)
                   if start == 0 and probe else float("nan"))
