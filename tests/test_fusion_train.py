@@ -182,3 +182,32 @@ def test_data_blocks_from_shipped_sources_carry_their_expert_label():
     assert len(rows) == 3 and {r.label for r in rows} == {"helpful"} and all(r.prompt and r.response for r in rows)
     with pytest.raises(MergeLabError, match=r"train.data.0.expert: expert 'evil' is not one"):
         load_rows([{"expert": "evil", "source": "refusal_pairs"}], LABELS)
+
+
+def test_fuse_validates_the_train_block_and_reads_its_rows_once(moe, tmp_path, monkeypatch):
+    """Strategy check, pipeline, centroid router init and training all use the same validated
+    block and the same rows: the JSONL is read once, the block validated once."""
+    from merge_lab.datasets import sources
+    from merge_lab.merge.recipe import Recipe
+    from merge_lab.moe.train import TrainConfig
+
+    root, recipe, _, data = moe
+    reads, validations = [], []
+    read, validate_block = sources.load_jsonl, Recipe.validate_block
+
+    def counting_read(path, *a, **k):
+        reads.append(str(path))
+        return read(path, *a, **k)
+
+    def counting_validate(self, model, *a, **k):
+        if model is TrainConfig:
+            validations.append(model)
+        return validate_block(self, model, *a, **k)
+
+    monkeypatch.setattr(sources, "load_jsonl", counting_read)
+    monkeypatch.setattr(Recipe, "validate_block", counting_validate)
+    path = write_recipe(tmp_path / "fuse.yaml", {**recipe, "parameters": {"router_init": "centroid"},
+                                                 "train": {"data": str(data), "steps": 1, "batch_size": 4}})
+    result = fuse(path, tmp_path / "out", progress=False)
+    assert result.path is not None and result.steps_done == 1
+    assert reads == [str(data)] and len(validations) == 1
