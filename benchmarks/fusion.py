@@ -50,9 +50,9 @@ def data_blocks(limit: int) -> list[dict]:
 def inference_rows(limit: int, n_score: int, n_warm: int, n_gen: int) -> tuple[list, list, list[str]]:
     """(prompt, response) pairs to score, others to warm up on, and prompts to answer, drawn in
     turn from every block."""
-    from merge_lab.moe.data import load_blocks
+    from merge_lab.moe.data import load_rows
 
-    per_block = [load_blocks([b], list(LABELS)) for b in data_blocks(limit)]
+    per_block = [load_rows([b], list(LABELS)) for b in data_blocks(limit)]
     mixed = [[e.prompt, e.response] for group in zip(*per_block) for e in group]
     return mixed[:n_score], mixed[n_score:n_score + n_warm], [p for p, _ in mixed[:n_gen]]
 

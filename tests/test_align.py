@@ -9,9 +9,10 @@ import torch
 import yaml
 
 from merge_lab.datasets import sources as data
+from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.testing import make_checkpoint
-from merge_lab.training.align import Row, align, encode, load_align_recipe, parse_align_recipe, training_rows
+from merge_lab.training.align import align, encode, load_align_recipe, parse_align_recipe
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +39,12 @@ def test_loss_counts_only_the_reply(tiny):
 
     _, base, _ = tiny
     tok = AutoTokenizer.from_pretrained(str(base))
-    ids, labels = encode(tok, Row("x:0", "x", 0, "Say hi", "hi there"), max_tokens=64)
+    ids, labels = encode(tok, Example("x:0", "x", 0, "Say hi", "hi there"), max_tokens=64)
     kept = [t for t in labels if t != -100]
     assert labels[: len(ids) - len(kept)] == [-100] * (len(ids) - len(kept))
     assert tok.decode(kept) .replace(" ", "").startswith("hithere<|im_end|>")
     assert "Say hi" not in tok.decode(kept)
-    ids, labels = encode(tok, Row("x:1", "x", 1, "long " * 40, "ok"), max_tokens=24)
+    ids, labels = encode(tok, Example("x:1", "x", 1, "long " * 40, "ok"), max_tokens=24)
     assert len(ids) == 24 and tok.decode([t for t in labels if t != -100]).replace(" ", "").startswith("ok")
 
 
@@ -86,7 +87,7 @@ def test_shipped_rows_come_from_train_split_and_are_templated():
             {"source": "truthfulqa_pairs", "limit": 3, "prompt_template": "True or false? {false}",
              "response_template": "False."},
         ]}))
-    rows = training_rows(recipe)
+    rows = recipe.rows()
     assert len(rows) == 8
     assert all(data.split_of(r.id) == "train" for r in rows)
     assert rows[5].prompt.startswith("True or false? ") and rows[5].response == "False."
@@ -98,10 +99,11 @@ def test_shipped_rows_come_from_train_split_and_are_templated():
 def test_bad_align_recipes_say_what_to_fix(tmp_path):
     with pytest.raises(MergeLabError, match="line 2"):
         parse_align_recipe("base_model: x\ndata: [{source: advbench, jsonl: y.jsonl}]\n", "r.yaml")
-    with pytest.raises(MergeLabError, match="leak"):
-        training_rows(parse_align_recipe("base_model: x\ndata: [{source: advbench, split: test}]\n"))
-    with pytest.raises(MergeLabError, match="no response"):
-        training_rows(parse_align_recipe("base_model: x\ndata: [{source: advbench, limit: 2}]\n"))
+    with pytest.raises(MergeLabError, match=r"r.yaml, line 2 \(data.0\): training on the 'test' split would leak"):
+        parse_align_recipe("base_model: x\ndata: [{source: advbench, split: test}]\n", "r.yaml").rows()
+    with pytest.raises(MergeLabError, match=r"r.yaml, line 4 \(data.1\) \(advbench\): item advbench:\d+ has no response"):
+        parse_align_recipe("base_model: x\ndata:\n  - {source: benign_requests, limit: 1}\n  - {source: advbench, limit: 2}\n",
+                           "r.yaml").rows()
     with pytest.raises(MergeLabError, match="not found"):
         load_align_recipe(tmp_path / "nope.yaml")
 
@@ -123,13 +125,13 @@ def test_align_command(tiny):
 def test_reply_loss_equals_the_models_own_loss(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merge_lab.training.align import _batch, reply_loss
+    from merge_lab.training.align import batch_tensors, reply_loss
 
     _, base, _ = tiny
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    rows = [Row("x:0", "x", 0, "Say hi", "hi there"), Row("x:1", "x", 1, "Count to five please", "1 2 3 4 5")]
-    batch = _batch([encode(tok, r, 64) for r in rows], tok.pad_token_id)
+    rows = [Example("x:0", "x", 0, "Say hi", "hi there"), Example("x:1", "x", 1, "Count to five please", "1 2 3 4 5")]
+    batch = batch_tensors([encode(tok, r, 64) for r in rows], tok.pad_token_id)
     with torch.no_grad():
         torch.testing.assert_close(reply_loss(model, batch), model(**batch).loss, rtol=1e-5, atol=1e-6)
 

@@ -7,11 +7,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from merge_lab.datasets.sources import Example
 from merge_lab.evaluation.candidates import ModelCandidate, Settings
-from merge_lab.moe.data import Example, encode, encode_prompt
+from merge_lab.moe.data import encode, encode_prompt
 from merge_lab.testing import make_checkpoint
 from merge_lab.training import chat
-from merge_lab.training.align import Row
 from merge_lab.training.align import encode as align_encode
 
 
@@ -32,9 +32,9 @@ def model(request, tmp_path):
 def test_align_fusion_and_compare_see_the_same_prompt(model):
     path, tok = model
     prompt, reply = "Name a colour", "Blue."
-    ids, labels = align_encode(tok, Row("x:0", "x", 0, prompt, reply), max_tokens=200)
+    ids, labels = align_encode(tok, Example("x:0", "x", 0, prompt, reply), max_tokens=200)
     head = [t for t, lab in zip(ids, labels) if lab == chat.IGNORE]
-    fused = encode(tok, Example(prompt, reply, "a"), ["a"], 200)
+    fused = encode(tok, Example("x:0", "x", 0, prompt, reply, "a"), ["a"], 200)
     assert fused.ids == ids and [not m for m in fused.loss_mask] == [lab == chat.IGNORE for lab in labels]
     assert encode_prompt(tok, prompt, 200) == head
     candidate = ModelCandidate("m", path, Settings())

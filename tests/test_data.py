@@ -68,7 +68,7 @@ def test_load_jsonl_and_bad_input(tmp_path):
     assert b.id == "own"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"response": 3}\n')
-    with pytest.raises(MergeLabError, match="bad.jsonl:2"):
+    with pytest.raises(MergeLabError, match="bad.jsonl, line 2"):
         data.load_jsonl(bad)
     with pytest.raises(MergeLabError, match="Did you mean 'advbench'"):
         data.load_source("advbnch")
@@ -77,7 +77,7 @@ def test_load_jsonl_and_bad_input(tmp_path):
 
 
 def test_evaluation_only_sources_have_no_train_split_and_training_on_them_is_refused(tmp_path):
-    from merge_lab.training.align import load_align_recipe, training_rows
+    from merge_lab.training.align import load_align_recipe
 
     for name in data.EVALUATION_ONLY:
         splits = {data.split_of(e) for e in data.load_source(name)}
@@ -88,7 +88,7 @@ def test_evaluation_only_sources_have_no_train_split_and_training_on_them_is_ref
     recipe = tmp_path / "align.yaml"
     recipe.write_text("base_model: x\ndata:\n  - source: summary_pairs\n    split: train\n")
     with pytest.raises(MergeLabError, match="'summary_pairs' is evaluation-only"):
-        training_rows(load_align_recipe(recipe))
+        load_align_recipe(recipe).rows()
 
 
 def test_thorough_suites_reach_the_sizes_that_separate_a_005_gap():

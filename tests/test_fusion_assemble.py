@@ -108,12 +108,12 @@ def test_centroid_router_init_separates_labels(tmp_path):
     torch.testing.assert_close(rows.norm(dim=-1), torch.ones(3))
     from transformers import AutoTokenizer
 
-    from merge_lab.moe.data import encode, load_jsonl
-    from merge_lab.moe.train import routing_accuracy
+    from merge_lab.moe.data import encode, load_rows
+    from merge_lab.moe.routing import routing_accuracy
 
     labels = ["l0", "l1", "l2"]
     tok = AutoTokenizer.from_pretrained(str(out))
-    enc = [encode(tok, ex, labels, 64) for ex in load_jsonl(data, labels)]
+    enc = [encode(tok, ex, labels, 64) for ex in load_rows(data, labels)]
     assert routing_accuracy(_moe(out), enc, 0, "cpu") > 0.9  # before any training
 
 

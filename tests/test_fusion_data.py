@@ -7,14 +7,17 @@ import pytest
 from merge_lab.datasets import sources as data
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation import suites
-from merge_lab.moe.data import Encoded, load_examples, shared_prefix
-from merge_lab.training.align import AlignRecipe, parse_align_recipe, training_rows
+from merge_lab.merge.recipe import parse_recipe
+from merge_lab.moe.data import Encoded, load_rows, shared_prefix
+from merge_lab.moe.train import train_config
+from merge_lab.training.align import parse_align_recipe
+from merge_lab.training.blocks import DataSpec, training_rows
 
 LABELS = ["helpful", "harmless", "honest"]
 
 
 def _rows(block: dict):
-    return training_rows(AlignRecipe.model_validate({"base_model": "-", "data": [block]}))
+    return training_rows([DataSpec.model_validate(block)])
 
 
 def test_suite_block_reads_the_suites_selection_on_train_and_never_its_evaluation_items():
@@ -33,7 +36,7 @@ def test_suite_block_reads_the_suites_selection_on_train_and_never_its_evaluatio
 
 
 def test_suite_block_in_fusion_data_carries_its_expert_label():
-    rows = load_examples([{"expert": "honest", "suite": "honest_truthfulqa", "limit": 5},
+    rows = load_rows([{"expert": "honest", "suite": "honest_truthfulqa", "limit": 5},
                           {"expert": "harmless", "suite": "harmless_refusal", "limit": 4,
                            "response_template": "{refusal}"}], LABELS)
     assert [r.label for r in rows] == ["honest"] * 5 + ["harmless"] * 4
@@ -49,9 +52,11 @@ def test_suite_block_errors_say_what_to_do():
     text = "base_model: smollm2\ndata:\n  - suite: honest_truthfulqa\n    split: test\n"
     with pytest.raises(MergeLabError, match=r"line 4.*split.*'train' split only"):
         parse_align_recipe(text, "a.yaml")
-    with pytest.raises(MergeLabError, match=r"train.data.1.split: .*'train' split only"):
-        load_examples([{"expert": "honest", "suite": "honest_truthfulqa", "limit": 2},
-                       {"expert": "honest", "suite": "honest_truthfulqa", "split": "validation"}], LABELS)
+    fuse = ("merge_method: h3_moe\nbase_model: b\nmodels: [{model: x, label: honest}, {model: y, label: helpful}]\n"
+            "train:\n  data:\n    - {expert: honest, suite: honest_truthfulqa, limit: 2}\n"
+            "    - {expert: honest, suite: honest_truthfulqa, split: validation}\n")
+    with pytest.raises(MergeLabError, match=r"f.yaml, line 7 \(train.data.1.split\): .*'train' split only"):
+        train_config(parse_recipe(fuse, "f.yaml"))
 
 
 def test_suite_that_ignores_the_split_is_refused():

@@ -92,15 +92,15 @@ def test_routing_accuracy_is_measured_after_a_long_shared_system_prompt(moe, tmp
 
     from transformers import AutoTokenizer
 
-    from merge_lab.moe.data import encode, load_examples
-    from merge_lab.moe.train import routing_accuracy
+    from merge_lab.moe.data import encode, load_rows
+    from merge_lab.moe.routing import routing_accuracy
 
     folder = shutil.copytree(moe[2], tmp_path / "moe")
     tok = AutoTokenizer.from_pretrained(str(folder))
     system = ("You are a helpful assistant. " * 5)[:120]
     tok.chat_template = "<|im_start|>system\n" + system + "<|im_end|>\n" + tok.chat_template
     tok.save_pretrained(str(folder))
-    encoded = [encode(tok, ex, LABELS, 256) for ex in load_examples(str(moe[3]), LABELS)]
+    encoded = [encode(tok, ex, LABELS, 256) for ex in load_rows(str(moe[3]), LABELS)]
     for mode in ("all", "content"):
         cfg = TrainConfig(data=str(moe[3]), steps=25, batch_size=8, lr=0.05, gating_tokens=mode, **{"lambda": 1.0})
         result = train(folder, cfg, tmp_path / mode, progress=False)
@@ -175,10 +175,39 @@ def test_bad_train_block_and_data_are_refused(moe, tmp_path):
 
 
 def test_data_blocks_from_shipped_sources_carry_their_expert_label():
-    from merge_lab.moe.data import load_examples
+    from merge_lab.moe.data import load_rows
 
-    rows = load_examples([{"expert": "helpful", "source": "refusal_pairs", "split": "train", "label": "answer",
+    rows = load_rows([{"expert": "helpful", "source": "refusal_pairs", "split": "train", "label": "answer",
                            "limit": 3}], LABELS)
     assert len(rows) == 3 and {r.label for r in rows} == {"helpful"} and all(r.prompt and r.response for r in rows)
     with pytest.raises(MergeLabError, match=r"train.data.0.expert: expert 'evil' is not one"):
-        load_examples([{"expert": "evil", "source": "refusal_pairs"}], LABELS)
+        load_rows([{"expert": "evil", "source": "refusal_pairs"}], LABELS)
+
+
+def test_fuse_validates_the_train_block_and_reads_its_rows_once(moe, tmp_path, monkeypatch):
+    """Strategy check, pipeline, centroid router init and training all use the same validated
+    block and the same rows: the JSONL is read once, the block validated once."""
+    from merge_lab.datasets import sources
+    from merge_lab.merge.recipe import Recipe
+    from merge_lab.moe.train import TrainConfig
+
+    root, recipe, _, data = moe
+    reads, validations = [], []
+    read, validate_block = sources.load_jsonl, Recipe.validate_block
+
+    def counting_read(path, *a, **k):
+        reads.append(str(path))
+        return read(path, *a, **k)
+
+    def counting_validate(self, model, *a, **k):
+        if model is TrainConfig:
+            validations.append(model)
+        return validate_block(self, model, *a, **k)
+
+    monkeypatch.setattr(sources, "load_jsonl", counting_read)
+    monkeypatch.setattr(Recipe, "validate_block", counting_validate)
+    path = write_recipe(tmp_path / "fuse.yaml", {**recipe, "parameters": {"router_init": "centroid"},
+                                                 "train": {"data": str(data), "steps": 1, "batch_size": 4}})
+    result = fuse(path, tmp_path / "out", progress=False)
+    assert result.path is not None and result.steps_done == 1
+    assert reads == [str(data)] and len(validations) == 1

@@ -358,9 +358,12 @@ def check_disjoint(train: Iterable[Example | str], evaluation: Iterable[Example 
         )
 
 
-def load_jsonl(path: str | Path, source: str | None = None) -> list[Example]:
+def load_jsonl(path: str | Path, source: str | None = None,
+               check: Callable[[dict], str | None] | None = None) -> list[Example]:
     """A user's JSONL file: one object per line with `prompt` and optionally `response`, `label`,
-    `id` and any other keys (kept in meta). Ids are "source:index" unless the row gives one."""
+    `id` and any other keys (kept in meta). Ids are "source:index" unless the row gives one.
+    `check(row)` says what else is wrong with a row (None: nothing), for readers that need more
+    (fusion data: a label naming an expert); every error names the line."""
     path = Path(path)
     if not path.is_file():
         raise MergeLabError(f"data file {path} does not exist.")
@@ -372,9 +375,12 @@ def load_jsonl(path: str | Path, source: str | None = None) -> list[Example]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MergeLabError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
+            raise MergeLabError(f"{path}, line {lineno}: not valid JSON ({e.msg}).") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise MergeLabError(f"{path}:{lineno}: each line needs a JSON object with a string 'prompt'.")
+            raise MergeLabError(f"{path}, line {lineno}: each line needs a JSON object with a string 'prompt'.")
+        problem = check(row) if check is not None else None
+        if problem:
+            raise MergeLabError(f"{path}, line {lineno}: {problem}")
         index = len(out)
         meta = {k: v for k, v in row.items() if k not in ("prompt", "response", "label", "id")}
         out.append(Example(id=str(row.get("id") or f"{name}:{index}"), source=name, index=index,

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from merge_lab.demo.manifest import write_manifest
 from merge_lab.errors import MergeLabError
 
 # package data, so a non-editable install has the demo too
@@ -199,7 +200,7 @@ def _available(kind: str) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------ base, ETA, manifest
+# ------------------------------------------------------------------ base, ETA
 
 
 def prepare_base(root: Path, base: str | None) -> Path:
@@ -244,86 +245,6 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def write_manifest(root: Path, profile: str, base: Path, report: Path | None) -> Path:
-    """Which items each expert trained on and each suite evaluated, by source and index; checked disjoint."""
-    from merge_lab.datasets import sources as data
-
-    experts = {}
-    trained: list[str] = []
-    for step in STEPS:
-        f = root / step.out / "train_items.json"
-        if step.kind == "align" and f.is_file():
-            doc = json.loads(f.read_text())
-            experts[doc.get("label") or Path(step.out).name] = {
-                "recipe": f"merge_lab/demo/recipes/{step.recipe}", "as_run": str(root / "recipes" / step.recipe),
-                "rows": doc["count"], "by_source": _by_source(doc["ids"])}
-            trained += doc["ids"]
-    fusion_ids = fusion_items(root / "recipes" / "08_fuse_h3_moe.yaml")
-    trained += fusion_ids
-    suites, selection = {}, {}
-    results = report / "results.json" if report else None
-    if results is not None and results.is_file():
-        doc = json.loads(results.read_text())
-        suites = suite_items(doc)
-        for sel in (doc.get("selection") or {}).values():
-            for name, ids in sel["ids"].items():
-                selection.setdefault(name, set()).update(ids)
-    for s in [*suites.values(), *({"ids": sorted(v)} for v in selection.values())]:
-        data.check_disjoint(trained, s["ids"])
-    manifest = {
-        "profile": profile,
-        "base": str(base.resolve()),
-        "note": "the experts are LoRA fine-tunes made here from this one base; experts and fusion train on the "
-                "'train' split, suites evaluate the 'test' split, the fused model's top-k is chosen on the "
-                "'validation' split (selection_items), and training items are checked disjoint from both by id and content",
-        "experts": experts,
-        "fusion_rows": {"note": "rows the router training drew from (train split)", "count": len(set(fusion_ids)),
-                        "by_source": _by_source(fusion_ids)},
-        "suites": {n: {"count": len(s["ids"]), "by_source": s["by_source"]} for n, s in suites.items()},
-        "selection_items": {n: {"count": len(ids), "by_source": _by_source(sorted(ids))} for n, ids in selection.items()},
-        "disjoint_checked": bool(suites) and bool(trained),
-    }
-    path = root / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
-    if report is not None and report.is_dir():
-        shutil.copy2(path, report / "manifest.json")
-    return path
-
-
-def _by_source(ids: list[str]) -> dict[str, list]:
-    """{"advbench": [3, 17], ...}: sorted unique indices per source."""
-    out: dict[str, set] = {}
-    for i in ids:
-        src, _, idx = str(i).rpartition(":")
-        out.setdefault(src, set()).add(int(idx) if idx.isdigit() else idx)
-    return {k: sorted(v, key=str) if any(isinstance(x, str) for x in v) else sorted(v) for k, v in out.items()}
-
-
-def fusion_items(recipe: Path) -> list[str]:
-    """Ids of the shipped rows a fuse recipe's train.data blocks select (JSONL blocks included)."""
-    from merge_lab.training.align import AlignRecipe, training_rows
-
-    if not recipe.is_file():
-        return []
-    blocks = ((yaml.safe_load(recipe.read_text()) or {}).get("train") or {}).get("data")
-    if not isinstance(blocks, list):
-        return []
-    spec = AlignRecipe.model_validate({"base_model": "-", "data": [
-        {k: v for k, v in b.items() if k != "expert"} for b in blocks]})
-    return [r.id for r in training_rows(spec)]
-
-
-def suite_items(results: dict) -> dict[str, dict]:
-    """Per suite, the ids it evaluated, from the comparison's results.json."""
-    out = {}
-    per_example = results.get("per_example") or {}
-    for name in results.get("suites") or {}:
-        records = next(iter((per_example.get(name) or {}).values()), [])
-        ids = [str(r["id"]) for r in records]
-        out[name] = {"ids": ids, "by_source": _by_source(ids)}
-    return out
-
-
 # ------------------------------------------------------------------ the pipeline
 
 
@@ -339,20 +260,28 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-def run_demo(
-    out: str | Path = DEFAULT_OUT,
-    *,
-    profile: str = "default",
-    fresh: bool = False,
-    base: str | None = None,
-    recipes: str | Path | None = None,
-    overrides: dict | None = None,
-    only: list[str] | None = None,
-    progress: bool = True,
-    console: Console | None = None,
-) -> DemoResult:
-    """Run the demo's recipes in order into `out`, reusing steps already done unless `fresh`."""
-    console = console or Console(stderr=True)
+@dataclass
+class DemoRun:
+    """What `setup` settles before the first step: folders, recipes, overrides, the base, the clock."""
+
+    root: Path
+    src: Path
+    profile: str
+    fresh: bool
+    overrides: dict
+    steps: list[Step]
+    base_link: Path
+    base_arg: str | None  # the base the align recipes are pointed at (None: as shipped)
+    eta: Eta
+    started: float
+    console: Console
+    progress: bool
+    redone: set[str] = field(default_factory=set)  # outputs rebuilt in this run: their users are redone too
+
+
+def setup(out: str | Path, profile: str, fresh: bool, base: str | None, recipes: str | Path | None,
+          overrides: dict | None, only: list[str] | None, progress: bool, console: Console) -> DemoRun:
+    """Check the profile and the recipes, make the folders, resolve and link the base."""
     if profile not in PROFILES:
         raise MergeLabError(f"unknown profile '{profile}'; use one of {', '.join(PROFILES)}.")
     root = Path(out)
@@ -367,7 +296,6 @@ def run_demo(
     (root / ".steps").mkdir(exist_ok=True)
     nominal = NOMINAL[profile]
     eta = Eta([nominal["base"]] + [nominal[s.kind] for s in steps])
-    result = DemoResult(root, None, root / "manifest.json")
     started = time.perf_counter()
     _quiet_libraries()
     console.rule(f"[bold]merge_lab demo[/bold] — profile {profile}, output {root}")
@@ -377,50 +305,77 @@ def run_demo(
     base_arg = str(base_link.resolve()) if base is not None else None
     eta.finished(0, time.perf_counter() - t, reused=time.perf_counter() - t < 5)
     console.print(f"base: {base_link} -> {base_link.resolve()}")
+    return DemoRun(root, src, profile, fresh, over, steps, base_link, base_arg, eta, started, console, progress)
 
-    redone: set[str] = set()
-    for i, step in enumerate(steps, 1):
-        name = Path(step.recipe).stem
-        doc = effective_recipe(step, src / step.recipe, root, over, base_arg)
-        text = yaml.safe_dump(doc, sort_keys=False)
-        run_path = root / "recipes" / step.recipe
-        run_path.write_text(f"# as run by the demo (profile {profile}); source: merge_lab/demo/recipes/{step.recipe}\n" + text)
-        target = root / step.out
-        stamp = root / ".steps" / f"{name}.json"
-        key = {"recipe": _hash(text), "base": str(base_link.resolve())}
-        upstream_redone = any(str((root / o).resolve()) in text for o in redone)
-        header = (f"[bold][{i}/{len(steps)}] {step.kind} {name}[/bold]  elapsed {_fmt(time.perf_counter() - started)}, "
-                  f"overall ETA {_fmt(eta.remaining())}")
-        if (not fresh and not upstream_redone and target.exists() and stamp.is_file()
-                and json.loads(stamp.read_text()).get("key") == key):
-            console.print(f"{header}  [green]reused[/green] {target}")
-            result.reused.append(name)
-            eta.finished(i, 0.0, reused=True)
-            continue
-        why = _available(step.kind)
-        if why is not None:
-            console.print(f"{header}  [yellow]skipped[/yellow]: {why}")
-            result.skipped[name] = why
-            eta.finished(i, 0.0, reused=True)
-            continue
-        console.print(header)
-        if fresh and target.exists():  # redo means from nothing: no cached comparison results either
-            shutil.rmtree(target)
-        t = time.perf_counter()
-        RUNNERS[step.kind](run_path, target, console, progress)
-        seconds = time.perf_counter() - t
-        stamp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1), "profile": profile}) + "\n")
-        result.ran.append(name)
-        result.seconds[name] = round(seconds, 1)
-        redone.add(step.out)
-        eta.finished(i, seconds, reused=False)
-        console.print(f"  done in {_fmt(seconds)}")
 
+def run_step(run: DemoRun, i: int, step: Step, result: DemoResult) -> None:
+    """Write step i's recipe as run; reuse its output when recipe and inputs are unchanged, else run it."""
+    root, console = run.root, run.console
+    name = Path(step.recipe).stem
+    doc = effective_recipe(step, run.src / step.recipe, root, run.overrides, run.base_arg)
+    text = yaml.safe_dump(doc, sort_keys=False)
+    run_path = root / "recipes" / step.recipe
+    run_path.write_text(f"# as run by the demo (profile {run.profile}); source: merge_lab/demo/recipes/{step.recipe}\n" + text)
+    target = root / step.out
+    stamp = root / ".steps" / f"{name}.json"
+    key = {"recipe": _hash(text), "base": str(run.base_link.resolve())}
+    upstream_redone = any(str((root / o).resolve()) in text for o in run.redone)
+    header = (f"[bold][{i}/{len(run.steps)}] {step.kind} {name}[/bold]  elapsed {_fmt(time.perf_counter() - run.started)}, "
+              f"overall ETA {_fmt(run.eta.remaining())}")
+    if (not run.fresh and not upstream_redone and target.exists() and stamp.is_file()
+            and json.loads(stamp.read_text()).get("key") == key):
+        console.print(f"{header}  [green]reused[/green] {target}")
+        result.reused.append(name)
+        run.eta.finished(i, 0.0, reused=True)
+        return
+    why = _available(step.kind)
+    if why is not None:
+        console.print(f"{header}  [yellow]skipped[/yellow]: {why}")
+        result.skipped[name] = why
+        run.eta.finished(i, 0.0, reused=True)
+        return
+    console.print(header)
+    if run.fresh and target.exists():  # redo means from nothing: no cached comparison results either
+        shutil.rmtree(target)
+    t = time.perf_counter()
+    RUNNERS[step.kind](run_path, target, console, run.progress)
+    seconds = time.perf_counter() - t
+    stamp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1), "profile": run.profile}) + "\n")
+    result.ran.append(name)
+    result.seconds[name] = round(seconds, 1)
+    run.redone.add(step.out)
+    run.eta.finished(i, seconds, reused=False)
+    console.print(f"  done in {_fmt(seconds)}")
+
+
+def finish(run: DemoRun, result: DemoResult) -> DemoResult:
+    """The manifest (checked disjoint) and timings.json, once every step is done."""
+    root = run.root
     report = root / "report"
     result.report = report if (report / "results.json").is_file() else None
-    result.manifest = write_manifest(root, profile, base_link, result.report)
-    total = time.perf_counter() - started
-    (root / "timings.json").write_text(json.dumps({"profile": profile, "total_seconds": round(total, 1),
+    result.manifest = write_manifest(root, run.profile, run.base_link, result.report, STEPS)
+    total = time.perf_counter() - run.started
+    (root / "timings.json").write_text(json.dumps({"profile": run.profile, "total_seconds": round(total, 1),
                                                   "steps": result.seconds, "reused": result.reused}, indent=1) + "\n")
-    console.rule(f"demo finished in {_fmt(total)}")
+    run.console.rule(f"demo finished in {_fmt(total)}")
     return result
+
+
+def run_demo(
+    out: str | Path = DEFAULT_OUT,
+    *,
+    profile: str = "default",
+    fresh: bool = False,
+    base: str | None = None,
+    recipes: str | Path | None = None,
+    overrides: dict | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> DemoResult:
+    """Run the demo's recipes in order into `out`, reusing steps already done unless `fresh`."""
+    run = setup(out, profile, fresh, base, recipes, overrides, only, progress, console or Console(stderr=True))
+    result = DemoResult(run.root, None, run.root / "manifest.json")
+    for i, step in enumerate(run.steps, 1):
+        run_step(run, i, step, result)
+    return finish(run, result)

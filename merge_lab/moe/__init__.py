@@ -3,11 +3,12 @@
 layout       dense -> Mixtral / Qwen2-MoE / Qwen3-MoE: config and hub tensor names
 assemble     the structural plan the merge engine runs (experts, routers, non-FFN policy)
 router_init  random rows, or centroids of the base's hidden states per label
-data         labelled rows (JSONL or align-style blocks), chat template, response-only loss mask
+data         labelled rows (JSONL or training/blocks.py's blocks with `expert:`), response-only loss mask
 losses       LM, gating, drift, load balancing, routing accuracy
-train        fusion training through accelerate, with exact resume
+train        fusion training through accelerate (setup, loop), with exact resume
+state        the resume state: safetensors + JSON, loaded strictly
 export       trained model -> hub layout through the ShardWriter
 pipeline     `merge-lab fuse`: assemble, train, export
-routing      router hooks, forced routing, `merge-lab inspect-routing`
+routing      router hooks, forced routing, routing accuracy, `merge-lab inspect-routing`
 fixtures     tiny experts and labelled data for tests
 """

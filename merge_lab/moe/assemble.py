@@ -122,15 +122,15 @@ def _constant(value: Callable[[], torch.Tensor], _inputs: list[torch.Tensor]) ->
 class _Centroids:
     """Computed once, on the first router task, so planning stays header-only."""
 
-    def __init__(self, base: Path, data: Path | list[dict], labels: list[str], where: str):
-        self.base, self.data, self.labels, self.where = base, data, labels, where
+    def __init__(self, base: Path, recipe: Recipe, labels: list[str]):
+        self.base, self.recipe, self.labels = base, recipe, labels
         self._rows: torch.Tensor | None = None
 
     def row(self, layer: int) -> torch.Tensor:
         if self._rows is None:
-            from merge_lab.moe.data import load_examples
+            from merge_lab.moe.train import router_rows  # the rows fuse trains on, loaded once
 
-            self._rows = centroid_rows(self.base, load_examples(self.data, self.labels, self.where), self.labels)
+            self._rows = centroid_rows(self.base, router_rows(self.recipe), self.labels)
         return self._rows[layer]
 
 
@@ -202,8 +202,7 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                 f"{recipe.where('parameters', 'router_init')}: centroid init needs labelled prompts: set "
                 "parameters.router_data (or train.data) to a JSONL file of {prompt, response, label} rows."
             )
-        data = data if isinstance(data, list) else recipe.resolve_path(data)
-        centroids = _Centroids(base.path, data, labels, recipe.where("parameters", "router_init"))
+        centroids = _Centroids(base.path, recipe, labels)
 
     def out_dtype(dt: torch.dtype) -> torch.dtype:
         return TORCH_DTYPE_BY_NAME[recipe.output_dtype] if recipe.output_dtype and dt.is_floating_point else dt

@@ -1,34 +1,23 @@
-"""Labelled fusion data, tokenised with the base's chat template so that the loss can be taken on
-the response tokens only.
+"""Labelled fusion data: each expert's rows, tokenised with the chat format (merge_lab.training.chat)
+so that the loss is taken on the reply only.
 
-Data is either a JSONL file of {prompt, response, label} rows, or a list of blocks in the same
-form as `merge-lab align` recipes' `data:` (a shipped source by split, a JSONL file, or a
-registered suite's train split, with limit, label filter and templates), each with
-`expert: LABEL` saying which expert its rows are for.
+A fusion recipe's `train.data` is a list of training blocks (merge_lab.training.blocks.ExpertBlock:
+the blocks of align recipes, each with `expert: LABEL`), or a JSONL file of {prompt, response,
+label} rows: shorthand for one jsonl block whose rows each name their expert. Rows are
+`merge_lab.datasets.sources.Example`s whose `label` is the expert label.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.training import chat
-
-if TYPE_CHECKING:
-    from merge_lab.datasets import sources as data
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    response: str
-    label: str
+from merge_lab.training.blocks import ExpertBlock, Locate, RowCheck, block_items, plain_keys, templated
 
 
 @dataclass
@@ -38,108 +27,44 @@ class Encoded:
     label: int
 
 
-def load_jsonl(path: str | Path, labels: list[str], where: str = "") -> list[Example]:
-    """Read and check every row; a label the recipe does not name is an error (with its line)."""
-    path = Path(path)
-    if not path.exists():
-        raise MergeLabError(f"{where + ': ' if where else ''}{path}: data file not found.")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MergeLabError(f"{path}, line {n}: not valid JSON ({e}).") from e
-        missing = [k for k in ("prompt", "response", "label") if not isinstance(row.get(k), str)]
-        if missing:
-            raise MergeLabError(f"{path}, line {n}: needs string field(s) {missing} (prompt, response, label).")
-        if row["label"] not in labels:
-            raise MergeLabError(
-                f"{path}, line {n}: label '{row['label']}' is not one of the recipe's expert labels "
-                f"({', '.join(labels)}). Fix the row or add a model with that label."
-            )
-        rows.append(Example(row["prompt"], row["response"], row["label"]))
-    if not rows:
-        raise MergeLabError(f"{path}: no rows.")
-    return rows
+def as_blocks(data: str | Path | list) -> list:
+    """`train.data` as blocks: a JSONL path is one jsonl block whose rows name their expert."""
+    return [{"jsonl": str(data)}] if isinstance(data, (str, Path)) else data
 
 
-def load_blocks(blocks: list[dict], labels: list[str], where: str = "train.data",
-                locate: Callable[..., str] | None = None) -> list[Example]:
-    """Rows from align-style data blocks, each labelled with its block's `expert`. `locate(i, key)`
-    names block i's key in errors (the recipe's line), else `where.i.key`."""
-    from pydantic import ValidationError
+def expert_label_check(labels: list[str]) -> RowCheck:
+    """A JSONL row's `label` must name one of the experts."""
 
-    from merge_lab.training.align import AlignRecipe, training_rows
-
-    def at(i: int, key: str | None = None) -> str:
-        if locate is not None:
-            return locate(i, key) if key else locate(i)
-        return f"{where}.{i}" + (f".{key}" if key else "")
-
-    out: list[Example] = []
-    for i, block in enumerate(blocks):
-        if not isinstance(block, dict):
-            raise MergeLabError(f"{at(i)}: a data block is a mapping (expert, then source, jsonl or suite, limit, ...).")
-        block = dict(block)
-        label = block.pop("expert", None)
+    def check(row: dict) -> str | None:
+        label = row.get("label")
+        if not isinstance(label, str):
+            return f"needs a string 'label' naming its expert (one of {', '.join(labels)})."
         if label not in labels:
+            return (f"label '{label}' is not one of the recipe's expert labels ({', '.join(labels)}). "
+                    "Fix the row or add a model with that label.")
+        return None
+
+    return check
+
+
+def load_rows(data: str | Path | list[ExpertBlock], labels: list[str],
+              at: Locate = plain_keys("train.data")) -> list[Example]:
+    """Each block's templated rows, labelled with its expert: the one reader of fusion data (training,
+    centroid router init, inspect-routing). `at(i, key)` names block i's key in errors."""
+    rows: list[Example] = []
+    for i, block in enumerate(as_blocks(data)):
+        if not isinstance(block, ExpertBlock):
+            block = ExpertBlock(**block)  # a bare path, or blocks built in code: recipes come validated
+        if block.expert is not None and block.expert not in labels:
             raise MergeLabError(
-                f"{at(i, 'expert')}: expert {label!r} is not one of the recipe's expert labels ({', '.join(labels)}); "
-                "every block needs `expert: LABEL`."
+                f"{at(i, 'expert')}: expert {block.expert!r} is not one of the recipe's expert labels "
+                f"({', '.join(labels)})."
             )
-        try:
-            spec = AlignRecipe.model_validate({"base_model": "-", "data": [block]})
-        except ValidationError as e:
-            err = e.errors()[0]
-            key = err["loc"][-1] if isinstance(err["loc"][-1], str) else None
-            raise MergeLabError(f"{at(i, key)}: {err['msg']} (got {err.get('input')!r}).") from None
-        try:
-            rows = training_rows(spec)
-        except MergeLabError as e:
-            raise MergeLabError(f"{at(i)}: {e}") from None
-        out += [Example(r.prompt, r.response, label) for r in rows]
-    if not out:
-        raise MergeLabError(f"{where}: selects no rows.")
-    return out
-
-
-def load_examples(data: str | Path | list[dict], labels: list[str], where: str = "train.data",
-                  locate: Callable[..., str] | None = None) -> list[Example]:
-    """A JSONL path or a list of align-style blocks, as labelled examples."""
-    if isinstance(data, list):
-        return load_blocks(data, labels, where, locate)
-    return load_jsonl(data, labels, where)
-
-
-def suite_train_items(name: str, response_template: str | None, where: str) -> list[data.Example]:
-    """A registered suite's own item selection (its sources, `keep` filter and order) on the
-    'train' split: items its evaluation never sees, since splits go by content hash. Suites that
-    score a reference response (likelihood, true/false, multiple choice) give it as the reply;
-    the others (refusal rate, win rate) score only what the model writes to a prompt, so their
-    items have no reply to learn: those need a `response_template` (e.g. "{refusal}")."""
-    from merge_lab.datasets import sources as data
-    from merge_lab.evaluation import suites
-
-    cls = suites.SUITES.get(name, where)
-    reference = issubclass(cls, (suites.LikelihoodSuite, suites.TrueFalseSuite, suites.MultipleChoiceSuite))
-    if not reference and response_template is None:
-        raise MergeLabError(
-            f"{where}: suite '{name}' scores the {cls.metric} of the model's own answers, so its items carry no "
-            "reference response to train on; give a response_template, e.g. \"{refusal}\" (a templated "
-            "refusal) or \"{response}\" (the item's shipped reply, where it has one)."
-        )
-    suite = cls()
-    suite.split = "train"  # evaluation refuses this split; here it is the point: never an evaluated item
-    items = suite.load_items()
-    leaked = [e.id for e in items if data.split_of(e) != "train"]
-    if leaked:  # a suite that ignores the split (e.g. one reading its own file) would hand us its test items
-        raise MergeLabError(
-            f"{where}: suite '{name}' does not select its items by merge_lab.datasets.sources's splits ({len(leaked)} are "
-            f"evaluation items, e.g. {leaked[0]}); it cannot give training rows. Use `source:` or `jsonl:` blocks."
-        )
-    return items
+        check = expert_label_check(labels) if block.expert is None else None
+        items = block_items(block, at(i), check)
+        block_rows = templated(block, items, f"{at(i)} ({block.describe()})")
+        rows += block_rows if block.expert is None else [replace(r, label=block.expert) for r in block_rows]
+    return rows
 
 
 def encode(tokenizer, ex: Example, labels: list[str], max_length: int) -> Encoded:

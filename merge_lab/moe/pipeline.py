@@ -36,7 +36,7 @@ def work_dir(out: Path) -> Path:
 def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, force: bool = False,
          progress: bool = True, stop_after: int | None = None, console=None) -> FuseResult:
     from merge_lab.moe.export import export_moe
-    from merge_lab.moe.train import train, train_config
+    from merge_lab.moe.train import train, train_config, train_rows
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -45,14 +45,12 @@ def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, 
         raise MergeLabError(f"{out}: already exists. Choose another output folder or pass --force to replace it.")
     if recipe.merge_method != "h3_moe":
         raise MergeLabError(f"{recipe.where('merge_method')}: `fuse` runs h3_moe recipes; use `merge` for '{recipe.merge_method}'.")
-    plan = make_plan(recipe)
-    cfg = train_config(recipe) if recipe.train is not None else None
-    if cfg is not None:  # read and check the data before writing anything
-        from merge_lab.moe.assemble import expert_labels
-        from merge_lab.moe.data import load_examples
-
-        load_examples(cfg.data, expert_labels(recipe), recipe.where("train", "data"),
-                      lambda *key: recipe.where("train", "data", *key))
+    plan = make_plan(recipe)  # checks the train block too (once per recipe: train_config)
+    if recipe.train is None:
+        run_plan(plan, out, force=force, progress=progress, console=console)
+        return FuseResult(out, 0, float("nan"), float("nan"), {}, plan.notes)
+    cfg = train_config(recipe)
+    rows = train_rows(recipe)  # read and check the data before writing anything
     work = work_dir(out)
     assembled = work / "moe"
     reuse = resume and (assembled / "config.json").exists()
@@ -61,21 +59,26 @@ def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, 
     if not reuse:
         if work.exists():
             shutil.rmtree(work)
-        run_plan(plan, assembled if cfg else out, force=force or cfg is not None, progress=progress, console=console)
-        if cfg is None:
-            return FuseResult(out, 0, float("nan"), float("nan"), {}, plan.notes)
-    result = train(assembled, cfg, work / "state", resume=resume, stop_after=stop_after, progress=progress,
-                   console=console)
+        run_plan(plan, assembled, force=True, progress=progress, console=console)
+    result = train(assembled, cfg, work / "state", rows=rows, resume=resume, stop_after=stop_after,
+                   progress=progress, console=console)
     last = result.history[-1] if result.history else {}
+    notes = plan.notes + result.notes
     if not result.finished:
-        return FuseResult(None, result.steps_done, result.accuracy_before, float("nan"), last, plan.notes)
-    extra = (
+        return FuseResult(None, result.steps_done, result.accuracy_before, float("nan"), last, notes)
+    path = export_moe(result.model, assembled, out, force=force, shard_size=recipe.shard_size,
+                      card_extra=training_card(cfg, result.steps_done, result.accuracy_before,
+                                               result.accuracy_after, last))
+    shutil.rmtree(work, ignore_errors=True)
+    return FuseResult(path, result.steps_done, result.accuracy_before, result.accuracy_after, last, notes)
+
+
+def training_card(cfg, steps: int, before: float, after: float, last: dict[str, float]) -> str:
+    """The model card's section on fusion training."""
+    return (
         "\n## Fusion training\n\n"
-        f"{result.steps_done} steps, trainable: {cfg.trainable}, lambda {cfg.gating_weight}, "
+        f"{steps} steps, trainable: {cfg.trainable}, lambda {cfg.gating_weight}, "
         f"gamma {cfg.drift_weight}, load balance {cfg.load_balance}, seed {cfg.seed}.\n"
-        f"Routing accuracy on the training data: {result.accuracy_before:.3f} before, {result.accuracy_after:.3f} after.\n"
+        f"Routing accuracy on the training data: {before:.3f} before, {after:.3f} after.\n"
         f"Last step: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()) + "\n"
     )
-    path = export_moe(result.model, assembled, out, force=force, shard_size=recipe.shard_size, card_extra=extra)
-    shutil.rmtree(work, ignore_errors=True)
-    return FuseResult(path, result.steps_done, result.accuracy_before, result.accuracy_after, last, plan.notes)

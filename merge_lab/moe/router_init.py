@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
-from merge_lab.moe.data import Example, encode_prompt
+from merge_lab.moe.data import encode_prompt
 from merge_lab.training import chat
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from merge_lab.moe import losses
+from merge_lab.moe.data import Encoded, collate, encode, load_rows, shared_prefix
+from merge_lab.moe.layout import expert_labels
 from merge_lab.training import chat
 
 
@@ -62,6 +65,24 @@ def forced_routing(model: nn.Module, expert: int) -> Iterator[None]:
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def routing_accuracy(model: nn.Module, encoded: list[Encoded], pad_id: int, device, batch: int = 16,
+                     skip: int = 0) -> float:
+    """Share of examples whose mean routing probability is highest on their labelled expert
+    (averaged over real tokens after the first `skip`)."""
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for i in range(0, len(encoded), batch):
+        b = {k: v.to(device) for k, v in collate(encoded[i:i + batch], pad_id).items()}
+        with capture_router_logits(model) as captured:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        probs = losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], skip))
+        hits += int((probs.argmax(-1) == b["expert"]).sum())
+    model.train(was_training)
+    return hits / len(encoded)
 
 
 @torch.no_grad()
@@ -113,15 +134,12 @@ def inspect(model_dir: str | Path, data: str | Path, max_examples: int = 200, ma
     """Route labelled data through a fused MoE: per-label, per-layer expert shares and routing accuracy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merge_lab.moe.data import collate, encode, load_jsonl, shared_prefix
-    from merge_lab.moe.layout import expert_labels
-    from merge_lab.moe.train import routing_accuracy
-
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     labels = expert_labels(model.config.to_dict())
     pad = chat.pad_id(tokenizer)
-    encoded = [encode(tokenizer, ex, labels, max_length) for ex in load_jsonl(data, labels)[:max_examples]]
+    rows = load_rows(data, labels, lambda *key: "inspect-routing DATA")[:max_examples]
+    encoded = [encode(tokenizer, ex, labels, max_length) for ex in rows]
     batches = [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
     result = routing_counts(model, batches, labels)
     result["accuracy"] = routing_accuracy(model, encoded, pad, "cpu", batch_size, skip=shared_prefix(encoded))

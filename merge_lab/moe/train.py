@@ -3,32 +3,43 @@
 Built on the checkpoint that assembly wrote, loaded by transformers as any user would load it;
 router logits are captured with hooks; device placement goes through `accelerate`, so the same
 code runs on CPU, one GPU, or several with `accelerate launch`. Batches are a pure function of
-(seed, step), and checkpoints hold the trainable weights, the optimizer state and the RNG
-states, so an interrupted run resumed with `--resume` ends with the same weights as an
-uninterrupted one.
+(seed, step), and checkpoints (merge_lab.moe.state: safetensors and JSON, data only) hold the
+trainable weights, the optimizer state and the RNG states, so an interrupted run resumed with
+`--resume` ends with the same weights as an uninterrupted one.
+
+`train` reads as three steps: `setup` (model, frozen parts, optimizer, tokenised rows),
+`train_loop` (one `train_step` per optimizer step, with checkpoints), then the LoRA merged back.
+A recipe's train block, labels and rows are worked out once per Recipe object (`train_config`,
+`train_rows`, `router_rows`): the strategy's check, the fuse pipeline and centroid router
+initialisation all ask for them.
 """
 
 from __future__ import annotations
 
-import random
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import MofNCompleteColumn, TextColumn
 
 from merge_lab.core.progress import progress_bar
+from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe import losses
-from merge_lab.moe.data import Encoded, collate, encode, load_examples, shared_prefix
-from merge_lab.moe.layout import expert_labels
-from merge_lab.moe.routing import capture_router_logits, routers
+from merge_lab.moe.assemble import expert_labels, h3_params
+from merge_lab.moe.data import Encoded, as_blocks, collate, encode, load_rows, shared_prefix
+from merge_lab.moe.layout import expert_labels as checkpoint_labels
+from merge_lab.moe.routing import capture_router_logits, routers, routing_accuracy
+from merge_lab.moe.state import LEGACY, fingerprint, has_state, load_state, save_state
 from merge_lab.training import chat
+from merge_lab.training.blocks import ExpertBlock
 
-STATE_FILE = "state.pt"
+T = TypeVar("T")
 
 
 class TrainConfig(BaseModel):
@@ -47,7 +58,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    data: str | list[dict[str, Any]] = Field(
+    data: list[ExpertBlock] = Field(
         description="JSONL of {prompt, response, label} rows, or align-style blocks each with `expert: LABEL` and "
                     "one of `source:` (a shipped set by split), `jsonl:` or `suite:` (a registered suite's items on "
                     "its train split, never the ones it evaluates; reference replies, or response_template)"
@@ -78,6 +89,11 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only on Ctrl-C)")
     cpu: bool = Field(False, description="train on CPU even when a GPU is present")
 
+    @field_validator("data", mode="before")
+    @classmethod
+    def _jsonl_shorthand(cls, data: Any) -> Any:
+        return as_blocks(data)
+
     @model_validator(mode="after")
     def _gamma_non_negative(self) -> TrainConfig:
         values = self.drift_weight.values() if isinstance(self.drift_weight, dict) else [self.drift_weight]
@@ -91,12 +107,28 @@ class TrainConfig(BaseModel):
         return [float(self.drift_weight)] * len(labels)
 
 
+_ONCE: dict[tuple[int, str], Any] = {}
+
+
+def _once_per_recipe(recipe: Recipe, what: str, compute: Callable[[], T]) -> T:
+    """compute() the first time `what` is asked of this Recipe object; forgotten with the recipe."""
+    key = (id(recipe), what)
+    if key not in _ONCE:
+        _ONCE[key] = compute()
+        weakref.finalize(recipe, _ONCE.pop, key, None)
+    return _ONCE[key]
+
+
 def train_config(recipe: Recipe) -> TrainConfig:
-    """Validate the recipe's `train:` block, with the recipe line of the offending key."""
+    """The recipe's `train:` block, validated (data blocks included) with the recipe line of the offending key."""
     if recipe.train is None:
         raise MergeLabError(f"{recipe.source}: has no 'train:' block; add one (data, steps, ...) to fuse.")
+    return _once_per_recipe(recipe, "train_config", lambda: _validated(recipe))
+
+
+def _validated(recipe: Recipe) -> TrainConfig:
     cfg = recipe.validate_block(TrainConfig, ("train",), "train block")
-    labels = [m.label or Path(m.model).name for m in recipe.models]
+    labels = expert_labels(recipe)
     if isinstance(cfg.drift_weight, dict):
         unknown = [k for k in cfg.drift_weight if k not in labels]
         if unknown:
@@ -104,6 +136,21 @@ def train_config(recipe: Recipe) -> TrainConfig:
                 f"{recipe.where('train', 'gamma')}: label(s) {unknown} are not expert labels ({', '.join(labels)})."
             )
     return cfg
+
+
+def train_rows(recipe: Recipe) -> list[Example]:
+    """The labelled rows of the recipe's train.data, loaded once (errors name the recipe's lines)."""
+    return _once_per_recipe(recipe, "train_rows", lambda: load_rows(
+        train_config(recipe).data, expert_labels(recipe), lambda *key: recipe.where("train", "data", *key)))
+
+
+def router_rows(recipe: Recipe) -> list[Example]:
+    """Centroid router initialisation's labelled prompts: parameters.router_data, else the train rows."""
+    router_data = h3_params(recipe).router_data
+    if router_data is None:
+        return train_rows(recipe)
+    return load_rows(recipe.resolve_path(router_data), expert_labels(recipe),
+                     lambda *key: recipe.where("parameters", "router_data"))
 
 
 @dataclass
@@ -114,9 +161,10 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     accuracy_before: float = float("nan")
     accuracy_after: float = float("nan")
+    notes: list[str] = field(default_factory=list)
 
 
-def _setup(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.nn.Module, list, list]:
+def freeze_all_but_trainable(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.nn.Module, list, list]:
     """Freeze what does not train; returns (model, expert tensors per layer, their initial values)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -143,7 +191,7 @@ def _setup(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.nn.Module, l
     return model, expert_params, initial
 
 
-def _drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts: int) -> torch.Tensor:
+def drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts: int) -> torch.Tensor:
     """[experts]: ||theta_i - theta_i_initial||^2 over each expert's trainable weights."""
     if cfg.trainable == "router+experts":
         return torch.stack([
@@ -157,7 +205,7 @@ def _drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts
     return torch.zeros(n_experts)
 
 
-def _batch_indices(step: int, n: int, batch: int, seed: int, rank: int, world: int) -> list[int]:
+def batch_indices(step: int, n: int, batch: int, seed: int, rank: int, world: int) -> list[int]:
     """Examples of one step: a seeded permutation per epoch, read as one stream; a pure function of step."""
     out = []
     start = (step * world + rank) * batch
@@ -170,74 +218,46 @@ def _batch_indices(step: int, n: int, batch: int, seed: int, rank: int, world: i
     return out
 
 
-def _save_state(folder: Path, model, optimizer, step: int, history: list) -> None:
-    trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state = {
-        "step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "history": history,
-        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(folder / STATE_FILE)
+# ------------------------------------------------------------------ training: setup, loop, result
 
 
-def _load_state(folder: Path, model, optimizer) -> tuple[int, list]:
-    state = torch.load(folder / STATE_FILE, weights_only=False)
-    missing = set(n for n, p in model.named_parameters() if p.requires_grad) ^ set(state["trainable"])
-    if missing:
-        raise MergeLabError(
-            f"{folder / STATE_FILE}: the checkpoint's trainable weights differ from this recipe's "
-            f"(e.g. {sorted(missing)[:2]}); the train block changed. Start again without --resume."
-        )
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for n, t in state["trainable"].items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"]), list(state["history"])
+@dataclass
+class FusionRun:
+    """What `setup` builds once; the loop reads it (and steps `model` and `optimizer`)."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: torch.nn.Module  # as prepared by accelerate (a DDP wrapper on several processes)
+    inner: torch.nn.Module  # the model itself
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    labels: list[str]
+    pad_id: int
+    encoded: list[Encoded]
+    expert_params: list[torch.Tensor]  # router+experts: the expert tensors, for the drift term
+    initial: list[torch.Tensor]  # and their values before training
+    gammas: torch.Tensor
+    top_k: int
+    shared: int  # tokens every example starts with: no routing signal there, so accuracy skips them
+    owner: str  # the fingerprint a resume state must carry
+
+    @property
+    def gating_skip(self) -> int:
+        return self.shared if self.cfg.gating_tokens == "content" else 0
+
+    def probe(self) -> list[Encoded]:
+        """The rows routing accuracy is measured on before and after (every k-th, eval_rows of them)."""
+        if not self.cfg.eval_rows:
+            return []
+        return self.encoded[:: max(1, -(-len(self.encoded) // self.cfg.eval_rows))]
 
 
-@torch.no_grad()
-def routing_accuracy(model, encoded: list[Encoded], pad_id: int, device, batch: int = 16, skip: int = 0) -> float:
-    """Share of examples whose mean routing probability is highest on their labelled expert
-    (averaged over real tokens after the first `skip`)."""
-    was_training = model.training
-    model.eval()
-    hits = 0
-    for i in range(0, len(encoded), batch):
-        b = {k: v.to(device) for k, v in collate(encoded[i:i + batch], pad_id).items()}
-        with capture_router_logits(model) as captured:
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        probs = losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], skip))
-        hits += int((probs.argmax(-1) == b["expert"]).sum())
-    model.train(was_training)
-    return hits / len(encoded)
-
-
-def train(
-    moe_dir: str | Path,
-    cfg: TrainConfig,
-    state_dir: str | Path,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-    progress: bool = True,
-    console=None,
-) -> TrainResult:
-    """Train the assembled MoE in `moe_dir`. `stop_after` ends early after that step with a saved
-    checkpoint, as Ctrl-C does (a resumed run continues from it)."""
+def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None) -> FusionRun:
+    """Load the assembled MoE, freeze all but what trains, tokenise the rows (cfg.data's unless
+    given), build the optimizer; seeded, so the same call gives the same run."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    moe_dir, state_dir = Path(moe_dir), Path(state_dir)
-    from accelerate.utils import DistributedDataParallelKwargs
 
     # top-k routing leaves some experts without gradient in a step: DDP must allow unused parameters
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -245,27 +265,59 @@ def train(
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(moe_dir))
     model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32)
-    labels = expert_labels(model.config.to_dict())
+    labels = checkpoint_labels(model.config.to_dict())
     pad_id = chat.pad_id(tokenizer)
-    encoded = [encode(tokenizer, ex, labels, cfg.max_length) for ex in load_examples(cfg.data, labels, "train.data")]
-    model, expert_params, initial = _setup(model, cfg)
+    rows = rows if rows is not None else load_rows(cfg.data, labels)
+    encoded = [encode(tokenizer, ex, labels, cfg.max_length) for ex in rows]
+    model, expert_params, initial = freeze_all_but_trainable(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
-    initial = [t.to(device) for t in initial]
     inner = accelerator.unwrap_model(model)
-    gammas = torch.tensor(cfg.gammas(labels), device=device)
-    top_k = routers(inner)[0].top_k
+    return FusionRun(
+        cfg, accelerator, model, inner, optimizer, device, labels, pad_id, encoded, expert_params,
+        [t.to(device) for t in initial], torch.tensor(cfg.gammas(labels), device=device), routers(inner)[0].top_k,
+        shared_prefix(encoded), fingerprint(cfg.model_dump_json()),
+    )
 
-    start, history = 0, []
-    if resume and (state_dir / STATE_FILE).exists():
-        start, history = _load_state(state_dir, inner, optimizer)
-    shared = shared_prefix(encoded)  # same hidden states in every example: no routing signal to measure
-    skip = shared if cfg.gating_tokens == "content" else 0
-    probe = encoded[:: max(1, -(-len(encoded) // cfg.eval_rows))] if cfg.eval_rows else []
-    acc_before = routing_accuracy(inner, probe, pad_id, device, skip=shared) if start == 0 and probe else float("nan")
+
+def train_step(run: FusionRun, step: int) -> dict[str, float]:
+    """One optimizer step on the batch of `step`; returns its loss terms and routing accuracy."""
+    cfg, accelerator = run.cfg, run.accelerator
+    idx = batch_indices(step, len(run.encoded), cfg.batch_size, cfg.seed,
+                        accelerator.process_index, accelerator.num_processes)
+    b = {k: v.to(run.device) for k, v in collate([run.encoded[i] for i in idx], run.pad_id).items()}
+    with capture_router_logits(run.inner) as captured:
+        out = run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    lm = losses.lm_loss(out.logits, b["labels"])
+    probs = losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], run.gating_skip))
+    gate = losses.gating_loss(probs, b["expert"])
+    drift = drift_per_expert(run.inner, cfg, run.expert_params, run.initial, len(run.labels)).to(run.device)
+    loss = lm + cfg.gating_weight * gate + (run.gammas * drift).sum()
+    balance = torch.zeros((), device=run.device)
+    if cfg.load_balance > 0:
+        balance = losses.load_balance_loss(captured, b["attention_mask"], run.top_k)
+        loss = loss + cfg.load_balance * balance
+    accelerator.backward(loss)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), "lm": lm.item(), "gate": gate.item(), "drift": drift.sum().item(),
+            "balance": balance.item(), "route_acc": losses.routing_accuracy(
+                losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], run.shared)),
+                b["expert"]).item()}
+
+
+def train_loop(run: FusionRun, state_dir: Path, start: int, history: list[dict[str, float]], *,
+               stop_after: int | None = None, progress: bool = True, console=None) -> int:
+    """Steps from `start` to cfg.steps (or `stop_after`), appending to `history`; saves the resume
+    state every checkpoint_every steps, at `stop_after` and on Ctrl-C. Returns the steps done."""
+    cfg, accelerator = run.cfg, run.accelerator
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_state(state_dir, run.inner, run.optimizer, step, history, run.owner)
 
     step = start
     with progress_bar(console, progress and accelerator.is_main_process, MofNCompleteColumn(),
@@ -273,40 +325,48 @@ def train(
         job = bar.add_task("fuse", total=cfg.steps, completed=start, terms="")
         try:
             while step < cfg.steps:
-                idx = _batch_indices(step, len(encoded), cfg.batch_size, cfg.seed,
-                                     accelerator.process_index, accelerator.num_processes)
-                b = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-                with capture_router_logits(inner) as captured:
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                lm = losses.lm_loss(out.logits, b["labels"])
-                probs = losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], skip))
-                gate = losses.gating_loss(probs, b["expert"])
-                drift = _drift_per_expert(inner, cfg, expert_params, initial, len(labels)).to(device)
-                loss = lm + cfg.gating_weight * gate + (gammas * drift).sum()
-                balance = torch.zeros((), device=device)
-                if cfg.load_balance > 0:
-                    balance = losses.load_balance_loss(captured, b["attention_mask"], top_k)
-                    loss = loss + cfg.load_balance * balance
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                terms = train_step(run, step)
                 step += 1
-                terms = {"loss": loss.item(), "lm": lm.item(), "gate": gate.item(), "drift": drift.sum().item(),
-                         "balance": balance.item(), "route_acc": losses.routing_accuracy(
-                             losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], shared)),
-                             b["expert"]).item()}
                 history.append(terms)
                 bar.update(job, advance=1, terms=" ".join(f"{k} {v:.3g}" for k, v in terms.items()))
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
-                    _save_state(state_dir, inner, optimizer, step, history)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint()
                 if stop_after is not None and step >= stop_after and step < cfg.steps:
-                    if accelerator.is_main_process:
-                        _save_state(state_dir, inner, optimizer, step, history)
-                    return TrainResult(inner, step, False, history)
+                    checkpoint()
+                    return step
         except KeyboardInterrupt:
-            if accelerator.is_main_process:
-                _save_state(state_dir, inner, optimizer, step, history)
+            checkpoint()
             raise
-    acc_after = routing_accuracy(inner, probe, pad_id, device, skip=shared) if probe else float("nan")
-    final = inner.merge_and_unload() if cfg.trainable == "router+lora" else inner
-    return TrainResult(final, step, True, history, acc_before, acc_after)
+    return step
+
+
+def train(
+    moe_dir: str | Path,
+    cfg: TrainConfig,
+    state_dir: str | Path,
+    *,
+    rows: list[Example] | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    console=None,
+) -> TrainResult:
+    """Train the assembled MoE in `moe_dir` on `rows` (default: cfg.data's). `stop_after` ends early
+    after that step with a saved checkpoint, as Ctrl-C does (a resumed run continues from it)."""
+    moe_dir, state_dir = Path(moe_dir), Path(state_dir)
+    run = setup(moe_dir, cfg, rows)
+    start, history, notes = 0, [], []
+    if resume and has_state(state_dir):
+        resumed = load_state(state_dir, run.inner, run.optimizer, run.owner)
+        start, history = resumed.step, resumed.history
+        if (state_dir / LEGACY).exists():
+            notes.append(f"ignored {state_dir / LEGACY}: a torch.save file, which merge_lab never loads")
+    probe = run.probe()
+    acc_before = (routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared)
+                  if start == 0 and probe else float("nan"))
+    step = train_loop(run, state_dir, start, history, stop_after=stop_after, progress=progress, console=console)
+    if step < cfg.steps:
+        return TrainResult(run.inner, step, False, history, notes=notes)
+    acc_after = routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared) if probe else float("nan")
+    final = run.inner.merge_and_unload() if cfg.trainable == "router+lora" else run.inner
+    return TrainResult(final, step, True, history, acc_before, acc_after, notes)

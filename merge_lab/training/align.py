@@ -15,6 +15,9 @@ scores a training item.
       - {jsonl: my_rows.jsonl}
       - {suite: harmless_refusal, limit: 40, response_template: "{refusal}"}   # a suite's train split
     train: {steps: 60, batch_size: 8, lr: 8.0e-4, max_tokens: 160, seed: 0}
+
+The `data:` blocks are merge_lab.training.blocks's (fusion recipes use the same ones). `align`
+reads as three steps: `setup` (rows, tokens, model, optimizer), `train_loop`, `save`.
 """
 
 from __future__ import annotations
@@ -27,56 +30,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from merge_lab.core.config import load_yaml, parse_yaml
+from merge_lab.core.config import Where, load_yaml, parse_yaml
 from merge_lab.core.progress import progress_bar
 from merge_lab.core.writer import atomic_folder
+from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.training import chat
-
-# Templated refusals for harmful requests that ship without a reply (AdvBench, Do-Not-Answer, HarmBench).
-REFUSALS = (
-    "I can't help with that. It could cause real harm to people.",
-    "I'm sorry, but I won't help with this request because it could be used to hurt someone.",
-    "I can't assist with that. If you are facing a difficult situation, please reach out to someone you trust or a local support service.",
-    "Sorry, I can't provide that. It would be unsafe and possibly illegal.",
-    "I won't do that. Helping with this could put people at risk.",
-)
-
-
-class DataSpec(BaseModel):
-    """One block of training rows: a shipped source (by split) or a JSONL file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: str | None = Field(None, description="a shipped source (merge_lab.datasets.sources.sources())")
-    jsonl: str | None = Field(None, description="a JSONL file: one {prompt, response} object per line")
-    suite: str | None = Field(None, description="a registered suite's item selection, on its 'train' split only")
-    split: Literal["train", "validation", "test"] | None = Field(
-        "train", description="shipped sources: which split (never train on 'test')")
-    limit: int | None = Field(None, ge=1, description="at most this many rows from this block")
-    label: Any = Field(None, description="keep only items with this label (or list of labels)")
-    prompt_template: str | None = Field(None, description="format the prompt, e.g. 'True or false? {response}'")
-    response_template: str | None = Field(None, description="format the reply, e.g. '{refusal}' or 'False.'")
-
-    @model_validator(mode="after")
-    def _one_origin(self) -> DataSpec:
-        if sum(x is not None for x in (self.source, self.jsonl, self.suite)) != 1:
-            raise ValueError("give exactly one of 'source' (a shipped data set), 'jsonl' (a file) or 'suite'")
-        return self
-
-    @field_validator("split")
-    @classmethod
-    def _suite_trains_on_train(cls, split: str | None, info: ValidationInfo) -> str | None:
-        if info.data.get("suite") is not None and split != "train":
-            raise ValueError(f"a suite block reads the suite's 'train' split only (its '{split}' items are "
-                             "evaluation items); drop `split:` or set it to train")
-        return split
+from merge_lab.training.blocks import DataSpec, training_rows
 
 
 class LoraSpec(BaseModel):
@@ -117,16 +83,15 @@ class AlignRecipe(BaseModel):
     save_merged: bool = Field(True, description="also save the adapter merged into a full checkpoint")
     name: str | None = None
 
+    _where: Where = Where("<align recipe>")
 
-@dataclass
-class Row:
-    """One training item after templating: the id says where it came from (source:index)."""
+    def where(self, *path: Any) -> str:
+        """'align.yaml, line 4 (data.1)' for error messages."""
+        return self._where(*path)
 
-    id: str
-    source: str
-    index: int
-    prompt: str
-    response: str
+    def rows(self) -> list[Example]:
+        """The rows this recipe trains on, templated, in a stable order (before the seeded shuffle)."""
+        return training_rows(self.data, lambda *path: self.where("data", *path))
 
 
 @dataclass
@@ -145,80 +110,27 @@ class AlignResult:
 
 
 def parse_align_recipe(text: str, source: str = "<align recipe>") -> AlignRecipe:
-    return parse_yaml(text, source, AlignRecipe, "align recipe")[0]
+    recipe, where = parse_yaml(text, source, AlignRecipe, "align recipe")
+    recipe._where = where
+    return recipe
 
 
 def load_align_recipe(path: str | Path) -> AlignRecipe:
-    return load_yaml(path, AlignRecipe, "align recipe")[0]
-
-
-def _refusal(item_id: str) -> str:
-    h = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:4], "little")
-    return REFUSALS[h % len(REFUSALS)]
-
-
-def _fill(template: str, ex, where: str) -> str:
-    fields = {**ex.meta, "prompt": ex.prompt, "response": ex.response or "", "label": ex.label,
-              "refusal": _refusal(ex.id)}
-    try:
-        return template.format_map(fields)
-    except (KeyError, IndexError, ValueError) as e:
-        raise MergeLabError(
-            f"{where}: template {template!r} uses {e} which item {ex.id} does not have; "
-            f"fields available: {', '.join(sorted(fields))}."
-        ) from None
-
-
-def _examples(spec: DataSpec, i: int):
-    from merge_lab.datasets import sources as data
-
-    if spec.suite is not None:
-        from merge_lab.moe.data import suite_train_items
-
-        items = suite_train_items(spec.suite, spec.response_template, f"data.{i}")
-    elif spec.source is not None:
-        if spec.split == "test":
-            raise MergeLabError(f"data.{i}: training on the 'test' split would leak evaluation items; use 'train'.")
-        if spec.source in data.EVALUATION_ONLY:
-            raise MergeLabError(f"data.{i}: source '{spec.source}' is evaluation-only (it has no train split); "
-                                "train on another source or on your own JSONL.")
-        items = data.select(spec.source, spec.split)
-    else:
-        items = data.load_jsonl(spec.jsonl)
-    if spec.label is not None:
-        wanted = spec.label if isinstance(spec.label, list) else [spec.label]
-        items = [e for e in items if e.label in wanted]
-    return items[: spec.limit] if spec.limit is not None else items
-
-
-def training_rows(recipe: AlignRecipe) -> list[Row]:
-    """The rows a recipe trains on, templated, in a stable order (before the seeded shuffle)."""
-    rows: list[Row] = []
-    for i, spec in enumerate(recipe.data):
-        where = f"data.{i} ({spec.source or spec.jsonl or 'suite ' + str(spec.suite)})"
-        items = _examples(spec, i)
-        if not items:
-            raise MergeLabError(f"{where}: selects no items; check source, split, label and limit.")
-        for ex in items:
-            prompt = _fill(spec.prompt_template, ex, where) if spec.prompt_template else ex.prompt
-            response = _fill(spec.response_template, ex, where) if spec.response_template else ex.response
-            if not prompt or not prompt.strip():
-                raise MergeLabError(f"{where}: item {ex.id} has no prompt; give a prompt_template.")
-            if not response or not str(response).strip():
-                raise MergeLabError(f"{where}: item {ex.id} has no response; give a response_template (e.g. '{{refusal}}').")
-            rows.append(Row(ex.id, ex.source, ex.index, prompt.strip(), str(response).strip()))
-    return rows
+    recipe, where = load_yaml(path, AlignRecipe, "align recipe")
+    recipe._where = where
+    return recipe
 
 
 # ------------------------------------------------------------------ tokenising
 
 
-def encode(tokenizer, row: Row, max_tokens: int, system: str | None = None) -> tuple[list[int], list[int]]:
+def encode(tokenizer, row: Example, max_tokens: int, system: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE on every prompt token, so only the reply is learned)."""
     return chat.training_row(tokenizer, row.prompt, row.response, max_tokens, system)
 
 
-def _batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def batch_tensors(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, labels (IGNORE on padding) and attention mask of some encoded rows."""
     ids, mask = chat.right_padded([x for x, _ in encoded], pad_id)
     labels, _ = chat.right_padded([y for _, y in encoded], pad_id, fill=chat.IGNORE)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
@@ -281,45 +193,49 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-# ------------------------------------------------------------------ training
+# ------------------------------------------------------------------ training: setup, loop, save
 
 
-def align(
-    recipe: AlignRecipe | str | Path,
-    out: str | Path,
-    *,
-    force: bool = False,
-    progress: bool = True,
-    console=None,
-) -> AlignResult:
-    """Train a LoRA expert from `recipe` into the folder `out` (built beside it, renamed at the end)."""
+@dataclass
+class AlignRun:
+    """What `setup` builds once; the loop and the save only read it."""
+
+    recipe: AlignRecipe
+    base: Path
+    device: torch.device
+    tokenizer: Any
+    pad_id: int
+    rows: list[Example]
+    encoded: list[tuple[list[int], list[int]]]
+    keep: list[int]  # rows with a reply token left after truncation
+    model: torch.nn.Module  # the base with LoRA, on `device`, in train mode
+    params: list[torch.nn.Parameter]  # the LoRA weights
+    optimizer: torch.optim.Optimizer
+    steps: int
+
+
+@dataclass
+class Trained:
+    """What the loop did: the loss of each step, the rows it drew, how long it took."""
+
+    losses: list[float]
+    seen: set[int]
+    seconds: float
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up, then cosine from 1 down to 0.1 of train.lr."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    done = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def lora_model(recipe: AlignRecipe, base: Path, device: torch.device) -> torch.nn.Module:
+    """The base (float32) with the recipe's LoRA on `device`; the LoRA init draws from torch's RNG."""
     from peft import LoraConfig, get_peft_model
-    from rich.console import Console
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM
 
-    from merge_lab.core.bases import resolve_base
-
-    if not isinstance(recipe, AlignRecipe):
-        recipe = load_align_recipe(recipe)
-    out = Path(out)
-    if out.exists() and not force:
-        raise MergeLabError(f"{out}: already exists. Choose another output folder or pass --force to replace it.")
-    console = console or Console(stderr=True)
-    cfg = recipe.train
-    rows = training_rows(recipe)
-    base = resolve_base(recipe.base_model)
-    device = pick_device(cfg.device)
-
-    hf_logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    pad_id = chat.pad_id(tokenizer)
-    encoded = [encode(tokenizer, r, cfg.max_tokens, recipe.system_prompt) for r in rows]
-    keep = [i for i, (_, labels) in enumerate(encoded) if any(t != -100 for t in labels)]
-    if not keep:
-        raise MergeLabError("no training row has a reply token left after truncation; raise train.max_tokens.")
-
-    torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     absent = [m for m in recipe.lora.target_modules if m not in present]
@@ -334,49 +250,78 @@ def align(
                           layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5: noise for users
         warnings.simplefilter("ignore", FutureWarning)
-        model = get_peft_model(model, lora_cfg).to(device)
+        return get_peft_model(model, lora_cfg).to(device)
+
+
+def setup(recipe: AlignRecipe) -> AlignRun:
+    """Rows, tokens, the LoRA model and its optimizer: everything checked before a step is taken."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from merge_lab.core.bases import resolve_base
+
+    cfg = recipe.train
+    rows = recipe.rows()
+    base = resolve_base(recipe.base_model)
+    device = pick_device(cfg.device)
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    pad_id = chat.pad_id(tokenizer)
+    encoded = [encode(tokenizer, r, cfg.max_tokens, recipe.system_prompt) for r in rows]
+    keep = [i for i, (_, labels) in enumerate(encoded) if any(t != chat.IGNORE for t in labels)]
+    if not keep:
+        raise MergeLabError("no training row has a reply token left after truncation; raise train.max_tokens.")
+
+    torch.manual_seed(cfg.seed)
+    model = lora_model(recipe, base, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(keep) / cfg.batch_size)
     steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1) * per_epoch))
+    return AlignRun(recipe, base, device, tokenizer, pad_id, rows, encoded, keep, model, params, optimizer, steps)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        done = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))  # cosine to 10%
 
+def train_loop(run: AlignRun, *, progress: bool = True, console=None) -> Trained:
+    """`run.steps` optimizer steps on length-grouped batches drawn epoch after epoch (seeded)."""
+    cfg, model, optimizer = run.recipe.train, run.model, run.optimizer
     rng = random.Random(cfg.seed)
-    lengths = [len(encoded[i][0]) for i in range(len(encoded))]
+    lengths = [len(ids) for ids, _ in run.encoded]
     order: list[int] = []
     seen: set[int] = set()
     losses: list[float] = []
+    title = f"align {run.recipe.label or ''}"
     start = time.perf_counter()
     with progress_bar(console, progress) as bar:
-        job = bar.add_task(f"align {recipe.label or ''}".strip(), total=steps)
-        for step in range(steps):
+        job = bar.add_task(title.strip(), total=run.steps)
+        for step in range(run.steps):
             if len(order) < cfg.batch_size:
-                order += length_grouped(keep, lengths, cfg.batch_size, rng)
+                order += length_grouped(run.keep, lengths, cfg.batch_size, rng)
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
             seen.update(idx)
-            batch = {k: v.to(device) for k, v in _batch([encoded[i] for i in idx], pad_id).items()}
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_at(step)
+            batch = {k: v.to(run.device) for k, v in batch_tensors([run.encoded[i] for i in idx], run.pad_id).items()}
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, run.steps)
             loss = reply_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+            optimizer.step()
             losses.append(float(loss.detach()))
-            bar.update(job, advance=1, description=f"align {recipe.label or ''} loss {losses[-1]:.3f}")
-    seconds = time.perf_counter() - start
+            bar.update(job, advance=1, description=f"{title} loss {losses[-1]:.3f}")
+    trained = Trained(losses, seen, time.perf_counter() - start)
     if not all(math.isfinite(x) for x in losses):
         raise MergeLabError(f"training diverged (loss {losses[-1]}); lower train.lr (now {cfg.lr}).")
+    return trained
 
+
+def save(run: AlignRun, trained: Trained, out: Path) -> AlignResult:
+    """adapter/, merged/ (when asked), train_items.json, align_log.json and the recipe, all or nothing at `out`."""
+    recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
     with atomic_folder(out) as tmp:
         model.eval()
-        model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
+        model.peft_config["default"].base_model_name_or_path = str(Path(run.base).resolve())
         model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp / "adapter"))
         merged_path = None
@@ -386,19 +331,40 @@ def align(
             tokenizer.save_pretrained(str(tmp / "merged"))
             stamp_merged(tmp / "merged", tmp / "adapter", recipe.label)
             merged_path = out / "merged"
-        trained = [rows[i] for i in sorted(seen)]
+        rows = [run.rows[i] for i in sorted(trained.seen)]
         by_source: dict[str, list[int]] = {}
-        for r in trained:
+        for r in rows:
             by_source.setdefault(r.source, []).append(r.index)
         (tmp / "train_items.json").write_text(json.dumps({
-            "label": recipe.label, "base_model": str(base), "count": len(trained),
-            "ids": [r.id for r in trained], "by_source": by_source,
+            "label": recipe.label, "base_model": str(run.base), "count": len(rows),
+            "ids": [r.id for r in rows], "by_source": by_source,
         }, indent=1) + "\n")
         (tmp / "align_log.json").write_text(json.dumps({
-            "steps": steps, "rows": len(keep), "seconds": round(seconds, 2), "device": str(device),
-            "losses": [round(x, 5) for x in losses],
+            "steps": run.steps, "rows": len(run.keep), "seconds": round(trained.seconds, 2), "device": str(run.device),
+            "losses": [round(x, 5) for x in trained.losses],
         }, indent=1) + "\n")
         (tmp / "align_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-    head = sum(losses[: max(1, len(losses) // 5)]) / max(1, len(losses) // 5)
-    tail = sum(losses[-max(1, len(losses) // 5):]) / max(1, len(losses) // 5)
-    return AlignResult(out, out / "adapter", merged_path, steps, len(keep), seconds, head, tail)
+    losses, fifth = trained.losses, max(1, len(trained.losses) // 5)
+    head, tail = sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
+    return AlignResult(out, out / "adapter", merged_path, run.steps, len(run.keep), trained.seconds, head, tail)
+
+
+def align(
+    recipe: AlignRecipe | str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    console=None,
+) -> AlignResult:
+    """Train a LoRA expert from `recipe` into the folder `out` (built beside it, renamed at the end)."""
+    from rich.console import Console
+
+    if not isinstance(recipe, AlignRecipe):
+        recipe = load_align_recipe(recipe)
+    out = Path(out)
+    if out.exists() and not force:
+        raise MergeLabError(f"{out}: already exists. Choose another output folder or pass --force to replace it.")
+    run = setup(recipe)
+    trained = train_loop(run, progress=progress, console=console or Console(stderr=True))
+    return save(run, trained, out)
