@@ -6,6 +6,7 @@ The public plugin API, importable from here without loading torch until it is us
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import import_module
 from typing import Any
 
@@ -21,7 +22,17 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'merge_lab' has no attribute {name!r}")
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A package's door, imported on first use: `__getattr__ = lazy_exports(__name__, {name: module})`.
+    Importing a light submodule (a schema, the errors) then never loads torch or the package's
+    heavy modules, and no package's __init__ adds an import cycle."""
+
+    def get(name: str) -> Any:
+        if name in exports:
+            return getattr(import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return get
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

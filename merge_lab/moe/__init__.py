@@ -1,4 +1,4 @@
-"""H3 MoE fusion (strategies/h3_moe.py is the registered strategy).
+"""H3 MoE fusion (moe/strategy.py is the registered strategy). Door: `fuse`.
 
 layout       dense -> Mixtral / Qwen2-MoE / Qwen3-MoE: config and hub tensor names
 assemble     the structural plan the merge engine runs (experts, routers, non-FFN policy)
@@ -10,5 +10,10 @@ state        the resume state: safetensors + JSON, loaded strictly
 export       trained model -> hub layout through the ShardWriter
 pipeline     `merge-lab fuse`: assemble, train, export
 routing      router hooks, forced routing, routing accuracy, `merge-lab inspect-routing`
-fixtures     tiny experts and labelled data for tests
+(tiny experts and labelled data for tests: merge_lab.testing.moe)
 """
+
+from merge_lab import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {"fuse": "merge_lab.moe.pipeline"})
+__all__ = ["fuse"]
