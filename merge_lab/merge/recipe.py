@@ -87,9 +87,6 @@ class Recipe(BaseModel):
         """The file the recipe came from, for messages."""
         return self._where.source
 
-    def line_of(self, *path: Any) -> int | None:
-        return self._where.line(*path)
-
     def where(self, *path: Any) -> str:
         """'recipe.yaml, line 7 (models.1.parameters.weight)' for error messages."""
         return self._where(*path)
