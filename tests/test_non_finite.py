@@ -14,6 +14,7 @@ from merge_lab.core.checkpoint import Checkpoint
 from merge_lab.errors import MergeLabError
 from merge_lab.merge import interface as registry
 from merge_lab.merge.engine import merge
+from merge_lab.merge.finite import non_finite_count
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
 from merge_lab.testing.moe import lora_expert
 
@@ -150,3 +151,14 @@ def test_strategy_making_nan_from_finite_inputs_is_an_error(buggy_strategy, tmp_
     # allowing non-finite inputs does not excuse it: these inputs are finite
     result = runner.invoke(app, ["merge", str(recipe), "-o", str(out), "--no-progress", "--allow-non-finite"])
     assert result.exit_code == 2 and "from finite inputs" in " ".join(result.output.split())
+
+
+def test_non_finite_count_is_exact_and_an_overflowing_sum_is_no_false_alarm():
+    big = torch.full((10,), 3e38)  # finite values whose sum overflows to inf
+    assert non_finite_count(big) == 0
+    big[3], big[7] = math.nan, -math.inf
+    assert non_finite_count(big) == 2
+    mixed = torch.zeros(6)
+    mixed[0], mixed[1] = math.inf, -math.inf  # their sum is NaN
+    assert non_finite_count(mixed) == 2
+    assert non_finite_count(torch.arange(5)) == 0 and non_finite_count(torch.zeros(0)) == 0

@@ -6,8 +6,12 @@ folder, the tensor and the count. `allow_non_finite: true` (or `merge-lab merge
 --allow-non-finite`) merges anyway and the model card lists what was seen. A strategy that turns
 finite inputs into non-finite output (a division by a zero norm) is an error naming it.
 
-The checks run on the float32 blocks the engine already holds: one `isfinite(x).all()` per
-block, counting only when that fails; the inputs' test runs on the reader thread.
+The checks run on the float32 blocks the engine already holds, counting only when a block fails
+a one-pass test: the block's sum is finite exactly when no element is NaN / Inf, or the sum
+overflowed (then the count, 0, clears it). `torch.isfinite(x).all()` is the obvious test, but
+it is composite (x == x, abs, compare, and, all: four temporaries): 68 ms per 2M-element block on
+one thread against 2 ms for `isfinite(x.sum())`, which took a 118M-parameter task_arithmetic merge
+from 0.7 s to 2.3 s of CPU. The inputs' test runs on the reader thread.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ ALLOW_HINT = "set `allow_non_finite: true` in the recipe (or pass --allow-non-fi
 
 def non_finite_count(x: torch.Tensor) -> int:
     """How many NaN / Inf values x holds (0 for integer tensors); a full count only when some are."""
-    if not x.is_floating_point() or bool(torch.isfinite(x).all()):
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum(dtype=torch.float32))):
         return 0
     return int((~torch.isfinite(x)).sum())
 
