@@ -107,6 +107,47 @@ def test_allowed_by_the_recipe_counts_each_value_once(poisoned, tmp_path, chunk)
     assert "`allow_non_finite`" in (result.path / "README.md").read_text()
 
 
+class CentreOnMean(registry.Strategy):
+    """A plugin streamed with one statistics pass: subtracts the tensor's mean (a whole-tensor
+    statistic), so one NaN anywhere makes every output row NaN."""
+
+    name = "test_centre_on_mean"
+    row_separable = True
+
+    def stats_passes(self, params, model_params) -> int:
+        return 1
+
+    def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
+        total, count = stats or (0.0, 0)
+        return total + float(tensors[0].sum()), count + tensors[0].numel()
+
+    def merge(self, tensors, base, params, model_params, ctx):
+        total, count = ctx.stats or self.tensor_stats(tensors, base, params, model_params, ctx)
+        return tensors[0] - total / count
+
+
+@pytest.fixture()
+def centre_on_mean():
+    registry.register(CentreOnMean)
+    yield CentreOnMean.name
+    registry.STRATEGIES.unregister(CentreOnMean.name)
+
+
+def test_nan_in_a_later_block_spreading_through_statistics_is_not_blamed_on_the_strategy(
+    poisoned, tmp_path, centre_on_mean
+):
+    """One NaN in row 17 reaches rows 0-1 through the statistics, though their own inputs are
+    finite: inputs are checked at each block's first read (the statistics pass), so the engine
+    knows the tensor's inputs held NaN before it merges any block."""
+    model = make_checkpoint(tmp_path / "m", "llama", seed=4)
+    _plant(model, NAN_TENSOR, [32 * 17 + 3], math.nan)
+    recipe = write_recipe(tmp_path / "c.yaml", {"merge_method": centre_on_mean, "models": [str(model)],
+                                                "allow_non_finite": True})
+    result = merge(recipe, tmp_path / "out", progress=False, hash_inputs=False, chunk_elements=64)
+    assert result.non_finite == {(str(model), NAN_TENSOR): 1}
+    assert load_tensors(result.path)[NAN_TENSOR][:2].isnan().all()  # spread to the first block
+
+
 def test_the_base_read_by_every_adapter_expert_is_counted_once(tmp_path):
     base = make_checkpoint(tmp_path / "base", "llama", seed=0)
     experts = [lora_expert(base, tmp_path / f"e{i}", seed=i + 1) for i in range(2)]

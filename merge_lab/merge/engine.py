@@ -82,6 +82,14 @@ class _Unit:
     first_element: int = 0
 
     @property
+    def first_read(self) -> bool:
+        """Whether this unit reads its rows for the first time (not a later statistics pass, nor
+        the merge after them): only then are its inputs checked for NaN / Inf."""
+        if self.stream is None:
+            return True
+        return self.pass_index == 0 or (self.pass_index is None and self.stream.passes == 0)
+
+    @property
     def input_bytes(self) -> int:
         t = self.task
         n = t.numel if self.rows is None else t.numel // t.shape[0] * (self.rows[1] - self.rows[0])
@@ -115,11 +123,13 @@ def _units(tasks: list[TensorTask], chunk_elements: int | None = None):
 
 
 def _load(unit: _Unit, device: torch.device, buffers: list[torch.Tensor | None]) -> tuple[list[torch.Tensor], list[int]]:
-    """A unit's inputs, and how many non-finite values each holds (checked here, on the reader)."""
+    """A unit's inputs, and how many non-finite values each holds (checked here, on the reader,
+    at the first read of the rows: statistics passes come first, so every block is checked before
+    any is merged)."""
     out, counts = [], []
     for (ckpt, name), buf in zip(unit.task.inputs, buffers):
         t = ckpt.read(name, unit.rows, torch.float32, out=buf) if buf is not None else ckpt.read(name, unit.rows)
-        counts.append(non_finite_count(t))
+        counts.append(non_finite_count(t) if unit.first_read else 0)
         out.append(t.to(device) if device.type != "cpu" else t)
     return out, counts
 

@@ -76,8 +76,8 @@ class FiniteGuard:
         self._tainted.add(task.output)
         for (ckpt, name), n in bad:
             key = (str(ckpt.path), name, rows)
-            # a block is read once per statistics pass, and one input may feed several outputs
-            # (the base under every adapter expert): count each block of each input once
+            # one input may feed several outputs (the base under every adapter expert): count
+            # each block of each input once
             if key not in self._counted:
                 self._counted.add(key)
                 self.seen[(str(ckpt.path), name)] = self.seen.get((str(ckpt.path), name), 0) + n
