@@ -88,12 +88,16 @@ def merge(
     device: Annotated[str, typer.Option(help="where the arithmetic runs: cpu, cuda, cuda:1")] = "cpu",
     hash_inputs: Annotated[bool, typer.Option(help="sha256 the inputs for the model card")] = True,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    allow_non_finite: Annotated[bool, typer.Option(
+        "--allow-non-finite", help="merge inputs holding NaN / Inf instead of refusing them (the card counts them)"
+    )] = False,
 ) -> None:
     """Merge the models of RECIPE into a new checkpoint folder OUT.
 
     Tensors are streamed one at a time from memory-mapped shards, so memory stays bounded by
     the largest tensor times the number of models. The output is written beside OUT and
-    renamed into place at the end: an interrupted merge leaves nothing behind.
+    renamed into place at the end: an interrupted merge leaves nothing behind. An input holding
+    NaN or Inf is refused unless the recipe sets `allow_non_finite: true` or --allow-non-finite.
     """
     _import_frozen()
     from merge_lab.merge.engine import run_plan
@@ -103,7 +107,7 @@ def merge(
     plan = make_plan(load_recipe(recipe))
     result = run_plan(
         plan, out, force=force, shard_size=shard_size, device=device, progress=progress,
-        hash_inputs=hash_inputs, console=err_console,
+        hash_inputs=hash_inputs, console=err_console, allow_non_finite=True if allow_non_finite else None,
     )
     table = Table(title="merge complete", show_header=False)
     table.add_row("output", str(result.path))
@@ -111,7 +115,17 @@ def merge(
     table.add_row("tensors", str(result.tensors))
     table.add_row("written", _gb(result.bytes_written))
     table.add_row("time", f"{result.seconds:.1f} s")
+    if result.non_finite:
+        total = sum(result.non_finite.values())
+        table.add_row("[yellow]non-finite inputs[/yellow]",
+                      f"[yellow]{total} NaN / Inf value(s) in {len(result.non_finite)} tensor(s)[/yellow]")
     out_console.print(table)
+    if result.non_finite:
+        err_console.print(
+            f"[bold yellow]warning:[/bold yellow] the inputs held {total} NaN / Inf value(s) in "
+            f"{len(result.non_finite)} tensor(s), merged as they were (allow_non_finite); the output may hold "
+            f"some too. The list is in {result.path / 'README.md'}.", highlight=False, soft_wrap=True,
+        )
 
 
 @app.command()

@@ -117,6 +117,33 @@ def test_centroid_router_init_separates_labels(tmp_path):
     assert routing_accuracy(_moe(out), enc, 0, "cpu") > 0.9  # before any training
 
 
+def test_centroid_rows_are_a_step_between_planning_and_the_engine(tmp_path, monkeypatch):
+    """Planning (validate, plan) runs no model; run_plan computes the rows once, before it opens
+    the output, and the engine writes them as constants."""
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import load_recipe
+    from merge_lab.moe import router_init
+
+    base = make_checkpoint(tmp_path / "base", "llama", seed=0)
+    experts = [(f"l{i}", ffn_expert(base, tmp_path / f"e{i}", seed=i)) for i in range(2)]
+    data = labelled_jsonl(tmp_path / "d.jsonl", ["l0", "l1"], per_label=2)
+    rec = _recipe(tmp_path, base, experts, parameters={"router_init": "centroid", "router_data": str(data)})
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(list(tmp_path.glob(".moe*")))  # what exists of the output when it runs
+        return torch.full((2, 2, 32), 0.5)  # [layers, experts, hidden]
+
+    monkeypatch.setattr(router_init, "centroid_rows", spy)
+    plan = make_plan(load_recipe(rec))
+    assert calls == [] and len(plan.steps) == 1
+    out = merge(rec, tmp_path / "moe", progress=False, hash_inputs=False).path
+    assert calls == [[]]  # once, with nothing of the output on disk yet
+    rows = load_tensors(out)
+    for layer in (0, 1):
+        assert torch.equal(rows[f"model.layers.{layer}.block_sparse_moe.gate.weight"], torch.full((2, 32), 0.5))
+
+
 def _fails(tmp_path, recipe, match):
     out = tmp_path / "never"
     with pytest.raises(MergeLabError, match=match):

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from merge_lab.merge import engine
 from merge_lab.merge import interface as registry
 from merge_lab.merge.engine import merge
 from merge_lab.merge.interface import TensorContext
-from merge_lab.merge.planner import ALLOCATOR_SLACK, make_plan
+from merge_lab.merge.ops import ALLOCATOR_SLACK
+from merge_lab.merge.planner import make_plan
 from merge_lab.merge.recipe import load_recipe
 from merge_lab.strategies.common import TopKThreshold, magnitude_bits, trim_topk_
 from merge_lab.strategies.slerp import SlerpParams
@@ -53,8 +53,8 @@ def test_strategy_only_ever_sees_row_blocks(method, family, tmp_path, monkeypatc
 
     monkeypatch.setattr(cls, "merge", spy_merge)
     monkeypatch.setattr(cls, "fold_stats", spy_fold)
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", BLOCK)
-    merge(_recipe(tmp_path / "r.yaml", method, base, models), tmp_path / "out", progress=False, hash_inputs=False)
+    merge(_recipe(tmp_path / "r.yaml", method, base, models), tmp_path / "out", progress=False, hash_inputs=False,
+          chunk_elements=BLOCK)
     assert max(seen["merge"]) <= BLOCK and max(seen["fold"]) <= BLOCK
     streamed = sum(seen["stats"])  # blocks merged with the engine's statistics; the rest are whole
     assert streamed > len(seen["merge"]) - streamed > 0  # small tensors (norms) still come whole
@@ -137,14 +137,14 @@ def test_slerp_blocks_equal_whole_tensor(case):
     assert slerp.stats_passes(SlerpParams(t=1.0), []) == 0  # endpoints need no statistics
 
 
-def test_predicted_peak_follows_blocks_not_tensors(family, tmp_path, monkeypatch):
+def test_predicted_peak_follows_blocks_not_tensors(family, tmp_path):
     """The plan predicts a streamed merge's memory from its row blocks, so the prediction does not
     grow with the largest tensor (it did for TIES and slerp when they held whole tensors)."""
     base, models = family
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", BLOCK)
     for method in ("ties", "slerp"):
         plan = make_plan(load_recipe(_recipe(tmp_path / f"{method}.yaml", method, base, models)))
         largest = max(t.numel for t in plan.tasks)
         inputs = max(len(t.inputs) for t in plan.tasks)
         assert largest > BLOCK
-        assert plan.predicted_peak_bytes() - ALLOCATOR_SLACK <= 2 * 4 * BLOCK * (inputs + 3)
+        assert plan.predicted_peak_bytes(chunk_elements=BLOCK) - ALLOCATOR_SLACK <= 2 * 4 * BLOCK * (inputs + 3)
+        assert plan.predicted_peak_bytes() - ALLOCATOR_SLACK > 2 * 4 * BLOCK * (inputs + 3)  # default blocks

@@ -33,7 +33,10 @@ def recipe_hash(plan: Plan) -> str:
     return hashlib.sha256(recipe_text(plan).encode()).hexdigest()
 
 
-def model_card(plan: Plan, hashes: dict[str, dict[str, str]] | None) -> str:
+def model_card(
+    plan: Plan, hashes: dict[str, dict[str, str]] | None, non_finite: dict[tuple[str, str], int] | None = None
+) -> str:
+    """The card; `non_finite`: (input folder, tensor) -> NaN / Inf values merged (allow_non_finite)."""
     recipe = plan.recipe
     front = {
         "library_name": "transformers",
@@ -56,4 +59,19 @@ def model_card(plan: Plan, hashes: dict[str, dict[str, str]] | None) -> str:
     lines += ["## Versions", "", "```json", json.dumps(library_versions(), indent=2), "```", ""]
     if plan.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]
+    if non_finite:
+        lines += non_finite_section(non_finite)
     return "\n".join(lines)
+
+
+def non_finite_section(non_finite: dict[tuple[str, str], int]) -> list[str]:
+    total = sum(non_finite.values())
+    lines = [
+        "## Non-finite input values",
+        "",
+        f"The inputs held {total} NaN / Inf value(s) in {len(non_finite)} tensor(s), merged as they were "
+        "(`allow_non_finite`); the output tensors made from them may hold NaN / Inf too.",
+        "",
+    ]
+    lines += [f"- `{folder}`: `{tensor}`: {n} value(s)" for (folder, tensor), n in sorted(non_finite.items())]
+    return [*lines, ""]

@@ -5,15 +5,17 @@ Reading, computing and writing overlap: a loader thread reads the next work unit
 allocates) while the current one computes, and a writer thread writes the previous result at its
 final offset. At most one unit waits in each stage.
 
-A work unit is a whole tensor, or, for strategies that treat rows independently (elementwise
-or row-wise math), a block of about CHUNK_ELEMENTS elements of rows. So for those strategies
-peak memory is a few blocks whatever the model size: the 128k x 4096 embedding of a large
-model costs what a small one does. Strategies that are elementwise once they know a few
-whole-tensor statistics (TIES' top-k thresholds, slerp's angle) declare statistics passes
-(Strategy.stats_passes): the tensor's row blocks are then read once per pass and folded into the
-statistics (units that write nothing), then once more and merged with them in ctx.stats. Only
-tensors whose vocabularies differ (`tokenizer: base`) still go whole to such strategies. The
-engine sees files and never math; the strategies see tensors and never files.
+A work unit is a whole tensor, or, for ops that say they stream in row blocks (elementwise or
+row-wise strategies: `TensorOp.streams_rows`), a block of about ops.CHUNK_ELEMENTS elements of
+rows. So for those peak memory is a few blocks whatever the model size: the 128k x 4096
+embedding of a large model costs what a small one does. Strategies that are elementwise once they
+know a few whole-tensor statistics (TIES' top-k thresholds, slerp's angle) declare statistics
+passes: the op's RowStream folds the tensor's row blocks into them pass by pass (units that write
+nothing), then merges every block with them. Only tensors whose vocabularies differ (`tokenizer:
+base`) still go whole to such strategies. Every block read is checked for NaN / Inf on the way
+(merge.finite). The engine sees files and never math; the ops see tensors and never files; work
+that needs a model before the merge (centroid router rows) is done by the plan's steps, run when
+the engine starts, before the output folder is opened.
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ import json
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,8 +36,9 @@ from merge_lab.core.progress import progress_bar
 from merge_lab.core.writer import ShardWriter, TensorSpec, parse_size
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.card import model_card, recipe_hash, recipe_text
-from merge_lab.merge.interface import TensorContext
-from merge_lab.merge.planner import Compute, Plan, TensorTask, _merge_group, make_plan
+from merge_lab.merge.finite import FiniteGuard, non_finite_count
+from merge_lab.merge.ops import RowStream, TensorTask, block_rows
+from merge_lab.merge.planner import Plan, make_plan
 from merge_lab.merge.recipe import Recipe, load_recipe
 
 SIDE_FILES = (
@@ -59,113 +61,77 @@ class MergeResult:
     tensors: int
     bytes_written: int
     seconds: float
+    # (input folder, tensor) -> NaN / Inf values merged under allow_non_finite; empty otherwise
+    non_finite: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
-# Rows are processed in blocks of about this many elements (8 MB of float32 per input): small
-# enough that the allocator reuses the blocks' memory instead of faulting in fresh pages for each
-# (measured on the 0.5B linear benchmark: 5.5 s CPU at 2M elements, 7.5 s at 8M).
-CHUNK_ELEMENTS = 2 * 2**20
 # A unit whose float32 inputs exceed this is not read ahead while another computes, nor computed
 # while a result is still being written: two whole embeddings in flight would double the peak.
 PREFETCH_BYTES = 256 * 2**20
-
-@dataclass(frozen=True)
-class _StreamContext(TensorContext):
-    """A TensorContext whose generators persist across a tensor's row blocks: block k continues
-    the random stream where block k-1 stopped, so blocked and whole-tensor results are equal."""
-
-    _generators: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
-        key = (model_index, str(torch.device(device)))
-        g = self._generators.get(key)
-        if g is None:
-            g = self._generators[key] = super().generator(model_index, device)
-        return g
 
 
 @dataclass
 class _Unit:
     """One step of the pipeline: the rows [start, stop) of a task's tensor, or all of it. A unit
-    of a statistics pass computes None and writes nothing."""
+    of a statistics pass (pass_index set) folds its block into the stream and writes nothing."""
 
     task: TensorTask
-    rows: tuple[int, int] | None
-    compute: Compute
+    rows: tuple[int, int] | None = None
+    stream: RowStream | None = None
+    pass_index: int | None = None
     first_element: int = 0
 
+    @property
+    def first_read(self) -> bool:
+        """Whether this unit reads its rows for the first time (not a later statistics pass, nor
+        the merge after them): only then are its inputs checked for NaN / Inf."""
+        if self.stream is None:
+            return True
+        return self.pass_index == 0 or (self.pass_index is None and self.stream.passes == 0)
 
-class _Stream:
-    """One tensor streamed in row blocks: its statistics, folded pass by pass, then its merge.
-    Its units run in plan order on one thread, so they share this state without locks."""
+    @property
+    def input_bytes(self) -> int:
+        t = self.task
+        n = t.numel if self.rows is None else t.numel // t.shape[0] * (self.rows[1] - self.rows[0])
+        return 4 * n * len(t.inputs)
 
-    def __init__(self, task: TensorTask) -> None:
-        self.strategy, self.params, self.model_params, ctx, self.has_base, _ = task.compute.args  # type: ignore[attr-defined]
-        self.ctx = _StreamContext(ctx.name, ctx.role, ctx.seed, ctx.model_ids)
-        self.passes = self.strategy.stats_passes(self.params, self.model_params)
-        self.stats = None
-
-    def fold(self, pass_index: int, last: bool, inputs: list[torch.Tensor]) -> None:
-        base, tensors = (inputs[-1], inputs[:-1]) if self.has_base else (None, inputs)
-        s, p, mp = self.strategy, self.params, self.model_params
-        self.stats = s.fold_stats(pass_index, self.stats, tensors, base, p, mp, self.ctx)
-        if last:
-            self.stats = s.finish_stats(pass_index, self.stats, p, mp)
-            if pass_index == self.passes - 1:  # generators stay shared: replace() keeps the dict
-                self.ctx = replace(self.ctx, stats=self.stats)
-
-    def merge(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        return _merge_group(self.strategy, self.params, self.model_params, self.ctx, self.has_base, None, inputs)
-
-
-def _streamable(task: TensorTask) -> bool:
-    """Whether the task may run block by block: a tensor-wise merge by a row-separable strategy."""
-    c = task.compute
-    if not (isinstance(c, partial) and c.func is _merge_group and len(c.args) == 6 and not c.keywords):
-        return False
-    strategy, vocab_rows = c.args[0], c.args[5]
-    return vocab_rows is None and strategy.row_separable
+    def run(self, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        if self.stream is None:
+            return self.task.op.execute(inputs)
+        if self.pass_index is not None:
+            assert self.rows is not None
+            self.stream.fold(self.pass_index, self.rows[1] == self.task.shape[0], inputs)
+            return None
+        return self.stream.merge(inputs)
 
 
-def block_rows(task: TensorTask, chunk: int | None = None) -> int | None:
-    """Rows per work unit when the task is streamed in row blocks, else None (whole tensor)."""
-    chunk = chunk or CHUNK_ELEMENTS
-    rows = task.shape[0] if task.shape else 0
-    if task.numel <= chunk or rows <= 1 or not all(c.info(n).shape == task.shape for c, n in task.inputs):
-        return None
-    if not _streamable(task):
-        return None
-    return max(1, chunk // (task.numel // rows))
-
-
-def _units(tasks: list[TensorTask], chunk: int | None = None):
+def _units(tasks: list[TensorTask], chunk_elements: int | None = None):
     """Split tasks into work units (lazily, in plan order)."""
     for task in tasks:
-        step = block_rows(task, chunk)
+        step = block_rows(task, chunk_elements)
         if step is None:
-            yield _Unit(task, None, task.compute)
+            yield _Unit(task)
             continue
         rows, per_row = task.shape[0], task.numel // task.shape[0]
-        stream = _Stream(task)
+        stream = task.op.stream()
         blocks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
         for p in range(stream.passes):
             for start, stop in blocks:
-                yield _Unit(task, (start, stop), partial(stream.fold, p, stop == rows), start * per_row)
+                yield _Unit(task, (start, stop), stream, p, start * per_row)
         for start, stop in blocks:
-            yield _Unit(task, (start, stop), stream.merge, start * per_row)
+            yield _Unit(task, (start, stop), stream, None, start * per_row)
 
 
-def _input_bytes(unit: _Unit) -> int:
-    n = unit.task.numel if unit.rows is None else unit.task.numel // unit.task.shape[0] * (unit.rows[1] - unit.rows[0])
-    return 4 * n * len(unit.task.inputs)
-
-
-def _load(unit: _Unit, device: torch.device, buffers: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    out = []
+def _load(unit: _Unit, device: torch.device, buffers: list[torch.Tensor | None]) -> tuple[list[torch.Tensor], list[int]]:
+    """A unit's inputs, and how many non-finite values each holds (checked here, on the reader,
+    at the first read of the rows: statistics passes come first, so every block is checked before
+    any is merged)."""
+    out, counts = [], []
     for (ckpt, name), buf in zip(unit.task.inputs, buffers):
         t = ckpt.read(name, unit.rows, torch.float32, out=buf) if buf is not None else ckpt.read(name, unit.rows)
+        counts.append(non_finite_count(t) if unit.first_read else 0)
         out.append(t.to(device) if device.type != "cpu" else t)
-    return out
+    return out, counts
 
 
 def _prefetch(reader: ThreadPoolExecutor, unit: _Unit, device: torch.device) -> Future:
@@ -232,6 +198,89 @@ def check_disk(plan: Plan, out: Path) -> None:
         )
 
 
+def _compute_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MergeLabError(f"--device {device}: not a device torch knows; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeLabError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
+    return dev
+
+
+def _open_output(plan: Plan, out: Path, shard_size: str | int | None, force: bool) -> ShardWriter:
+    specs = [TensorSpec(t.output, t.shape, t.dtype) for t in plan.tasks]
+    shard_bytes = parse_size(shard_size if shard_size is not None else plan.recipe.shard_size)
+    metadata = {"format": "pt", "merge_lab_recipe_sha256": recipe_hash(plan), "merge_lab_strategy": plan.strategy}
+    return ShardWriter(out, specs, shard_bytes, metadata, force=force)
+
+
+def _compute(unit: _Unit, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+    try:
+        return unit.run(inputs)
+    except MergeLabError:
+        raise
+    except Exception as e:
+        raise MergeLabError(f"tensor '{unit.task.output}': the strategy failed: {e}") from e
+
+
+def _run_units(plan: Plan, writer: ShardWriter, device: torch.device, chunk_elements: int | None,
+               guard: FiniteGuard, console: Console, progress: bool) -> int:
+    """Run every work unit in plan order, reading the next one's inputs while this one computes
+    and the previous result is written. Returns the bytes written."""
+    written = done = 0
+    with (
+        progress_bar(console, progress, DownloadColumn(), TextColumn("{task.fields[tensors]} tensors")) as bar,
+        ThreadPoolExecutor(1, thread_name_prefix="merge-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="merge-write") as writer_pool,
+    ):
+        job = bar.add_task(plan.strategy, total=plan.output_bytes, tensors=f"0/{len(plan.tasks)}")
+        pending_write: Future | None = None
+        units = _units(plan.tasks, chunk_elements)
+        unit = next(units, None)
+        next_inputs: Future | None = _prefetch(reader, unit, device) if unit is not None else None
+        while unit is not None:
+            assert next_inputs is not None
+            inputs, counts = next_inputs.result()
+            following = next(units, None)
+            defer = following is not None and following.input_bytes > PREFETCH_BYTES
+            next_inputs = _prefetch(reader, following, device) if following is not None and not defer else None
+            task = unit.task
+            guard.check_inputs(task, unit.rows, counts)
+            result = _compute(unit, inputs)
+            del inputs
+            if result is not None:
+                guard.check_output(task, unit.rows, result)
+                if pending_write is not None:
+                    pending_write.result()
+                nbytes = result.numel() * task.dtype.itemsize
+                written += nbytes
+                pending_write = writer_pool.submit(writer.write_part, task.output, unit.first_element, result)
+                del result
+                if unit.rows is None or unit.rows[1] == task.shape[0]:
+                    done += 1
+                bar.update(job, advance=nbytes, tensors=f"{done}/{len(plan.tasks)}",
+                           description=f"{plan.strategy} [dim]{task.output}[/dim]")
+            if defer:  # `following` is large: read it only once nothing else is in flight
+                if pending_write is not None:
+                    pending_write.result()
+                next_inputs = _prefetch(reader, following, device)
+            unit = following
+        if pending_write is not None:
+            pending_write.result()
+        bar.update(job, description=plan.strategy)
+    return written
+
+
+def _write_beside(plan: Plan, folder: Path, hash_inputs: bool, non_finite: dict[tuple[str, str], int]) -> None:
+    """The files beside the weights: config, tokenizer, model card, recipe."""
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    copy_side_files(plan.side_files_from, folder)
+    hashes = {str(c.path): c.file_hashes() for c in plan.inputs} if hash_inputs else None
+    (folder / "README.md").write_text(model_card(plan, hashes, non_finite))
+    (folder / "merge_recipe.yaml").write_text(recipe_text(plan))
+
+
 def run_plan(
     plan: Plan,
     out: str | Path,
@@ -242,87 +291,34 @@ def run_plan(
     progress: bool = True,
     hash_inputs: bool = True,
     console: Console | None = None,
+    chunk_elements: int | None = None,
+    allow_non_finite: bool | None = None,
 ) -> MergeResult:
-    """Execute a plan into the folder `out` (built beside it, renamed into place when complete)."""
+    """Execute a plan into the folder `out` (built beside it, renamed into place when complete).
+
+    chunk_elements: elements per row block of streamed tensors (default ops.CHUNK_ELEMENTS).
+    allow_non_finite: merge inputs holding NaN / Inf (default: the recipe's allow_non_finite).
+    """
     out = Path(out)
     console = console or Console(stderr=True)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeLabError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
+    dev = _compute_device(device)
     check_disk(plan, out)
     _tune_malloc()
-    specs = [TensorSpec(t.output, t.shape, t.dtype) for t in plan.tasks]
-    shard_bytes = parse_size(shard_size if shard_size is not None else plan.recipe.shard_size)
-    metadata = {"format": "pt", "merge_lab_recipe_sha256": recipe_hash(plan), "merge_lab_strategy": plan.strategy}
     start = time.perf_counter()
-    written = 0
-    with ShardWriter(out, specs, shard_bytes, metadata, force=force) as writer:
-        with (
-            progress_bar(console, progress, DownloadColumn(), TextColumn("{task.fields[tensors]} tensors")) as bar,
-            ThreadPoolExecutor(1, thread_name_prefix="merge-read") as reader,
-            ThreadPoolExecutor(1, thread_name_prefix="merge-write") as writer_pool,
-        ):
-            done = 0
-            job = bar.add_task(plan.strategy, total=plan.output_bytes, tensors=f"0/{len(plan.tasks)}")
-            pending_write: Future | None = None
-            units = _units(plan.tasks)
-            unit = next(units, None)
-            next_inputs: Future | None = _prefetch(reader, unit, dev) if unit is not None else None
-            while unit is not None:
-                assert next_inputs is not None
-                inputs = next_inputs.result()
-                following = next(units, None)
-                defer = following is not None and _input_bytes(following) > PREFETCH_BYTES
-                next_inputs = _prefetch(reader, following, dev) if following is not None and not defer else None
-                task = unit.task
-                try:
-                    result = unit.compute(inputs)
-                except MergeLabError:
-                    raise
-                except Exception as e:
-                    raise MergeLabError(f"tensor '{task.output}': the strategy failed: {e}") from e
-                del inputs
-                if result is None:  # a statistics pass: nothing to write
-                    if defer:
-                        if pending_write is not None:
-                            pending_write.result()
-                        next_inputs = _prefetch(reader, following, dev)
-                    unit = following
-                    continue
-                if pending_write is not None:
-                    pending_write.result()
-                nbytes = result.numel() * task.dtype.itemsize
-                written += nbytes
-                pending_write = writer_pool.submit(writer.write_part, task.output, unit.first_element, result)
-                del result
-                if defer:
-                    pending_write.result()
-                    next_inputs = _prefetch(reader, following, dev)
-                if unit.rows is None or unit.rows[1] == task.shape[0]:
-                    done += 1
-                bar.update(job, advance=nbytes, tensors=f"{done}/{len(plan.tasks)}",
-                           description=f"{plan.strategy} [dim]{task.output}[/dim]")
-                unit = following
-            if pending_write is not None:
-                pending_write.result()
-            bar.update(job, description=plan.strategy)
-        (writer.folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-        copy_side_files(plan.side_files_from, writer.folder)
-        hashes = {str(c.path): c.file_hashes() for c in plan.inputs} if hash_inputs else None
-        (writer.folder / "README.md").write_text(model_card(plan, hashes))
-        (writer.folder / "merge_recipe.yaml").write_text(recipe_text(plan))
+    plan = plan.prepared()  # e.g. centroid router rows: may run a model; nothing is open yet
+    allow = plan.recipe.allow_non_finite if allow_non_finite is None else allow_non_finite
+    guard = FiniteGuard(plan.strategy, allow, chunk_elements)
+    with _open_output(plan, out, shard_size, force) as writer:
+        written = _run_units(plan, writer, dev, chunk_elements, guard, console, progress)
+        _write_beside(plan, writer.folder, hash_inputs, guard.seen)
         path = writer.finish()
     for c in plan.inputs:
         c.close()
-    return MergeResult(path, len(plan.tasks), written, time.perf_counter() - start)
+    return MergeResult(path, len(plan.tasks), written, time.perf_counter() - start, dict(guard.seen))
 
 
-def merge(
-    recipe: str | Path | Recipe,
-    out: str | Path,
-    **kwargs,
-) -> MergeResult:
-    """Plan and run a recipe: the one call behind `merge-lab merge`."""
+def merge(recipe: str | Path | Recipe, out: str | Path, **kwargs) -> MergeResult:
+    """Plan and run a recipe: the one call behind `merge-lab merge`. kwargs: run_plan's."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return run_plan(make_plan(recipe), out, **kwargs)

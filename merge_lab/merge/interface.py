@@ -8,8 +8,9 @@ defaults and help text:
 
 A tensor-wise strategy implements `merge()` for one tensor group; the engine reads the files and
 hands it float32 tensors. A structural strategy (one that changes the architecture, like the
-H3 MoE fusion) sets `structural = True` and implements `build_plan()` to lay out the whole output,
-still executed by the same engine and writer.
+H3 MoE fusion) sets `structural = True` and implements `build_plan()` to lay out the whole output
+as tasks whose ops follow merge.ops' protocol (what each reads, how it computes; work that needs
+a model first is a plan step), still executed by the same engine and writer.
 
 Strategies are discovered through the entry-point group `merge_lab.strategies` (core.registry); the built-ins in
 `strategies/` register exactly that way. `register()` adds one at run time (tests, notebooks).

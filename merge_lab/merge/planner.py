@@ -1,17 +1,17 @@
 """Plan: every output tensor, its inputs, its resolved parameters and its computation.
 
 Made from configs and safetensors headers only, so `merge-lab validate` and `merge-lab plan`
-can check a recipe and predict memory and disk before a single tensor is read.
+can check a recipe and predict memory and disk before a single tensor is read. Work that needs
+tensors or a model before the merge (the MoE's centroid router rows) is a PlanStep, run by
+`Plan.prepared()` when the engine starts.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel
@@ -21,34 +21,18 @@ from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
 from merge_lab.errors import MergeLabError
 from merge_lab.merge import interface as registry
 from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.merge.ops import ConstantOp, CopyOp, Deferred, MergeOp, TensorTask, predicted_peak_bytes
 from merge_lab.merge.params import check_shape, gradient_position, resolve
 from merge_lab.merge.recipe import Recipe
 
-Compute = Callable[[list[torch.Tensor]], torch.Tensor]
 
-# Freed blocks the allocator keeps for reuse: glibc caches allocations under 32 MB (a row block's
-# 8 MB) in each thread's arena, and the reader, compute and writer threads each hold some. Measured
-# on the 0.5B benchmark set (benchmarks.plan_probe): streamed merges grow up to ~240 MB beyond
-# their units in flight (TIES: 341 MB growth, ~100 MB of units).
-ALLOCATOR_SLACK = 384 * 2**20
+class PlanStep(Protocol):
+    """Work a plan needs done once, after planning and before the engine runs, that may read
+    tensors or run a model (planning may do neither): it gives the values of Deferred outputs."""
 
-
-@dataclass
-class TensorTask:
-    """One output tensor: read `inputs` (as float32), apply `compute`, write as `dtype`."""
-
-    output: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    inputs: list[tuple[Checkpoint, str]]
-    compute: Compute
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+    def run(self) -> dict[str, torch.Tensor]:
+        """Output tensor name -> its value, for every Deferred output this step owns."""
+        ...
 
 
 @dataclass
@@ -60,6 +44,7 @@ class Plan:
     side_files_from: Path | None  # folder whose tokenizer / generation config are copied
     inputs: list[Checkpoint]
     notes: list[str] = field(default_factory=list)  # things the user should know (printed by validate)
+    steps: list[PlanStep] = field(default_factory=list)  # run by prepared(), before the engine
 
     @property
     def output_bytes(self) -> int:
@@ -69,18 +54,28 @@ class Plan:
     def input_bytes(self) -> int:
         return sum(c.nbytes for c in self.inputs)
 
-    def predicted_peak_bytes(self, prefetch: int = 1) -> int:
-        """Working memory: float32 copies of the inputs of the work units in flight (a whole
-        tensor, or a row block of a streamed one), plus about three unit-sized temporaries for the
-        strategy and the output, plus ALLOCATOR_SLACK. Excludes the interpreter itself."""
-        from merge_lab.merge.engine import block_rows  # the engine decides what streams
+    def predicted_peak_bytes(self, prefetch: int = 1, chunk_elements: int | None = None) -> int:
+        """The engine's working memory for this plan (see ops.predicted_peak_bytes)."""
+        return predicted_peak_bytes(self.tasks, prefetch, chunk_elements)
 
-        per_unit = [0]
+    def prepared(self) -> Plan:
+        """This plan with its steps run and their Deferred outputs bound to the values computed
+        (a copy; the notes list is shared, so what the engine adds to it shows in both)."""
+        if not self.steps:
+            return self
+        values: dict[str, torch.Tensor] = {}
+        for step in self.steps:
+            values.update(step.run())
+        tasks = []
         for t in self.tasks:
-            rows = block_rows(t)
-            numel = t.numel if rows is None else t.numel // t.shape[0] * rows
-            per_unit.append(4 * numel * (len(t.inputs) + 3))
-        return max(per_unit) * (1 + prefetch) + ALLOCATOR_SLACK
+            if isinstance(t.op, Deferred):
+                value = values.get(t.output)
+                if value is None or tuple(value.shape) != t.shape:
+                    got = "nothing" if value is None else f"shape {tuple(value.shape)}"
+                    raise RuntimeError(f"internal: {t.op.step} gave {got} for '{t.output}' of shape {t.shape}")
+                t = replace(t, op=ConstantOp(value))
+            tasks.append(t)
+        return replace(self, tasks=tasks, steps=[])
 
 
 @dataclass
@@ -96,9 +91,6 @@ class PlanContext:
     @property
     def reference(self) -> Checkpoint:
         return self.base if self.base is not None else self.models[0]
-
-    def open(self, ref: str) -> Checkpoint:
-        return Checkpoint(self.recipe.resolve_path(ref))
 
 
 def _check_keys(recipe: Recipe, cls: type[Strategy]) -> None:
@@ -163,30 +155,6 @@ def resolve_params(ctx: PlanContext, tensor: str, entries: list[int]) -> tuple[B
     return params, model_params
 
 
-def _merge_group(
-    strategy: Strategy,
-    params: BaseModel,
-    model_params: list[BaseModel],
-    ctx: TensorContext,
-    has_base: bool,
-    vocab_rows: int | None,
-    inputs: list[torch.Tensor],
-) -> torch.Tensor:
-    """Compute for the tensor-wise planner. Inputs: the models' tensors, then the base's if any."""
-    base = inputs[-1] if has_base else None
-    tensors = inputs[:-1] if has_base else inputs
-    if vocab_rows is None:
-        return strategy.merge(tensors, base, params, model_params, ctx)
-    # tokenizer: base -> merge the rows every model has, take the rest from the base
-    assert base is not None
-    shared = strategy.merge([x[:vocab_rows] for x in tensors], base[:vocab_rows], params, model_params, ctx)
-    return torch.cat([shared, base[vocab_rows:]], dim=0)
-
-
-def _copy_input(inputs: list[torch.Tensor]) -> torch.Tensor:
-    return inputs[0]
-
-
 def _out_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     if not source.is_floating_point:
         return source
@@ -239,20 +207,19 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
         entries = [i for i in entries if recipe.models[i].model != recipe.base_model]
     models = [ctx.models[i] for i in entries]
     refs = tuple(ctx.model_refs[i] for i in entries)
+    with_base = ctx.base is not None and cls.uses_base
     tasks = []
     for n in names:
         info = ref.info(n)
-        srcs = [(m, n) for m in models] + ([(ctx.base, n)] if ctx.base is not None and cls.uses_base else [])
         if not info.dtype.is_floating_point:
-            tasks.append(TensorTask(n, info.shape, info.dtype, [(ref, n)], _copy_input))
+            tasks.append(TensorTask(n, info.shape, info.dtype, CopyOp((ref, n))))
             continue
         params, model_params = resolve_params(ctx, n, entries)
-        tctx = TensorContext(n, classify(n), recipe.seed, refs)
-        compute = partial(
-            _merge_group, strategy, params, model_params, tctx,
-            ctx.base is not None and cls.uses_base, vocab_rows.get(n),
+        op = MergeOp(
+            strategy, params, tuple(model_params), TensorContext(n, classify(n), recipe.seed, refs),
+            tuple((m, n) for m in models), (ctx.base, n) if with_base else None, vocab_rows.get(n),
         )
-        tasks.append(TensorTask(n, info.shape, _out_dtype(recipe, info.dtype), srcs, compute))
+        tasks.append(TensorTask(n, info.shape, _out_dtype(recipe, info.dtype), op))
     config = dict(ref.config)
     if recipe.output_dtype:  # transformers 5 reads `dtype`, older versions `torch_dtype`
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = recipe.output_dtype

@@ -3,7 +3,7 @@
 The schema is a superset of mergekit's for the methods we support (`merge_method`, `base_model`,
 `models[].model`, `models[].parameters`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`,
 `tokenizer.source`), so a mergekit recipe runs unchanged. Our additions: `seed`, `shard_size`,
-`models[].label` and `train:` (both for structural strategies such as `h3_moe`).
+`allow_non_finite`, `models[].label` and `train:` (both for structural strategies such as `h3_moe`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = Field(None, description="mergekit's spelling of tokenizer.source")
     seed: int = Field(0, description="seed for random strategies (DARE masks)")
     shard_size: str | int = Field("2GB", description="maximum bytes per output shard, e.g. 2GB")
+    allow_non_finite: bool = Field(
+        False, description="merge inputs holding NaN / Inf (counted in the model card) instead of refusing them"
+    )
     train: dict[str, Any] | None = Field(None, description="training block for structural strategies (h3_moe)")
     name: str | None = Field(None, description="a name for the model card")
 
@@ -83,9 +86,6 @@ class Recipe(BaseModel):
     def source(self) -> str:
         """The file the recipe came from, for messages."""
         return self._where.source
-
-    def line_of(self, *path: Any) -> int | None:
-        return self._where.line(*path)
 
     def where(self, *path: Any) -> str:
         """'recipe.yaml, line 7 (models.1.parameters.weight)' for error messages."""

@@ -1,17 +1,17 @@
 """Assembly plan: base + N aligned experts -> one MoE checkpoint, streamed by the merge engine.
 
-Every output tensor is a TensorTask reading its inputs memory-mapped: expert FFN tensors from
-the expert's checkpoint, or base + scale * B @ A from a LoRA adapter; attention, embeddings,
-norms and head from the base (or the experts' average, `non_ffn: average`); one router per layer.
+Every output tensor is a TensorTask whose op (merge.ops protocol) reads its inputs memory-mapped:
+ExpertOp, an expert FFN tensor from the expert's checkpoint, or base + scale * B @ A from a LoRA
+adapter; NonFfnOp, attention, embeddings, norms and head from the base (or the experts' average,
+`non_ffn: average`); one router per layer (router_init: RandomRouterOp, or rows a CentroidInit
+step computes before the engine runs), and zeros for what the family adds (ConstantOp).
 Tensors outside the FFN that an expert changed are measured while they stream by, and the
 summary goes into the plan's notes (printed, and written to the model card).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -22,10 +22,11 @@ from merge_lab.core.adapters import AdapterCheckpoint, lora_delta, open_model
 from merge_lab.core.architecture import MLP_ROLES, classify
 from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
 from merge_lab.errors import MergeLabError
-from merge_lab.merge.planner import Plan, PlanContext, TensorTask
+from merge_lab.merge.ops import ConstantOp, Deferred, Input, TensorOp, TensorTask
+from merge_lab.merge.planner import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.layout import moe_config
-from merge_lab.moe.router_init import centroid_rows, random_rows
+from merge_lab.moe.router_init import CentroidInit, RandomRouterOp
 
 
 class H3Params(BaseModel):
@@ -44,7 +45,7 @@ class H3Params(BaseModel):
     router_std: float = Field(0.02, gt=0, description="standard deviation of random router rows")
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Expert:
     """One expert's reading of a base tensor: which inputs to read and how they make the tensor."""
 
@@ -55,7 +56,7 @@ class Expert:
     def is_adapter(self) -> bool:
         return isinstance(self.ckpt, AdapterCheckpoint)
 
-    def inputs(self, name: str) -> list[tuple[Checkpoint, str]]:
+    def inputs(self, name: str) -> list[Input]:
         if not self.is_adapter:
             return [(self.ckpt, name)]
         pair = self.ckpt.pairs.get(name)
@@ -96,42 +97,52 @@ class NonFfnReport:
         self.notes[self.index] = f"weights outside the FFN ({what}, non_ffn: {self.policy}): " + "; ".join(parts)
 
 
-def _one_expert(expert: Expert, name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
-    base, xs = (inputs[0], inputs[1:]) if expert.is_adapter else (None, inputs)
-    return expert.value(name, base, xs)
+@dataclass(frozen=True, eq=False)
+class ExpertOp(TensorOp):
+    """One expert's copy of a base FFN tensor: its own, or the base's plus its LoRA delta."""
+
+    expert: Expert
+    base: Checkpoint
+    name: str  # the base's tensor
+
+    def arguments(self) -> tuple[Input, ...]:
+        base = [(self.base, self.name)] if self.expert.is_adapter else []
+        return (*base, *self.expert.inputs(self.name))
+
+    def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        base, xs = (inputs[0], inputs[1:]) if self.expert.is_adapter else (None, inputs)
+        return self.expert.value(self.name, base, xs)
 
 
-def _non_ffn(experts: list[Expert], counts: list[int], name: str, policy: str, report: NonFfnReport,
-             inputs: list[torch.Tensor]) -> torch.Tensor:
-    base, rest = inputs[0], inputs[1:]
-    values = []
-    for expert, n in zip(experts, counts):
-        xs, rest = rest[:n], rest[n:]
-        v = expert.value(name, base, xs)
-        report.record(expert.label, name, base, v)
-        values.append(v)
-    if policy == "base" or not base.is_floating_point():
-        return base
-    return torch.stack(values).mean(0)
+@dataclass(frozen=True, eq=False)
+class NonFfnOp(TensorOp):
+    """A tensor outside the FFN: the base's, or the experts' mean; what each expert changed goes
+    to the report (a shared accumulator, the op's one side effect)."""
 
+    experts: tuple[Expert, ...]
+    base: Checkpoint
+    name: str
+    policy: str  # non_ffn: base | average
+    report: NonFfnReport
 
-def _constant(value: Callable[[], torch.Tensor], _inputs: list[torch.Tensor]) -> torch.Tensor:
-    return value()
+    def _per_expert(self) -> list[list[Input]]:
+        floating = self.base.info(self.name).dtype.is_floating_point
+        return [e.inputs(self.name) if floating else [] for e in self.experts]
 
+    def arguments(self) -> tuple[Input, ...]:
+        return ((self.base, self.name), *(i for ins in self._per_expert() for i in ins))
 
-class _Centroids:
-    """Computed once, on the first router task, so planning stays header-only."""
-
-    def __init__(self, base: Path, recipe: Recipe, labels: list[str]):
-        self.base, self.recipe, self.labels = base, recipe, labels
-        self._rows: torch.Tensor | None = None
-
-    def row(self, layer: int) -> torch.Tensor:
-        if self._rows is None:
-            from merge_lab.moe.train import router_rows  # the rows fuse trains on, loaded once
-
-            self._rows = centroid_rows(self.base, router_rows(self.recipe), self.labels)
-        return self._rows[layer]
+    def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        base, rest = inputs[0], inputs[1:]
+        values = []
+        for expert, ins in zip(self.experts, self._per_expert()):
+            xs, rest = rest[:len(ins)], rest[len(ins):]
+            v = expert.value(self.name, base, xs)
+            self.report.record(expert.label, self.name, base, v)
+            values.append(v)
+        if self.policy == "base" or not base.is_floating_point():
+            return base
+        return torch.stack(values).mean(0)
 
 
 def h3_params(recipe: Recipe) -> H3Params:
@@ -194,7 +205,7 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     hidden = int(base.config["hidden_size"])
     std = params.router_std
 
-    centroids = None
+    centroid = False
     if params.router_init == "centroid":
         data = params.router_data or (recipe.train or {}).get("data")
         if not data:
@@ -202,7 +213,7 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                 f"{recipe.where('parameters', 'router_init')}: centroid init needs labelled prompts: set "
                 "parameters.router_data (or train.data) to a JSONL file of {prompt, response, label} rows."
             )
-        centroids = _Centroids(base.path, recipe, labels)
+        centroid = True
 
     def out_dtype(dt: torch.dtype) -> torch.dtype:
         return TORCH_DTYPE_BY_NAME[recipe.output_dtype] if recipe.output_dtype and dt.is_floating_point else dt
@@ -221,32 +232,26 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
 
     router_dtype = out_dtype(next(i.dtype for i in base.tensors.values() if i.dtype.is_floating_point))
     tasks: list[TensorTask] = []
-    routed_layers: set[int] = set()
+    routers: dict[str, int] = {}  # router tensor -> its layer
     for name, info in base.tensors.items():
         role = classify(name)
         if role.role in MLP_ROLES and role.layer is not None:
             for k, e in enumerate(experts):
-                srcs = ([(base, name)] if e.is_adapter else []) + e.inputs(name)
                 tasks.append(TensorTask(layout.expert_name(role.layer, k, role.role), info.shape,
-                                        out_dtype(info.dtype), srcs, partial(_one_expert, e, name)))
-            if role.layer not in routed_layers:
-                routed_layers.add(role.layer)
-                layer = role.layer
-                make = (partial(centroids.row, layer) if centroids is not None
-                        else partial(random_rows, n, hidden, std, recipe.seed, layer))
-                tasks.append(TensorTask(layout.router_name(layer), (n, hidden), router_dtype, [], partial(_constant, make)))
+                                        out_dtype(info.dtype), ExpertOp(e, base, name)))
+            layer, router = role.layer, layout.router_name(role.layer)
+            if router not in routers:
+                routers[router] = layer
+                op: TensorOp = (Deferred("centroid router init") if centroid
+                                else RandomRouterOp(n, hidden, std, recipe.seed, layer))
+                tasks.append(TensorTask(router, (n, hidden), router_dtype, op))
                 for extra, shape in layout.extra_tensors(layer, hidden):
-                    tasks.append(TensorTask(extra, shape, router_dtype, [], partial(_constant, partial(torch.zeros, shape))))
+                    tasks.append(TensorTask(extra, shape, router_dtype, ConstantOp(torch.zeros(shape))))
             continue
-        srcs = [(base, name)]
-        counts = []
-        for e in experts:
-            ins = e.inputs(name) if info.dtype.is_floating_point else []
-            srcs += ins
-            counts.append(len(ins))
-        tasks.append(TensorTask(name, info.shape, out_dtype(info.dtype), srcs,
-                                partial(_non_ffn, experts, counts, name, params.non_ffn, report)))
-    if not routed_layers:
+        tasks.append(TensorTask(name, info.shape, out_dtype(info.dtype),
+                                NonFfnOp(tuple(experts), base, name, params.non_ffn, report)))
+    if not routers:
         raise MergeLabError(f"{base.path}: found no FFN (mlp gate/up/down) tensors to turn into experts.")
     inputs = [base] + [e.ckpt for e in experts]
-    return Plan(recipe, strategy_name, tasks, config, base.path, inputs, notes)
+    steps = [CentroidInit(base.path, recipe, tuple(labels), routers)] if centroid else []
+    return Plan(recipe, strategy_name, tasks, config, base.path, inputs, notes, steps)

@@ -5,16 +5,24 @@ enters each layer's FFN (after the post-attention norm, i.e. what the router wil
 prompts' tokens, per label. The shared component of these means dominates them, so we subtract
 the mean over experts before normalising each row to unit length; otherwise every row would
 point the same way and the router would start near uniform whatever the data.
+
+Centroid rows need a forward pass of the base, which neither planning (header-only) nor the
+engine (files, never math) may run: CentroidInit is a plan step, run once when the engine starts
+and before it opens the output; its rows reach the router tensors as constants.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
+from merge_lab.merge.ops import Input, TensorOp
+from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.data import encode_prompt
 from merge_lab.training import chat
 
@@ -22,6 +30,41 @@ from merge_lab.training import chat
 def random_rows(n_experts: int, hidden: int, std: float, seed: int, layer: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100_003 + layer)
     return torch.randn((n_experts, hidden), generator=g) * std
+
+
+@dataclass(frozen=True)
+class RandomRouterOp(TensorOp):
+    """One layer's router, `router_init: random`: seeded rows drawn when the engine writes them."""
+
+    n_experts: int
+    hidden: int
+    std: float
+    seed: int
+    layer: int
+
+    def arguments(self) -> tuple[Input, ...]:
+        return ()
+
+    def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return random_rows(self.n_experts, self.hidden, self.std, self.seed, self.layer)
+
+
+@dataclass(frozen=True, eq=False)
+class CentroidInit:
+    """The plan step of `router_init: centroid`: every layer's router rows from one pass of the
+    base over the labelled prompts (merge.planner.PlanStep)."""
+
+    base: Path
+    recipe: Recipe  # its labelled prompts: parameters.router_data, else the train rows (loaded once per recipe)
+    labels: tuple[str, ...]
+    routers: Mapping[str, int]  # router tensor -> its layer
+
+    def run(self) -> dict[str, torch.Tensor]:
+        from merge_lab.moe.train import router_rows  # the rows fuse trains on, loaded once
+
+        labels = list(self.labels)
+        rows = centroid_rows(self.base, router_rows(self.recipe), labels)
+        return {name: rows[layer] for name, layer in self.routers.items()}
 
 
 @torch.no_grad()

@@ -33,11 +33,11 @@ def _contract_recipe(cls: type[registry.Strategy], models: list[Path], base: Pat
     return recipe
 
 
-def _run(recipe: dict, folder: Path, name: str) -> Path:
+def _run(recipe: dict, folder: Path, name: str, chunk_elements: int | None = None) -> Path:
     from merge_lab.merge.engine import merge
 
     path = write_recipe(folder / f"{name}.yaml", recipe)
-    return merge(path, folder / name, progress=False, hash_inputs=False).path
+    return merge(path, folder / name, progress=False, hash_inputs=False, chunk_elements=chunk_elements).path
 
 
 def check_strategy(name: str, workdir: str | Path, arch: str = "llama") -> None:
@@ -81,14 +81,7 @@ def check_strategy(name: str, workdir: str | Path, arch: str = "llama") -> None:
     # 5. strategies that stream in row blocks (row_separable, with or without statistics passes)
     # give what they give on whole tensors: blocks forced far smaller than the tiny tensors
     if cls.row_separable:
-        from merge_lab.merge import engine
-
-        chunk = engine.CHUNK_ELEMENTS
-        engine.CHUNK_ELEMENTS = 64
-        try:
-            t4 = load_tensors(_run(recipe, work, "blocked"))
-        finally:
-            engine.CHUNK_ELEMENTS = chunk
+        t4 = load_tensors(_run(recipe, work, "blocked", chunk_elements=64))
         for n in ref:
             torch.testing.assert_close(t4[n], t1[n], rtol=1e-2, atol=1e-3, msg=f"{name}: row blocks changed {n}")
 

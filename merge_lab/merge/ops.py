@@ -1,0 +1,238 @@
+"""Merge ops: what each output tensor reads and how it is computed, as small frozen values.
+
+The planner turns a recipe into one TensorTask per output tensor, each holding an op (the shape
+of mergekit's per-tensor tasks). The engine asks the op what to read (`arguments()`), reads
+those tensors as float32 and hands them to `execute()`; when the op `streams_rows`, it reads
+row blocks instead and drives the op's RowStream (statistics passes, then the merge). So the
+engine never looks inside an op, and an op never opens a file.
+
+How tensors are cut into row blocks (CHUNK_ELEMENTS, `block_rows`) and the working memory that
+follows from it (`predicted_peak_bytes`) live here too, so the plan's prediction and the engine's
+blocks come from one rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+from pydantic import BaseModel
+
+from merge_lab.core.checkpoint import Checkpoint
+from merge_lab.merge.interface import Strategy, TensorContext
+
+Input = tuple[Checkpoint, str]  # (checkpoint, tensor name) an op reads
+
+# Rows are processed in blocks of about this many elements (8 MB of float32 per input): small
+# enough that the allocator reuses the blocks' memory instead of faulting in fresh pages for each
+# (measured on the 0.5B linear benchmark: 5.5 s CPU at 2M elements, 7.5 s at 8M).
+CHUNK_ELEMENTS = 2 * 2**20
+
+# Freed blocks the allocator keeps for reuse: glibc caches allocations under 32 MB (a row block's
+# 8 MB) in each thread's arena, and the reader, compute and writer threads each hold some. Measured
+# on the 0.5B benchmark set (benchmarks.plan_probe): streamed merges grow up to ~240 MB beyond
+# their units in flight (TIES: 341 MB growth, ~100 MB of units).
+ALLOCATOR_SLACK = 384 * 2**20
+
+
+class RowStream(Protocol):
+    """One tensor computed row block by row block; its blocks run in order on one thread."""
+
+    passes: int  # statistics passes over every block before the blocks are merged
+
+    def fold(self, pass_index: int, last: bool, inputs: list[torch.Tensor]) -> None:
+        """Fold one block into the statistics; `last` marks the pass's final block."""
+
+    def merge(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The output rows of one block."""
+
+
+class TensorOp:
+    """Base of every op. Subclasses are frozen dataclasses; by default an op takes whole tensors."""
+
+    def arguments(self) -> tuple[Input, ...]:
+        """The tensors this op reads, in the order execute() receives them."""
+        raise NotImplementedError
+
+    def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The output tensor from the whole inputs (float tensors as float32)."""
+        raise NotImplementedError
+
+    @property
+    def streams_rows(self) -> bool:
+        """Whether output rows depend only on the same input rows (and whole-tensor statistics)."""
+        return False
+
+    def stream(self) -> RowStream:
+        raise TypeError(f"{type(self).__name__} does not stream in row blocks")
+
+
+@dataclass(frozen=True, eq=False)
+class CopyOp(TensorOp):
+    """A tensor copied unchanged (integer buffers and other non-float tensors)."""
+
+    source: Input
+
+    def arguments(self) -> tuple[Input, ...]:
+        return (self.source,)
+
+    def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return inputs[0]
+
+
+@dataclass(frozen=True, eq=False)
+class ConstantOp(TensorOp):
+    """A tensor whose value is known before the engine runs (zeros, precomputed router rows)."""
+
+    value: torch.Tensor
+
+    def arguments(self) -> tuple[Input, ...]:
+        return ()
+
+    def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return self.value
+
+
+@dataclass(frozen=True, eq=False)
+class Deferred(TensorOp):
+    """An output that one of the plan's steps computes after planning and before the engine runs
+    (Plan.prepared binds it to a ConstantOp): planning stays header-only, the engine math-free."""
+
+    step: str  # what computes it, for messages
+
+    def arguments(self) -> tuple[Input, ...]:
+        return ()
+
+    def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        raise RuntimeError(f"internal: {self.step} has not run; the engine runs plan.prepared()")
+
+
+@dataclass(frozen=True, eq=False)
+class MergeOp(TensorOp):
+    """A tensor-wise strategy over one tensor of every model (and of the base, when it takes part),
+    with the parameters resolved for this tensor."""
+
+    strategy: Strategy
+    params: BaseModel
+    model_params: tuple[BaseModel, ...]
+    context: TensorContext
+    models: tuple[Input, ...]
+    base: Input | None = None
+    # tokenizer: base with vocabularies of different sizes: merge these leading rows, the rest
+    # from the base
+    vocab_rows: int | None = None
+
+    def arguments(self) -> tuple[Input, ...]:
+        return self.models if self.base is None else (*self.models, self.base)
+
+    def split(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """(the models' tensors, the base's or None) from inputs in arguments() order."""
+        return (inputs[:-1], inputs[-1]) if self.base is not None else (inputs, None)
+
+    def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return self.merge_rows(inputs, self.context)
+
+    def merge_rows(self, inputs: list[torch.Tensor], context: TensorContext) -> torch.Tensor:
+        tensors, base = self.split(inputs)
+        mp = list(self.model_params)
+        if self.vocab_rows is None:
+            return self.strategy.merge(tensors, base, self.params, mp, context)
+        assert base is not None  # the planner allows different vocabularies only with a base
+        n = self.vocab_rows
+        shared = self.strategy.merge([x[:n] for x in tensors], base[:n], self.params, mp, context)
+        return torch.cat([shared, base[n:]], dim=0)
+
+    @property
+    def streams_rows(self) -> bool:
+        return self.vocab_rows is None and self.strategy.row_separable
+
+    def stats_passes(self) -> int:
+        return self.strategy.stats_passes(self.params, list(self.model_params))
+
+    def stream(self) -> MergeStream:
+        return MergeStream(self)
+
+
+@dataclass(frozen=True)
+class _StreamContext(TensorContext):
+    """A TensorContext whose generators persist across a tensor's row blocks: block k continues
+    the random stream where block k-1 stopped, so blocked and whole-tensor results are equal."""
+
+    _generators: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def generator(self, model_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+        key = (model_index, str(torch.device(device)))
+        g = self._generators.get(key)
+        if g is None:
+            g = self._generators[key] = super().generator(model_index, device)
+        return g
+
+
+class MergeStream:
+    """A MergeOp's tensor streamed in row blocks: its statistics, folded pass by pass, then its merge."""
+
+    def __init__(self, op: MergeOp) -> None:
+        c = op.context
+        self.op = op
+        self.context: TensorContext = _StreamContext(c.name, c.role, c.seed, c.model_ids)
+        self.passes = op.stats_passes()
+        self.stats: Any = None
+
+    def fold(self, pass_index: int, last: bool, inputs: list[torch.Tensor]) -> None:
+        op = self.op
+        tensors, base = op.split(inputs)
+        mp = list(op.model_params)
+        self.stats = op.strategy.fold_stats(pass_index, self.stats, tensors, base, op.params, mp, self.context)
+        if last:
+            self.stats = op.strategy.finish_stats(pass_index, self.stats, op.params, mp)
+            if pass_index == self.passes - 1:  # generators stay shared: replace() keeps the dict
+                self.context = replace(self.context, stats=self.stats)
+
+    def merge(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return self.op.merge_rows(inputs, self.context)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorTask:
+    """One output tensor: its name, shape and dtype as written, and the op that computes it."""
+
+    output: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    op: TensorOp
+
+    @property
+    def inputs(self) -> list[Input]:
+        return list(self.op.arguments())
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def block_rows(task: TensorTask, chunk_elements: int | None = None) -> int | None:
+    """Rows per work unit when the task is streamed in row blocks of about `chunk_elements`
+    (default CHUNK_ELEMENTS), else None: the tensor goes whole."""
+    chunk = chunk_elements or CHUNK_ELEMENTS
+    rows = task.shape[0] if task.shape else 0
+    if task.numel <= chunk or rows <= 1 or not task.op.streams_rows:
+        return None
+    if not all(c.info(n).shape == task.shape for c, n in task.op.arguments()):
+        return None
+    return max(1, chunk // (task.numel // rows))
+
+
+def predicted_peak_bytes(tasks: list[TensorTask], prefetch: int = 1, chunk_elements: int | None = None) -> int:
+    """Working memory: float32 copies of the inputs of the work units in flight (a whole tensor,
+    or a row block of a streamed one), plus about three unit-sized temporaries for the op and
+    the output, plus ALLOCATOR_SLACK. Excludes the interpreter itself."""
+    per_unit = [0]
+    for t in tasks:
+        rows = block_rows(t, chunk_elements)
+        numel = t.numel if rows is None else t.numel // t.shape[0] * rows
+        per_unit.append(4 * numel * (len(t.inputs) + 3))
+    return max(per_unit) * (1 + prefetch) + ALLOCATOR_SLACK
