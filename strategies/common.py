@@ -173,7 +173,9 @@ def combine(
 
 # -- helpers of the geometric strategies (nuslerp, multislerp, karcher, arcee_fusion, ram)
 
-# Sums are taken over sub-blocks of this many elements converted to float64 (see slerp.sums).
+# Sums are taken over sub-blocks of this many elements converted to float64: small enough to stay
+# in cache and in the allocator's reused memory (1M-element sub-blocks took 5x the CPU time), and
+# memory stays bounded even when a whole embedding comes at once.
 GRAM_ELEMENTS = 1 << 16
 
 
