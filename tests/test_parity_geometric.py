@@ -10,15 +10,19 @@ since our defaults (1, 1e-4) are not mergekit's (it has none).
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 from parity_support import assert_same_tensors, run_mergekit, run_ours
 
+from merge_lab.core.architecture import classify
 from merge_lab.errors import MergeLabError
 from merge_lab.merge import engine
+from merge_lab.merge.interface import TensorContext
 from merge_lab.merge.planner import make_plan
 from merge_lab.merge.recipe import parse_recipe
+from merge_lab.strategies.arcee_fusion import ArceeFusion
 from merge_lab.strategies.common import OrderStatistics
 from merge_lab.testing import load_tensors
 
@@ -75,6 +79,7 @@ def recipes(base, models):
 
 
 CASES = list(recipes("b", ["1", "2", "3"]))
+SPLIT_1D = {"nuslerp_rows_no_base", "multislerp", "karcher_with_base", "arcee_fusion"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -84,10 +89,12 @@ def test_same_tensors_as_mergekit(case, fp32_family, tmp_path, monkeypatch):
     theirs = run_mergekit(recipe, tmp_path / "mergekit")
     ours = run_ours(recipe, tmp_path)
     assert_same_tensors(ours, theirs, case)
-    # streamed in row blocks of 16 elements (a row of each matrix, half of each 1-D norm) gives the same
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 16)
-    blocked = run_ours(recipe, tmp_path, "blocked")
-    assert_same_tensors(blocked, ours, f"{case}, streamed", rtol=1e-6, atol=1e-7)
+    # streamed in row blocks gives the same: blocks of 200 elements (a few rows of each matrix), and
+    # for the methods that treat a 1-D tensor as one vector, 31 (the 32-element norms split too)
+    for chunk in (200, 31) if case in SPLIT_1D else (200,):
+        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)
+        blocked = run_ours(recipe, tmp_path, f"blocked{chunk}")
+        assert_same_tensors(blocked, ours, f"{case}, streamed in blocks of {chunk}", rtol=1e-6, atol=1e-7)
 
 
 def test_order_statistics_match_sorting_over_blocks():
@@ -166,3 +173,39 @@ def test_one_model_comes_back_from_the_interpolations(fp32_family, tmp_path):
         ours = run_ours({"merge_method": method, "base_model": str(base), "models": [{"model": str(models[1])}]},
                         tmp_path, method)
         assert_same_tensors(ours, expected, method, rtol=0, atol=0)
+
+
+def streamed(strategy, tensors, base, params, model_params, block: int) -> torch.Tensor:
+    """What the engine does with a streamed 1-D tensor: statistics passes over blocks, then merges."""
+    name = "model.norm.weight"
+    ctx = TensorContext(name, classify(name), 0, tuple(f"m{i}" for i in range(len(tensors))))
+    stats, n = None, base.numel()
+    for p in range(strategy.stats_passes(params, model_params)):
+        for s in range(0, n, block):
+            stats = strategy.fold_stats(p, stats, [t[s : s + block] for t in tensors], base[s : s + block],
+                                        params, model_params, ctx)
+        stats = strategy.finish_stats(p, stats, params, model_params)
+    ctx = replace(ctx, stats=stats)
+    parts = [strategy.merge([t[s : s + block].clone() for t in tensors], base[s : s + block].clone(),
+                            params, model_params, ctx) for s in range(0, n, block)]
+    return torch.cat(parts)
+
+
+def test_arcee_fusion_takes_a_streamed_1d_tensor_as_one_softmax():
+    """The last block holds one entry, the largest change: kept, as mergekit keeps it on the whole vector
+    (a block-local softmax of one entry has zero divergence and would drop it)."""
+    from mergekit.merge_methods import merge_tensors
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(32, generator=g)
+    model = base + 0.01 * torch.randn(32, generator=g)
+    model[-1] += 3.0
+    strategy = ArceeFusion()
+    params = strategy.Params()
+    theirs = merge_tensors([base, model], "arcee_fusion", base_index=0)
+    ctx = TensorContext("model.norm.weight", classify("model.norm.weight"), 0, ("m0",))
+    whole = strategy.merge([model.clone()], base.clone(), params, [], ctx)
+    blocks = streamed(strategy, [model], base, params, [], block=31)
+    assert theirs[-1] == model[-1]
+    torch.testing.assert_close(whole, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(blocks, theirs, rtol=0, atol=0)
