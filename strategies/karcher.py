@@ -17,6 +17,10 @@ tensors' Gram matrix (gathered in float64 in one statistics pass over row blocks
 is a weighted sum of the points and every tensor streams in row blocks. The iteration runs in
 float64 where mergekit's runs in float32: results agree to float32 precision.
 
+Difference from mergekit, in a degenerate case only: when the starting mean is shorter than tol
+(points that cancel), mergekit starts from the first point in its order (the recipe's, the base
+where listed); here from the first model, the base coming last.
+
 No parameters give one model back when a base is given (it is averaged with the base), so the
 contract's identity check does not apply (identity_params = None).
 """

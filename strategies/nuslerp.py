@@ -98,9 +98,9 @@ class NuSlerp(Strategy):
         return 1 if len(model_params) == 2 and position(model_params) not in (0.0, 1.0) else 0
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
-        a, b = task_vectors(tensors, base, in_place=False)
-        if a.dim() > 1 and not params.nuslerp_flatten and not params.nuslerp_row_wise:
+        if tensors[0].dim() > 1 and not params.nuslerp_flatten and not params.nuslerp_row_wise:
             return None  # rows are whole in every block
+        a, b = task_vectors(tensors, base, in_place=False)
         (va, _), (vb, _) = vectors(a, params), vectors(b, params)
         if va.shape[1] == 1:  # one vector: the Gram matrix's sums
             g = gram([a, b])

@@ -46,6 +46,8 @@ def recipes(base, models):
                             "models": weighted((m1, 0.25), (m3, 0.6))},
         "nuslerp_row_wise_flattened": {"merge_method": "nuslerp", "parameters": {"nuslerp_row_wise": True},
                                        "models": weighted((m2, 2.0), (m3, 1.0))},
+        "nuslerp_weight_under_parameters": {"merge_method": "nuslerp", "base_model": b, "parameters": {"weight": 0.4},
+                                            "models": [{"model": m1}, {"model": m2, "parameters": {"weight": 1.0}}]},
         "multislerp": {"merge_method": "multislerp", "base_model": b, "models": weighted((m1, 1.0), (m2, 1.0), (m3, 1.0))},
         "multislerp_unnormalized_no_base": {"merge_method": "multislerp",
                                             "parameters": {"normalize_weights": False, "eps": 1e-3},
