@@ -10,6 +10,10 @@ out = sin((1-t) theta)/sin(theta) * a + sin(t theta)/sin(theta) * b on the origi
 (unnormalised) tensors. Nearly collinear tensors (|dot| > 0.9995) are interpolated linearly,
 (1-t) a + t b.
 
+mergekit 0.1.5's slerp has one parameter, `t` (no `embed_slerp` or other options in that
+version). Differences: mergekit requires `t` and a base; here `t` defaults to 0.5 and two models
+without a base are interpolated too (first to second).
+
 The norms and the dot product are statistics (Strategy.stats_passes), summed in float64 over row
 blocks in one pass; the interpolation is then elementwise, so the engine streams every tensor in
 row blocks whatever its size.
@@ -24,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.strategies.common import gram
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -34,22 +39,11 @@ class SlerpParams(BaseModel):
     t: float = Field(0.5, description="interpolation position: 0 gives the first endpoint, 1 the second")
 
 
-# Sums are taken over sub-blocks of this many elements converted to float64: small enough to stay
-# in cache and in the allocator's reused memory (1M-element sub-blocks took 5x the CPU time), and
-# memory stays bounded even when a whole embedding comes at once.
-_SUM_ELEMENTS = 1 << 16
-
-
 def sums(a: torch.Tensor, b: torch.Tensor, into: tuple[float, float, float] = (0.0, 0.0, 0.0)):
     """(a.a, b.b, a.b) in float64, added to `into`: the statistics slerp needs, block by block."""
+    g = gram([a, b])
     aa, bb, ab = into
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    for i in range(0, fa.numel(), _SUM_ELEMENTS):
-        x, y = fa[i : i + _SUM_ELEMENTS].double(), fb[i : i + _SUM_ELEMENTS].double()
-        aa += float(torch.dot(x, x))
-        bb += float(torch.dot(y, y))
-        ab += float(torch.dot(x, y))
-    return aa, bb, ab
+    return aa + float(g[0, 0]), bb + float(g[1, 1]), ab + float(g[0, 1])
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, stats: tuple[float, float, float] | None = None) -> torch.Tensor:

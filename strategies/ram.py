@@ -1,0 +1,112 @@
+"""RAM and RAM+ (tensor-local): merge task vectors by whether one model or several changed an entry.
+
+"Reinforced Agent Merging" (arXiv 2601.13572); mergekit 0.1.5's `ram` and `ramplus_tl`.
+
+Semantics (mergekit's), per tensor: delta_i = theta_i - base; an entry of delta_i counts when
+|delta_i| > epsilon (the others are dropped). Where exactly one model's entry counts it is taken
+whole; where several count, their mean; where none, the base's value. out = base + that.
+
+`ramplus_tl` (RAM+, tensor-local) also rescales each model's unique entries by
+lambda_i = 1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha), where over the whole
+tensor unique_i counts the entries only model i changed and shared_i those it changed together
+with another model: a model whose changes overlap others' a lot gets its few unique ones boosted.
+
+Difference from mergekit: with epsilon = 0 and a model that changes nothing in a tensor, mergekit
+computes lambda_i = 0 / 0 and the whole tensor becomes NaN; here lambda_i of a model with no
+unique entries multiplies nothing, so the tensor is merged as usual.
+
+`ram` is elementwise; `ramplus_tl` needs the per-model counts, integers gathered in one
+statistics pass over row blocks, so both stream every tensor in row blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.strategies.common import check_model_count
+
+
+class RamParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epsilon: float = Field(1e-5, ge=0.0, description="a delta entry counts as changed when its magnitude exceeds this")
+
+
+class RamPlusParams(RamParams):
+    r: float = Field(0.1, ge=0.0, description="strength of the boost of a model's unique entries")
+    alpha: float = Field(0.2, ge=0.0, description="cap on the shared / unique ratio that sets the boost")
+
+
+def changed(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
+    """The deltas (in place) with unchanged entries zeroed, each one's mask, and the per-entry count."""
+    masks = []
+    for t in tensors:
+        t.sub_(base)
+        mask = t.abs() > epsilon
+        t.mul_(mask)
+        masks.append(mask)
+    counts = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+    for mask in masks:
+        counts.add_(mask)
+    return tensors, masks, counts
+
+
+def combine_ram(deltas, counts, base: torch.Tensor, unique_scales: list[float] | None = None) -> torch.Tensor:
+    """base + the unique entries (each scaled by its model's factor) + the mean of the shared ones."""
+    unique = counts == 1
+    shared = torch.zeros_like(base)
+    total = torch.zeros_like(base)
+    for i, d in enumerate(deltas):
+        scale = 1.0 if unique_scales is None else unique_scales[i]
+        total.add_(torch.where(unique, d, 0.0), alpha=scale)
+        shared.add_(d)
+    shared.masked_fill_(counts <= 1, 0.0).div_(counts.clamp(min=1))
+    return total.add_(shared).add_(base)
+
+
+class _RamBase(Strategy):
+    needs_base = True
+    uses_base = True
+    identity_params = {"epsilon": 0.0}  # every change of the one model counts
+    row_separable = True
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        check_model_count(recipe, cls.name, 1, None)
+
+
+class Ram(_RamBase):
+    name = "ram"
+    summary = "unique task-vector entries kept whole, entries several models changed averaged"
+    Params = RamParams
+
+    def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
+        deltas, _, counts = changed(tensors, base, params.epsilon)
+        return combine_ram(deltas, counts, base)
+
+
+class RamPlusTensorLocal(_RamBase):
+    name = "ramplus_tl"
+    summary = "RAM with each model's unique entries boosted by its share of overlapping changes"
+    Params = RamPlusParams
+
+    def stats_passes(self, params, model_params) -> int:
+        return 1
+
+    def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
+        shared, unique = stats if stats is not None else ([0] * len(tensors), [0] * len(tensors))
+        _, masks, counts = changed([t.clone() for t in tensors], base, params.epsilon)
+        for i, mask in enumerate(masks):
+            shared[i] += int(mask.logical_and(counts > 1).sum())
+            unique[i] += int(mask.logical_and(counts == 1).sum())
+        return shared, unique
+
+    def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
+        stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
+        scales = [
+            1.0 + params.r * min(max(s / max(u, params.epsilon), 0.0), params.alpha) if u else 1.0
+            for s, u in zip(*stats)
+        ]
+        deltas, _, counts = changed(tensors, base, params.epsilon)
+        return combine_ram(deltas, counts, base, scales)
