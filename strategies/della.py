@@ -24,7 +24,8 @@ results match mergekit in distribution, not entry by entry.
 Streaming: the ranks are within a row, so the drop is row-wise; the L1 factor needs the whole
 tensor's mask, so one statistics pass draws the masks from copies of the generators merge()
 will use (common.generator_copy) and sums both norms. A 1-D tensor is a single row: the pass
-also keeps its sorted magnitudes (one row's worth), from which each block's ranks are found.
+also keeps its sorted magnitudes (one row's worth), from which each block's ranks are found;
+without `rescale` that is all the pass is for.
 """
 
 from __future__ import annotations
