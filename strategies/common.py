@@ -6,6 +6,8 @@ N models holds N input tensors plus a few temporaries, never N stacked copies on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -257,3 +259,65 @@ class OrderStatistics:
             for b, rank in self.where:
                 low = int(torch.searchsorted(self.low[b].cumsum(0), rank, right=True))
                 self.values.append(_key_value((b << 16) | low))
+
+
+# -- helpers for mergekit's sparsifying methods (breadcrumbs, DELLA, SCE) and DARE's rescale
+
+
+class RescaledParams(TaskArithmeticParams):
+    rescale: bool = Field(
+        False, description="scale each sparsified task vector back to the L1 norm it had before (mergekit's rescale)"
+    )
+
+
+class RankThreshold(TopKThreshold):
+    """TopKThreshold for any rank: the k-th largest of a tensor's non-negative float32 values,
+    with k = rank(n) chosen once pass 0 has counted the n values (k < 1: no value, `empty`)."""
+
+    def __init__(self, rank: Callable[[int], int]) -> None:
+        super().__init__(density=0.0)
+        self.rank_of = rank
+        self.empty = False
+
+    def finish(self, pass_index: int) -> None:
+        if pass_index == 0:
+            if self.n:
+                k = min(self.rank_of(self.n), self.n)
+                self.empty = k < 1
+                if not self.empty:
+                    self.bin, self.rank = _select(self.high, k)
+        elif not self.empty:
+            super().finish(pass_index)
+
+
+# mergekit's guard: a task vector whose L1 norm (before or after sparsifying) is below this is
+# left unscaled.
+RESCALE_EPS = 1e-7
+
+
+class L1Rescale:
+    """mergekit's `rescale`: the factor that gives a sparsified task vector back the L1 norm it had
+    before, from float64 sums over row blocks."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self.after = 0.0
+
+    def add(self, delta: torch.Tensor, kept: torch.Tensor) -> None:
+        """Fold one block: `delta` before sparsifying, `kept` after."""
+        self.before += float(delta.abs().sum(dtype=torch.float64))
+        self.after += float(kept.abs().sum(dtype=torch.float64))
+
+    @property
+    def factor(self) -> float:
+        if self.before < RESCALE_EPS or self.after < RESCALE_EPS:
+            return 1.0
+        return self.before / self.after
+
+
+def generator_copy(generator: torch.Generator) -> torch.Generator:
+    """A generator in the same state. A statistics pass draws from a copy of ctx.generator(i) the
+    masks merge() will draw later (e.g. to know their L1 norm), leaving merge()'s stream untouched."""
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy

@@ -3,16 +3,26 @@
 Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
 Free Lunch", ICML 2024 (arXiv 2311.03099).
 
-Semantics, per tensor: delta_i = theta_i - base; each entry is dropped with probability
-1 - density_i and survivors are multiplied by 1/density_i (`rescale`, default true). The random
-mask is drawn from a generator seeded by (recipe seed, tensor name, model reference), so the
-result does not depend on execution order, threads or device count. Then:
+Semantics (those of mergekit 0.1.5), per tensor: delta_i = theta_i - base; each entry is kept
+with probability density_i (a Bernoulli mask; density >= 1 keeps the delta as it is, <= 0 drops
+it all). With `rescale` (default true) the kept entries are multiplied by one factor per tensor,
+||delta_i||_1 / ||kept_i||_1, which gives the task vector back its L1 norm (mergekit's
+rescale; left unscaled when either norm is below 1e-7); `rescale: false` keeps them as they
+are. Then:
 - `dare_linear`: out = base + lambda * sum_i w_i delta_i (/ sum_i w_i with `normalize`);
-- `dare_ties`: TIES' sign election and disjoint merge over the dropped deltas.
+- `dare_ties`: TIES' sign election and disjoint merge over the weighted dropped deltas.
 
-Intended difference from mergekit 0.1.5: mergekit rescales survivors so the delta keeps its L1
-norm (a per-tensor factor close to 1/density); we use the paper's 1/density, which keeps each
-entry's expectation. Masks also differ (mergekit draws from the global torch RNG).
+The paper multiplies survivors by 1/density, which keeps each entry's expectation; the L1 factor
+is close to it on large tensors (its expectation over masks is about 1/density). We follow
+mergekit so that its recipes give its numbers: the mask is the same distribution, the factor the
+same function of it. The masks themselves differ: ours are drawn from a generator seeded by
+(recipe seed, tensor name, model reference), so results do not depend on execution order,
+threads or device count; mergekit draws from the global torch RNG.
+
+The L1 factor needs the whole tensor's mask, so it is a statistic (Strategy.stats_passes): one
+pass over row blocks draws the masks from copies of the generators merge() will use
+(common.generator_copy) and sums both norms in float64; the drop is then elementwise, and the
+engine streams every tensor in row blocks.
 """
 
 from __future__ import annotations
@@ -21,11 +31,36 @@ import torch
 from pydantic import Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import SparseModel, TaskArithmeticParams, combine, dare_drop_, deltas_
+from merge_lab.strategies.common import (
+    L1Rescale,
+    RescaledParams,
+    SparseModel,
+    combine,
+    dare_drop_,
+    deltas_,
+    generator_copy,
+)
 
 
-class DareParams(TaskArithmeticParams):
-    rescale: bool = Field(True, description="multiply kept entries by 1/density")
+class DareParams(RescaledParams):
+    rescale: bool = Field(
+        True,
+        description="scale each dropped task vector back to its L1 norm before the drop (mergekit's rescale); "
+        "false keeps the survivors as they are",
+    )
+
+
+def drops(p: SparseModel) -> bool:
+    """Whether this model's task vector is randomly dropped (not kept or zeroed whole)."""
+    return 0.0 < p.density < 1.0
+
+
+class DropNorms(L1Rescale):
+    """One model's L1 norms before and after its drop, the mask drawn from `generator`, a copy."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.generator = generator
 
 
 class _Dare(Strategy):
@@ -34,23 +69,41 @@ class _Dare(Strategy):
     needs_base = True
     uses_base = True
     identity_params = {"weight": 1.0, "density": 1.0}
-    row_separable = True
+    row_separable = True  # given the L1 norms
     sign_consensus = False
 
+    def stats_passes(self, params, model_params) -> int:
+        return 1 if params.rescale and any(drops(p) for p in model_params) else 0
+
+    def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
+        if stats is None:
+            stats = [
+                DropNorms(generator_copy(ctx.generator(i, base.device))) if drops(p) else None
+                for i, p in enumerate(model_params)
+            ]
+        for t, p, norms in zip(tensors, model_params, stats):
+            if norms is not None:
+                delta = t - base
+                norms.add(delta, dare_drop_(delta.clone(), p.density, norms.generator, rescale=False))
+        return stats
+
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
+        stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
         deltas = deltas_(tensors, base)
         for i, (d, p) in enumerate(zip(deltas, model_params)):
-            dare_drop_(d, p.density, ctx.generator(i, d.device), params.rescale)
+            dare_drop_(d, p.density, ctx.generator(i, d.device), rescale=False)
+            if params.rescale and drops(p) and (factor := stats[i].factor) != 1.0:
+                d.mul_(factor)
         weights = [p.weight for p in model_params]
         return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
 
 
 class DareLinear(_Dare):
     name = "dare_linear"
-    summary = "random drop + rescale of task vectors, then weighted sum"
+    summary = "random drop of task vectors, rescaled to their L1 norm, then weighted sum"
 
 
 class DareTies(_Dare):
     name = "dare_ties"
-    summary = "random drop + rescale of task vectors, then TIES sign election"
+    summary = "random drop of task vectors, rescaled to their L1 norm, then TIES sign election"
     sign_consensus = True

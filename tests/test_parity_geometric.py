@@ -18,7 +18,6 @@ from parity_support import assert_same_tensors, run_mergekit, run_ours
 
 from merge_lab.core.architecture import classify
 from merge_lab.errors import MergeLabError
-from merge_lab.merge import engine
 from merge_lab.merge.interface import TensorContext
 from merge_lab.merge.planner import make_plan
 from merge_lab.merge.recipe import parse_recipe
@@ -94,8 +93,7 @@ def test_same_tensors_as_mergekit(case, fp32_family, tmp_path, monkeypatch):
     # streamed in row blocks gives the same: blocks of 200 elements (a few rows of each matrix), and
     # for the methods that treat a 1-D tensor as one vector, 31 (the 32-element norms split too)
     for chunk in (200, 31) if case in SPLIT_1D else (200,):
-        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)
-        blocked = run_ours(recipe, tmp_path, f"blocked{chunk}")
+        blocked = run_ours(recipe, tmp_path, f"blocked{chunk}", chunk_elements=chunk)
         assert_same_tensors(blocked, ours, f"{case}, streamed in blocks of {chunk}", rtol=1e-6, atol=1e-7)
 
 

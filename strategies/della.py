@@ -1,0 +1,188 @@
+"""DELLA: drop task-vector entries with probabilities by magnitude rank (MAGPRUNE), then combine.
+
+Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
+Sampling", 2024 (arXiv 2406.11617).
+
+Semantics (those of mergekit 0.1.5), per tensor and model: delta = theta - base. Within each row
+(along dimension 1, as mergekit; a 1-D tensor is one row) of m entries, an entry of 0-based
+ascending magnitude rank r is kept with probability
+    p = density - epsilon + 2 epsilon r / (m - 1),
+so from density - epsilon for the smallest to density + epsilon for the largest. density >= 1
+keeps the delta whole, <= 0 drops it; in between density +- epsilon must lie strictly inside
+(0, 1) (mergekit raises otherwise; our validation says which model and tensor). With `rescale`
+(default true) the kept entries are scaled by ||delta||_1 / ||kept||_1 over the whole tensor
+(mergekit's rescale, where the paper divides each entry by its p). Then:
+- `della`: TIES' sign election and the disjoint mean (normalize, default true), times lambda;
+- `della_linear`: out = base + lambda * sum_i w_i delta_i (/ sum_i w_i with `normalize`).
+
+Where we differ: entries tied in magnitude share the lowest rank of the tie (mergekit's argsort
+orders them arbitrarily); only zeros tie in practice and they add nothing whatever is kept. A
+row of one entry is kept with probability density (mergekit divides by m - 1 = 0 and fails).
+Masks come from ctx.generator (seeded by recipe seed, tensor and model), not the global RNG:
+results match mergekit in distribution, not entry by entry.
+
+Streaming: the ranks are within a row, so the drop is row-wise; the L1 factor needs the whole
+tensor's mask, so one statistics pass draws the masks from copies of the generators merge()
+will use (common.generator_copy) and sums both norms. A 1-D tensor is a single row: the pass
+also keeps its sorted magnitudes (one row's worth), from which each block's ranks are found;
+without `rescale` that is all the pass is for.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.strategies.common import (
+    L1Rescale,
+    RescaledParams,
+    SparseModel,
+    combine,
+    deltas_,
+    generator_copy,
+)
+
+
+class DellaModel(SparseModel):
+    epsilon: float = Field(
+        0.15,
+        ge=0.0,
+        description="spread of the keep probabilities: density - epsilon for a row's smallest magnitude, "
+        "density + epsilon for its largest",
+    )
+
+    @model_validator(mode="after")
+    def _probabilities_inside(self) -> DellaModel:
+        d, e = self.density, self.epsilon
+        if 0.0 < d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+            raise ValueError(
+                f"density {d:g} with epsilon {e:g} gives keep probabilities from {d - e:g} to {d + e:g}; "
+                "they must lie strictly between 0 and 1: lower epsilon or move density"
+            )
+        return self
+
+
+class DellaParams(RescaledParams):
+    rescale: bool = Field(
+        True, description="scale each pruned task vector back to its L1 norm before pruning (mergekit's rescale)"
+    )
+
+
+class DellaLinearParams(DellaParams):
+    pass
+
+
+class DellaTiesParams(DellaParams):
+    normalize: bool = Field(True, description="divide by the summed weights of the agreeing models")
+
+
+def prunes(p: DellaModel) -> bool:
+    """Whether this model's task vector is sampled (not kept or zeroed whole)."""
+    return 0.0 < p.density < 1.0
+
+
+def keep_probabilities(
+    delta: torch.Tensor, density: float, epsilon: float, sorted_magnitudes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MAGPRUNE's keep probability of each entry of (a block of rows of) delta; a 1-D delta (a
+    block of a 1-D tensor) is ranked in `sorted_magnitudes`, the whole tensor's."""
+    magnitude = delta.abs()
+    if delta.dim() == 1:
+        assert sorted_magnitudes is not None
+        rank, m = torch.searchsorted(sorted_magnitudes.to(delta.device), magnitude), sorted_magnitudes.numel()
+    else:
+        rows = magnitude.movedim(1, -1).contiguous()
+        rank, m = torch.searchsorted(rows.sort(dim=-1).values, rows).movedim(-1, 1), delta.shape[1]
+    if m < 2:
+        return torch.full_like(delta, density)
+    return rank.to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
+
+
+class MagPrune:
+    """One model's statistics: a copy of its generator, its L1 norms before and after pruning, and
+    for a 1-D tensor its sorted magnitudes (plus its draws, kept until the ranks are known)."""
+
+    def __init__(self, generator: torch.Generator, rescale: bool) -> None:
+        self.generator = generator
+        self.rescale = rescale
+        self.norms = L1Rescale()
+        self.flat: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # 1-D blocks: (delta, draws)
+        self.sorted_magnitudes: torch.Tensor | None = None
+
+    def fold(self, delta: torch.Tensor, p: DellaModel) -> None:
+        if delta.dim() == 1:  # ranks need the whole tensor: decide in finish()
+            draws = torch.rand(delta.shape, generator=self.generator, device=delta.device) if self.rescale else None
+            self.flat.append((delta, draws))
+        elif self.rescale:
+            keep = torch.rand(delta.shape, generator=self.generator, device=delta.device)
+            keep = keep.lt_(keep_probabilities(delta, p.density, p.epsilon))
+            self.norms.add(delta, delta * keep)
+
+    def finish(self, p: DellaModel) -> None:
+        if not self.flat:
+            return
+        whole = torch.cat([d for d, _ in self.flat])
+        self.sorted_magnitudes = whole.abs().sort().values
+        if self.rescale:
+            draws = torch.cat([u for _, u in self.flat])
+            keep = draws.lt_(keep_probabilities(whole, p.density, p.epsilon, self.sorted_magnitudes))
+            self.norms.add(whole, whole * keep)
+        self.flat = []
+
+
+class _Della(Strategy):
+    ModelParams = DellaModel
+    needs_base = True
+    uses_base = True
+    identity_params = {"weight": 1.0, "density": 1.0}
+    row_separable = True  # given the L1 norms (and a 1-D tensor's sorted magnitudes)
+    sign_consensus = False
+
+    def stats_passes(self, params, model_params) -> int:
+        return 1 if any(prunes(p) for p in model_params) else 0
+
+    def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
+        if stats is None:
+            stats = [
+                MagPrune(generator_copy(ctx.generator(i, base.device)), params.rescale) if prunes(p) else None
+                for i, p in enumerate(model_params)
+            ]
+        for t, p, prune in zip(tensors, model_params, stats):
+            if prune is not None:
+                prune.fold(t - base, p)
+        return stats
+
+    def finish_stats(self, pass_index, stats, params, model_params):
+        for prune, p in zip(stats, model_params):
+            if prune is not None:
+                prune.finish(p)
+        return stats
+
+    def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
+        stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
+        deltas = deltas_(tensors, base)
+        for i, (d, p) in enumerate(zip(deltas, model_params)):
+            if p.density <= 0.0:
+                d.zero_()
+            elif prunes(p):
+                prune = stats[i]
+                keep = torch.rand(d.shape, generator=ctx.generator(i, d.device), device=d.device)
+                d.mul_(keep.lt_(keep_probabilities(d, p.density, p.epsilon, prune.sorted_magnitudes)))
+                if params.rescale and (factor := prune.norms.factor) != 1.0:
+                    d.mul_(factor)
+        weights = [p.weight for p in model_params]
+        return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
+
+
+class Della(_Della):
+    name = "della"
+    summary = "drop task-vector entries with probabilities by magnitude rank (MAGPRUNE), then TIES"
+    Params = DellaTiesParams
+    sign_consensus = True
+
+
+class DellaLinear(_Della):
+    name = "della_linear"
+    summary = "drop task-vector entries with probabilities by magnitude rank (MAGPRUNE), then weighted sum"
+    Params = DellaLinearParams

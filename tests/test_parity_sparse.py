@@ -1,0 +1,266 @@
+"""Parity with mergekit 0.1.5 for breadcrumbs, breadcrumbs_ties, della, della_linear, sce,
+model_stock and DARE's `rescale`: the same recipe through both tools on the same tiny checkpoints.
+
+Deterministic methods give the same tensors within float32 tolerance, with their defaults and
+with other parameters, layer gradients and `filter:` conditionals, and give the same bytes
+again when streamed in small row blocks. Random masks come from different generators (ours are
+seeded per tensor and model), so DELLA and DARE are compared by their statistics: the share of
+entries kept, which entries (by magnitude), and the task vector's L1 norm.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parity_support import assert_same_tensors, run_mergekit, run_ours
+
+from merge_lab.errors import MergeLabError
+from merge_lab.merge import interface as registry
+from merge_lab.merge.planner import make_plan
+from merge_lab.merge.recipe import load_recipe
+from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
+
+mergekit = pytest.importorskip("mergekit", reason="mergekit is a dev dependency (pip install -e .[dev])")
+
+WEIGHTS = {"weight": [{"filter": "self_attn", "value": 0.3}, {"value": [0.2, 1.0]}]}  # filter + gradient
+
+
+def _models(models, **params):
+    """Model entries with the same per-model parameters (lists: one value per model)."""
+    entries = []
+    for i, m in enumerate(models):
+        p = {k: (v[i] if isinstance(v, tuple) else v) for k, v in params.items()}
+        entries.append({"model": m, "parameters": p})
+    return entries
+
+
+def recipes(base, models):
+    b, ms = str(base), [str(m) for m in models]
+    w3 = (1.0, 0.5, 0.7)
+    return {
+        # breadcrumbs: mergekit's defaults (gamma 0.01, no rescale, no normalize; weight has none)
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": b,
+                        "parameters": {"density": 0.5}, "models": _models(ms, weight=w3)},
+        "breadcrumbs_params": {
+            "merge_method": "breadcrumbs", "base_model": b,
+            "parameters": {"lambda": 0.8, "normalize": True, "rescale": True, "density": [0.3, 0.9],
+                           "gamma": [{"filter": "mlp", "value": 0.1}, {"value": 0.02}]},
+            "models": [{"model": ms[0], "parameters": {"weight": 1.0}},
+                       {"model": ms[1], "parameters": WEIGHTS | {"gamma": 0.05}},
+                       {"model": ms[2], "parameters": {"weight": 0.6, "density": 0.7}}]},
+        # density + gamma > 1: fewer outliers go, so that the target is kept
+        "breadcrumbs_dense": {"merge_method": "breadcrumbs", "base_model": b,
+                              "models": _models(ms[:2], weight=1.0, density=0.95, gamma=0.2)},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": b,
+                             "parameters": {"density": 0.5}, "models": _models(ms, weight=w3)},
+        "breadcrumbs_ties_params": {
+            "merge_method": "breadcrumbs_ties", "base_model": b,
+            "parameters": {"normalize": True, "rescale": True, "lambda": 1.2,
+                           "density": [{"filter": "self_attn", "value": [0.2, 0.6]}, {"value": 0.8}]},
+            "models": [{"model": ms[0], "parameters": {"weight": 1.0, "gamma": 0.0}},
+                       {"model": ms[1], "parameters": WEIGHTS | {"gamma": [0.0, 0.1]}},
+                       {"model": ms[2], "parameters": {"weight": -0.4, "density": 0.0}},
+                       {"model": b}]},  # the base listed as a model, as mergekit users do
+        # DELLA without sampling is exact: density 1 keeps all, 0 drops all (epsilon unused)
+        "della_kept_and_dropped": {"merge_method": "della", "base_model": b, "parameters": {"lambda": 0.9},
+                                   "models": _models(ms, weight=w3, density=(1.0, 0.0, 1.0))},
+        "della_linear_kept": {"merge_method": "della_linear", "base_model": b,
+                              "parameters": {"normalize": True, "epsilon": 0.3},
+                              "models": _models(ms[:2], weight=(0.7, 0.2), density=1.0)},
+        "sce": {"merge_method": "sce", "base_model": b, "models": [{"model": m} for m in ms]},
+        "sce_topk": {"merge_method": "sce", "base_model": b, "parameters": {"select_topk": 0.3},
+                     "models": [{"model": m} for m in ms]},
+        "sce_topk_gradient": {
+            "merge_method": "sce", "base_model": b,
+            "parameters": {"int8_mask": True,
+                           "select_topk": [{"filter": "mlp", "value": [0.2, 0.8]}, {"value": 0.5}]},
+            "models": [{"model": m} for m in ms[:2]] + [{"model": b}]},
+        "sce_topk_zero": {"merge_method": "sce", "base_model": b, "parameters": {"select_topk": 0.0},
+                          "models": [{"model": m} for m in ms]},
+        "model_stock": {"merge_method": "model_stock", "base_model": b, "models": [{"model": m} for m in ms]},
+        "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": b,
+                                    "parameters": {"filter_wise": True}, "models": [{"model": m} for m in ms]},
+        "model_stock_filter": {
+            "merge_method": "model_stock", "base_model": b,
+            "parameters": {"filter_wise": [{"filter": "self_attn", "value": True}, {"value": False}]},
+            "models": [{"model": b}, {"model": ms[0]}, {"model": ms[2]}]},
+    }
+
+
+CASES = list(recipes("b", ["1", "2", "3"]))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_tensors_as_mergekit(case, fp32_family, tmp_path, monkeypatch):
+    base, models = fp32_family
+    recipe = recipes(base, models)[case] | {"dtype": "float32"}
+    theirs = run_mergekit(recipe, tmp_path / "mergekit")
+    ours = run_ours(recipe, tmp_path)
+    assert_same_tensors(ours, theirs, case)
+    blocked = run_ours(recipe, tmp_path, "blocked", chunk_elements=200)  # streamed in row blocks: the same bytes
+    for name in ours:
+        assert torch.equal(blocked[name], ours[name]), f"{case}: {name}"
+
+
+def test_sce_uniform_weights_for_tiny_task_vectors(tmp_path):
+    """mergekit weighs models equally when their mean squares sum below 1e-6: tiny deltas."""
+    base = make_checkpoint(tmp_path / "base", "llama", seed=0, layers=2)
+    models = [make_checkpoint(tmp_path / f"m{i}", "llama", seed=i, base=base, noise=3e-4, layers=2) for i in (1, 2)]
+    recipe = {"merge_method": "sce", "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(m)} for m in models]}
+    theirs, ours = run_mergekit(recipe, tmp_path / "mergekit"), run_ours(recipe, tmp_path)
+    assert_same_tensors(ours, theirs, "sce_tiny")
+    b, m1, m2 = load_tensors(base), load_tensors(models[0]), load_tensors(models[1])
+    name = "model.layers.0.mlp.up_proj.weight"  # where both deltas agree, uniform weights: their mean
+    d1, d2 = m1[name] - b[name], m2[name] - b[name]
+    agree = (d1 * d2) > 0
+    torch.testing.assert_close((ours[name] - b[name])[agree], ((d1 + d2) / 2)[agree], rtol=1e-4, atol=1e-7)
+
+
+# -- streaming: statistics passes over row blocks, 1-D tensors cut into blocks too
+
+STREAMED = {
+    "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1, "rescale": True},
+    "della": {"density": 0.5, "epsilon": 0.2},
+    "della_linear": {"density": 0.4, "rescale": False},
+    "dare_ties": {"density": 0.5},
+    "sce": {"select_topk": 0.4},
+    "model_stock": {"filter_wise": True},
+}
+
+
+@pytest.mark.parametrize("method", sorted(STREAMED))
+def test_streams_in_row_blocks(method, fp32_family, tmp_path, monkeypatch):
+    """With 16-element blocks the strategy sees one row at a time (at most 64 elements, the widest
+    row) and the 32-element norms in halves, and gives the whole-tensor result to the bit."""
+    base, models = fp32_family
+    recipe = {"merge_method": method, "base_model": str(base), "seed": 5, "parameters": STREAMED[method],
+              "models": [{"model": str(m)} for m in models]}
+    whole = run_ours(recipe, tmp_path, "whole")
+    cls = registry.get(method)
+    seen = []
+    merge_fn = cls.merge
+
+    def spy(self, tensors, base, params, model_params, ctx):
+        seen.append((base.dim(), base.numel()))
+        return merge_fn(self, tensors, base, params, model_params, ctx)
+
+    monkeypatch.setattr(cls, "merge", spy)
+    blocked = run_ours(recipe, tmp_path, "blocked", chunk_elements=16)
+    assert max(n for _, n in seen) <= 64
+    assert {n for dim, n in seen if dim == 1} == {16}
+    for name in whole:
+        assert torch.equal(blocked[name], whole[name]), f"{method}: {name}"
+
+
+# -- random methods: the same distribution as mergekit's
+
+
+def _kept_share(out, base, names):
+    return torch.cat([(out[n] != base[n]).float().reshape(-1) for n in names]).mean().item()
+
+
+def _l1(out, base, names):
+    return sum(float((out[n] - base[n]).abs().sum()) for n in names)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("method", ["della_linear", "dare_linear"])
+def test_one_model_drop_matches_mergekit(method, rescale, fp32_family, tmp_path):
+    """One model, weight 1: out - base is the dropped task vector itself. With rescale both tools
+    give each tensor back its L1 norm exactly; the kept share, and for DELLA the preference for
+    large magnitudes, agree with mergekit's."""
+    base, (m1, *_) = fp32_family
+    density = 0.4
+    recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32", "seed": 11,
+              "parameters": {"rescale": rescale},
+              "models": [{"model": str(m1), "parameters": {"weight": 1.0, "density": density, "epsilon": 0.25}}]}
+    if method == "dare_linear":
+        del recipe["models"][0]["parameters"]["epsilon"]
+    theirs, ours = run_mergekit(recipe, tmp_path / "mergekit"), run_ours(recipe, tmp_path)
+    b, m = load_tensors(base), load_tensors(m1)
+    big = [n for n in b if b[n].numel() >= 1024]
+    for out in (ours, theirs):
+        assert abs(_kept_share(out, b, big) - density) < 0.02
+        for n in big:
+            delta, kept = m[n] - b[n], out[n] - b[n]
+            if rescale:  # scaled back to the L1 norm it had: mergekit's rescale, not 1/density
+                torch.testing.assert_close(kept.abs().sum(), delta.abs().sum(), rtol=1e-4, atol=0)
+            else:  # kept entries as they were
+                on = kept != 0
+                torch.testing.assert_close(out[n][on], m[n][on], rtol=1e-6, atol=1e-7)
+    l1_ours, l1_theirs = _l1(ours, b, big), _l1(theirs, b, big)
+    assert abs(l1_ours / l1_theirs - 1) < 0.05, (l1_ours, l1_theirs)
+    if method == "della_linear":  # keep probability rises with the magnitude rank within each row
+        def kept_by_half(out):
+            large, small = [], []
+            for n in big:
+                mag = (m[n] - b[n]).abs()
+                above = mag > mag.median(dim=1, keepdim=True).values
+                kept = out[n] != b[n]
+                large.append(kept[above].float())
+                small.append(kept[~above].float())
+            return torch.cat(large).mean().item(), torch.cat(small).mean().item()
+
+        (large_ours, small_ours), (large_theirs, small_theirs) = kept_by_half(ours), kept_by_half(theirs)
+        assert large_theirs - small_theirs > 0.15  # epsilon 0.25: about 0.25 apart
+        assert abs(large_ours - large_theirs) < 0.03 and abs(small_ours - small_theirs) < 0.03
+
+
+def test_della_matches_mergekit_statistically(fp32_family, tmp_path):
+    """della (TIES election) over three models with a density gradient: the share kept per layer
+    and the merged task vector's L1 norm agree with mergekit's; seeded like DARE."""
+    base, models = fp32_family
+    recipe = {"merge_method": "della", "base_model": str(base), "dtype": "float32", "seed": 3,
+              "parameters": {"density": [0.3, 0.7], "epsilon": 0.1, "lambda": 1.1},
+              "models": _models([str(m) for m in models], weight=(1.0, 0.6, 0.8))}
+    theirs, ours, b = run_mergekit(recipe, tmp_path / "mergekit"), run_ours(recipe, tmp_path), load_tensors(base)
+    for layer in range(3):
+        names = [n for n in b if f"layers.{layer}." in n and b[n].dim() == 2]
+        kept_ours, kept_theirs = _kept_share(ours, b, names), _kept_share(theirs, b, names)
+        assert abs(kept_ours - kept_theirs) < 0.02, (layer, kept_ours, kept_theirs)
+    big = [n for n in b if b[n].numel() >= 1024]
+    assert abs(_l1(ours, b, big) / _l1(theirs, b, big) - 1) < 0.05
+    again = run_ours(recipe, tmp_path, "again")
+    other = run_ours(recipe | {"seed": 4}, tmp_path, "other")
+    assert all(torch.equal(again[n], ours[n]) for n in ours)
+    assert not torch.equal(other[big[0]], ours[big[0]])
+
+
+# -- recipes that cannot work are refused before any tensor is read, naming the key and line
+
+
+def _plan_error(tmp_path, recipe) -> str:
+    with pytest.raises(MergeLabError) as e:
+        make_plan(load_recipe(write_recipe(tmp_path / "bad.yaml", recipe)))
+    return str(e.value)
+
+
+def test_della_epsilon_outside_probabilities_is_refused(fp32_family, tmp_path):
+    base, models = fp32_family
+    msg = _plan_error(tmp_path, {"merge_method": "della", "base_model": str(base),
+                                 "parameters": {"epsilon": 0.15},
+                                 "models": [{"model": str(models[0]), "parameters": {"density": 0.9}}]})
+    assert "epsilon" in msg and "1.05" in msg and "line" in msg and "models" in msg
+
+
+@pytest.mark.parametrize(("key", "value"), [("gamma", 1.5), ("density", -0.1)])
+def test_breadcrumbs_out_of_range_is_refused(key, value, fp32_family, tmp_path):
+    base, models = fp32_family
+    msg = _plan_error(tmp_path, {"merge_method": "breadcrumbs", "base_model": str(base),
+                                 "models": [{"model": str(models[0]), "parameters": {key: value}}]})
+    assert key in msg and "line" in msg
+
+
+def test_model_stock_needs_two_models_besides_the_base(fp32_family, tmp_path):
+    base, models = fp32_family
+    msg = _plan_error(tmp_path, {"merge_method": "model_stock", "base_model": str(base),
+                                 "models": [{"model": str(base)}, {"model": str(models[0])}]})
+    assert "two models besides the base_model" in msg and "line" in msg
+
+
+def test_sce_has_no_weights(fp32_family, tmp_path):
+    base, models = fp32_family
+    msg = _plan_error(tmp_path, {"merge_method": "sce", "base_model": str(base),
+                                 "models": [{"model": str(models[0]), "parameters": {"weight": 0.5}}]})
+    assert "'sce' has no parameter 'weight'" in msg
