@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import SparseModel, TaskArithmeticParams, combine, dare_drop_, deltas_
+from merge_lab.strategies.common import SparseModel, TaskArithmeticParams, combine, dare_drop_, deltas_, weights_problem
 
 
 class DareParams(TaskArithmeticParams):
@@ -36,6 +36,10 @@ class _Dare(Strategy):
     identity_params = {"weight": 1.0, "density": 1.0}
     row_separable = True
     sign_consensus = False
+
+    @classmethod
+    def check_params(cls, params, model_params) -> str | None:
+        return weights_problem([p.weight for p in model_params], params.normalize, cls.sign_consensus)
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         deltas = deltas_(tensors, base)

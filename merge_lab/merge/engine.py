@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -32,25 +31,12 @@ from rich.console import Console
 from rich.progress import DownloadColumn, TextColumn
 
 from merge_lab.core.progress import progress_bar
-from merge_lab.core.writer import ShardWriter, TensorSpec, parse_size
+from merge_lab.core.writer import ShardWriter, TensorSpec, check_disk, copy_side_files, parse_size
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.card import model_card, recipe_hash, recipe_text
 from merge_lab.merge.interface import TensorContext
 from merge_lab.merge.planner import Compute, Plan, TensorTask, _merge_group, make_plan
 from merge_lab.merge.recipe import Recipe, load_recipe
-
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -208,30 +194,6 @@ def _tune_malloc() -> None:
     mallopt(M_TRIM_THRESHOLD, 256 * 2**20)
 
 
-def copy_side_files(source: Path | None, dest: Path) -> list[str]:
-    copied = []
-    if source is None:
-        return copied
-    for name in SIDE_FILES:
-        if (source / name).exists():
-            shutil.copy2(source / name, dest / name)
-            copied.append(name)
-    return copied
-
-
-def check_disk(plan: Plan, out: Path) -> None:
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    need = plan.output_bytes
-    if free < need * 1.02 + 64 * 2**20:
-        raise MergeLabError(
-            f"{out}: the merge writes {need / 1e9:.2f} GB but {parent} has only {free / 1e9:.2f} GB free. "
-            "Free some space or choose another output folder."
-        )
-
-
 def run_plan(
     plan: Plan,
     out: str | Path,
@@ -249,14 +211,16 @@ def run_plan(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeLabError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
-    check_disk(plan, out)
+    check_disk(plan.output_bytes, out)
     _tune_malloc()
     specs = [TensorSpec(t.output, t.shape, t.dtype) for t in plan.tasks]
     shard_bytes = parse_size(shard_size if shard_size is not None else plan.recipe.shard_size)
     metadata = {"format": "pt", "merge_lab_recipe_sha256": recipe_hash(plan), "merge_lab_strategy": plan.strategy}
     start = time.perf_counter()
     written = 0
-    with ShardWriter(out, specs, shard_bytes, metadata, force=force) as writer:
+    inputs = [*(c.path for c in plan.inputs), plan.side_files_from]
+    with ShardWriter(out, specs, shard_bytes, metadata, force=force, inputs=inputs) as writer:
+        copy_side_files(plan.side_files_from, writer.folder)  # checked before any tensor is read
         with (
             progress_bar(console, progress, DownloadColumn(), TextColumn("{task.fields[tensors]} tensors")) as bar,
             ThreadPoolExecutor(1, thread_name_prefix="merge-read") as reader,
@@ -307,7 +271,6 @@ def run_plan(
                 pending_write.result()
             bar.update(job, description=plan.strategy)
         (writer.folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-        copy_side_files(plan.side_files_from, writer.folder)
         hashes = {str(c.path): c.file_hashes() for c in plan.inputs} if hash_inputs else None
         (writer.folder / "README.md").write_text(model_card(plan, hashes))
         (writer.folder / "merge_recipe.yaml").write_text(recipe_text(plan))
