@@ -116,7 +116,11 @@ def remove_stale_partials(target: Path) -> list[Path]:
     for kind in ("partial", "old"):
         for p in target.parent.glob(f".{target.name}.{kind}-*"):
             pid = p.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)) and stat.S_ISDIR(os.lstat(p).st_mode):
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(p).st_mode)
+            except OSError:  # removed meanwhile
+                continue
+            if pid.isdigit() and not _alive(int(pid)) and is_dir:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
