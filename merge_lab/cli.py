@@ -9,7 +9,6 @@ import os
 # 0.6 s passive). A value the user sets wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import shutil
 import sys
 from functools import wraps
 from pathlib import Path
@@ -19,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from merge_lab.core.output_folder import format_size
 from merge_lab.errors import MergeLabError
 
 app = typer.Typer(
@@ -71,10 +71,6 @@ def _import_frozen() -> None:
         gc.enable()
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file (merge_lab or mergekit format)")]
 
 
@@ -113,7 +109,7 @@ def merge(
     table.add_row("output", str(result.path))
     table.add_row("strategy", plan.strategy)
     table.add_row("tensors", str(result.tensors))
-    table.add_row("written", _gb(result.bytes_written))
+    table.add_row("written", format_size(result.bytes_written))
     table.add_row("time", f"{result.seconds:.1f} s")
     if result.non_finite:
         total = sum(result.non_finite.values())
@@ -133,16 +129,19 @@ def merge(
 def validate(recipe: RecipeArg) -> None:
     """Check RECIPE from configs and safetensors headers alone, before any tensor is read.
 
-    Checks: keys and values, files exist and are complete, architectures, tensor names, shapes,
-    dtypes, vocabulary sizes, and each parameter resolved for every tensor.
+    Checks: keys and values, files exist, lie inside their model folders and are complete,
+    safetensors headers, indexes and configs, architectures, tensor names, shapes, dtypes,
+    vocabulary sizes, the shard size, and each parameter resolved for every tensor.
     """
+    from merge_lab.core.writer import parse_size
     from merge_lab.merge.planner import make_plan
     from merge_lab.merge.recipe import load_recipe
 
     plan = make_plan(load_recipe(recipe))
+    parse_size(plan.recipe.shard_size)
     out_console.print(
         f"[green]ok[/green]: {plan.strategy} over {len(plan.inputs)} checkpoint(s), "
-        f"{len(plan.tasks)} output tensors, {_gb(plan.output_bytes)} to write."
+        f"{len(plan.tasks)} output tensors, {format_size(plan.output_bytes)} to write."
     )
     for note in plan.notes:
         out_console.print(f"note: {note}")
@@ -152,28 +151,29 @@ def validate(recipe: RecipeArg) -> None:
 @friendly
 def plan_cmd(
     recipe: RecipeArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="where the output would go (for the free-disk check)")] = Path("."),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where the output would go (checked like merge's; default: free disk here)")] = None,
 ) -> None:
-    """Predict the merge's peak memory, output size and shards, and check the free disk."""
-    from merge_lab.core.writer import parse_size
+    """Predict the merge's peak memory, output size and shards, and check the free disk (by merge's rule)."""
+    from merge_lab.core.output_folder import check_target
+    from merge_lab.core.writer import disk_space, parse_size
     from merge_lab.merge.planner import make_plan
     from merge_lab.merge.recipe import load_recipe
 
     plan = make_plan(load_recipe(recipe))
-    target = out.resolve()
-    while not target.exists():
-        target = target.parent
-    free = shutil.disk_usage(target).free
+    if out is not None:
+        check_target(out, [*(c.path for c in plan.inputs), plan.side_files_from])
+    # without --out: the free space of the working directory (an output folder made in it)
+    _, free, enough = disk_space(out if out is not None else Path.cwd() / "out", plan.output_bytes)
     shard = parse_size(plan.recipe.shard_size)
     table = Table(title=f"plan: {plan.strategy}", show_header=False)
-    table.add_row("input checkpoints", f"{len(plan.inputs)} ({_gb(plan.input_bytes)})")
+    table.add_row("input checkpoints", f"{len(plan.inputs)} ({format_size(plan.input_bytes)})")
     table.add_row("output tensors", str(len(plan.tasks)))
-    table.add_row("output size", _gb(plan.output_bytes))
-    table.add_row("output shards", str(max(1, -(-plan.output_bytes // shard))) + f" of at most {_gb(shard)}")
-    table.add_row("predicted peak working memory", _gb(plan.predicted_peak_bytes()))
-    table.add_row("free disk at output", _gb(free) + (" [green]enough[/green]" if free > plan.output_bytes else " [red]NOT enough[/red]"))
+    table.add_row("output size", format_size(plan.output_bytes))
+    table.add_row("output shards", str(max(1, -(-plan.output_bytes // shard))) + f" of at most {format_size(shard)}")
+    table.add_row("predicted peak working memory", format_size(plan.predicted_peak_bytes()))
+    table.add_row("free disk at output", format_size(free) + (" [green]enough[/green]" if enough else " [red]NOT enough[/red]"))
     out_console.print(table)
-    if free <= plan.output_bytes:
+    if not enough:
         raise typer.Exit(1)
 
 

@@ -11,21 +11,40 @@ from collections.abc import Callable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+# Parameter models refuse NaN and infinities (YAML's .nan, .inf): no merge is meant with them.
+PARAMS_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
 
 class WeightedModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = PARAMS_CONFIG
     weight: float = Field(1.0, description="scale of this model's task vector (theta_i - base)")
 
 
 class SparseModel(WeightedModel):
-    density: float = Field(1.0, ge=0.0, le=1.0, description="share of this model's task vector kept")
+    density: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of this model's task vector kept (0 would drop it all: leave the model out)"
+    )
 
 
 class TaskArithmeticParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
     lambda_: float = Field(1.0, alias="lambda", description="scale of the combined task vector")
     normalize: bool = Field(False, description="divide the combined task vector by the sum of the weights")
     int8_mask: bool = Field(False, description="accepted for mergekit recipes; masks here are boolean already")
+
+
+def weights_problem(weights: list[float], normalize: bool, disjoint: bool = False) -> str | None:
+    """Why these per-model weights make no merge, or None. `disjoint`: `normalize` divides each
+    entry by the summed weights of the models that agree on its sign (TIES' disjoint mean)."""
+    listed = ", ".join(f"{w:g}" for w in weights)
+    if normalize and disjoint and any(w < 0 for w in weights):
+        return (
+            f"normalize divides by the summed weights of the agreeing models, which a negative weight ({listed}) "
+            "can bring to zero or below. Set normalize: false to subtract a task vector."
+        )
+    if normalize and abs(sum(weights)) < 1e-8:
+        return f"the weights ({listed}) sum to zero and normalize divides by their sum. Set normalize: false or change the weights."
+    return None
 
 
 def deltas_(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:

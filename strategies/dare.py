@@ -39,6 +39,7 @@ from merge_lab.strategies.common import (
     dare_drop_,
     deltas_,
     generator_copy,
+    weights_problem,
 )
 
 
@@ -86,6 +87,10 @@ class _Dare(Strategy):
                 delta = t - base
                 norms.add(delta, dare_drop_(delta.clone(), p.density, norms.generator, rescale=False))
         return stats
+
+    @classmethod
+    def check_params(cls, params, model_params) -> str | None:
+        return weights_problem([p.weight for p in model_params], params.normalize, cls.sign_consensus)
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)

@@ -10,18 +10,19 @@ A base model is not used unless listed among `models`.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
+from merge_lab.strategies.common import PARAMS_CONFIG, weights_problem
 
 
 class LinearModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = PARAMS_CONFIG
     weight: float = Field(1.0, description="this model's weight in the average")
 
 
 class LinearParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = PARAMS_CONFIG
     normalize: bool = Field(True, description="divide by the sum of the weights")
 
 
@@ -32,6 +33,13 @@ class Linear(Strategy):
     ModelParams = LinearModel
     identity_params = {"weight": 1.0}
     row_separable = True
+
+    @classmethod
+    def check_params(cls, params, model_params) -> str | None:
+        weights = [p.weight for p in model_params]
+        if all(w == 0 for w in weights):
+            return "every weight is 0, so the output would be all zeros. Give some model a weight."
+        return weights_problem(weights, params.normalize)
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         weights = [p.weight for p in model_params]

@@ -35,8 +35,8 @@ EPS = 1e-8
 
 
 class SlerpParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    t: float = Field(0.5, description="interpolation position: 0 gives the first endpoint, 1 the second")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    t: float = Field(0.5, ge=0.0, le=1.0, description="interpolation position in [0, 1]: 0 gives the first endpoint, 1 the second")
 
 
 def sums(a: torch.Tensor, b: torch.Tensor, into: tuple[float, float, float] = (0.0, 0.0, 0.0)):
@@ -81,7 +81,7 @@ class Slerp(Strategy):
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
-        others = [m for m in recipe.models if m.model != recipe.base_model]
+        others = [m for m in recipe.models if not recipe.is_base(m.model)]
         ends = len(others) + (1 if recipe.base_model else 0)
         if ends != 2:
             raise MergeLabError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import TaskArithmeticParams, WeightedModel, combine, deltas_
+from merge_lab.strategies.common import TaskArithmeticParams, WeightedModel, combine, deltas_, weights_problem
 
 
 class TaskArithmetic(Strategy):
@@ -23,6 +23,10 @@ class TaskArithmetic(Strategy):
     uses_base = True
     identity_params = {"weight": 1.0}
     row_separable = True
+
+    @classmethod
+    def check_params(cls, params, model_params) -> str | None:
+        return weights_problem([p.weight for p in model_params], params.normalize)
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         deltas = deltas_(tensors, base)

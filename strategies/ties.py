@@ -28,6 +28,7 @@ from merge_lab.strategies.common import (
     combine,
     deltas_,
     magnitude_bits,
+    weights_problem,
 )
 
 
@@ -44,6 +45,10 @@ class Ties(Strategy):
     uses_base = True
     identity_params = {"weight": 1.0, "density": 1.0}
     row_separable = True  # given the thresholds
+
+    @classmethod
+    def check_params(cls, params, model_params) -> str | None:
+        return weights_problem([p.weight for p in model_params], params.normalize, disjoint=True)
 
     def stats_passes(self, params, model_params) -> int:
         return 2 if any(0.0 < p.density < 1.0 for p in model_params) else 0

@@ -25,9 +25,9 @@ def test_output_layout_metadata_and_card(family, tmp_path):
     assert set(index["weight_map"].values()) == {s.name for s in shards}
     assert index["metadata"]["total_size"] == sum(i.nbytes for i in Checkpoint(out).tensors.values())
     for s in shards:
-        header, _ = read_header(s)
+        _, metadata = read_header(s)
         assert s.stat().st_size <= 30_000 + 4096
-        assert len(header["__metadata__"]["merge_lab_recipe_sha256"]) == 64
+        assert len(metadata["merge_lab_recipe_sha256"]) == 64
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()

@@ -12,25 +12,51 @@ A and B memory-mapped, tensor by tensor, like any other input; `lora_delta` is t
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from merge_lab.core.checkpoint import Checkpoint
+from merge_lab.core.config import Where, validate
+from merge_lab.core.untrusted import inside, read_json_object, regular_file, shown
 from merge_lab.errors import MergeLabError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# rank_pattern / alpha_pattern keys: module names (or their dotted tails), matched literally. PEFT
+# reads them as regular expressions; one from a downloaded file could take forever to match.
+_PATTERN_KEY = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+Rank = Annotated[int, Field(ge=1, strict=True)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class AdapterConfig(BaseModel):
+    """The adapter_config.json fields read here, typed; PEFT's many others pass unread."""
+
+    model_config = ConfigDict(extra="allow")
+
+    peft_type: StrictStr = "LORA"
+    r: Rank = 8
+    lora_alpha: Number | None = None
+    rank_pattern: dict[str, Rank] | None = None
+    alpha_pattern: dict[str, Number] | None = None
+    use_rslora: StrictBool = False
+    use_dora: StrictBool = False
+    fan_in_fan_out: StrictBool = False
+    modules_to_save: list[StrictStr] | None = None
+    base_model_name_or_path: StrictStr | None = None
 
 
 def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).exists()
+    return os.path.lexists(Path(path) / ADAPTER_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -45,9 +71,9 @@ class LoraPair:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern key matches a module whose name ends with it (at a dot boundary)."""
+    """PEFT's rule for literal keys: a key matches a module whose name ends with it (at a dot boundary)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if module == key or module.endswith("." + key):
             return value
     return default
 
@@ -68,22 +94,25 @@ class AdapterCheckpoint(Checkpoint):
     @cached_property
     def config(self) -> dict:
         path = self.path / ADAPTER_CONFIG
-        try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MergeLabError(f"{path}: missing; a PEFT adapter folder needs its adapter_config.json.") from None
-        except json.JSONDecodeError as e:
-            raise MergeLabError(f"{path}: not valid JSON ({e}).") from e
-        peft_type = cfg.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise MergeLabError(f"{path}: peft_type {peft_type!r} is not supported; only LoRA adapters are.")
-        if cfg.get("use_dora"):
+        cfg = read_json_object(self.path, ADAPTER_CONFIG, "PEFT adapter config")
+        checked = validate(AdapterConfig, cfg, Where(str(path)), ADAPTER_CONFIG)
+        if checked.peft_type.upper() != "LORA":
+            raise MergeLabError(f"{path}: peft_type {shown(checked.peft_type)} is not supported; only LoRA adapters are.")
+        if checked.use_dora:
             raise MergeLabError(f"{path}: DoRA adapters are not supported; merge it into a full checkpoint first.")
-        if cfg.get("modules_to_save"):
+        if checked.modules_to_save:
             raise MergeLabError(
-                f"{path}: modules_to_save {cfg['modules_to_save']} holds full module copies, which we do not "
+                f"{path}: modules_to_save {shown(checked.modules_to_save)} holds full module copies, which we do not "
                 "read; merge the adapter into a full checkpoint (peft merge_and_unload) and use that."
             )
+        for field in ("rank_pattern", "alpha_pattern"):
+            bad = [k for k in getattr(checked, field) or {} if not _PATTERN_KEY.match(k)]
+            if bad:
+                raise MergeLabError(
+                    f"{path}: {field} key {shown(bad[0])} is not a module name. merge-lab matches these keys "
+                    "literally (a regular expression from a downloaded file could take forever to match): "
+                    "write out the module names, e.g. model.layers.0.mlp.up_proj."
+                )
         return cfg
 
     @property
@@ -91,13 +120,19 @@ class AdapterCheckpoint(Checkpoint):
         return "peft-lora"
 
     @cached_property
-    def files(self) -> list[Path]:
+    def shards(self) -> dict[str, Path]:
         path = self.path / ADAPTER_WEIGHTS
-        if not path.exists():
+        real = inside(self.path, ADAPTER_WEIGHTS, self.path, f"the file {ADAPTER_WEIGHTS}")
+        if not regular_file(real, path):
             raise MergeLabError(
                 f"{path}: missing. Save the adapter with safetensors (PEFT's default); .bin adapters are not read."
             )
-        return [path]
+        return {ADAPTER_WEIGHTS: real}
+
+    @cached_property
+    def index(self) -> None:
+        """An adapter is one file: no index is read."""
+        return None
 
     @cached_property
     def pairs(self) -> dict[str, LoraPair]:
@@ -118,8 +153,15 @@ class AdapterCheckpoint(Checkpoint):
             if set(ab) != {"A", "B"}:
                 raise MergeLabError(f"{self.path}: module '{module}' has lora_{next(iter(ab))} but not its partner.")
             r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8)))
-            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r)))
-            shape_r = self.info(ab["A"]).shape[0]
+            default_alpha = r if cfg.get("lora_alpha") is None else cfg["lora_alpha"]
+            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, default_alpha))
+            a_shape, b_shape = self.info(ab["A"]).shape, self.info(ab["B"]).shape
+            if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
+                raise MergeLabError(
+                    f"{self.path}: module {shown(module)} has lora_A of shape {a_shape} and lora_B of shape {b_shape}; "
+                    "LoRA needs A [r, in] and B [out, r]. Re-save the adapter."
+                )
+            shape_r = a_shape[0]
             if shape_r != r:
                 raise MergeLabError(
                     f"{self.path}: module '{module}' has rank {shape_r} in its weights but {r} in {ADAPTER_CONFIG}."

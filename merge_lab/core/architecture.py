@@ -32,6 +32,24 @@ ROLE_PATTERNS: list[tuple[Role, re.Pattern]] = [
     (Role.MLP_DOWN, re.compile(r"\.mlp\.(down_proj|w2)\.")),
     (Role.NORM, re.compile(r"norm[^.]*\.weight$|norm[^.]*\.bias$")),
 ]
+# The families the table above describes: model_type -> the prefix of its transformers classes.
+# A checkpoint of another family (GPT-2's transposed Conv1D weights, custom code) would be merged
+# with roles the table gets wrong, so its config.json is refused (core.model_config).
+FAMILIES: dict[str, str] = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma": "Gemma",
+    "gemma2": "Gemma2",
+    "phi3": "Phi3",
+    "mixtral": "Mixtral",  # the MoE layouts merge_lab's h3_moe writes
+    "qwen2_moe": "Qwen2Moe",
+    "qwen3_moe": "Qwen3Moe",
+}
+ARCHITECTURE_CLASSES: frozenset[str] = frozenset(
+    f"{prefix}{head}" for prefix in FAMILIES.values() for head in ("ForCausalLM", "ForSequenceClassification")
+)
 LAYER_PATTERN = re.compile(r"\.layers\.(\d+)\.")
 MLP_ROLES = (Role.MLP_GATE, Role.MLP_UP, Role.MLP_DOWN)
 

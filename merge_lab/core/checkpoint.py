@@ -8,31 +8,21 @@ them), which keeps peak memory bound to the tensors in flight, not to the model 
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
-import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from merge_lab.core.model_config import check_config
+from merge_lab.core.safetensors_header import DTYPE_NAMES, DTYPES, read_header
+from merge_lab.core.untrusted import inside, read_json_object, regular_file, shown
 from merge_lab.errors import MergeLabError
 
-# safetensors dtype names <-> torch dtypes
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+__all__ = ["DTYPES", "DTYPE_NAMES", "INDEX_NAME", "SINGLE_NAME", "TORCH_DTYPE_BY_NAME", "Checkpoint", "TensorInfo",
+           "read_header"]
+
 TORCH_DTYPE_BY_NAME = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -63,44 +53,6 @@ class TensorInfo:
         return self.end - self.begin
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """Parse a safetensors header; returns (header dict, absolute offset where data starts).
-
-    Checks that every tensor's bytes lie inside the file, so a truncated download is caught
-    at plan time with the file and tensor named.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise MergeLabError(f"{path}: file is too short to be safetensors ({size} bytes).")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > size - 8 or header_len > 100_000_000:
-                raise MergeLabError(
-                    f"{path}: corrupt safetensors header (declares {header_len} header bytes in a "
-                    f"{size}-byte file). Re-download or re-save this file."
-                )
-            header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise MergeLabError(f"{path}: file not found.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MergeLabError(f"{path}: corrupt safetensors header ({e}). Re-download or re-save it.") from e
-    data_start = 8 + header_len
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = entry["data_offsets"]
-        if data_start + end > size:
-            raise MergeLabError(
-                f"{path}: tensor '{name}' ends at byte {data_start + end} but the file has {size} bytes; "
-                "the file is truncated. Re-download or re-save it."
-            )
-        if entry["dtype"] not in DTYPES:
-            raise MergeLabError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}.")
-    return header, data_start
-
-
 class Checkpoint:
     """A model folder: config.json plus one or more safetensors shards."""
 
@@ -119,31 +71,51 @@ class Checkpoint:
 
     @cached_property
     def config(self) -> dict:
-        cfg = self.path / "config.json"
-        if not cfg.exists():
-            raise MergeLabError(f"{cfg}: missing. A model folder needs its config.json.")
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise MergeLabError(f"{cfg}: not valid JSON ({e}).") from e
+        cfg = read_json_object(self.path, "config.json", "model config")
+        return check_config(cfg, self.path / "config.json")
 
     @property
     def model_type(self) -> str:
         return self.config.get("model_type", "unknown")
 
     @cached_property
-    def files(self) -> list[Path]:
-        index = self.path / INDEX_NAME
-        if index.exists():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (self.path / n).exists()]
+    def index(self) -> dict[str, str] | None:
+        """The index's weight_map (tensor name -> shard name), checked; None without an index."""
+        data = read_json_object(self.path, INDEX_NAME, "safetensors index", required=False)
+        if data is None:
+            return None
+        where = self.path / INDEX_NAME
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MergeLabError(f"{where}: needs a non-empty 'weight_map' object (tensor name -> shard file).")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise MergeLabError(f"{where}: weight_map entry {shown(bad[0])} is {shown(bad[1])}, not a shard file name.")
+        if "metadata" in data and not isinstance(data["metadata"], dict):
+            raise MergeLabError(f"{where}: its 'metadata' is not a JSON object.")
+        return weight_map
+
+    @cached_property
+    def shards(self) -> dict[str, Path]:
+        """Each weight file as the folder names it -> its real path (checked to be a regular file
+        inside the folder, symlinks resolved), before any of it is read."""
+        if self.index is not None:
+            where = self.path / INDEX_NAME
+            names = sorted(set(self.index.values()))
+            first = {v: k for k, v in reversed(self.index.items())}
+            real = {n: inside(self.path, n, where, f"weight_map entry for tensor {shown(first[n])}") for n in names}
+            missing = [n for n in names if not regular_file(real[n], self.path / n)]
             if missing:
-                raise MergeLabError(f"{index}: lists shard(s) {missing} that are not in the folder.")
-            return [self.path / n for n in names]
-        if (self.path / SINGLE_NAME).exists():
-            return [self.path / SINGLE_NAME]
-        found = sorted(self.path.glob("*.safetensors"))
+                raise MergeLabError(f"{where}: lists shard(s) {missing} that are not in the folder.")
+            return real
+        single = inside(self.path, SINGLE_NAME, self.path, f"the file {SINGLE_NAME}")
+        if regular_file(single, self.path / SINGLE_NAME):
+            return {SINGLE_NAME: single}
+        found = {}
+        for file in sorted(self.path.glob("*.safetensors")):
+            real = inside(self.path, file.name, self.path, f"the file {file.name}")
+            if regular_file(real, file):
+                found[file.name] = real
         if found:
             return found
         raise MergeLabError(
@@ -151,18 +123,41 @@ class Checkpoint:
             "Convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True)."
         )
 
+    @property
+    def files(self) -> list[Path]:
+        """The real paths of the weight files."""
+        return list(self.shards.values())
+
     @cached_property
     def tensors(self) -> dict[str, TensorInfo]:
-        """Every tensor's header entry, in file order."""
+        """Every tensor's header entry, in file order; with an index, each tensor is in the shard
+        the index names and every shard's tensors are in the index."""
         out: dict[str, TensorInfo] = {}
-        for file in self.files:
-            header, start = read_header(file)
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = entry["data_offsets"]
-                out[name] = TensorInfo(
-                    name, file, DTYPES[entry["dtype"]], tuple(entry["shape"]), start + begin, start + end
+        shard_of: dict[str, str] = {}
+        for name, real in self.shards.items():
+            label = self.path / name
+            entries, _ = read_header(real, label)
+            for t, e in entries.items():
+                if t in out:
+                    raise MergeLabError(
+                        f"{label}: tensor {shown(t)} is also in {self.path / shard_of[t]}; which one to merge "
+                        "is ambiguous. Re-save the model."
+                    )
+                if self.index is not None and self.index.get(t) != name:
+                    listed = self.index.get(t)
+                    said = f"lists it in {shown(listed)}" if listed is not None else "does not list it"
+                    raise MergeLabError(
+                        f"{label}: holds tensor {shown(t)} but {INDEX_NAME} {said}; the index and the shards disagree. "
+                        "Re-download or re-save the model."
+                    )
+                out[t] = TensorInfo(t, real, e.dtype, e.shape, e.begin, e.end)
+                shard_of[t] = name
+        if self.index is not None:
+            lost = [t for t in self.index if t not in out]
+            if lost:
+                raise MergeLabError(
+                    f"{self.path / INDEX_NAME}: lists {len(lost)} tensor(s) that are not in the shard it names, e.g. "
+                    f"{shown(lost[0])} in {shown(self.index[lost[0]])}. Re-download or re-save the model."
                 )
         return out
 
@@ -190,6 +185,8 @@ class Checkpoint:
             count *= d
         if count == 0:
             return torch.empty(info.shape, dtype=info.dtype)
+        if info.end > len(mm):
+            raise MergeLabError(f"{info.file}: tensor '{name}' is cut short; re-download or re-save it.")
         flat = torch.frombuffer(mm, dtype=info.dtype, count=count, offset=info.begin)
         return flat.view(info.shape)
 
@@ -263,12 +260,12 @@ class Checkpoint:
     def file_hashes(self) -> dict[str, str]:
         """sha256 of each weight file, for the model card's provenance."""
         out = {}
-        for file in self.files:
+        for name, file in self.shards.items():
             h = hashlib.sha256()
             with open(file, "rb") as f:
                 while chunk := f.read(1 << 24):
                     h.update(chunk)
-            out[file.name] = h.hexdigest()
+            out[name] = h.hexdigest()
         return out
 
     def close(self) -> None:

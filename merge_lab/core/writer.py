@@ -6,18 +6,21 @@ each tensor is written straight to its final offset. Nothing is buffered beyond 
 hand, and tensors may arrive in any order.
 
 The folder is built as a hidden temporary sibling of the target and renamed into place only
-when complete, so an interrupted or failed run never leaves a half-written model at the target.
+when complete (core.output_folder: one run at a time, nothing replaced unless asked, nothing left
+behind), so an interrupted or failed run never leaves a half-written model at the target. The
+writer also owns what goes beside the tensors (the source's tokenizer and generation files, each
+checked to lie inside its folder) and the free-space check that `plan` and `merge` share.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
-import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +28,38 @@ from pathlib import Path
 import torch
 
 from merge_lab.core.checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+from merge_lab.core.output_folder import OutputClaim, disk_full, format_size
+from merge_lab.core.untrusted import inside, regular_file
 from merge_lab.errors import MergeLabError
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 # Largest dtype conversion done in a reused per-thread buffer (bigger ones allocate and free).
 STAGING_BYTES = 64 * 2**20
+# Free space a merge must find beyond its output: 2% for file-system overhead and 64 MiB for the
+# side files, card and index.
+DISK_MARGIN, DISK_SLACK = 1.02, 64 * 2**20
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def parse_size(text: str | int) -> int:
-    """'2GB', '500MB', '1.5GiB' or a plain byte count."""
+    """'2GB', '500MB', '1.5GiB' or a plain byte count; a positive whole number of bytes."""
+    bad = MergeLabError(f"{text!r} is not a size: write e.g. 2GB, 500MB or 1GiB (more than 0 bytes).")
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise bad
     if isinstance(text, int):
+        if text <= 0:
+            raise bad
         return text
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -42,11 +67,57 @@ def parse_size(text: str | int) -> int:
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]
     try:
-        if unit not in units:
-            raise ValueError
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise MergeLabError(f"'{text}' is not a size: write e.g. 2GB, 500MB or 1GiB.") from None
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise bad from None
+    if not math.isfinite(value) or int(value) <= 0:
+        raise bad
+    return int(value)
+
+
+def disk_space(out: str | Path, need: int) -> tuple[Path, int, bool]:
+    """(the existing folder the output would go under, its free bytes, whether they suffice for an
+    output of `need` bytes): the one rule `plan` reports and `merge` enforces."""
+    folder = Path(os.path.abspath(out)).parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return folder, free, free >= need * DISK_MARGIN + DISK_SLACK
+
+
+def check_disk(need: int, out: str | Path) -> None:
+    """Refuse, before any work, an output of `need` bytes that the free space at `out` cannot hold."""
+    folder, free, enough = disk_space(out, need)
+    if not enough:
+        raise MergeLabError(
+            f"{out}: the merge writes {format_size(need)} but {folder} has only {format_size(free)} free. "
+            "Free some space or choose another output folder."
+        )
+
+
+def side_files(source: Path) -> dict[str, Path]:
+    """The tokenizer and generation files of `source` to copy (name -> real path), each checked to
+    be a regular file inside the folder (links resolved): a link out of the folder is refused,
+    never copied."""
+    out = {}
+    for name in SIDE_FILES:
+        if not os.path.lexists(source / name):
+            continue
+        real = inside(source, name, source, f"the side file {name}")
+        if not regular_file(real, source / name):
+            raise MergeLabError(f"{source / name}: is a link to a file that does not exist; remove it or fix it.")
+        out[name] = real
+    return out
+
+
+def copy_side_files(source: Path | None, dest: Path) -> list[str]:
+    """Copy `source`'s side files into `dest` (contents only: modes come from the umask)."""
+    if source is None:
+        return []
+    files = side_files(source)
+    for name, real in files.items():
+        shutil.copyfile(real, dest / name)
+    return list(files)
 
 
 @dataclass(frozen=True)
@@ -98,66 +169,29 @@ def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[by
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_partials(target: Path) -> list[Path]:
-    """Delete temporary folders that a killed run (SIGKILL, power loss) left beside `target`.
-
-    Exceptions and Ctrl-C clean up after themselves; a killed process cannot, so the next run
-    towards the same target removes folders whose writing process no longer exists."""
-    removed = []
-    for p in target.parent.glob(f".{target.name}.partial-*"):
-        pid = p.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
-        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-def partial_folder(target: Path) -> Path:
-    """A new hidden temporary sibling of `target`, named with this process id so that
-    remove_stale_partials can tell a killed run's folder from a live one's."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(target)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-
-
-def move_into_place(tmp: Path, target: Path) -> Path:
-    """Rename the finished `tmp` to `target`; an existing target is moved aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
 @contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
+def atomic_folder(target: str | Path, inputs: Iterable[Path | None] = ()) -> Iterator[Path]:
     """Fill the yielded temporary folder; it becomes `target` (replacing it) when the block ends
-    without error and is removed otherwise, so the target is never half-written."""
-    target = Path(target)
-    tmp = partial_folder(target)
+    without error and is removed otherwise, so the target is never half-written. Refused while
+    another run holds the target, or when the target is one of `inputs` (or holds or lies in one)."""
+    claim = OutputClaim(target, replace=True, inputs=inputs)
+    assert claim.folder is not None
     try:
-        yield tmp
-        move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield claim.folder
+        claim.commit()
+    except BaseException as e:
+        claim.abort()
+        full = disk_full(e, claim.target, 0)
+        if full is not None:
+            raise full from None
         raise
 
 
 class ShardWriter:
-    """Use as a context manager: on an exception the temporary folder is removed."""
+    """Use as a context manager: on an exception the temporary folder (and every parent folder
+    the run created) is removed, and a full disk becomes a MergeLabError.
+
+    `inputs` are the folders the run reads: the target may not be, hold or lie inside one."""
 
     def __init__(
         self,
@@ -166,33 +200,34 @@ class ShardWriter:
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         metadata: dict[str, str] | None = None,
         force: bool = False,
+        inputs: Iterable[Path | None] = (),
     ):
-        self.target = Path(target)
-        if self.target.exists() and not force:
-            raise MergeLabError(
-                f"{self.target}: already exists. Choose another output folder or pass --force to replace it."
-            )
         if len({s.name for s in specs}) != len(specs):
             raise MergeLabError("internal: duplicate output tensor names in the plan")
         self.force = force
-        self.tmp = partial_folder(self.target)
-        shards = _layout(specs, max_shard_bytes)
-        n = len(shards)
-        self.shard_names = (
-            [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        self.slots: dict[str, _Slot] = {}
-        self._files = []
-        for i, shard_specs in enumerate(shards):
-            head, offsets = _header_bytes(shard_specs, metadata or {})
-            path = self.tmp / self.shard_names[i]
-            f = open(path, "wb")
-            f.write(head)
-            f.truncate(len(head) + sum(s.nbytes for s in shard_specs))
-            self._files.append(f)
-            for spec, off in zip(shard_specs, offsets):
-                self.slots[spec.name] = _Slot(i, len(head) + off, spec)
         self.total_size = sum(s.nbytes for s in specs)
+        self._files: list = []
+        self._claim = OutputClaim(target, replace=force, inputs=inputs)
+        self.target = self._claim.target
+        assert self._claim.folder is not None
+        self.tmp = self._claim.folder
+        try:
+            shards = _layout(specs, max_shard_bytes)
+            n = len(shards)
+            self.shard_names = (
+                [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            )
+            self.slots: dict[str, _Slot] = {}
+            for i, shard_specs in enumerate(shards):
+                head, offsets = _header_bytes(shard_specs, metadata or {})
+                f = open(self.tmp / self.shard_names[i], "wb")
+                self._files.append(f)
+                f.write(head)
+                f.truncate(len(head) + sum(s.nbytes for s in shard_specs))
+                for spec, off in zip(shard_specs, offsets):
+                    self.slots[spec.name] = _Slot(i, len(head) + off, spec)
+        except BaseException as e:
+            self._fail(e)
         self._written: set[str] = set()
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -203,7 +238,15 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.abort()
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException):
+        """Abort, then re-raise `exc`, or the clear error for a full disk."""
+        self.abort()
+        full = disk_full(exc, self.target, self.total_size)
+        if full is not None:
+            raise full from None
+        raise exc
 
     @property
     def folder(self) -> Path:
@@ -284,10 +327,13 @@ class ShardWriter:
                 "weight_map": {n: self.shard_names[s.shard] for n, s in self.slots.items()},
             }
             (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        return move_into_place(self.tmp, self.target)
+        return self._claim.commit()
 
     def abort(self) -> None:
         for f in self._files:
             if not f.closed:
-                f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+                try:
+                    f.close()
+                except OSError:  # a full disk may fail the last flush: the file goes anyway
+                    pass
+        self._claim.abort()

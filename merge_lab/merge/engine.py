@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,26 +32,13 @@ from rich.console import Console
 from rich.progress import DownloadColumn, TextColumn
 
 from merge_lab.core.progress import progress_bar
-from merge_lab.core.writer import ShardWriter, TensorSpec, parse_size
+from merge_lab.core.writer import ShardWriter, TensorSpec, check_disk, copy_side_files, parse_size
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.card import model_card, recipe_hash, recipe_text
 from merge_lab.merge.finite import FiniteGuard, non_finite_count
 from merge_lab.merge.ops import RowStream, TensorTask, block_rows
 from merge_lab.merge.planner import Plan, make_plan
 from merge_lab.merge.recipe import Recipe, load_recipe
-
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -174,30 +160,6 @@ def _tune_malloc() -> None:
     mallopt(M_TRIM_THRESHOLD, 256 * 2**20)
 
 
-def copy_side_files(source: Path | None, dest: Path) -> list[str]:
-    copied = []
-    if source is None:
-        return copied
-    for name in SIDE_FILES:
-        if (source / name).exists():
-            shutil.copy2(source / name, dest / name)
-            copied.append(name)
-    return copied
-
-
-def check_disk(plan: Plan, out: Path) -> None:
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    need = plan.output_bytes
-    if free < need * 1.02 + 64 * 2**20:
-        raise MergeLabError(
-            f"{out}: the merge writes {need / 1e9:.2f} GB but {parent} has only {free / 1e9:.2f} GB free. "
-            "Free some space or choose another output folder."
-        )
-
-
 def _compute_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -212,7 +174,8 @@ def _open_output(plan: Plan, out: Path, shard_size: str | int | None, force: boo
     specs = [TensorSpec(t.output, t.shape, t.dtype) for t in plan.tasks]
     shard_bytes = parse_size(shard_size if shard_size is not None else plan.recipe.shard_size)
     metadata = {"format": "pt", "merge_lab_recipe_sha256": recipe_hash(plan), "merge_lab_strategy": plan.strategy}
-    return ShardWriter(out, specs, shard_bytes, metadata, force=force)
+    inputs = [*(c.path for c in plan.inputs), plan.side_files_from]  # the output may not touch any of them
+    return ShardWriter(out, specs, shard_bytes, metadata, force=force, inputs=inputs)
 
 
 def _compute(unit: _Unit, inputs: list[torch.Tensor]) -> torch.Tensor | None:
@@ -273,9 +236,8 @@ def _run_units(plan: Plan, writer: ShardWriter, device: torch.device, chunk_elem
 
 
 def _write_beside(plan: Plan, folder: Path, hash_inputs: bool, non_finite: dict[tuple[str, str], int]) -> None:
-    """The files beside the weights: config, tokenizer, model card, recipe."""
+    """The files beside the weights: config, model card, recipe (the tokenizer files come first)."""
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-    copy_side_files(plan.side_files_from, folder)
     hashes = {str(c.path): c.file_hashes() for c in plan.inputs} if hash_inputs else None
     (folder / "README.md").write_text(model_card(plan, hashes, non_finite))
     (folder / "merge_recipe.yaml").write_text(recipe_text(plan))
@@ -302,13 +264,14 @@ def run_plan(
     out = Path(out)
     console = console or Console(stderr=True)
     dev = _compute_device(device)
-    check_disk(plan, out)
+    check_disk(plan.output_bytes, out)
     _tune_malloc()
     start = time.perf_counter()
     plan = plan.prepared()  # e.g. centroid router rows: may run a model; nothing is open yet
     allow = plan.recipe.allow_non_finite if allow_non_finite is None else allow_non_finite
     guard = FiniteGuard(plan.strategy, allow, chunk_elements)
     with _open_output(plan, out, shard_size, force) as writer:
+        copy_side_files(plan.side_files_from, writer.folder)  # checked before any tensor is read
         written = _run_units(plan, writer, dev, chunk_elements, guard, console, progress)
         _write_beside(plan, writer.folder, hash_inputs, guard.seen)
         path = writer.finish()

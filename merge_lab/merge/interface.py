@@ -134,6 +134,13 @@ class Strategy:
     def check_recipe(cls, recipe: Recipe) -> None:
         """Raise MergeLabError for recipe-level mistakes this strategy can see before any read."""
 
+    @classmethod
+    def check_params(cls, params: BaseModel, model_params: list[BaseModel]) -> str | None:
+        """Why one tensor's resolved parameters cannot be merged (a rule across several of them,
+        e.g. weights that sum to zero under `normalize`), or None. Single values are ranged by
+        the pydantic models; the planner calls this for every tensor, so `validate` sees it."""
+        return None
+
     def build_plan(self, ctx: PlanContext) -> Plan:
         """Structural strategies lay out the whole output here."""
         raise NotImplementedError

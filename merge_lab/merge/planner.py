@@ -152,6 +152,8 @@ def resolve_params(ctx: PlanContext, tensor: str, entries: list[int]) -> tuple[B
             if r is not None:
                 values[k] = r
         model_params.append(_validated(cls.ModelParams, values, recipe, tensor, ("models", i, "parameters")))
+    if why := cls.check_params(params, model_params):  # rules across parameters (strategies' check_params)
+        raise MergeLabError(f"{recipe.where('parameters')}: parameters for tensor '{tensor}': {why}")
     return params, model_params
 
 
@@ -204,7 +206,7 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
 
     entries = list(range(len(recipe.models)))
     if cls.uses_base and recipe.base_model is not None:
-        entries = [i for i in entries if recipe.models[i].model != recipe.base_model]
+        entries = [i for i in entries if not recipe.is_base(recipe.models[i].model)]  # by identity, not spelling
     models = [ctx.models[i] for i in entries]
     refs = tuple(ctx.model_refs[i] for i in entries)
     with_base = ctx.base is not None and cls.uses_base

@@ -8,6 +8,7 @@ The schema is a superset of mergekit's for the methods we support (`merge_method
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -72,13 +73,41 @@ class Recipe(BaseModel):
     @property
     def tokenizer_mode(self) -> str | None:
         """'base' when vocabulary differences are resolved from the base, else a model ref or None."""
-        if self.tokenizer is not None:
-            return self.tokenizer.source
-        return self.tokenizer_source
+        source = self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+        return "base" if source is not None and source != "base" and self.is_base(source) else source
 
     def resolve_path(self, ref: str) -> Path:
         """Model references are local paths, relative to the working directory (as in mergekit)."""
         return Path(ref).expanduser()
+
+    # -- one model, one identity: references are compared by what they resolve to, not by spelling
+
+    def model_identity(self, ref: str) -> Path:
+        """The folder a reference stands for, links followed: `./base`, `base/`, an absolute path
+        and a symlink to it are one model."""
+        return Path(os.path.realpath(self.resolve_path(ref)))
+
+    def is_base(self, ref: str) -> bool:
+        """Whether `ref` names the base model, however it is spelled."""
+        return self.base_model is not None and self.model_identity(ref) == self.model_identity(self.base_model)
+
+    def check_distinct_models(self) -> None:
+        """Refuse a model listed twice (in any spelling): it would silently count twice. A model
+        that should count more is given a larger weight instead. Labelled entries (the experts of
+        a structural strategy such as h3_moe) are roles, which that strategy checks: one model may
+        serve several of them."""
+        seen: dict[Path, int] = {}
+        for i, entry in enumerate(self.models):
+            key = self.model_identity(entry.model)
+            other = self.models[seen[key]] if key in seen else None
+            if other is not None and not (entry.label and other.label):
+                j = seen[key]
+                raise MergeLabError(
+                    f"{self.where('models', i)}: '{entry.model}' is the model already listed as models.{j} "
+                    f"('{self.models[j].model}'); both are {key}. A model listed twice would count twice without "
+                    "saying so: list it once and give it a larger weight if it should count more."
+                )
+            seen[key] = i
 
     _where: Where = Where("<recipe>")
 
@@ -111,6 +140,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         )
     recipe = validate(Recipe, data, where, "recipe")
     recipe._where = where
+    recipe.check_distinct_models()
     return recipe
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from merge_lab.core.checkpoint import Checkpoint
-from merge_lab.core.writer import ShardWriter, TensorSpec, parse_size
+from merge_lab.core.writer import ShardWriter, TensorSpec, copy_side_files, parse_size
 from merge_lab.errors import MergeLabError
-from merge_lab.merge.engine import copy_side_files
 from merge_lab.moe.layout import layout_of
 
 
