@@ -1,8 +1,8 @@
 """Parity with mergekit 0.1.5: the same recipe through both tools on the same tiny checkpoints.
 
 Intended differences (documented in the strategies' docstrings):
-- DARE: we rescale kept entries by 1/density (the paper); mergekit rescales to the delta's
-  pre-drop L1 norm, and draws masks from the global RNG. Seeded cases are compared statistically.
+- DARE: masks come from our seeded per-tensor generators, mergekit's from the global RNG (both
+  rescale to the delta's pre-drop L1 norm): seeded cases are compared statistically.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ them), which keeps peak memory bound to the tensors in flight, not to the model 
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from merge_lab.core.hashing import file_sha256
 from merge_lab.core.model_config import check_config
 from merge_lab.core.safetensors_header import DTYPE_NAMES, DTYPES, read_header
 from merge_lab.core.untrusted import inside, read_json_object, regular_file, shown
@@ -259,14 +259,7 @@ class Checkpoint:
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of each weight file, for the model card's provenance."""
-        out = {}
-        for name, file in self.shards.items():
-            h = hashlib.sha256()
-            with open(file, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-            out[name] = h.hexdigest()
-        return out
+        return {name: file_sha256(file) for name, file in self.shards.items()}
 
     def close(self) -> None:
         for mm in [*self._maps.values(), *self._read_maps.values()]:

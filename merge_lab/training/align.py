@@ -22,7 +22,6 @@ reads as three steps: `setup` (rows, tokens, model, optimizer), `train_loop`, `s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -37,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.core.config import Where, load_yaml, parse_yaml
+from merge_lab.core.hashing import file_sha256
 from merge_lab.core.progress import progress_bar
 from merge_lab.core.writer import atomic_folder
 from merge_lab.datasets.sources import Example
@@ -173,14 +173,9 @@ def stamp_merged(merged: Path, adapter: Path, label: str | None) -> None:
     that fingerprint a folder by its config and the ends of its weight files would take them for
     one model; the adapter's hash in config.json tells them apart (and traces the expert).
     """
-    h = hashlib.sha256()
-    for f in sorted(adapter.glob("adapter_model.*")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
     cfg_path = merged / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["merge_lab_align"] = {"label": label, "adapter_sha256": h.hexdigest()}
+    cfg["merge_lab_align"] = {"label": label, "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors")}
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -319,7 +314,7 @@ def train_loop(run: AlignRun, *, progress: bool = True, console=None) -> Trained
 def save(run: AlignRun, trained: Trained, out: Path) -> AlignResult:
     """adapter/, merged/ (when asked), train_items.json, align_log.json and the recipe, all or nothing at `out`."""
     recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, inputs=[Path(run.base)]) as tmp:  # never at, in or around the base
         model.eval()
         model.peft_config["default"].base_model_name_or_path = str(Path(run.base).resolve())
         model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
