@@ -22,7 +22,7 @@ class WeightedModel(BaseModel):
 
 class SparseModel(WeightedModel):
     density: float = Field(
-        1.0, gt=0.0, le=1.0, description="share of this model's task vector kept (0 would drop it all: leave the model out)"
+        1.0, ge=0.0, le=1.0, description="share of this model's task vector kept (0 drops it all, as in mergekit)"
     )
 
 

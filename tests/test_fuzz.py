@@ -10,7 +10,6 @@ import json
 import shutil
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -200,29 +199,27 @@ def test_random_recipes_raise_only_merge_lab_error(models, data):
     only_merge_lab_errors(validate)
 
 
-def test_billion_laughs_recipe_is_refused_quickly():
+def test_billion_laughs_recipe_is_refused():
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 10):
         levels.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
     text = "merge_method: linear\nmodels: [m]\n" + "\n".join(levels) + "\n"
-    start = time.perf_counter()
     with pytest.raises(MergeLabError, match="aliases expand"):
         parse_recipe(text)
-    assert time.perf_counter() - start < 1.0
 
 
-def test_alias_check_is_linear_in_the_file_size():
-    """A chain of n anchors, each listing the previous twice, stands for 2^n nodes: refused, and in
-    time linear in n (4x the lines take about 4x the time, never 16x, let alone 2^n)."""
-    from merge_lab.core.config import load_yaml_text
+def test_alias_check_sizes_each_written_node_once():
+    """A chain of n anchors, each listing the previous twice, stands for 2^n nodes. The check sizes
+    every node the file writes once (2n + 1 of them) and computes the expansion without walking it:
+    with n = 2000 an expanding walk would never end, so finishing at all is the test."""
+    import yaml
 
-    def timed(n: int) -> float:
-        lines = ["a0: &a0 x"] + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, n)]
-        start = time.perf_counter()
-        with pytest.raises(MergeLabError, match="aliases expand"):
-            load_yaml_text("\n".join(lines) + "\n", "t.yaml")
-        return time.perf_counter() - start
+    from merge_lab.core.config import expanded_size, load_yaml_text
 
-    timed(50)  # warm up
-    small, large = min(timed(500) for _ in range(3)), min(timed(2000) for _ in range(3))
-    assert large < small * 12 and large < 1.0
+    n = 2000
+    text = "\n".join(["a0: &a0 x"] + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, n)]) + "\n"
+    written, expanded = expanded_size(yaml.compose(text))
+    assert written == 2 * n + 1  # the mapping, n keys, n values
+    assert expanded == 1 + n + sum(2 ** (i + 1) - 1 for i in range(n))
+    with pytest.raises(MergeLabError, match="aliases expand"):
+        load_yaml_text(text, "t.yaml")

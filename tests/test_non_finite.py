@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,7 +183,8 @@ def buggy_strategy():
 
 def test_strategy_making_nan_from_finite_inputs_is_an_error(buggy_strategy, tmp_path):
     model = make_checkpoint(tmp_path / "m", "llama", seed=3)
-    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": buggy_strategy, "models": [str(model), str(model)]})
+    other = Path(shutil.copytree(model, tmp_path / "copy"))  # the same weights in another folder
+    recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": buggy_strategy, "models": [str(model), str(other)]})
     out = tmp_path / "out"
     result = runner.invoke(app, ["merge", str(recipe), "-o", str(out), "--no-progress"])
     assert result.exit_code == 2, result.output

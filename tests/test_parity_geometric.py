@@ -72,8 +72,9 @@ def recipes(base, models):
                               "parameters": {"r": 0.5, "alpha": [0.5, 2.0],
                                              "epsilon": [{"filter": "mlp", "value": 0.03}, {"value": 0.02}]},
                               "models": [{"model": m} for m in (m1, m2)]},
-        "slerp_base_listed_extrapolated": {"merge_method": "slerp", "base_model": b, "parameters": {"t": 1.3},
-                                           "models": [{"model": b}, {"model": m3}]},
+        # t outside [0, 1] (mergekit extrapolates) is refused here: tests/test_security.py
+        "slerp_base_listed": {"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.9},
+                              "models": [{"model": b}, {"model": m3}]},
         "slerp_gradient_ends": {"merge_method": "slerp", "base_model": b, "parameters": {"t": [0.0, 1.0]},
                                 "models": [{"model": m1}]},
     }

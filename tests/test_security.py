@@ -604,8 +604,8 @@ def test_a_model_listed_twice_is_refused(pair, tmp_path, monkeypatch, spelling):
     ("slerp", {"t": [0.0, 2.0]}, "less than or equal to 1"),
     ("slerp", {"t": -0.1}, "greater than or equal to 0"),
     ("linear", {"weight": float("nan")}, "finite number"),
-    ("ties", {"density": 0.0}, "greater than 0"),
-    ("dare_linear", {"density": 0.0}, "greater than 0"),
+    ("ties", {"density": -0.1}, "greater than or equal to 0"),
+    ("dare_linear", {"density": 1.5}, "less than or equal to 1"),
     ("task_arithmetic", {"lambda": float("inf")}, "finite number"),
 ])
 def test_parameter_ranges_are_checked_by_validate(pair, tmp_path, method, params, fragment):

@@ -86,7 +86,7 @@ def _whole(strategy, tensors, base, params, model_params):
     return strategy.merge([t.clone() for t in tensors], base.clone(), params, model_params, ctx)
 
 
-@pytest.mark.parametrize("density", [0.001, 0.3, 0.5, 1.0])  # 0 is refused: densities are in (0, 1]
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 0.5, 1.0])
 def test_ties_blocks_equal_whole_tensor(density):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(37, 19, generator=g)

@@ -72,7 +72,7 @@ def _line_map(root: yaml.Node) -> dict[tuple, int]:
     return out
 
 
-def _expanded_size(root: yaml.Node) -> tuple[int, int]:
+def expanded_size(root: yaml.Node) -> tuple[int, int]:
     """(nodes written in the file, nodes the document stands for with aliases expanded), in
     linear time: each distinct node is sized once."""
     size: dict[int, int] = {}
@@ -105,7 +105,7 @@ def load_yaml_text(text: str, source: str, what: str = "file") -> tuple[Any, Whe
             node = loader.get_single_node()
             if node is None:
                 return None, Where(source)
-            written, expanded = _expanded_size(node)
+            written, expanded = expanded_size(node)
             if expanded > max(ALIAS_FLOOR, ALIAS_EXPANSION * written):
                 raise MergeLabError(
                     f"{source}: its YAML aliases expand {written} written nodes into {expanded}; a {what} "
