@@ -82,13 +82,14 @@ def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, 
     if not result.finished:
         processes.wait_for_everyone()  # the main process has saved the state
         return FuseResult(None, result.steps_done, result.accuracy_before, float("nan"), last, notes, **shape)
+    path = out
     if result.main:
-        export_moe(result.model, assembled, out, force=force, shard_size=recipe.shard_size,
+        path = export_moe(result.model, assembled, out, force=force, shard_size=recipe.shard_size,
                    card_extra=training_card(cfg, result.steps_done, result.accuracy_before, result.accuracy_after,
                                             last, processes=result.processes))
         shutil.rmtree(work, ignore_errors=True)
     processes.wait_for_everyone()  # the output is complete before any process exits
-    return FuseResult(out, result.steps_done, result.accuracy_before, result.accuracy_after, last, notes, **shape)
+    return FuseResult(path, result.steps_done, result.accuracy_before, result.accuracy_after, last, notes, **shape)
 
 
 def training_card(cfg, steps: int, before: float, after: float, last: dict[str, float], *,

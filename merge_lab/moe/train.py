@@ -252,9 +252,6 @@ def batch_indices(step: int, n: int, batch: int, seed: int, rank: int = 0, world
 
 # ------------------------------------------------------------------ the loss of one process's share
 
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
 def shard_counts(labels: torch.Tensor, mask: torch.Tensor, router_logits: list[torch.Tensor], top_k: int,
                  balance: bool) -> torch.Tensor:
     """What the loss normalises by, counted on this process's rows (no gradient), to be summed over
