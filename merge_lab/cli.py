@@ -291,9 +291,11 @@ def fuse(
     Assembly streams base + experts (full checkpoints or LoRA adapters) into a Mixtral / Qwen-MoE
     checkpoint; training tunes routers (and expert LoRA or full experts) with LM + gating + drift
     losses; the result is exported in the hub layout `AutoModelForCausalLM` loads. Ctrl-C saves a
-    checkpoint: run again with --resume. Multi-GPU: `accelerate launch -m merge_lab fuse ...`.
+    checkpoint: run again with --resume. Several GPUs or processes: `accelerate launch -m merge_lab
+    fuse ...` (the recipe's batch_size is the global batch; each process takes its share).
     """
     from merge_lab.moe.pipeline import fuse as run_fuse
+    from merge_lab.moe.pipeline import processes_text
 
     try:
         result = run_fuse(recipe, out, resume=resume, force=force, progress=progress, console=err_console)
@@ -301,10 +303,13 @@ def fuse(
         err_console.print("[yellow]interrupted[/yellow]: training state saved; nothing written at the output. "
                           "Run the same command with --resume to continue.")
         raise typer.Exit(130) from None
+    if not result.main:  # under accelerate launch the main process reports
+        return
     table = Table(title="fuse complete", show_header=False)
     table.add_row("output", str(result.path))
     table.add_row("training steps", str(result.steps_done))
     if result.steps_done:
+        table.add_row("processes", processes_text(result.processes, result.per_process_batch * result.processes))
         table.add_row("routing accuracy", f"{result.accuracy_before:.3f} -> {result.accuracy_after:.3f}")
         table.add_row("last step", ", ".join(f"{k} {v:.4g}" for k, v in result.last_terms.items()))
     out_console.print(table)

@@ -10,7 +10,8 @@ Two files in the state folder:
 - state.safetensors: trainable weights (`param/NAME`), optimizer tensors (`optim/INDEX/KEY`),
   the torch RNG state (`rng/torch`, uint8) and the CUDA ones (`rng/cuda/DEVICE`);
 - state.json: step, history, optimizer scalars and param-group settings, the Python RNG state,
-  the train block's fingerprint, and the sha256 of state.safetensors.
+  the train block's fingerprint, the number of processes that trained (each took its share of
+  every batch, so a resume must split batches the same way), and the sha256 of state.safetensors.
 Each is written to a temporary file and renamed; state.json goes last and names the tensor
 file's hash, so a run killed between the two renames leaves a state that is refused, never one
 loaded half old, half new.
@@ -76,8 +77,9 @@ def _jsonable(value: Any, what: str) -> Any:
 
 
 def save_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-               history: list[dict[str, float]], owner: str) -> None:
-    """Write the state after `step` steps; `owner` is the train block's fingerprint."""
+               history: list[dict[str, float]], owner: str, *, processes: int = 1) -> None:
+    """Write the state after `step` steps; `owner` is the train block's fingerprint, `processes`
+    the number of processes training (the main one saves)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -101,6 +103,7 @@ def save_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.opti
     version, internal, gauss = random.getstate()
     meta = {
         "format": FORMAT, "version": VERSION, "step": step, "history": history, "owner": owner,
+        "processes": processes,
         "optimizer": {"param_groups": groups, "scalars": scalars},
         "python_rng": [version, list(internal), gauss],
         "tensors_sha256": sha256_of(folder / TENSORS),
@@ -240,13 +243,29 @@ def _checked_rng(tensors_path: Path, meta_path: Path, meta: dict, tensors: dict[
     return _Rng(rng, python_state, [t for _, t in cuda])
 
 
+def _check_processes(path: Path, meta: dict, processes: int) -> None:
+    """A state saved by N processes resumes with N: each took its own share of every batch."""
+    saved = meta.get("processes", 1)  # states written before multi-process training: one process
+    if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+        raise _refuse(path, "has no valid processes count")
+    if saved != processes:
+        how = ("run it without `accelerate launch` (or with --num_processes 1)" if saved == 1 else
+               f"run it under `accelerate launch --num_processes {saved} ...`")
+        raise MergeLabError(
+            f"{path}: this run was trained by {saved} process(es) and is being resumed with {processes}; every "
+            f"process takes its own share of each batch, so it resumes only with the same count: {how} "
+            f"with --resume, or {_AGAIN}."
+        )
+
+
 def load_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               owner: str) -> Resumed:
+               owner: str, *, processes: int = 1) -> Resumed:
     """Restore weights, optimizer and RNG states saved by save_state for the same train block
-    (`owner`); every check runs before anything is changed."""
+    (`owner`) and number of processes; every check runs before anything is changed."""
     folder = Path(folder)
     meta_path, tensors_path = folder / META, folder / TENSORS
     meta = _read_meta(folder)
+    _check_processes(meta_path, meta, processes)
     tensors = _read_tensors(folder, meta)
     if meta["owner"] != owner:
         raise _refuse(meta_path, "was saved by a run with another train block (other data, steps or settings)")

@@ -7,6 +7,12 @@ code runs on CPU, one GPU, or several with `accelerate launch`. Batches are a pu
 trainable weights, the optimizer state and the RNG states, so an interrupted run resumed with
 `--resume` ends with the same weights as an uninterrupted one.
 
+Under `accelerate launch` with N processes, `batch_size` stays the global batch: each process
+takes its own batch_size / N rows of it (`batch_indices`, a pure function of seed, step, rank and
+N), and its loss terms are weighted (`shard_losses`) so that the gradient DDP averages equals the
+one-process gradient on the whole batch. Only the main process measures routing accuracy and
+writes checkpoints.
+
 `train` reads as three steps: `setup` (model, frozen parts, optimizer, tokenised rows),
 `train_loop` (one `train_step` per optimizer step, with checkpoints), then the LoRA merged back.
 A recipe's train block, labels and rows are worked out once per Recipe object (`train_config`,
@@ -16,6 +22,8 @@ initialisation all ask for them.
 
 from __future__ import annotations
 
+import json
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,7 +72,8 @@ class TrainConfig(BaseModel):
                     "its train split, never the ones it evaluates; reference replies, or response_template)"
     )
     steps: int = Field(100, ge=1, description="optimizer steps")
-    batch_size: int = Field(8, ge=1, description="examples per step (per process)")
+    batch_size: int = Field(8, ge=1, description="examples per step over all processes (under `accelerate launch` "
+                                                 "each of N processes takes batch_size / N of them)")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=8, description="tokens per example (prompt + response), longer are cut")
@@ -162,6 +171,9 @@ class TrainResult:
     accuracy_before: float = float("nan")
     accuracy_after: float = float("nan")
     notes: list[str] = field(default_factory=list)
+    processes: int = 1  # how many processes trained (accelerate launch)
+    per_process_batch: int = 0  # rows each took of every global batch
+    main: bool = True  # whether this is the process that writes (checkpoints, export, card)
 
 
 def freeze_all_but_trainable(model: torch.nn.Module, cfg: TrainConfig) -> tuple[torch.nn.Module, list, list]:
@@ -205,17 +217,94 @@ def drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts:
     return torch.zeros(n_experts)
 
 
-def batch_indices(step: int, n: int, batch: int, seed: int, rank: int, world: int) -> list[int]:
-    """Examples of one step: a seeded permutation per epoch, read as one stream; a pure function of step."""
+def per_process_batch(batch_size: int, world: int, where: str = "train.batch_size") -> int:
+    """Rows each of `world` processes takes of a global batch. An uneven split is refused: the
+    processes' rows would not weigh the same, and the run would not match a one-process run."""
+    if batch_size % world:
+        lower, higher = batch_size // world * world, -(-batch_size // world) * world
+        hint = f"{lower} or {higher}" if lower else str(higher)
+        raise MergeLabError(
+            f"{where}: batch size {batch_size} is the global batch, split evenly over the processes, but "
+            f"{world} processes cannot share {batch_size} rows evenly. Set batch_size to a multiple of {world} "
+            f"(e.g. {hint}) or launch a number of processes that divides {batch_size}."
+        )
+    return batch_size // world
+
+
+def global_batch(step: int, n: int, batch: int, seed: int) -> list[int]:
+    """All examples of one step: a seeded permutation per epoch, read as one stream; a pure function of step."""
     out = []
-    start = (step * world + rank) * batch
     perms: dict[int, torch.Tensor] = {}
-    for pos in range(start, start + batch):
+    for pos in range(step * batch, (step + 1) * batch):
         epoch, i = divmod(pos, n)
         if epoch not in perms:
             perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         out.append(int(perms[epoch][i]))
     return out
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Process `rank`'s share of step's global batch of `batch` rows: its contiguous slice, so the
+    processes' shares are disjoint and cover the batch; a pure function of (seed, step, rank, world)."""
+    per = per_process_batch(batch, world)
+    return global_batch(step, n, batch, seed)[rank * per:(rank + 1) * per]
+
+
+# ------------------------------------------------------------------ the loss of one process's share
+
+def shard_counts(labels: torch.Tensor, mask: torch.Tensor, router_logits: list[torch.Tensor], top_k: int,
+                 balance: bool) -> torch.Tensor:
+    """What the loss normalises by, counted on this process's rows (no gradient), to be summed over
+    processes: [response tokens, real tokens, then with `balance` each layer's top-k slots per expert]."""
+    head = [(labels[:, 1:] != -100).sum(), mask.sum()]
+    out = torch.stack(head).float()
+    if not balance:
+        return out
+    real = mask.reshape(-1).bool()
+    chosen = []
+    with torch.no_grad():
+        for x in router_logits:
+            x = x[real]
+            chosen.append(torch.nn.functional.one_hot(x.topk(top_k, dim=-1).indices, x.shape[-1]).sum((0, 1)).float())
+    return torch.cat([out, torch.cat(chosen).to(out.device)])
+
+
+def shard_losses(logits: torch.Tensor, b: dict[str, torch.Tensor], router_logits: list[torch.Tensor],
+                 gating_mask: torch.Tensor, top_k: int, balance: bool, totals: torch.Tensor,
+                 global_rows: int, world: int) -> dict[str, torch.Tensor]:
+    """lm, gate (and balance) of one process's rows, weighted so that their mean over the `world`
+    processes, and so the gradient DDP averages, is the one-process value on the whole batch.
+
+    `totals` is shard_counts summed over processes. The LM loss is a mean over the batch's response
+    tokens and processes hold different counts: each takes its token-loss sum over the global
+    count, times world. The gating loss is a mean over examples: its row mean, times world * rows /
+    global_rows (1 with an even split). The load-balancing loss multiplies two global token means
+    per layer: the top-k shares (no gradient) come from `totals`, the routing probabilities are
+    this process's sum over the global token count, times world."""
+    tokens, real = totals[0].clamp_min(1.0), totals[1].clamp_min(1.0)
+    lm_sum = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                                               ignore_index=-100, reduction="sum")
+    out = {"lm": lm_sum / tokens * world}
+    probs = losses.mean_routing_probs(router_logits, gating_mask)
+    rows = b["expert"].shape[0]
+    out["gate"] = losses.gating_loss(probs, b["expert"]) * (world * rows / global_rows)
+    if balance:
+        n_layers, n_exp = len(router_logits), router_logits[0].shape[-1]
+        share = totals[2:].view(n_layers, n_exp) / (real * top_k)
+        mask = b["attention_mask"].reshape(-1).bool()
+        prob_sums = torch.stack([torch.softmax(x[mask].float(), dim=-1).sum(0) for x in router_logits])
+        out["balance"] = n_exp * (share * prob_sums / real).sum() / n_layers * world
+    return out
+
+
+def record_rows(rank: int, world: int, step: int, rows: list[int]) -> None:
+    """Test hook: with MERGE_LAB_RECORD_ROWS=path, append {rank, world, step, rows} as a JSON line
+    (one write per line, so processes can share the file); tests check the processes' shares."""
+    path = os.environ.get("MERGE_LAB_RECORD_ROWS")
+    if path:
+        line = json.dumps({"rank": rank, "world": world, "step": step, "rows": rows}) + "\n"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
 
 
 # ------------------------------------------------------------------ training: setup, loop, result
@@ -245,11 +334,42 @@ class FusionRun:
     def gating_skip(self) -> int:
         return self.shared if self.cfg.gating_tokens == "content" else 0
 
+    @property
+    def processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def per_process_batch(self) -> int:
+        return per_process_batch(self.cfg.batch_size, self.processes)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the processes (a copy of it on one)."""
+        return self.accelerator.reduce(t, "sum")
+
     def probe(self) -> list[Encoded]:
         """The rows routing accuracy is measured on before and after (every k-th, eval_rows of them)."""
         if not self.cfg.eval_rows:
             return []
         return self.encoded[:: max(1, -(-len(self.encoded) // self.cfg.eval_rows))]
+
+
+def launched(cpu: bool):
+    """accelerate's process state: this process's rank among those `accelerate launch` (or
+    torchrun) started; one process, rank 0, without them. Made before the Accelerator, which
+    shares it. CPU processes join a gloo group only when asked for the CPU, so on a machine
+    without GPUs the CPU is asked for: otherwise each process would train, and write, alone."""
+    from accelerate import PartialState
+
+    from_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu or from_launch or not torch.cuda.is_available())
+    if state.num_processes == 1 and from_launch and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise MergeLabError(
+            "`accelerate launch --cpu --num_processes N` started a single process: accelerate starts several CPU "
+            "processes only through mpirun (--mpirun_hostfile). For N processes on the CPU run `accelerate launch "
+            "--multi_gpu --num_processes N -m merge_lab fuse ...` on a machine without GPUs, or `torchrun "
+            "--nproc_per_node N -m merge_lab fuse ...` (with `cpu: true` in the train block where there are GPUs)."
+        )
+    return state
 
 
 def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None) -> FusionRun:
@@ -261,7 +381,9 @@ def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None) ->
 
     # top-k routing leaves some experts without gradient in a step: DDP must allow unused parameters
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    launched(cfg.cpu)
     accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[ddp])
+    per_process_batch(cfg.batch_size, accelerator.num_processes)  # refused before the model loads
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(moe_dir))
     model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32)
@@ -284,29 +406,31 @@ def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None) ->
 
 
 def train_step(run: FusionRun, step: int) -> dict[str, float]:
-    """One optimizer step on the batch of `step`; returns its loss terms and routing accuracy."""
+    """One optimizer step on this process's share of the batch of `step`; returns the loss terms
+    and routing accuracy of the whole batch (the same on every process)."""
     cfg, accelerator = run.cfg, run.accelerator
-    idx = batch_indices(step, len(run.encoded), cfg.batch_size, cfg.seed,
-                        accelerator.process_index, accelerator.num_processes)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    idx = batch_indices(step, len(run.encoded), cfg.batch_size, cfg.seed, rank, world)
+    record_rows(rank, world, step, idx)
     b = {k: v.to(run.device) for k, v in collate([run.encoded[i] for i in idx], run.pad_id).items()}
     with capture_router_logits(run.inner) as captured:
         out = run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    lm = losses.lm_loss(out.logits, b["labels"])
-    probs = losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], run.gating_skip))
-    gate = losses.gating_loss(probs, b["expert"])
+    balanced = cfg.load_balance > 0
+    totals = run.reduce(shard_counts(b["labels"], b["attention_mask"], captured, run.top_k, balanced))
+    gating_mask = losses.skip_prefix(b["attention_mask"], run.gating_skip)
+    terms = shard_losses(out.logits, b, captured, gating_mask, run.top_k, balanced, totals, cfg.batch_size, world)
     drift = drift_per_expert(run.inner, cfg, run.expert_params, run.initial, len(run.labels)).to(run.device)
-    loss = lm + cfg.gating_weight * gate + (run.gammas * drift).sum()
-    balance = torch.zeros((), device=run.device)
-    if cfg.load_balance > 0:
-        balance = losses.load_balance_loss(captured, b["attention_mask"], run.top_k)
-        loss = loss + cfg.load_balance * balance
+    balance = terms.get("balance", torch.zeros((), device=run.device))
+    loss = terms["lm"] + cfg.gating_weight * terms["gate"] + (run.gammas * drift).sum() + cfg.load_balance * balance
     accelerator.backward(loss)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss.item(), "lm": lm.item(), "gate": gate.item(), "drift": drift.sum().item(),
-            "balance": balance.item(), "route_acc": losses.routing_accuracy(
-                losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], run.shared)),
-                b["expert"]).item()}
+    accuracy = losses.routing_accuracy(
+        losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], run.shared)), b["expert"])
+    report = run.reduce(torch.stack([loss, terms["lm"], terms["gate"], balance, accuracy]).detach()) / world
+    values = dict(zip(("loss", "lm", "gate", "balance", "route_acc"), report.tolist()))
+    return {"loss": values["loss"], "lm": values["lm"], "gate": values["gate"], "drift": drift.sum().item(),
+            "balance": values["balance"], "route_acc": values["route_acc"]}
 
 
 def train_loop(run: FusionRun, state_dir: Path, start: int, history: list[dict[str, float]], *,
@@ -317,7 +441,7 @@ def train_loop(run: FusionRun, state_dir: Path, start: int, history: list[dict[s
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
-            save_state(state_dir, run.inner, run.optimizer, step, history, run.owner)
+            save_state(state_dir, run.inner, run.optimizer, step, history, run.owner, processes=run.processes)
 
     step = start
     with progress_bar(console, progress and accelerator.is_main_process, MofNCompleteColumn(),
@@ -355,18 +479,20 @@ def train(
     after that step with a saved checkpoint, as Ctrl-C does (a resumed run continues from it)."""
     moe_dir, state_dir = Path(moe_dir), Path(state_dir)
     run = setup(moe_dir, cfg, rows)
+    main = run.accelerator.is_main_process
     start, history, notes = 0, [], []
     if resume and has_state(state_dir):
-        resumed = load_state(state_dir, run.inner, run.optimizer, run.owner)
+        resumed = load_state(state_dir, run.inner, run.optimizer, run.owner, processes=run.processes)
         start, history = resumed.step, resumed.history
         if (state_dir / LEGACY).exists():
             notes.append(f"ignored {state_dir / LEGACY}: a torch.save file, which merge_lab never loads")
-    probe = run.probe()
+    probe = run.probe() if main else []  # only the main process reports
     acc_before = (routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared)
                   if start == 0 and probe else float("nan"))
     step = train_loop(run, state_dir, start, history, stop_after=stop_after, progress=progress, console=console)
+    shape = {"processes": run.processes, "per_process_batch": run.per_process_batch, "main": main}
     if step < cfg.steps:
-        return TrainResult(run.inner, step, False, history, notes=notes)
+        return TrainResult(run.inner, step, False, history, notes=notes, **shape)
     acc_after = routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared) if probe else float("nan")
     final = run.inner.merge_and_unload() if cfg.trainable == "router+lora" else run.inner
-    return TrainResult(final, step, True, history, acc_before, acc_after, notes)
+    return TrainResult(final, step, True, history, acc_before, acc_after, notes, **shape)
