@@ -37,13 +37,15 @@ def hub_tensors(state: dict[str, torch.Tensor], names: list[str], config: dict):
 
 
 def export_moe(model: torch.nn.Module, assembled: str | Path, out: str | Path, *, force: bool = False,
-               shard_size: str | int = "2GB", card_extra: str = "") -> Path:
+               shard_size: str | int = "2GB", card_extra: str = "", inputs: list[Path] = ()) -> Path:
+    """Write `model` at `out` in `assembled`'s layout; `out` may not touch any of `inputs` (the
+    recipe's base and experts)."""
     assembled = Path(assembled)
     ckpt = Checkpoint(assembled)
     specs = [TensorSpec(n, i.shape, i.dtype) for n, i in ckpt.tensors.items()]
     state = {k: v.detach() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "merge_lab_strategy": "h3_moe", "merge_lab_stage": "fusion-trained"}
-    with ShardWriter(out, specs, parse_size(shard_size), metadata, force=force) as writer:
+    with ShardWriter(out, specs, parse_size(shard_size), metadata, force=force, inputs=[*inputs, assembled]) as writer:
         for name, tensor in hub_tensors(state, list(ckpt.tensors), ckpt.config):
             writer.write(name, tensor)
         (writer.folder / "config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")

@@ -85,6 +85,7 @@ def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, 
     path = out
     if result.main:
         path = export_moe(result.model, assembled, out, force=force, shard_size=recipe.shard_size,
+                          inputs=[c.path for c in plan.inputs],
                    card_extra=training_card(cfg, result.steps_done, result.accuracy_before, result.accuracy_after,
                                             last, processes=result.processes))
         shutil.rmtree(work, ignore_errors=True)
