@@ -364,9 +364,6 @@ def demo(
         raise typer.BadParameter("choose one of --quick and --thorough")
     profile = "quick" if quick else "thorough" if thorough else "default"
     result = run_demo(out, profile=profile, fresh=fresh, base=base, progress=progress, console=err_console)
-    if result.skipped:
-        for name, why in result.skipped.items():
-            out_console.print(f"[yellow]skipped[/yellow] {name}: {why}")
     out_console.print(f"manifest: {result.manifest}")
     if result.report is not None:
         out_console.print(f"report: {result.report / 'report.html'}")

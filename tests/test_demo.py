@@ -76,7 +76,6 @@ def demo_run(tmp_path_factory):
 
 def test_demo_runs_every_step_end_to_end(demo_run):
     out, result = demo_run
-    assert not result.skipped, result.skipped
     assert result.ran == [s.recipe.removesuffix(".yaml") for s in STEPS]
     for label in ("helpful", "harmless", "honest"):
         assert (out / "experts" / label / "adapter" / "adapter_config.json").is_file()

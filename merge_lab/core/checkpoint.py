@@ -244,16 +244,6 @@ class Checkpoint:
         return out
 
     @property
-    def num_params(self) -> int:
-        total = 0
-        for info in self.tensors.values():
-            n = 1
-            for d in info.shape:
-                n *= d
-            total += n
-        return total
-
-    @property
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
 

@@ -98,7 +98,6 @@ class DemoResult:
     manifest: Path
     ran: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -188,16 +187,6 @@ def _gpu_overrides() -> dict:
     import torch
 
     return {"compare": {"settings": {"device": "cuda"}}} if torch.cuda.is_available() else {}
-
-
-def _available(kind: str) -> str | None:
-    """None when the code behind a step kind is installed, else why not."""
-    import importlib.util
-
-    module = {"fuse": "merge_lab.moe.pipeline", "compare": "merge_lab.evaluation.compare"}.get(kind)
-    if module and importlib.util.find_spec(module) is None:
-        return f"{module} is not part of this checkout"
-    return None
 
 
 # ------------------------------------------------------------------ base, ETA
@@ -326,12 +315,6 @@ def run_step(run: DemoRun, i: int, step: Step, result: DemoResult) -> None:
             and json.loads(stamp.read_text()).get("key") == key):
         console.print(f"{header}  [green]reused[/green] {target}")
         result.reused.append(name)
-        run.eta.finished(i, 0.0, reused=True)
-        return
-    why = _available(step.kind)
-    if why is not None:
-        console.print(f"{header}  [yellow]skipped[/yellow]: {why}")
-        result.skipped[name] = why
         run.eta.finished(i, 0.0, reused=True)
         return
     console.print(header)
