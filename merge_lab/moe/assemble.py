@@ -3,8 +3,8 @@
 Every output tensor is a TensorTask whose op (merge.ops protocol) reads its inputs memory-mapped:
 ExpertOp, an expert FFN tensor from the expert's checkpoint, or base + scale * B @ A from a LoRA
 adapter; NonFfnOp, attention, embeddings, norms and head from the base (or the experts' average,
-`non_ffn: average`); one router per layer (router_init: RandomRouterOp, or rows a CentroidInit
-step computes before the engine runs), and zeros for what the family adds (ConstantOp).
+`non_ffn: average`); one router per layer (router_init: RandomRouterOp, or rows a CentroidInit or
+GateInit step computes before the engine runs), and zeros for what the family adds (ConstantOp).
 Tensors outside the FFN that an expert changed are measured while they stream by, and the
 summary goes into the plan's notes (printed, and written to the model card).
 """
@@ -26,15 +26,16 @@ from merge_lab.merge.ops import ConstantOp, Deferred, Input, TensorOp, TensorTas
 from merge_lab.merge.planner import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.layout import moe_config
-from merge_lab.moe.router_init import CentroidInit, RandomRouterOp
+from merge_lab.moe.router_init import CentroidInit, GateInit, RandomRouterOp, check_gates_config
 
 
 class H3Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(2, ge=1, description="experts each token is routed to")
-    router_init: Literal["random", "centroid"] = Field(
-        "random", description="random, or centroid: rows from the base's hidden states on each label's prompts"
+    router_init: Literal["random", "centroid", "gates"] = Field(
+        "random", description="random; centroid: rows from the base's hidden states on each label's prompts; "
+                              "gates: mergekit-moe's rows for the config named by router_gates"
     )
     non_ffn: Literal["base", "average"] = Field(
         "base", description="where attention, norms and embeddings come from: the base, or the experts' mean"
@@ -43,6 +44,9 @@ class H3Params(BaseModel):
         None, description="JSONL of labelled prompts for centroid init (default: train.data, which may also be blocks)"
     )
     router_std: float = Field(0.02, gt=0, description="standard deviation of random router rows")
+    router_gates: str | None = Field(
+        None, description="mergekit-moe config (gate_mode, prompts) whose gates are the rows (router_init: gates)"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,6 +218,14 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                 "parameters.router_data (or train.data) to a JSONL file of {prompt, response, label} rows."
             )
         centroid = True
+    gates = params.router_init == "gates"
+    if gates:
+        if not params.router_gates:
+            raise MergeLabError(
+                f"{recipe.where('parameters', 'router_init')}: router_init: gates takes its rows from a mergekit-moe "
+                "config: set parameters.router_gates to that file (or run it with `merge-lab moe`)."
+            )
+        check_gates_config(Path(params.router_gates), base.path, n, recipe.where("parameters", "router_gates"))
 
     def out_dtype(dt: torch.dtype) -> torch.dtype:
         return TORCH_DTYPE_BY_NAME[recipe.output_dtype] if recipe.output_dtype and dt.is_floating_point else dt
@@ -243,6 +255,7 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
             if router not in routers:
                 routers[router] = layer
                 op: TensorOp = (Deferred("centroid router init") if centroid
+                                else Deferred("mergekit-moe gate init") if gates
                                 else RandomRouterOp(n, hidden, std, recipe.seed, layer))
                 tasks.append(TensorTask(router, (n, hidden), router_dtype, op))
                 for extra, shape in layout.extra_tensors(layer, hidden):
@@ -253,5 +266,7 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     if not routers:
         raise MergeLabError(f"{base.path}: found no FFN (mlp gate/up/down) tensors to turn into experts.")
     inputs = [base] + [e.ckpt for e in experts]
-    steps = [CentroidInit(base.path, recipe, tuple(labels), routers)] if centroid else []
+    steps: list = [CentroidInit(base.path, recipe, tuple(labels), routers)] if centroid else []
+    if gates:
+        steps.append(GateInit(Path(str(params.router_gates)), recipe.seed, routers, router_dtype, notes))
     return Plan(recipe, strategy_name, tasks, config, base.path, inputs, notes, steps)

@@ -1,0 +1,181 @@
+"""`merge-lab moe config.yaml -o out/`: a mergekit-moe config built by mergekit-moe and by us gives the
+same tensors; the result loads and runs; a `train:` block trains the gates; bad configs exit 2 with the line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from merge_lab.cli import app
+from merge_lab.core.checkpoint import Checkpoint
+from merge_lab.errors import MergeLabError
+from merge_lab.moe.mergekit_run import looks_like_mergekit_moe, moe_recipe
+from merge_lab.testing.moe import ffn_expert, labelled_jsonl, tiny_base
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moecmd")
+    base = tiny_base(root / "base", "llama", seed=0)
+    return {"base": base, "math": ffn_expert(base, root / "math", seed=1),
+            "code": ffn_expert(base, root / "code", seed=2)}
+
+
+def _config(models, **changes) -> dict:
+    data = {
+        "base_model": str(models["base"]),
+        "gate_mode": "hidden",
+        "dtype": "float32",
+        "experts_per_token": 2,
+        "experts": [
+            {"source_model": str(models["math"]), "positive_prompts": ["solve", "equation"], "negative_prompts": ["poem"]},
+            {"source_model": str(models["code"]), "positive_prompts": ["def f():", "class"]},
+        ],
+    }
+    data.update(changes)
+    return data
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, ["moe", *args, "--no-progress"])
+
+
+def _mergekit_build(config: dict, out: Path) -> None:
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.options import MergeOptions
+    from mergekit.scripts.moe import build
+
+    build(MoEMergeConfig.model_validate(config), str(out), MergeOptions(device="cpu"), device="cpu")
+
+
+def _hub_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """A Mixtral checkpoint's tensors under the hub's per-expert names. mergekit-moe saves through
+    transformers 5, whose Mixtral fuses experts: mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then
+    up) and mlp.experts.down_proj [E, H, I]; we write block_sparse_moe.experts.E.w1/w3/w2."""
+    out = {}
+    for name in ckpt.tensors:
+        t = ckpt.get(name)
+        prefix = name.rsplit(".mlp.", 1)[0]
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            half = t.shape[1] // 2
+            for k in range(t.shape[0]):
+                out[f"{prefix}.block_sparse_moe.experts.{k}.w1.weight"] = t[k, :half]
+                out[f"{prefix}.block_sparse_moe.experts.{k}.w3.weight"] = t[k, half:]
+        elif name.endswith(".mlp.experts.down_proj"):
+            for k in range(t.shape[0]):
+                out[f"{prefix}.block_sparse_moe.experts.{k}.w2.weight"] = t[k]
+        else:
+            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = t
+    return out
+
+
+@pytest.mark.parametrize("mode", ["hidden", "cheap_embed", "random"])
+def test_moe_matches_mergekit_moe(models, tmp_path, mode):
+    config = _config(models, gate_mode=mode)
+    path = _write(tmp_path / "moe.yml", config)
+    torch.manual_seed(0)  # mergekit's random gates come from the global RNG; ours from seed 0
+    _mergekit_build(config, tmp_path / "mk")
+    res = _run(str(path), "-o", str(tmp_path / "ours"))
+    assert res.exit_code == 0, res.output
+    assert "moe complete" in res.output and "Mixtral" in res.output
+
+    theirs, ours = _hub_tensors(Checkpoint(tmp_path / "mk")), _hub_tensors(Checkpoint(tmp_path / "ours"))
+    assert set(ours) == set(theirs) and any("experts.1.w2" in n for n in ours)
+    for name, a in theirs.items():
+        b = ours[name]
+        assert a.dtype == b.dtype == torch.float32, name
+        assert torch.equal(a, b), name  # gates, experts, attention, norms, embeddings: bit for bit
+    cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 2 and cfg["num_experts_per_tok"] == 2
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits
+    assert logits.shape[-1] == cfg["vocab_size"] and torch.isfinite(logits).all()
+
+
+def test_gate_rows_take_the_output_dtype(models, tmp_path):
+    path = _write(tmp_path / "moe.yml", _config(models, dtype="bfloat16"))
+    res = _run(str(path), "-o", str(tmp_path / "out"))
+    assert res.exit_code == 0, res.output
+    out = Checkpoint(tmp_path / "out")
+    router = next(n for n in out.tensors if n.endswith("gate.weight") and "experts" not in n)
+    assert out.info(router).dtype == torch.bfloat16
+
+
+def test_train_block_trains_the_gates(models, tmp_path):
+    data = labelled_jsonl(tmp_path / "data.jsonl", ["math", "code"], per_label=4)
+    config = _config(models, train={"data": str(data), "steps": 2, "batch_size": 4, "lr": 0.05, "lambda": 1.0,
+                                    "eval_rows": 8, "cpu": True})
+    path = _write(tmp_path / "moe.yml", config)
+    plain = _write(tmp_path / "plain.yml", _config(models))
+    assert _run(str(plain), "-o", str(tmp_path / "gates")).exit_code == 0
+    res = _run(str(path), "-o", str(tmp_path / "trained"))
+    assert res.exit_code == 0, res.output
+    assert "training steps" in res.output and "routing accuracy" in res.output
+    before, after = Checkpoint(tmp_path / "gates"), Checkpoint(tmp_path / "trained")
+    routers = [n for n in before.tensors if n.endswith("gate.weight") and "experts" not in n]
+    assert routers and all(n in after for n in routers)
+    assert any(not torch.equal(before.get(n), after.get(n).to(before.get(n).dtype)) for n in routers)
+    assert not (tmp_path / ".trained.fuse-work").exists()
+
+
+def _line(text: str, needle: str) -> int:
+    return next(i for i, s in enumerate(text.splitlines(), 1) if needle in s)
+
+
+@pytest.mark.parametrize(("change", "needle", "message"), [
+    (lambda d: d["experts"][0].update(noise_scale=0.1), "noise_scale", "noise_scale is not supported"),
+    (lambda d: d["experts"][1].update(residual_scale=0.5), "residual_scale", "residual_scale is not supported"),
+    (lambda d: d.update(architecture="deepseek"), "architecture", "DeepSeek MoE is not written"),
+    (lambda d: d.update(experts_per_token=3), "experts_per_token", "only 2"),
+    (lambda d: d["experts"][0].update(positive_promts=["x"]), "positive_promts", "Did you mean"),
+    (lambda d: d.update(train={"steps": 2}), "train", "data"),
+])
+def test_bad_configs_exit_2_with_the_line(models, tmp_path, change, needle, message):
+    data = _config(models)
+    change(data)
+    path = _write(tmp_path / "moe.yml", data)
+    text = path.read_text()
+    res = _run(str(path), "-o", str(tmp_path / "out"))
+    assert res.exit_code == 2, res.output
+    assert f"line {_line(text, needle)}" in res.output and message in " ".join(res.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_shared_experts_are_refused(models, tmp_path):
+    data = _config(models, architecture="qwen", shared_experts=[{"source_model": str(models["math"]),
+                                                                  "positive_prompts": ["shared"]}])
+    with pytest.raises(MergeLabError, match=r"line \d+ \(shared_experts\).*shared experts are not supported"):
+        moe_recipe(_write(tmp_path / "moe.yml", data))
+
+
+def test_recipe_and_detection(models, tmp_path):
+    data = _config(models)
+    recipe, extras = moe_recipe(_write(tmp_path / "moe.yml", data))
+    assert recipe.parameters["router_init"] == "gates" and recipe.parameters["router_gates"] == str(tmp_path / "moe.yml")
+    assert [m.label for m in recipe.models] == ["math", "code"] and extras.architecture == "Mixtral"
+    assert "line 4" in recipe.where("parameters", "top_k")  # recipe errors point into the config
+    assert looks_like_mergekit_moe(data) and not looks_like_mergekit_moe({"merge_method": "ties", "models": []})
+
+
+def test_existing_output_needs_force(models, tmp_path):
+    path = _write(tmp_path / "moe.yml", _config(models, gate_mode="random"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    res = _run(str(path), "-o", str(tmp_path / "out"))
+    assert res.exit_code == 2 and "already exists" in res.output
+    assert _run(str(path), "-o", str(tmp_path / "out"), "--force").exit_code == 0
+    assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "keep").exists()
