@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.core.adapters import AdapterCheckpoint, lora_delta, open_model
-from merge_lab.core.architecture import MLP_ROLES, classify
+from merge_lab.core.architecture import MLP_ROLES, Role, classify
 from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.ops import ConstantOp, Deferred, Input, TensorOp, TensorTask
@@ -46,6 +46,14 @@ class H3Params(BaseModel):
     router_std: float = Field(0.02, gt=0, description="standard deviation of random router rows")
     router_gates: str | None = Field(
         None, description="mergekit-moe config (gate_mode, prompts) whose gates are the rows (router_init: gates)"
+    )
+
+
+class H3ModelParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    residual_scale: float | None = Field(
+        None, description="factor on this expert's down_proj (mergekit-moe's residual_scale; default: none)"
     )
 
 
@@ -103,11 +111,14 @@ class NonFfnReport:
 
 @dataclass(frozen=True, eq=False)
 class ExpertOp(TensorOp):
-    """One expert's copy of a base FFN tensor: its own, or the base's plus its LoRA delta."""
+    """One expert's copy of a base FFN tensor: its own, or the base's plus its LoRA delta, times
+    `scale` when set (residual_scale on down_proj; in the input dtype, before the output cast, as
+    mergekit-moe scales)."""
 
     expert: Expert
     base: Checkpoint
     name: str  # the base's tensor
+    scale: float | None = None
 
     def arguments(self) -> tuple[Input, ...]:
         base = [(self.base, self.name)] if self.expert.is_adapter else []
@@ -115,7 +126,8 @@ class ExpertOp(TensorOp):
 
     def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         base, xs = (inputs[0], inputs[1:]) if self.expert.is_adapter else (None, inputs)
-        return self.expert.value(self.name, base, xs)
+        value = self.expert.value(self.name, base, xs)
+        return value if self.scale is None else value * self.scale
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,6 +212,8 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     assert base is not None
     experts = [Expert(lab, open_model(recipe.resolve_path(m.model))) for lab, m in zip(labels, recipe.models)]
     _check_experts(base, experts)
+    scales = [recipe.validate_block(H3ModelParams, ("models", i, "parameters"), "expert parameters").residual_scale
+              for i in range(len(experts))]
     n = len(experts)
     if params.top_k > n:
         raise MergeLabError(f"{recipe.where('parameters', 'top_k')}: top_k = {params.top_k} but there are only {n} experts.")
@@ -249,8 +263,9 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
         role = classify(name)
         if role.role in MLP_ROLES and role.layer is not None:
             for k, e in enumerate(experts):
+                scale = scales[k] if role.role == Role.MLP_DOWN else None
                 tasks.append(TensorTask(layout.expert_name(role.layer, k, role.role), info.shape,
-                                        out_dtype(info.dtype), ExpertOp(e, base, name)))
+                                        out_dtype(info.dtype), ExpertOp(e, base, name, scale)))
             layer, router = role.layer, layout.router_name(role.layer)
             if router not in routers:
                 routers[router] = layer

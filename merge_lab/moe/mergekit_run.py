@@ -8,8 +8,8 @@ architecture) and streamed by the same engine and writer as `merge`. An optional
 routers with the H3 gating loss through `merge_lab.moe.pipeline.fuse`: prompt-averaged gates
 become trained ones, and the summary says the routing accuracy before and after.
 
-What h3_moe cannot do yet is refused, naming the key and its line: noise_scale and residual_scale
-on an expert, shared experts, DeepSeek MoE output, Qwen MoE output from a llama / mistral base.
+An expert's residual_scale multiplies its down_proj (ExpertOp). What h3_moe cannot do yet is
+refused, naming the key and its line: noise_scale on an expert, shared experts, DeepSeek MoE output, Qwen MoE output from a llama / mistral base.
 """
 
 from __future__ import annotations
@@ -52,12 +52,11 @@ def looks_like_mergekit_moe(data: Any) -> bool:
 def refuse_unsupported(config: MergekitMoeConfig, where: Where, extras: MergekitExtras, base_type: str) -> None:
     """What mergekit-moe would do that h3_moe cannot yet: an error naming the key and line."""
     for i, e in enumerate(config.experts):
-        for key in ("noise_scale", "residual_scale"):
-            if getattr(e, key) is not None:
-                raise MergeLabError(
-                    f"{where('experts', i, key)}: {key} is not supported by merge-lab moe yet (mergekit-moe changes "
-                    "the expert's FFN weights with it); remove it, or build this MoE with mergekit-moe."
-                )
+        if e.noise_scale is not None:
+            raise MergeLabError(
+                f"{where('experts', i, 'noise_scale')}: noise_scale is not supported by merge-lab moe yet (mergekit-moe "
+                "adds unseeded noise to the expert's FFN weights); remove it, or build this MoE with mergekit-moe."
+            )
     if config.shared_experts:
         raise MergeLabError(
             f"{where('shared_experts')}: shared experts are not supported by merge-lab moe yet (h3_moe's Qwen2-MoE "
@@ -90,6 +89,7 @@ def _recipe_where(where: Where, n_experts: int) -> Where:
     for i in range(n_experts):
         copy(("models", i), ("experts", i))
         copy(("models", i, "model"), ("experts", i, "source_model"))
+        copy(("models", i, "parameters", "residual_scale"), ("experts", i, "residual_scale"))
     lines.update({k: v for k, v in where.lines.items() if k[:1] == ("train",)})
     return Where(where.source, lines)
 
@@ -101,6 +101,9 @@ def moe_recipe(path: str | Path, allow_all_same: bool = False) -> tuple[Recipe, 
     data, extras = translate(config, where)
     refuse_unsupported(config, where, extras, base_model_type(config, where))
     data["parameters"].update({"router_init": "gates", "router_gates": str(path)})
+    for entry, e in zip(data["models"], config.experts):
+        if e.residual_scale is not None:
+            entry["parameters"] = {"residual_scale": e.residual_scale}
     if train is not None:
         data["train"] = train
     rwhere = _recipe_where(where, len(config.experts))
