@@ -4,6 +4,7 @@ same tensors; the result loads and runs; a `train:` block trains the gates; bad 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from typer.testing import CliRunner
 from merge_lab.cli import app
 from merge_lab.core.checkpoint import Checkpoint
 from merge_lab.errors import MergeLabError
-from merge_lab.moe.mergekit_run import looks_like_mergekit_moe, moe_recipe
+from merge_lab.moe.mergekit_config import looks_like_mergekit_moe, refuse_as_recipe
+from merge_lab.moe.mergekit_run import moe_recipe
 from merge_lab.testing.moe import ffn_expert, labelled_jsonl, tiny_base
 
 
@@ -58,25 +60,53 @@ def _mergekit_build(config: dict, out: Path) -> None:
     build(MoEMergeConfig.model_validate(config), str(out), MergeOptions(device="cpu"), device="cpu")
 
 
-def _hub_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """A Mixtral checkpoint's tensors under the hub's per-expert names. mergekit-moe saves through
-    transformers 5, whose Mixtral fuses experts: mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then
-    up) and mlp.experts.down_proj [E, H, I]; we write block_sparse_moe.experts.E.w1/w3/w2."""
+_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+_EXPERT = re.compile(r"(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+_ROUTER = re.compile(r"(.*)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
+
+
+def _moe_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """An MoE checkpoint's tensors under layout-free names (PREFIX.router, PREFIX.E.gate/up/down).
+    mergekit-moe saves through transformers 5, which fuses experts: mlp.experts.gate_up_proj
+    [E, 2I, H] (gate rows, then up) and mlp.experts.down_proj [E, H, I]; we write the hub's
+    per-expert tensors (Mixtral's block_sparse_moe.experts.E.w1/w3/w2, Qwen's mlp.experts.E.*_proj)."""
     out = {}
     for name in ckpt.tensors:
         t = ckpt.get(name)
-        prefix = name.rsplit(".mlp.", 1)[0]
         if name.endswith(".mlp.experts.gate_up_proj"):
-            half = t.shape[1] // 2
+            prefix, half = name.removesuffix(".mlp.experts.gate_up_proj"), t.shape[1] // 2
             for k in range(t.shape[0]):
-                out[f"{prefix}.block_sparse_moe.experts.{k}.w1.weight"] = t[k, :half]
-                out[f"{prefix}.block_sparse_moe.experts.{k}.w3.weight"] = t[k, half:]
+                out[f"{prefix}.{k}.gate"], out[f"{prefix}.{k}.up"] = t[k, :half], t[k, half:]
         elif name.endswith(".mlp.experts.down_proj"):
+            prefix = name.removesuffix(".mlp.experts.down_proj")
             for k in range(t.shape[0]):
-                out[f"{prefix}.block_sparse_moe.experts.{k}.w2.weight"] = t[k]
+                out[f"{prefix}.{k}.down"] = t[k]
+        elif m := _EXPERT.match(name):
+            out[f"{m[1]}.{m[2]}.{_ROLE[m[3]]}"] = t
+        elif m := _ROUTER.match(name):
+            out[f"{m[1]}.router"] = t
         else:
-            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = t
+            out[name] = t
     return out
+
+
+def _assert_same_moe(theirs_dir: Path, ours_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    theirs, ours = _moe_tensors(Checkpoint(theirs_dir)), _moe_tensors(Checkpoint(ours_dir))
+    assert set(ours) == set(theirs) and "model.layers.1.1.down" in ours and "model.layers.1.router" in ours
+    for name, a in theirs.items():
+        b = ours[name]
+        assert a.dtype == b.dtype == dtype, name
+        assert torch.equal(a, b), name  # gates, experts, attention, norms, embeddings: bit for bit
+    return ours
+
+
+def _finite_logits(folder: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize(("mode", "residual_scale"), [("hidden", None), ("cheap_embed", 0.5), ("random", None)])
@@ -90,24 +120,27 @@ def test_moe_matches_mergekit_moe(models, tmp_path, mode, residual_scale):
     assert res.exit_code == 0, res.output
     assert "moe complete" in res.output and "Mixtral" in res.output
 
-    theirs, ours = _hub_tensors(Checkpoint(tmp_path / "mk")), _hub_tensors(Checkpoint(tmp_path / "ours"))
-    assert set(ours) == set(theirs) and any("experts.1.w2" in n for n in ours)
-    for name, a in theirs.items():
-        b = ours[name]
-        assert a.dtype == b.dtype == torch.float32, name
-        assert torch.equal(a, b), name  # gates, experts, attention, norms, embeddings: bit for bit
+    ours = _assert_same_moe(tmp_path / "mk", tmp_path / "ours")
     down = Checkpoint(models["code"]).get("model.layers.1.mlp.down_proj.weight")
-    torch.testing.assert_close(ours["model.layers.1.block_sparse_moe.experts.1.w2.weight"],
-                               down * (residual_scale or 1.0), atol=0, rtol=0)
+    torch.testing.assert_close(ours["model.layers.1.1.down"], down * (residual_scale or 1.0), atol=0, rtol=0)
     cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 2 and cfg["num_experts_per_tok"] == 2
+    _finite_logits(tmp_path / "ours")
 
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[1, 5, 9, 12]])).logits
-    assert logits.shape[-1] == cfg["vocab_size"] and torch.isfinite(logits).all()
+def test_qwen3_base_gives_qwen3_moe_like_mergekit(tmp_path):
+    base = tiny_base(tmp_path / "base", "qwen3", seed=0)
+    models = {"base": base, "math": ffn_expert(base, tmp_path / "math", seed=1),
+              "code": ffn_expert(base, tmp_path / "code", seed=2)}
+    config = _config(models, gate_mode="hidden", experts_per_token=1)
+    _mergekit_build(config, tmp_path / "mk")
+    res = _run(str(_write(tmp_path / "moe.yml", config)), "-o", str(tmp_path / "ours"))
+    assert res.exit_code == 0, res.output
+    assert "Qwen3 MoE" in res.output
+    _assert_same_moe(tmp_path / "mk", tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_moe" and cfg["num_experts_per_tok"] == 1
+    _finite_logits(tmp_path / "ours")
 
 
 def test_gate_rows_take_the_output_dtype(models, tmp_path):
@@ -172,6 +205,8 @@ def test_recipe_and_detection(models, tmp_path):
     assert [m.label for m in recipe.models] == ["math", "code"] and extras.architecture == "Mixtral"
     assert "line 4" in recipe.where("parameters", "top_k")  # recipe errors point into the config
     assert looks_like_mergekit_moe(data) and not looks_like_mergekit_moe({"merge_method": "ties", "models": []})
+    with pytest.raises(MergeLabError, match="merge-lab moe moe.yml -o OUT/"):
+        refuse_as_recipe(data, "moe.yml")
 
 
 def test_existing_output_needs_force(models, tmp_path):

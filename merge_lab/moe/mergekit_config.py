@@ -153,6 +153,18 @@ def load_moe_file(path: str | Path, allow_all_same: bool = False
     return config, where, train
 
 
+def looks_like_mergekit_moe(data: object) -> bool:
+    """Whether parsed YAML is a mergekit-moe config rather than a merge recipe."""
+    return isinstance(data, dict) and "experts" in data and "merge_method" not in data and "models" not in data
+
+
+def refuse_as_recipe(data: object, source: str) -> None:
+    """For recipe loading (`merge`, `validate`): a mergekit-moe config is run by `merge-lab moe`."""
+    if looks_like_mergekit_moe(data):
+        raise MergeLabError(f"{source}: is a mergekit-moe config (experts:, no merge_method); build it with "
+                            f"`merge-lab moe {source} -o OUT/`.")
+
+
 def _prompts(e: MoeExpert) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(e.positive_prompts or []), tuple(e.negative_prompts or [])
 

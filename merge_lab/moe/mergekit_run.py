@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from merge_lab.core.config import Where, validate
 from merge_lab.errors import MergeLabError
@@ -42,11 +41,6 @@ class MoeResult:
     accuracy_before: float = float("nan")
     accuracy_after: float = float("nan")
     notes: list[str] = field(default_factory=list)
-
-
-def looks_like_mergekit_moe(data: Any) -> bool:
-    """Whether parsed YAML is a mergekit-moe config rather than a merge recipe (for `merge`'s hint)."""
-    return isinstance(data, dict) and "experts" in data and "merge_method" not in data and "models" not in data
 
 
 def refuse_unsupported(config: MergekitMoeConfig, where: Where, extras: MergekitExtras, base_type: str) -> None:
