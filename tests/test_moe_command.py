@@ -161,7 +161,7 @@ def test_train_block_trains_the_gates(models, tmp_path):
     assert _run(str(plain), "-o", str(tmp_path / "gates")).exit_code == 0
     res = _run(str(path), "-o", str(tmp_path / "trained"))
     assert res.exit_code == 0, res.output
-    assert "training steps" in res.output and "routing accuracy" in res.output
+    assert "training steps" in res.output and re.search(r"routing accuracy[\s│|]+\d\.\d{3} -> \d\.\d{3}", res.output)
     before, after = Checkpoint(tmp_path / "gates"), Checkpoint(tmp_path / "trained")
     routers = [n for n in before.tensors if n.endswith("gate.weight") and "experts" not in n]
     assert routers and all(n in after for n in routers)
@@ -217,3 +217,31 @@ def test_existing_output_needs_force(models, tmp_path):
     assert res.exit_code == 2 and "already exists" in res.output
     assert _run(str(path), "-o", str(tmp_path / "out"), "--force").exit_code == 0
     assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "keep").exists()
+
+
+def test_h3_recipe_with_gate_init(models, tmp_path):
+    """router_init: gates in a plain h3_moe recipe: the rows come from the named mergekit-moe config."""
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import load_recipe
+    from merge_lab.testing import write_recipe
+
+    config = _write(tmp_path / "moe.yml", _config(models, gate_mode="cheap_embed"))
+    h3 = {"merge_method": "h3_moe", "base_model": str(models["base"]),
+          "models": [{"model": str(models["math"]), "label": "math"}, {"model": str(models["code"]), "label": "code"}],
+          "parameters": {"router_init": "gates"}}
+    with pytest.raises(MergeLabError, match=r"line \d+ \(parameters.router_init\).*router_gates"):
+        make_plan(load_recipe(write_recipe(tmp_path / "a.yaml", h3)))
+    three = _write(tmp_path / "three.yml", _config(models, experts=_config(models)["experts"] * 2 + [
+        {"source_model": str(models["math"]), "positive_prompts": ["other"]}]))
+    h3["parameters"]["router_gates"] = str(three)
+    with pytest.raises(MergeLabError, match="lists 5 experts but the recipe has 2"):
+        make_plan(load_recipe(write_recipe(tmp_path / "b.yaml", h3)))
+    h3["parameters"]["router_gates"] = str(config)
+    plan = make_plan(load_recipe(write_recipe(tmp_path / "c.yaml", h3)))
+    assert [type(s).__name__ for s in plan.steps] == ["GateInit"]
+    values = plan.prepared()
+    from merge_lab.moe.mergekit_config import config_gate_rows, load_mergekit_moe
+
+    rows, _ = config_gate_rows(*load_mergekit_moe(config))
+    router = next(t for t in values.tasks if t.output == "model.layers.1.block_sparse_moe.gate.weight")
+    assert torch.equal(router.op.execute([]), rows[1].float())

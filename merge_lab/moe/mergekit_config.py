@@ -359,8 +359,8 @@ def mergekit_extras(config: MergekitMoeConfig, source: Where | str) -> MergekitE
         unsupported.append("shared expert: h3_moe's Qwen2-MoE shared expert is a zero placeholder; mergekit copies "
                            "the shared model's FFN and gates it with its own row")
     experts = [ExpertExtras(ref_text(e.source_model), e.noise_scale, e.residual_scale) for e in config.experts]
-    if any(e.noise_scale is not None or e.residual_scale is not None for e in experts + shared):
-        unsupported.append("noise_scale / residual_scale on expert FFN weights")
+    if any(e.noise_scale is not None for e in experts + shared):
+        unsupported.append("noise_scale on expert FFN weights (residual_scale is h3_moe's per-expert parameter)")
     return MergekitExtras(config.gate_mode, gate_prompts(config), len(config.experts), experts, shared, arch,
                           unsupported)
 
