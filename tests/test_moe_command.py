@@ -245,3 +245,15 @@ def test_h3_recipe_with_gate_init(models, tmp_path):
     rows, _ = config_gate_rows(*load_mergekit_moe(config))
     router = next(t for t in values.tasks if t.output == "model.layers.1.block_sparse_moe.gate.weight")
     assert torch.equal(router.op.execute([]), rows[1].float())
+
+
+def test_same_expert_twice_needs_mergekits_flag(models, tmp_path):
+    data = _config(models, gate_mode="random")
+    data["experts"][1]["source_model"] = data["experts"][0]["source_model"]
+    path = _write(tmp_path / "moe.yml", data)
+    res = _run(str(path), "-o", str(tmp_path / "out"))
+    assert res.exit_code == 2 and "every expert is the same model" in " ".join(res.output.split())
+    res = _run(str(path), "-o", str(tmp_path / "out"), "--i-understand-this-is-not-useful-without-training")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_local_experts"] == 2
