@@ -317,6 +317,45 @@ def fuse(
         out_console.print(f"note: {note}")
 
 
+@app.command("moe")
+@friendly
+def moe_cmd(
+    config: Annotated[Path, typer.Argument(help="mergekit-moe YAML: base_model, experts with prompts, gate_mode, ...")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output MoE folder (must not exist unless --force)")],
+    force: Annotated[bool, typer.Option(help="replace an existing output folder (only once the build succeeds)")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    device: Annotated[str, typer.Option(help="where the arithmetic runs: cpu, cuda, cuda:1")] = "cpu",
+    allow_all_same: Annotated[bool, typer.Option(
+        "--i-understand-this-is-not-useful-without-training",
+        help="allow every expert to be the same model (mergekit-moe's flag of that name)")] = False,
+) -> None:
+    """Build the mixture of experts a mergekit-moe CONFIG describes, with mergekit-moe's router gates.
+
+    The gates are computed as mergekit-moe computes them (gate_mode: hidden, cheap_embed, random, ...),
+    the experts stream through the merge engine into Mixtral (llama / mistral bases) or Qwen3-MoE
+    (qwen3). A `train:` block in CONFIG (the keys of `fuse`'s) then trains the routers with the H3
+    gating loss, starting from those gates.
+    """
+    _import_frozen()
+    from merge_lab.moe.mergekit_run import run_moe
+
+    result = run_moe(config, out, force=force, progress=progress, device=device, allow_all_same=allow_all_same,
+                     console=err_console)
+    table = Table(title="moe complete", show_header=False)
+    table.add_row("output", str(result.path))
+    table.add_row("architecture", result.architecture)
+    table.add_row("experts", str(result.experts))
+    table.add_row("gate_mode", result.gate_mode)
+    if result.tensors:
+        table.add_row("tensors", str(result.tensors))
+    if result.steps_done:
+        table.add_row("training steps", str(result.steps_done))
+        table.add_row("routing accuracy", f"{result.accuracy_before:.3f} -> {result.accuracy_after:.3f}")
+    out_console.print(table)
+    for note in result.notes:
+        out_console.print(f"note: {note}")
+
+
 @app.command("inspect-routing")
 @friendly
 def inspect_routing(

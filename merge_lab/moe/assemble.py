@@ -3,8 +3,8 @@
 Every output tensor is a TensorTask whose op (merge.ops protocol) reads its inputs memory-mapped:
 ExpertOp, an expert FFN tensor from the expert's checkpoint, or base + scale * B @ A from a LoRA
 adapter; NonFfnOp, attention, embeddings, norms and head from the base (or the experts' average,
-`non_ffn: average`); one router per layer (router_init: RandomRouterOp, or rows a CentroidInit
-step computes before the engine runs), and zeros for what the family adds (ConstantOp).
+`non_ffn: average`); one router per layer (router_init: RandomRouterOp, or rows a CentroidInit or
+GateInit step computes before the engine runs), and zeros for what the family adds (ConstantOp).
 Tensors outside the FFN that an expert changed are measured while they stream by, and the
 summary goes into the plan's notes (printed, and written to the model card).
 """
@@ -19,22 +19,23 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.core.adapters import AdapterCheckpoint, lora_delta, open_model
-from merge_lab.core.architecture import MLP_ROLES, classify
+from merge_lab.core.architecture import MLP_ROLES, Role, classify
 from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.ops import ConstantOp, Deferred, Input, TensorOp, TensorTask
 from merge_lab.merge.planner import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.layout import moe_config
-from merge_lab.moe.router_init import CentroidInit, RandomRouterOp
+from merge_lab.moe.router_init import CentroidInit, GateInit, RandomRouterOp, check_gates_config
 
 
 class H3Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: int = Field(2, ge=1, description="experts each token is routed to")
-    router_init: Literal["random", "centroid"] = Field(
-        "random", description="random, or centroid: rows from the base's hidden states on each label's prompts"
+    router_init: Literal["random", "centroid", "gates"] = Field(
+        "random", description="random; centroid: rows from the base's hidden states on each label's prompts; "
+                              "gates: mergekit-moe's rows for the config named by router_gates"
     )
     non_ffn: Literal["base", "average"] = Field(
         "base", description="where attention, norms and embeddings come from: the base, or the experts' mean"
@@ -43,6 +44,17 @@ class H3Params(BaseModel):
         None, description="JSONL of labelled prompts for centroid init (default: train.data, which may also be blocks)"
     )
     router_std: float = Field(0.02, gt=0, description="standard deviation of random router rows")
+    router_gates: str | None = Field(
+        None, description="mergekit-moe config (gate_mode, prompts) whose gates are the rows (router_init: gates)"
+    )
+
+
+class H3ModelParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    residual_scale: float | None = Field(
+        None, description="factor on this expert's down_proj (mergekit-moe's residual_scale; default: none)"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,11 +111,14 @@ class NonFfnReport:
 
 @dataclass(frozen=True, eq=False)
 class ExpertOp(TensorOp):
-    """One expert's copy of a base FFN tensor: its own, or the base's plus its LoRA delta."""
+    """One expert's copy of a base FFN tensor: its own, or the base's plus its LoRA delta, times
+    `scale` when set (residual_scale on down_proj; in the input dtype, before the output cast, as
+    mergekit-moe scales)."""
 
     expert: Expert
     base: Checkpoint
     name: str  # the base's tensor
+    scale: float | None = None
 
     def arguments(self) -> tuple[Input, ...]:
         base = [(self.base, self.name)] if self.expert.is_adapter else []
@@ -111,7 +126,8 @@ class ExpertOp(TensorOp):
 
     def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         base, xs = (inputs[0], inputs[1:]) if self.expert.is_adapter else (None, inputs)
-        return self.expert.value(self.name, base, xs)
+        value = self.expert.value(self.name, base, xs)
+        return value if self.scale is None else value * self.scale
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,6 +212,8 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     assert base is not None
     experts = [Expert(lab, open_model(recipe.resolve_path(m.model))) for lab, m in zip(labels, recipe.models)]
     _check_experts(base, experts)
+    scales = [recipe.validate_block(H3ModelParams, ("models", i, "parameters"), "expert parameters").residual_scale
+              for i in range(len(experts))]
     n = len(experts)
     if params.top_k > n:
         raise MergeLabError(f"{recipe.where('parameters', 'top_k')}: top_k = {params.top_k} but there are only {n} experts.")
@@ -214,6 +232,14 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                 "parameters.router_data (or train.data) to a JSONL file of {prompt, response, label} rows."
             )
         centroid = True
+    gates = params.router_init == "gates"
+    if gates:
+        if not params.router_gates:
+            raise MergeLabError(
+                f"{recipe.where('parameters', 'router_init')}: router_init: gates takes its rows from a mergekit-moe "
+                "config: set parameters.router_gates to that file (or run it with `merge-lab moe`)."
+            )
+        check_gates_config(Path(params.router_gates), base.path, n, recipe.where("parameters", "router_gates"))
 
     def out_dtype(dt: torch.dtype) -> torch.dtype:
         return TORCH_DTYPE_BY_NAME[recipe.output_dtype] if recipe.output_dtype and dt.is_floating_point else dt
@@ -237,12 +263,14 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
         role = classify(name)
         if role.role in MLP_ROLES and role.layer is not None:
             for k, e in enumerate(experts):
+                scale = scales[k] if role.role == Role.MLP_DOWN else None
                 tasks.append(TensorTask(layout.expert_name(role.layer, k, role.role), info.shape,
-                                        out_dtype(info.dtype), ExpertOp(e, base, name)))
+                                        out_dtype(info.dtype), ExpertOp(e, base, name, scale)))
             layer, router = role.layer, layout.router_name(role.layer)
             if router not in routers:
                 routers[router] = layer
                 op: TensorOp = (Deferred("centroid router init") if centroid
+                                else Deferred("mergekit-moe gate init") if gates
                                 else RandomRouterOp(n, hidden, std, recipe.seed, layer))
                 tasks.append(TensorTask(router, (n, hidden), router_dtype, op))
                 for extra, shape in layout.extra_tensors(layer, hidden):
@@ -253,5 +281,7 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     if not routers:
         raise MergeLabError(f"{base.path}: found no FFN (mlp gate/up/down) tensors to turn into experts.")
     inputs = [base] + [e.ckpt for e in experts]
-    steps = [CentroidInit(base.path, recipe, tuple(labels), routers)] if centroid else []
+    steps: list = [CentroidInit(base.path, recipe, tuple(labels), routers)] if centroid else []
+    if gates:
+        steps.append(GateInit(Path(str(params.router_gates)), recipe.seed, routers, router_dtype, notes))
     return Plan(recipe, strategy_name, tasks, config, base.path, inputs, notes, steps)

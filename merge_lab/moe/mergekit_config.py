@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from merge_lab.core.config import Where, load_yaml, parse_yaml
+from merge_lab.core.config import Where, load_yaml, load_yaml_text, parse_yaml, validate
 from merge_lab.errors import MergeLabError
 from merge_lab.moe.gates import PROMPT_MODES, ExpertPrompts, GateMode, gate_rows
 
@@ -128,6 +128,41 @@ def load_mergekit_moe(path: str | Path, allow_all_same: bool = False) -> tuple[M
     config, where = load_yaml(path, MergekitMoeConfig, WHAT)
     check_config(config, where, allow_all_same)
     return config, where
+
+
+def load_moe_file(path: str | Path, allow_all_same: bool = False
+                  ) -> tuple[MergekitMoeConfig, Where, dict | None]:
+    """A mergekit-moe YAML that may also hold our `train:` block (h3 TrainConfig keys, checked by
+    the h3 recipe): (config, where, the train block or None). mergekit-moe ignores unknown keys, so
+    such a file still runs there; everything else is checked as `load_mergekit_moe` does."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeLabError(f"{path}: {WHAT} not found.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeLabError(f"{path}: cannot be read as a UTF-8 text file ({type(e).__name__}).") from None
+    data, where = load_yaml_text(text, str(path), WHAT)
+    if not isinstance(data, dict):
+        raise MergeLabError(f"{path}: a {WHAT} is a YAML mapping of keys to values.")
+    train = data.pop("train", None)
+    if train is not None and not isinstance(train, dict):
+        raise MergeLabError(f"{where('train')}: train: is a mapping of h3 training keys (data, steps, lambda, ...).")
+    config = validate(MergekitMoeConfig, data, where, WHAT)
+    check_config(config, where, allow_all_same)
+    return config, where, train
+
+
+def looks_like_mergekit_moe(data: object) -> bool:
+    """Whether parsed YAML is a mergekit-moe config rather than a merge recipe."""
+    return isinstance(data, dict) and "experts" in data and "merge_method" not in data and "models" not in data
+
+
+def refuse_as_recipe(data: object, source: str) -> None:
+    """For recipe loading (`merge`, `validate`): a mergekit-moe config is run by `merge-lab moe`."""
+    if looks_like_mergekit_moe(data):
+        raise MergeLabError(f"{source}: is a mergekit-moe config (experts:, no merge_method); build it with "
+                            f"`merge-lab moe {source} -o OUT/`.")
 
 
 def _prompts(e: MoeExpert) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -324,20 +359,31 @@ def mergekit_extras(config: MergekitMoeConfig, source: Where | str) -> MergekitE
         unsupported.append("shared expert: h3_moe's Qwen2-MoE shared expert is a zero placeholder; mergekit copies "
                            "the shared model's FFN and gates it with its own row")
     experts = [ExpertExtras(ref_text(e.source_model), e.noise_scale, e.residual_scale) for e in config.experts]
-    if any(e.noise_scale is not None or e.residual_scale is not None for e in experts + shared):
-        unsupported.append("noise_scale / residual_scale on expert FFN weights")
+    if any(e.noise_scale is not None for e in experts + shared):
+        unsupported.append("noise_scale on expert FFN weights (residual_scale is h3_moe's per-expert parameter)")
     return MergekitExtras(config.gate_mode, gate_prompts(config), len(config.experts), experts, shared, arch,
                           unsupported)
+
+
+def base_path(config: MergekitMoeConfig, source: Where | str) -> Path:
+    """The base model's local folder (a LoRA on the base, or a hub revision, is refused)."""
+    where = source if isinstance(source, Where) else Where(source)
+    if "+" in ref_text(config.base_model):
+        raise MergeLabError(f"{where('base_model')}: a base with a LoRA ('+') is not supported; merge it first.")
+    return Path(_local(config.base_model, where("base_model"), "")).expanduser()
+
+
+def base_model_type(config: MergekitMoeConfig, source: Where | str) -> str:
+    """The base's model_type (config.json): h3_moe's output layout follows it."""
+    where = source if isinstance(source, Where) else Where(source)
+    return _model_type(str(base_path(config, where)), where("base_model"))
 
 
 def config_gate_rows(config: MergekitMoeConfig, source: Where | str, seed: int = 0, device: str | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(router rows [layers, experts, hidden], shared-expert gate rows [layers, shared, hidden]) for
     `config`, as mergekit-moe computes them; the second is empty when mergekit gates no shared expert."""
-    where = source if isinstance(source, Where) else Where(source)
-    if "+" in ref_text(config.base_model):
-        raise MergeLabError(f"{where('base_model')}: a base with a LoRA ('+') is not supported; merge it first.")
-    base = _local(config.base_model, where("base_model"), "")
+    base = base_path(config, source)
     rows = gate_rows(base, gate_prompts(config), config.gate_mode, seed=seed, device=device)
     n = len(config.experts)
     return rows[:, :n].contiguous(), rows[:, n:].contiguous()

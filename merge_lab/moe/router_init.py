@@ -1,4 +1,5 @@
-"""Router initialisation: `random`, or `centroid` from the base's hidden states.
+"""Router initialisation: `random`, `centroid` from the base's hidden states, or `gates`:
+mergekit-moe's rows for a mergekit-moe config (merge_lab.moe.gates; `merge-lab moe` sets it).
 
 Centroid: run the base on each expert's labelled prompts, take the mean of the hidden state that
 enters each layer's FFN (after the post-attention norm, i.e. what the router will see) over the
@@ -7,7 +8,7 @@ the mean over experts before normalising each row to unit length; otherwise ever
 point the same way and the router would start near uniform whatever the data.
 
 Centroid rows need a forward pass of the base, which neither planning (header-only) nor the
-engine (files, never math) may run: CentroidInit is a plan step, run once when the engine starts
+engine (files, never math) may run: CentroidInit (and GateInit) is a plan step, run once when the engine starts
 and before it opens the output; its rows reach the router tensors as constants.
 """
 
@@ -106,3 +107,40 @@ def centroid_rows(base: str | Path, examples: list[Example], labels: list[str], 
     means = sums / counts[None, :, None]
     centred = means - means.mean(dim=1, keepdim=True)
     return centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def check_gates_config(config_path: Path, base: Path, n_experts: int, where: str) -> None:
+    """Header-only check of `router_gates`: the mergekit-moe config gates this base's experts."""
+    from merge_lab.moe.mergekit_config import base_path, load_moe_file
+
+    config, cwhere, _ = load_moe_file(config_path, allow_all_same=True)
+    if len(config.experts) != n_experts:
+        raise MergeLabError(f"{where}: {config_path} lists {len(config.experts)} experts but the recipe has "
+                            f"{n_experts}; the router needs one row per expert.")
+    if base_path(config, cwhere).resolve() != base.resolve():
+        raise MergeLabError(f"{where}: {config_path} computes gates on base_model {base_path(config, cwhere)}, "
+                            f"not on this recipe's base {base}.")
+
+
+@dataclass(frozen=True, eq=False)
+class GateInit:
+    """The plan step of `router_init: gates`: mergekit-moe's router rows for its config (its
+    gate_mode and prompts; one pass of the base for the hidden modes), cast to the router's
+    output dtype as mergekit casts its gates (merge.planner.PlanStep)."""
+
+    config: Path  # the mergekit-moe config
+    seed: int  # the random gate modes' generator seed
+    routers: Mapping[str, int]  # router tensor -> its layer
+    dtype: torch.dtype
+    notes: list[str]  # the plan's notes: layers whose prompts are too alike (mergekit warns on these)
+
+    def run(self) -> dict[str, torch.Tensor]:
+        from merge_lab.moe.gates import degenerate_layers
+        from merge_lab.moe.mergekit_config import config_gate_rows, load_moe_file
+
+        config, where, _ = load_moe_file(self.config, allow_all_same=True)
+        rows, _shared = config_gate_rows(config, where, seed=self.seed)
+        if config.gate_mode not in ("random", "uniform_random") and (bad := degenerate_layers(rows)):
+            self.notes.append(f"gate_mode {config.gate_mode}: the router rows of layer(s) {bad} are nearly dependent "
+                              "(the experts' prompts are too alike there); give more distinct prompts or train them")
+        return {name: rows[layer].to(self.dtype) for name, layer in self.routers.items()}

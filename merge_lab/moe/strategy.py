@@ -47,13 +47,14 @@ from __future__ import annotations
 from merge_lab.merge.interface import Strategy
 from merge_lab.merge.planner import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
-from merge_lab.moe.assemble import H3Params, build_moe_plan
+from merge_lab.moe.assemble import H3ModelParams, H3Params, build_moe_plan
 
 
 class H3Moe(Strategy):
     name = "h3_moe"
     summary = "H3Fusion: base + N aligned experts -> a Mixtral / Qwen-MoE checkpoint (structural)"
     Params = H3Params
+    ModelParams = H3ModelParams
     needs_base = True
     uses_base = True
     symmetric = False  # expert order is the router's row order

@@ -1,0 +1,128 @@
+"""`merge-lab moe config.yaml -o out/`: run a mergekit-moe config through h3_moe.
+
+The config is read as mergekit-moe reads it (merge_lab.moe.mergekit_config), translated into an
+h3_moe recipe whose routers are mergekit's gates (`router_init: gates`, rows computed by the
+GateInit plan step, merge_lab.moe.gates), planned header-only (experts fit the base, output
+architecture) and streamed by the same engine and writer as `merge`. An optional `train:` block
+(our h3 training keys, merge_lab.moe.train.TrainConfig; mergekit-moe ignores it) trains those
+routers with the H3 gating loss through `merge_lab.moe.pipeline.fuse`: prompt-averaged gates
+become trained ones, and the summary says the routing accuracy before and after.
+
+An expert's residual_scale multiplies its down_proj (ExpertOp). What h3_moe cannot do yet is
+refused, naming the key and its line: noise_scale on an expert, shared experts, DeepSeek MoE output, Qwen MoE output from a llama / mistral base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from merge_lab.core.config import Where, validate
+from merge_lab.errors import MergeLabError
+from merge_lab.merge.recipe import Recipe
+from merge_lab.moe.mergekit_config import (
+    H3_FAMILY,
+    MergekitExtras,
+    MergekitMoeConfig,
+    base_model_type,
+    load_moe_file,
+    translate,
+)
+
+
+@dataclass
+class MoeResult:
+    path: Path | None  # None when training stopped early
+    architecture: str  # mergekit's name for what was written (Mixtral, Qwen3 MoE, ...)
+    gate_mode: str
+    experts: int
+    tensors: int = 0  # written by the engine (0 after training: the export writes them)
+    steps_done: int = 0
+    accuracy_before: float = float("nan")
+    accuracy_after: float = float("nan")
+    notes: list[str] = field(default_factory=list)
+
+
+def refuse_unsupported(config: MergekitMoeConfig, where: Where, extras: MergekitExtras, base_type: str) -> None:
+    """What mergekit-moe would do that h3_moe cannot yet: an error naming the key and line."""
+    for i, e in enumerate(config.experts):
+        if e.noise_scale is not None:
+            raise MergeLabError(
+                f"{where('experts', i, 'noise_scale')}: noise_scale is not supported by merge-lab moe yet (mergekit-moe "
+                "adds unseeded noise to the expert's FFN weights); remove it, or build this MoE with mergekit-moe."
+            )
+    if config.shared_experts:
+        raise MergeLabError(
+            f"{where('shared_experts')}: shared experts are not supported by merge-lab moe yet (h3_moe's Qwen2-MoE "
+            "shared expert is a zero placeholder, mergekit copies the shared model's FFN); remove shared_experts."
+        )
+    arch = extras.architecture or ""
+    key = "architecture" if config.architecture else "base_model"
+    if arch not in H3_FAMILY:
+        raise MergeLabError(f"{where(key)}: output architecture {arch} is not written by merge-lab moe; h3_moe writes "
+                            "Mixtral (llama / mistral bases) and Qwen3 MoE (qwen3 bases). Set architecture: mixtral.")
+    if arch == "Qwen MoE" and base_type != "qwen2":
+        raise MergeLabError(f"{where(key)}: Qwen MoE output from a {base_type} base is not supported: h3_moe picks "
+                            "the layout from the base (llama / mistral -> Mixtral). Set architecture: mixtral.")
+
+
+def _recipe_where(where: Where, n_experts: int) -> Where:
+    """The config's line map under the translated recipe's keys, so recipe errors point into the file."""
+    lines: dict[tuple, int] = {}
+
+    def copy(to: tuple, frm: tuple) -> None:
+        line = where.line(*frm)
+        if line is not None:
+            lines[to] = line
+
+    copy(("base_model",), ("base_model",))
+    copy(("dtype",), ("dtype",))
+    copy(("models",), ("experts",))
+    copy(("parameters", "top_k"), ("experts_per_token",))
+    copy(("parameters", "router_init"), ("gate_mode",))
+    for i in range(n_experts):
+        copy(("models", i), ("experts", i))
+        copy(("models", i, "model"), ("experts", i, "source_model"))
+        copy(("models", i, "parameters", "residual_scale"), ("experts", i, "residual_scale"))
+    lines.update({k: v for k, v in where.lines.items() if k[:1] == ("train",)})
+    return Where(where.source, lines)
+
+
+def moe_recipe(path: str | Path, allow_all_same: bool = False) -> tuple[Recipe, MergekitExtras]:
+    """The h3_moe recipe for a mergekit-moe config file (routers: its gates), and what translation kept aside."""
+    path = Path(path)
+    config, where, train = load_moe_file(path, allow_all_same=allow_all_same)
+    data, extras = translate(config, where)
+    refuse_unsupported(config, where, extras, base_model_type(config, where))
+    data["parameters"].update({"router_init": "gates", "router_gates": str(path)})
+    for entry, e in zip(data["models"], config.experts):
+        if e.residual_scale is not None:
+            entry["parameters"] = {"residual_scale": e.residual_scale}
+    if train is not None:
+        data["train"] = train
+    rwhere = _recipe_where(where, len(config.experts))
+    recipe = validate(Recipe, data, rwhere, "recipe")
+    recipe._where = rwhere  # the recipe's errors name the config's lines
+    recipe.check_distinct_models()
+    return recipe, extras
+
+
+def run_moe(path: str | Path, out: str | Path, *, force: bool = False, progress: bool = True,
+            device: str = "cpu", allow_all_same: bool = False, console=None) -> MoeResult:
+    """Build (and with `train:`, fusion-train) the MoE of a mergekit-moe config at `out`."""
+    from merge_lab.merge.engine import run_plan
+    from merge_lab.merge.planner import make_plan
+
+    recipe, extras = moe_recipe(path, allow_all_same)
+    info = MoeResult(None, extras.architecture or "", extras.gate_mode, extras.routed_experts)
+    if recipe.train is None:
+        plan = make_plan(recipe)  # header-only: experts fit the base, layout, dtypes
+        result = run_plan(plan, out, force=force, device=device, progress=progress, console=console)
+        info.path, info.tensors, info.notes = result.path, result.tensors, plan.notes
+        return info
+    from merge_lab.moe.pipeline import fuse
+
+    fused = fuse(recipe, out, force=force, progress=progress, console=console)
+    info.path, info.steps_done, info.notes = fused.path, fused.steps_done, fused.notes
+    info.accuracy_before, info.accuracy_after = fused.accuracy_before, fused.accuracy_after
+    return info
