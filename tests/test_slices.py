@@ -14,7 +14,7 @@ from merge_lab.cli import app
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.planner import make_plan
 from merge_lab.merge.recipe import parse_recipe
-from merge_lab.testing import write_recipe
+from merge_lab.testing import load_tensors, make_checkpoint
 
 runner = CliRunner()
 
@@ -63,8 +63,6 @@ def test_frankenmerge_stacks_a_model_with_itself(fp32_family, tmp_path):
 
     _, models = fp32_family
     ours = run_ours(recipes("b", models)["passthrough"], tmp_path)
-    from merge_lab.testing import load_tensors
-
     m1 = load_tensors(models[0])
     for out_layer, in_layer in enumerate([0, 1, 1, 2]):
         for name, value in m1.items():
@@ -82,8 +80,6 @@ def test_passthrough_scale(fp32_family, tmp_path):
     recipe = {"merge_method": "passthrough", "models": [
         {"model": str(models[0]), "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 2.0}]}}]}
     ours = run_ours(recipe, tmp_path)
-    from merge_lab.testing import load_tensors
-
     m1 = load_tensors(models[0])
     for name, value in m1.items():
         assert torch.equal(ours[name], value * (0.0 if "o_proj" in name else 2.0)), name
@@ -165,4 +161,20 @@ def test_passthrough_write_recipe_roundtrip(fp32_family, tmp_path):
     run_ours(recipe, tmp_path)
     again = parse_recipe((tmp_path / "ours" / "merge_recipe.yaml").read_text())
     assert again.slices is not None and [s.length for s in again.slices] == [2, 2]
-    write_recipe(tmp_path / "again.yaml", recipe)
+    assert make_plan(again).config["num_hidden_layers"] == 4
+
+
+def test_per_layer_config_fields_follow_the_stacked_layers(tmp_path):
+    """qwen2's `layer_types` (one entry per layer) is restacked with the layers; the output loads."""
+    from transformers import AutoModelForCausalLM
+
+    m = make_checkpoint(tmp_path / "m", "qwen2", seed=1, dtype=torch.float32, layers=3)
+    cfg = json.loads((m / "config.json").read_text())
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    (m / "config.json").write_text(json.dumps(cfg | {"layer_types": types}))
+    recipe = {"merge_method": "passthrough", "slices": [{"sources": [src(m, 1, 3)]}, {"sources": [src(m, 0, 2)]}]}
+    run_ours(recipe, tmp_path)
+    out = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert out["num_hidden_layers"] == 4
+    assert out["layer_types"] == [types[1], types[2], types[0], types[1]]
+    assert len(AutoModelForCausalLM.from_pretrained(tmp_path / "ours").model.layers) == 4

@@ -125,7 +125,7 @@ def sliced_config(recipe: Recipe, sources: list[list[Checkpoint]], config: dict)
         values = []
         for k, s in enumerate(recipe.slices):
             src_cfg = sources[k][0].config
-            field = src_cfg.get(key, src_cfg.get("text_config", {}).get(key))
+            field = src_cfg.get(key, (src_cfg.get("text_config") or {}).get(key))
             a = s.sources[0].layer_range[0]
             if not isinstance(field, list) or len(field) < a + s.length:
                 values = None
