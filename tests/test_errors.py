@@ -185,9 +185,9 @@ def test_invalid_yaml(tmp_path):
     assert_fails(tmp_path, "merge_method: [unclosed\n", "not valid YAML", "line")
 
 
-def test_mergekit_slices_are_rejected_clearly(tmp_path):
-    text = "slices:\n  - sources: []\nmerge_method: passthrough\n"
-    assert_fails(tmp_path, text, "line 1", "'slices'", "not supported")
+def test_mergekit_slices_and_models_together_are_rejected_clearly(tmp_path):
+    text = "slices:\n  - sources: []\nmodels: [a]\nmerge_method: passthrough\n"
+    assert_fails(tmp_path, text, "line 1", "'slices:'", "not both")
 
 
 def test_library_raises_merge_lab_error(tmp_path):

@@ -24,6 +24,7 @@ from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.merge.ops import ConstantOp, CopyOp, Deferred, MergeOp, TensorTask, predicted_peak_bytes
 from merge_lab.merge.params import check_shape, gradient_position, resolve
 from merge_lab.merge.recipe import Recipe
+from merge_lab.merge.slices import layout, sliced_config
 
 
 class PlanStep(Protocol):
@@ -133,12 +134,16 @@ def _validated(model: type[BaseModel], values: dict[str, Any], recipe: Recipe, t
         raise MergeLabError(str(e)) from None
 
 
-def resolve_params(ctx: PlanContext, tensor: str, entries: list[int]) -> tuple[BaseModel, list[BaseModel]]:
-    """Resolve the merge-wide and per-model parameters for one tensor."""
+def resolve_params(
+    ctx: PlanContext, tensor: str, entries: list[int], t: float | None = None, inputs: tuple[str, ...] | None = None
+) -> tuple[BaseModel, list[BaseModel]]:
+    """Resolve the merge-wide and per-model parameters for one tensor. `t` is its gradient
+    position (default: its layer among the reference's); `inputs`, each model's own name for the
+    tensor (in a slice, the source's layer), is what per-model filters match, as in mergekit."""
     cls = type(ctx.strategy)
     recipe = ctx.recipe
-    info = classify(tensor)
-    t = gradient_position(info.layer, num_layers(ctx.reference.config))
+    if t is None:
+        t = gradient_position(classify(tensor).layer, num_layers(ctx.reference.config))
     global_keys = registry.recipe_keys(cls.Params)
     model_keys = registry.recipe_keys(cls.ModelParams)
     glob = {k: resolve(v, tensor, t) for k, v in recipe.parameters.items() if k in global_keys}
@@ -148,7 +153,7 @@ def resolve_params(ctx: PlanContext, tensor: str, entries: list[int]) -> tuple[B
     for i in entries:
         values = dict(defaults)
         for k, v in recipe.models[i].parameters.items():
-            r = resolve(v, tensor, t)
+            r = resolve(v, tensor if inputs is None else inputs[i], t)
             if r is not None:
                 values[k] = r
         model_params.append(_validated(cls.ModelParams, values, recipe, tensor, ("models", i, "parameters")))
@@ -157,7 +162,7 @@ def resolve_params(ctx: PlanContext, tensor: str, entries: list[int]) -> tuple[B
     return params, model_params
 
 
-def _out_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
+def out_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     if not source.is_floating_point:
         return source
     return TORCH_DTYPE_BY_NAME[recipe.output_dtype] if recipe.output_dtype else source
@@ -221,20 +226,30 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
             strategy, params, tuple(model_params), TensorContext(n, classify(n), recipe.seed, refs),
             tuple((m, n) for m in models), (ctx.base, n) if with_base else None, vocab_rows.get(n),
         )
-        tasks.append(TensorTask(n, info.shape, _out_dtype(recipe, info.dtype), op))
-    config = dict(ref.config)
+        tasks.append(TensorTask(n, info.shape, out_dtype(recipe, info.dtype), op))
+    config = with_dtype(recipe, ref.config)
+    notes = [f"vocabulary of '{n}': {r} shared rows merged, the rest from the base" for n, r in vocab_rows.items()]
+    return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), [*ctx.models, *([ctx.base] if ctx.base else [])],
+                notes)
+
+
+def with_dtype(recipe: Recipe, config: dict) -> dict:
+    """A copy of `config` naming the recipe's output dtype, if it sets one."""
+    config = dict(config)
     if recipe.output_dtype:  # transformers 5 reads `dtype`, older versions `torch_dtype`
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = recipe.output_dtype
-    notes = [f"vocabulary of '{n}': {r} shared rows merged, the rest from the base" for n, r in vocab_rows.items()]
-    side = ref.path
+    return config
+
+
+def side_files(recipe: Recipe, ref: Checkpoint) -> Path:
+    """The folder whose tokenizer and generation config the output gets."""
     if recipe.tokenizer_mode not in (None, "base", recipe.base_model):
-        side = recipe.resolve_path(recipe.tokenizer_mode)
-    return Plan(recipe, cls.name, tasks, config, side, [*ctx.models, *([ctx.base] if ctx.base else [])], notes)
+        return recipe.resolve_path(recipe.tokenizer_mode)
+    return ref.path
 
 
-def make_plan(recipe: Recipe) -> Plan:
-    """Check the recipe against the registry and the checkpoints' headers and lay out the merge."""
-    cls = registry.get(recipe.merge_method)
+def check_inputs(recipe: Recipe, cls: type[Strategy]) -> None:
+    """The recipe's (or one slice view's) models against what the strategy takes, before any read."""
     n = len(recipe.models)
     if n < cls.min_models:
         raise MergeLabError(
@@ -248,6 +263,17 @@ def make_plan(recipe: Recipe) -> Plan:
         )
     _check_keys(recipe, cls)
     cls.check_recipe(recipe)
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    """Check the recipe against the registry and the checkpoints' headers and lay out the merge."""
+    cls = registry.get(recipe.merge_method)
+    if recipe.slices is not None:
+        if cls.structural:
+            raise MergeLabError(f"{recipe.where('slices')}: '{cls.name}' builds its own architecture from 'models:'; "
+                                "it takes no 'slices:'.")
+        return sliced_plan(recipe, cls)
+    check_inputs(recipe, cls)
     strategy = cls()
     base = Checkpoint(recipe.resolve_path(recipe.base_model)) if recipe.base_model else None
     models = [Checkpoint(recipe.resolve_path(m.model)) for m in recipe.models]
@@ -255,3 +281,64 @@ def make_plan(recipe: Recipe) -> Plan:
     if cls.structural:
         return strategy.build_plan(ctx)
     return tensorwise_plan(ctx)
+
+
+def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
+    """A `slices:` recipe (see merge.slices): each slice checked as its own `models:` recipe, each
+    output tensor a merge of its sources' tensors at the slice's layers, with the slice's parameters.
+    A base model takes part (for strategies that use one) as the source it is in each slice."""
+    assert recipe.slices is not None
+    views = [recipe.slice_view(k) for k in range(len(recipe.slices))]
+    for view in views:
+        check_inputs(view, cls)
+    strategy = cls()
+    opened: dict[Path, Checkpoint] = {}
+
+    def open_model(ref: str) -> Checkpoint:
+        key = recipe.model_identity(ref)
+        if key not in opened:
+            opened[key] = Checkpoint(recipe.resolve_path(ref))
+        return opened[key]
+
+    base = open_model(recipe.base_model) if recipe.base_model else None
+    sources = [[open_model(src.model) for src in s.sources] for s in recipe.slices]
+    ref = base if base is not None else sources[0][0]
+    kinds = [
+        f"{recipe.where('slices', k, 'sources', i)}: {c.path} is a '{c.model_type}' model but {ref.path} is "
+        f"'{ref.model_type}'; merge only fine-tunes of one base architecture."
+        for k, row in enumerate(sources) for i, c in enumerate(row) if c.model_type != ref.model_type
+    ]
+    if kinds:
+        raise MergeLabError("the models do not fit together:\n  " + "\n  ".join(kinds))
+    with_base = base is not None and cls.uses_base
+    ctxs, entries, base_at = [], [], []
+    for k, view in enumerate(views):
+        ctxs.append(PlanContext(view, strategy, base, sources[k], [m.model for m in view.models]))
+        at = [i for i, m in enumerate(view.models) if view.is_base(m.model)]
+        if with_base and not at:
+            raise MergeLabError(
+                f"{recipe.where('slices', k, 'sources')}: '{cls.name}' merges against the base_model, which is not "
+                f"among slice {k}'s sources; add it with the layer_range it should give, as in mergekit."
+            )
+        base_at.append(at[0] if with_base else None)
+        entries.append([i for i in range(len(view.models)) if not (with_base and i in at)])
+    tasks = []
+    for row in layout(recipe, sources):
+        k, ctx, first = row.slice, ctxs[row.slice], sources[row.slice][0]
+        info = first.info(row.inputs[0])
+        if not info.dtype.is_floating_point:
+            tasks.append(TensorTask(row.output, info.shape, info.dtype, CopyOp((first, row.inputs[0]))))
+            continue
+        params, model_params = resolve_params(ctx, row.output, entries[k], row.t, row.inputs)
+        b = base_at[k]
+        op = MergeOp(
+            strategy, params, tuple(model_params),
+            TensorContext(row.output, classify(row.output), recipe.seed, tuple(ctx.model_refs[i] for i in entries[k])),
+            tuple((sources[k][i], row.inputs[i]) for i in entries[k]),
+            (sources[k][b], row.inputs[b]) if b is not None else None,
+        )
+        tasks.append(TensorTask(row.output, info.shape, out_dtype(recipe, info.dtype), op))
+    config = with_dtype(recipe, sliced_config(recipe, sources, ref.config))
+    layers = sum(s.length for s in recipe.slices)
+    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)"]
+    return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), list(opened.values()), notes)

@@ -4,6 +4,12 @@ The schema is a superset of mergekit's for the methods we support (`merge_method
 `models[].model`, `models[].parameters`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`,
 `tokenizer.source`), so a mergekit recipe runs unchanged. Our additions: `seed`, `shard_size`,
 `allow_non_finite`, `models[].label` and `train:` (both for structural strategies such as `h3_moe`).
+
+mergekit's `slices:` is the other way to list the inputs: each output slice names, for every
+source model, the layer range [a, b) it contributes (all sources of a slice equally long), with
+per-source and per-slice `parameters`. `slice_view(k)` presents one slice as a `models:` recipe
+(parameters resolved source, then slice, then recipe-wide, as mergekit does), so strategies and
+parameter checks see one shape of recipe whichever form was written.
 """
 
 from __future__ import annotations
@@ -29,6 +35,42 @@ class ModelEntry(BaseModel):
     label: str | None = Field(None, description="objective this model is an expert for (structural strategies)")
 
 
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="local model folder")
+    layer_range: tuple[int, int] = Field(description="[a, b]: this model's layers a .. b-1")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="this source's own parameters")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] < v[1]:
+            raise ValueError(f"layer_range [a, b] takes layers a .. b-1 and needs 0 <= a < b, not {list(v)}")
+        return v
+
+
+class OutputSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource] = Field(min_length=1, description="the models and layer ranges merged into this slice")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="parameters for this slice's tensors")
+
+    @property
+    def length(self) -> int:
+        a, b = self.sources[0].layer_range
+        return b - a
+
+
+def _conditionals(value: Any) -> list:
+    """A parameter value as a list of {filter, value} conditionals, so scopes can be chained."""
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return list(value)
+    return [{"value": value}]
+
+
 class TokenizerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,7 +82,10 @@ class Recipe(BaseModel):
 
     merge_method: str = Field(description="strategy name; `merge-lab strategies` lists them")
     base_model: str | None = Field(None, description="the common base (needed by delta-based methods)")
-    models: list[ModelEntry] = Field(description="the models to merge")
+    models: list[ModelEntry] = Field(default_factory=list, description="the models to merge")
+    slices: list[OutputSlice] | None = Field(
+        None, description="mergekit's layer slices: output layers from layer ranges of the models (instead of models:)"
+    )
     parameters: dict[str, Any] = Field(default_factory=dict, description="merge-wide parameters and per-model defaults")
     dtype: DType | None = Field(None, description="output dtype (default: the inputs')")
     out_dtype: DType | None = Field(None, description="mergekit's name for the output dtype; wins over dtype")
@@ -110,6 +155,33 @@ class Recipe(BaseModel):
             seen[key] = i
 
     _where: Where = Where("<recipe>")
+    _slice: int | None = None  # set on slice_view(k): messages point into slices.k
+    _slice_keys: frozenset = frozenset()
+
+    def slice_view(self, k: int) -> Recipe:
+        """Output slice k as a `models:` recipe: its sources as the models, its parameters chained
+        before the recipe-wide ones (a slice's conditional that matches nothing falls through to
+        the recipe's, as in mergekit); messages name the slice's keys and lines."""
+        assert self.slices is not None
+        s = self.slices[k]
+        params = dict(self.parameters)
+        for key, value in s.parameters.items():
+            params[key] = _conditionals(value) + _conditionals(params[key]) if key in params else value
+        models = [ModelEntry(model=src.model, parameters=src.parameters) for src in s.sources]
+        view = self.model_copy(update={"models": models, "slices": None, "parameters": params})
+        view._where, view._slice, view._slice_keys = self._where, k, frozenset(s.parameters)
+        return view
+
+    def _path(self, path: tuple) -> tuple:
+        """A key path of a slice view as written in the file."""
+        k = self._slice
+        if k is None or not path:
+            return path
+        if path[0] == "models":
+            return ("slices", k, "sources", *path[1:])
+        if path[0] == "parameters" and (len(path) == 1 or path[1] in self._slice_keys):
+            return ("slices", k, *path)
+        return path
 
     @property
     def source(self) -> str:
@@ -118,7 +190,7 @@ class Recipe(BaseModel):
 
     def where(self, *path: Any) -> str:
         """'recipe.yaml, line 7 (models.1.parameters.weight)' for error messages."""
-        return self._where(*path)
+        return self._where(*self._path(path))
 
     def validate_block(self, model: type[M], path: tuple, what: str, data: Any = None) -> M:
         """A block of this recipe (its `train:`, its parameters) as `model`, errors with recipe lines."""
@@ -126,21 +198,37 @@ class Recipe(BaseModel):
             data = self
             for p in path:
                 data = data[p] if isinstance(data, (dict, list)) else getattr(data, p)
-        return validate(model, data, self._where, what, path)
+        return validate(model, data, self._where, what, self._path(tuple(path)))
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     data, where = load_yaml_text(text, source, "recipe")
     if not isinstance(data, dict):
         raise MergeLabError(f"{source}: a recipe is a YAML mapping of keys to values.")
-    if "slices" in data:
+    if "slices" in data and "models" in data:
         raise MergeLabError(
-            f"{where('slices')}: mergekit 'slices' (layer stacking) is not supported; "
-            "use 'models:' with per-layer parameter gradients instead."
+            f"{where('slices')}: a recipe lists its inputs under 'models:' ({where('models')}) or under "
+            "'slices:', not both. Keep one: 'models:' merges whole models, 'slices:' picks layer ranges."
         )
+    if "slices" not in data and "models" not in data:
+        raise MergeLabError(f"invalid recipe: {source}: missing required key 'models' (or mergekit's 'slices').")
     recipe = validate(Recipe, data, where, "recipe")
     recipe._where = where
-    recipe.check_distinct_models()
+    if recipe.slices is None:
+        recipe.check_distinct_models()
+        return recipe
+    if not recipe.slices:
+        raise MergeLabError(f"{where('slices')}: 'slices:' is empty; give at least one output slice.")
+    for k, s in enumerate(recipe.slices):
+        lengths = [src.layer_range[1] - src.layer_range[0] for src in s.sources]
+        if len(set(lengths)) > 1:
+            ranges = ", ".join(f"{src.model} {list(src.layer_range)}" for src in s.sources)
+            raise MergeLabError(
+                f"{where('slices', k, 'sources')}: the sources of slice {k} span different numbers of layers "
+                f"({ranges}: {lengths}); every source of a slice gives one layer to each of its output layers, "
+                "so give them ranges of equal length."
+            )
+        recipe.slice_view(k).check_distinct_models()
     return recipe
 
 
