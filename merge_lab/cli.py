@@ -99,7 +99,10 @@ def merge(
     from merge_lab.merge.engine import run_plan
     from merge_lab.merge.planner import make_plan
     from merge_lab.merge.recipe import load_recipe
+    from merge_lab.moe.mergekit_config import is_mergekit_moe_file
 
+    if is_mergekit_moe_file(recipe):  # mergekit-moe's YAML: built as `merge-lab moe` builds it
+        return moe_cmd(recipe, out, force=force, progress=progress, device=device)
     plan = make_plan(load_recipe(recipe))
     result = run_plan(
         plan, out, force=force, shard_size=shard_size, device=device, progress=progress,

@@ -209,6 +209,15 @@ def test_recipe_and_detection(models, tmp_path):
         refuse_as_recipe(data, "moe.yml")
 
 
+def test_merge_command_builds_a_mergekit_moe_file_and_validate_points_to_moe(models, tmp_path):
+    path = _write(tmp_path / "moe.yml", _config(models, gate_mode="random"))
+    res = CliRunner().invoke(app, ["merge", str(path), "-o", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 2
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2 and "merge-lab moe" in res.output
+
+
 def test_existing_output_needs_force(models, tmp_path):
     path = _write(tmp_path / "moe.yml", _config(models, gate_mode="random"))
     (tmp_path / "out").mkdir()

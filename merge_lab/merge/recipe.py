@@ -205,6 +205,9 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     data, where = load_yaml_text(text, source, "recipe")
     if not isinstance(data, dict):
         raise MergeLabError(f"{source}: a recipe is a YAML mapping of keys to values.")
+    from merge_lab.moe.mergekit_config import refuse_as_recipe  # (imports torch: only when parsing)
+
+    refuse_as_recipe(data, source)
     if "slices" in data and "models" in data:
         raise MergeLabError(
             f"{where('slices')}: a recipe lists its inputs under 'models:' ({where('models')}) or under "

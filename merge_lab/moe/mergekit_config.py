@@ -158,6 +158,15 @@ def looks_like_mergekit_moe(data: object) -> bool:
     return isinstance(data, dict) and "experts" in data and "merge_method" not in data and "models" not in data
 
 
+def is_mergekit_moe_file(path: str | Path) -> bool:
+    """Whether the YAML file at `path` is a mergekit-moe config (what `merge-lab merge` hands to `moe`)."""
+    try:
+        data, _ = load_yaml_text(Path(path).read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, MergeLabError):
+        return False  # the recipe loader reports what is wrong with the file
+    return looks_like_mergekit_moe(data)
+
+
 def refuse_as_recipe(data: object, source: str) -> None:
     """For recipe loading (`merge`, `validate`): a mergekit-moe config is run by `merge-lab moe`."""
     if looks_like_mergekit_moe(data):
