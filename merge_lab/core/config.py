@@ -187,13 +187,17 @@ def parse_yaml(text: str, source: str, model: type[M], what: str) -> tuple[M, Wh
     return validate(model, data, where, what), where
 
 
-def load_yaml(path: str | Path, model: type[M], what: str) -> tuple[M, Where]:
-    """parse_yaml on a file; a missing or unreadable file is a clear error."""
+def read_text(path: str | Path, what: str) -> str:
+    """A YAML file's text; a missing or unreadable file is a clear error."""
     path = Path(path)
     if not path.is_file():
         raise MergeLabError(f"{path}: {what} not found.")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise MergeLabError(f"{path}: cannot be read as a UTF-8 text file ({type(e).__name__}).") from None
-    return parse_yaml(text, str(path), model, what)
+
+
+def load_yaml(path: str | Path, model: type[M], what: str) -> tuple[M, Where]:
+    """parse_yaml on a file."""
+    return parse_yaml(read_text(path, what), str(path), model, what)

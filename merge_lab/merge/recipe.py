@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from merge_lab.core.config import Where, load_yaml_text, validate
+from merge_lab.core.config import Where, load_yaml_text, read_text, validate
 from merge_lab.errors import MergeLabError
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -236,11 +236,4 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise MergeLabError(f"{path}: recipe file not found.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MergeLabError(f"{path}: cannot be read as a UTF-8 text file ({type(e).__name__}).") from None
-    return parse_recipe(text, source=str(path))
+    return parse_recipe(read_text(path, "recipe file"), source=str(path))
