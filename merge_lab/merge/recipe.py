@@ -155,6 +155,13 @@ class Recipe(BaseModel):
             seen[key] = i
 
     _where: Where = Where("<recipe>")
+
+    @classmethod
+    def located(cls, data: dict, where: Where) -> Recipe:
+        """The recipe in `data`, validated, whose errors name the lines `where` maps its keys to."""
+        recipe = validate(cls, data, where, "recipe")
+        recipe._where = where
+        return recipe
     _slice: int | None = None  # set on slice_view(k): messages point into slices.k
     _slice_keys: frozenset = frozenset()
 
@@ -215,8 +222,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         )
     if "slices" not in data and "models" not in data:
         raise MergeLabError(f"invalid recipe: {source}: missing required key 'models' (or mergekit's 'slices').")
-    recipe = validate(Recipe, data, where, "recipe")
-    recipe._where = where
+    recipe = Recipe.located(data, where)
     if recipe.slices is None:
         recipe.check_distinct_models()
         return recipe

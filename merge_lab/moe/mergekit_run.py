@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from merge_lab.core.config import Where, validate
+from merge_lab.core.config import Where
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.mergekit_config import (
@@ -101,8 +101,7 @@ def moe_recipe(path: str | Path, allow_all_same: bool = False) -> tuple[Recipe, 
     if train is not None:
         data["train"] = train
     rwhere = _recipe_where(where, len(config.experts))
-    recipe = validate(Recipe, data, rwhere, "recipe")
-    recipe._where = rwhere  # the recipe's errors name the config's lines
+    recipe = Recipe.located(data, rwhere)  # the recipe's errors name the config's lines
     recipe.check_distinct_models()
     return recipe, extras
 
