@@ -126,7 +126,7 @@ def toy_compare(tmp_path_factory):
     (root / "like.jsonl").write_text("".join(json.dumps({"prompt": f"Task {i}", "response": "Sure"}) + "\n"
                                              for i in range(6)))
     spec = {
-        "output": str(root / "report"), "settings": {"limit": 6, "max_new_tokens": 6, "bootstrap": 200},
+        "output": str(root / "report"), "settings": {"limit": 6, "max_new_tokens": 10, "bootstrap": 200},
         "suites": ["harmless_refusal", "helpful_likelihood", "harmless_refusal_ood",
                    {"name": "like", "path": "like.jsonl", "kind": "likelihood", "objective": "helpful", "ood": True}],
         "headline": "ens",
@@ -147,7 +147,7 @@ def test_a_compare_with_ood_suites_puts_its_headline_on_them(toy_compare):
     root, res = toy_compare
     hs = res["headline_scores"]
     assert hs["distribution"] == "out-of-distribution"
-    assert set(hs["suites"]) <= {"harmless_refusal_ood", "like"} and hs["suites"]
+    assert hs["suites"] == ["harmless_refusal_ood", "like"] and hs["objectives"] == ["helpful", "harmless"]
     assert hs["in_distribution_shown"] == ["harmless_refusal", "helpful_likelihood"]
     assert set(hs["per_suite"]) <= {"harmless_refusal_ood", "like"}
     assert {c["suite"] for c in res["headline"]["per_suite"]} <= {"harmless_refusal_ood", "like"}
