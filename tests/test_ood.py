@@ -77,6 +77,14 @@ def test_training_on_a_held_out_source_is_refused_and_no_demo_recipe_reads_one(t
         recipe.write_text(f"base_model: x\ndata:\n  - source: {name}\n    split: train\n")
         with pytest.raises(MergeLabError, match=f"'{name}' is evaluation-only"):
             load_align_recipe(recipe).rows()
+    from merge_lab.moe.data import load_rows
+    from merge_lab.training.blocks import DataSpec, training_rows
+
+    with pytest.raises(MergeLabError, match=r"train.data.0: source 'ordinary_questions' is evaluation-only"):
+        load_rows([{"expert": "helpful", "source": "ordinary_questions", "split": "train"}], ["helpful"])
+    for name in OOD_SUITES:
+        with pytest.raises(MergeLabError, match=f"suite '{name}' is out of distribution"):
+            training_rows([DataSpec.model_validate({"suite": name, "response_template": "{refusal}"})])
     read = []
     for f in sorted((ROOT / "merge_lab" / "demo" / "recipes").glob("0*.yaml")):
         doc = yaml.safe_load(f.read_text())
