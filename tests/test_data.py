@@ -98,8 +98,13 @@ def test_thorough_suites_reach_the_sizes_that_separate_a_005_gap():
     from merge_lab.evaluation.suites import make_suite
 
     chosen = PROFILES["thorough"]["compare"]["suites"]
-    sizes = {n: len(make_suite(n, limit=PROFILES["thorough"]["compare"]["settings"]["limit"]).items()) for n in chosen}
+    limit = PROFILES["thorough"]["compare"]["settings"]["limit"]
+    sizes = {(n if isinstance(n, str) else n["name"]): len(make_suite(n, limit=limit).items()) for n in chosen}
     assert sizes["harmless_refusal"] == 260
     assert sizes["harmless_overrefusal_broad"] >= 240
     assert sizes["honest_factual"] >= 240
     assert len(make_suite("honest_truefalse").items()) < 40
+    # the out-of-distribution suites: 120 prompts a side, and every held-out true/false pair
+    assert sizes["harmless_refusal_ood"] == sizes["harmless_overrefusal_ordinary"] == 120
+    assert sizes["helpful_likelihood_ood"] == 160
+    assert sizes["honest_factual_ood"] >= 200

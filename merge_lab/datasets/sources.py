@@ -29,6 +29,8 @@ Sources (`load_source(name)`), with what `prompt` / `response` / `label` / `meta
   sentence: <news sentence>", response = faithful summary, meta["false"] = one that changes a fact.
 - commonsenseqa, openbookqa, piqa, siqa, mmlu, boolq: multiple choice; response = correct option,
   label = its index, meta["choices"] = all options.
+- ordinary_questions, health_questions, math_problems, harmful_rephrased (evaluation only, held out
+  whole for the out-of-distribution suites): see merge_lab.datasets.heldout.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from merge_lab.core.bases import wheel_file
+from merge_lab.datasets.heldout import HELD_OUT
 from merge_lab.errors import MergeLabError
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
-# Sources no expert trains on: split 0/20/80, so the thorough suites get large test sets.
-EVALUATION_ONLY = frozenset({"factual_pairs", "summary_pairs"})
+# Sources no expert trains on: split 0/20/80, so the thorough suites get large test sets. The
+# HELD_OUT ones come from files no trainable source reads: the out-of-distribution suites' data.
+EVALUATION_ONLY = frozenset({"factual_pairs", "summary_pairs", *HELD_OUT})
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,7 @@ SOURCES: dict[str, Callable[[], list[dict]]] = {
     "siqa": _multiple_choice("SIQA/test.jsonl"),
     "mmlu": _multiple_choice("MMLU/test.jsonl"),
     "boolq": _boolq,
+    **HELD_OUT,
 }
 
 

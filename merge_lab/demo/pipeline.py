@@ -74,10 +74,15 @@ PROFILES: dict[str, dict[str, dict]] = {
         "align": {"train": {"steps": None, "epochs": 2, "max_tokens": 192}, "lora": {"layers": None}},
         "fuse": {"train": {"steps": 55, "eval_rows": 96}},  # two passes over its 221 labelled rows, batch 8
         "compare": {"settings": {"limit": 260, "max_new_tokens": 48}, "selection": {"limit": 64},
-                    # the broad suites: ~240 benign prompts, ~250 true/false pairs (the shipped test splits)
+                    # the broad suites: ~240 benign prompts, ~250 true/false pairs (the shipped test splits);
+                    # then every objective out of distribution (the headline's suites): 120 prompts a side
+                    # for refusals (two decoding passes), 160 reference answers, every held-out true/false pair
                     "suites": ["harmless_refusal", "harmless_overrefusal_broad", "helpful_likelihood", "helpful_winrate",
                                "honest_factual", "honest_truthfulqa", "honest_deceptive",
-                               "capability_commonsenseqa"]},
+                               "capability_commonsenseqa",
+                               {"name": "harmless_refusal_ood", "limit": 120},
+                               {"name": "harmless_overrefusal_ordinary", "limit": 120},
+                               {"name": "helpful_likelihood_ood", "limit": 160}, "honest_factual_ood"]},
     },
 }
 

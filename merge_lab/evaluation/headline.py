@@ -45,6 +45,18 @@ DEFINITIONS = {
 }
 
 
+OOD_DEFINITION = (" Only the out-of-distribution suites ({ood}: items from sources no candidate trains on) enter "
+                  "the headline score and verdict; the in-distribution suites are reported beside them.")
+
+
+def held_out_suites(results: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(out-of-distribution, in-distribution) suite names of a results dict: when the first is not
+    empty, the headline is computed on it alone, since in-distribution suites test the sources the
+    candidates were trained on and so reward fitting them."""
+    ood = [s for s, info in results["suites"].items() if info.get("ood")]
+    return ood, [s for s in results["suites"] if s not in ood]
+
+
 def rivals(spec: CompareSpec, refs: References) -> dict[str, list[str]]:
     """What the headline candidate is compared with: label -> the names the best is picked from."""
     out: dict[str, list[str]] = {}
@@ -72,17 +84,22 @@ def fill_verdict(results: dict[str, Any], refs: References, headline: str | None
     suites = suites_from_results(results)
     flagged = non_separating_suites(suites)
     results["non_separating"] = flagged
-    usable = [s for s in suites if s.name not in flagged]
+    ood, in_dist = held_out_suites(results)
+    usable = [s for s in suites if s.name not in flagged and (not ood or s.name in ood)]
     chosen = _objectives(usable) if usable else []
     left_out = {k: f"{v}; left out of the headline" for k, v in flagged.items()}
     block: dict[str, Any] = {"scale": refs.scale, "base": refs.base, "sources": list(refs.sources),
-                             "objectives": chosen, "definition": DEFINITIONS[refs.scale].format(
+                             "objectives": chosen, "suites": [s.name for s in usable],
+                             "distribution": "out-of-distribution" if ood else "all",
+                             "in_distribution_shown": in_dist if ood else [],
+                             "definition": DEFINITIONS[refs.scale].format(
                                  base=refs.base, sources=", ".join(refs.sources) or "none",
-                                 objectives=", ".join(chosen) or "none", alpha=refs.alpha)}
+                                 objectives=", ".join(chosen) or "none", alpha=refs.alpha)
+                             + (OOD_DEFINITION.format(ood=", ".join(ood)) if ood else "")}
     results["headline_scores"] = block
     try:
         if not usable:
-            raise MergeLabError("every suite was left out (" + "; ".join(f"{k}: {v}" for k, v in flagged.items()) + ")")
+            raise MergeLabError(f"every {'out-of-distribution ' if ood else ''}suite was left out (" + "; ".join(f"{k}: {v}" for k, v in flagged.items()) + ")")
         every = headline_scores(usable, refs.base, refs.sources, refs.scale)
         overall = headline_scores(usable, refs.base, refs.sources, refs.scale, objectives=chosen)
     except MergeLabError as e:

@@ -57,15 +57,34 @@ def verdict(results: dict) -> Verdict:
 
 
 def _left_out(hs: dict) -> list[str]:
-    return [f"Left out of the headline: {s}: {why}." for s, why in hs.get("excluded", {}).items()]
+    return _distribution(hs) + [f"Left out of the headline: {s}: {why}." for s, why in hs.get("excluded", {}).items()]
+
+
+def _distribution(hs: dict) -> list[str]:
+    """Which suites the headline is computed on, when the comparison has out-of-distribution ones."""
+    if hs.get("distribution") != "out-of-distribution":
+        return []
+    shown = hs.get("in_distribution_shown") or []
+    return [f"The headline uses the out-of-distribution suites only ({', '.join(hs.get('suites', [])) or 'none'}: "
+            "items from sources no candidate trains on)"
+            + (f"; the in-distribution ones ({', '.join(shown)}) test held-out items of the training sources "
+               "and are reported beside them." if shown else ".")]
+
+
+def distribution_label(results: dict, suite: str) -> str:
+    """"out of distribution" or "in distribution": the label the per-suite tables and sentences carry."""
+    return "out of distribution" if results.get("suites", {}).get(suite, {}).get("ood") else "in distribution"
 
 
 def suite_sentences(results: dict) -> list[str]:
-    """Per suite: the best candidate against the runner-up, Holm-corrected over the suites."""
+    """Per suite: the best candidate against the runner-up, Holm-corrected over the suites; each
+    suite labelled in or out of distribution when the comparison has out-of-distribution ones."""
     lines = []
-    for s, b in results["best"].items():
-        if s in results.get("non_separating", {}):
-            lines.append(f"{s}: {results['non_separating'][s]}.")
+    ood = any(i.get("ood") for i in results.get("suites", {}).values())
+    for name, b in results["best"].items():
+        s = f"{name} ({distribution_label(results, name)})" if ood else name
+        if name in results.get("non_separating", {}):
+            lines.append(f"{s}: {results['non_separating'][name]}.")
         elif "runner_up" not in b:
             lines.append(f"{s}: only {b['candidate']} was evaluated.")
         elif b["diff"] == 0 and list(b["ci"]) == [0, 0]:

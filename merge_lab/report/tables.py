@@ -33,7 +33,8 @@ def quality(results: dict) -> Table:
         arrow = "↑" if info["higher_is_better"] else "↓"
         best = results["best"][s]["candidate"]
         cells = [("**" + _ci(results["results"][s][n]) + "**") if n == best else _ci(results["results"][s][n]) for n in names]
-        rows.append([s, f"{info['metric']} {arrow}", str(info["n"]), *cells, _ci(results["oracle"][s])])
+        label = f"{s} (OOD)" if info.get("ood") else s  # out of distribution: the headline's suites
+        rows.append([label, f"{info['metric']} {arrow}", str(info["n"]), *cells, _ci(results["oracle"][s])])
     return header, rows
 
 
@@ -106,8 +107,9 @@ def objectives(results: dict) -> Table:
 
 
 def suites(results: dict) -> Table:
-    header = ["suite", "objective", "split", "n", "description"]
-    rows = [[s, i["objective"], i["split"], str(i["n"]), i["description"]] for s, i in results["suites"].items()]
+    header = ["suite", "objective", "distribution", "split", "n", "description"]
+    rows = [[s, i["objective"], "out (held-out sources)" if i.get("ood") else "in (held-out items)", i["split"],
+             str(i["n"]), i["description"]] for s, i in results["suites"].items()]
     return header, rows
 
 

@@ -120,6 +120,9 @@ def suite_train_items(name: str, response_template: str | None, where: str) -> l
     from merge_lab.evaluation import suites
 
     cls = suites.SUITES.get(name, where)
+    if cls.ood:
+        raise MergeLabError(f"{where}: suite '{name}' is out of distribution: its sources ({', '.join(cls.sources)}) "
+                            "are evaluation-only, held out whole; train on an in-distribution suite or source.")
     reference = issubclass(cls, (suites.LikelihoodSuite, suites.TrueFalseSuite, suites.MultipleChoiceSuite))
     if not reference and response_template is None:
         raise MergeLabError(

@@ -61,6 +61,8 @@ class Suite:
     description: ClassVar[str] = ""
     sources: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[frozenset[str]] = frozenset()  # "judge", "reference"
+    # out of distribution: every item from a source no candidate trains on (the headline uses these)
+    ood: ClassVar[bool] = False
     version: ClassVar[str] = "1"
 
     def __init__(self, split: str = "test", limit: int | None = None, seed: int = 0):
@@ -114,4 +116,4 @@ class Suite:
     @classmethod
     def info(cls) -> dict:
         return {"objective": cls.objective, "metric": cls.metric, "higher_is_better": cls.higher_is_better,
-                "description": cls.description, "sources": list(cls.sources)}
+                "description": cls.description, "sources": list(cls.sources), "ood": cls.ood}
