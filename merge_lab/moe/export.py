@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ def hub_tensors(state: dict[str, torch.Tensor], names: list[str], config: dict):
 
 
 def export_moe(model: torch.nn.Module, assembled: str | Path, out: str | Path, *, force: bool = False,
-               shard_size: str | int = "2GB", card_extra: str = "", inputs: list[Path] = ()) -> Path:
+               shard_size: str | int = "2GB", card_extra: str = "", inputs: Iterable[Path] = ()) -> Path:
     """Write `model` at `out` in `assembled`'s layout; `out` may not touch any of `inputs` (the
     recipe's base and experts)."""
     assembled = Path(assembled)
