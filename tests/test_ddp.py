@@ -13,22 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from merge_lab.core.distributed import batch_indices, global_batch, launched, per_process_batch
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.engine import merge
 from merge_lab.moe import losses
 from merge_lab.moe.data import collate
 from merge_lab.moe.pipeline import fuse, work_dir
 from merge_lab.moe.routing import capture_router_logits
-from merge_lab.moe.train import (
-    TrainConfig,
-    batch_indices,
-    global_batch,
-    launched,
-    per_process_batch,
-    setup,
-    shard_counts,
-    shard_losses,
-)
+from merge_lab.moe.train import TrainConfig, setup, shard_counts, shard_losses
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
 from merge_lab.testing.moe import ffn_expert, labelled_jsonl
 

@@ -1,4 +1,4 @@
-"""The shared toolbox: checkpoints and adapters in, shards out, configs, registries, progress."""
+"""The shared toolbox: checkpoints and adapters in, shards out, configs, registries, progress, processes."""
 
 from merge_lab import lazy_exports
 

@@ -42,8 +42,9 @@ def work_dir(out: Path) -> Path:
 
 def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, force: bool = False,
          progress: bool = True, stop_after: int | None = None, console=None) -> FuseResult:
+    from merge_lab.core.distributed import launched, per_process_batch
     from merge_lab.moe.export import export_moe
-    from merge_lab.moe.train import launched, per_process_batch, train, train_config, train_rows
+    from merge_lab.moe.train import train, train_config, train_rows
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
