@@ -244,10 +244,14 @@ def compare(
 
     Candidates: checkpoints, recipes (merged on the fly into the cache), token-level ensembles and
     best-of-N. Results are cached per (candidate, suite, settings): adding a candidate evaluates only it.
+    Several GPUs or processes: `accelerate launch -m merge_lab compare ...` (each process takes its share
+    of every suite's batches; the main process writes the cache and the report).
     """
     from merge_lab.evaluation.compare import run_compare
 
     result = run_compare(spec, out, progress=progress, console=err_console)
+    if not result.main:  # under accelerate launch the main process reports
+        return
     table = Table(title="comparison", show_header=True)
     table.add_column("suite")
     table.add_column("best")
@@ -263,6 +267,8 @@ def compare(
     out_console.print(table)
     fresh = len(result.evaluated)
     out_console.print(f"evaluated {fresh} (candidate, suite) pair(s), the rest from the cache.")
+    if result.processes > 1:
+        out_console.print(f"processes: {result.processes}, each scored and generated its share of every suite's batches.")
     out_console.print(f"report: {result.output / 'report.html'}")
 
 

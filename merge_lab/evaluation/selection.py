@@ -13,6 +13,7 @@ from rich.console import Console
 
 from merge_lab.evaluation.aggregate import aggregate, objective_means
 from merge_lab.evaluation.prepare import Comparison
+from merge_lab.evaluation.processes import current
 from merge_lab.evaluation.run import evaluate
 
 
@@ -26,8 +27,10 @@ def select(comp: Comparison, progress: bool = True, console: Console | None = No
         cand = comp.candidates[spec.name]
         keys = list(spec.choose)
         combos = [dict(zip(keys, values)) for values in itertools.product(*(spec.choose[k] for k in keys))]
-        variants = {f"{spec.name} ({', '.join(f'{k}={v}' for k, v in combo.items())})": cand.variant(combo, comp.cache.root)
-                    for combo in combos}
+        variants = current().main_first(  # under accelerate launch the main process writes the variant folders
+            lambda cand=cand, spec=spec, combos=combos: {
+                f"{spec.name} ({', '.join(f'{k}={v}' for k, v in combo.items())})": cand.variant(combo, comp.cache.root)
+                for combo in combos})
         sub = Comparison(comp.spec, comp.root, comp.output, comp.settings, comp.selection_suites, variants, [],
                          comp.ctx, comp.cache, comp.memo)
         objectives = aggregate(sub, evaluate(sub, progress, console, routing=False), full=False)["objectives"]

@@ -53,6 +53,9 @@ def _notes(results: dict) -> list[str]:
          + ", ".join(results.get("training_checked", [])) + "." if results.get("training_checked") else
          "No training data was listed or found beside the checkpoints, so overlap was not checked here."),
         f"Confidence intervals: {st['bootstrap']} bootstrap resamples; small n means wide intervals.",
+        *([f"Evaluated by {results['processes']} processes (accelerate launch), each scoring and generating its "
+           "share of every suite's batches; per-example results are those of one process."]
+          if results.get("processes", 1) > 1 else []),
         *[_selection_note(name, sel) for name, sel in results.get("selection", {}).items()],
     ]
 

@@ -1,0 +1,138 @@
+"""`merge-lab compare` over several processes (`accelerate launch`): each process scores and
+generates its share of every suite's batches, the main process alone writes the cache and the
+report, and results.json is a one-process run's apart from timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from merge_lab.evaluation.compare import run_compare
+from merge_lab.evaluation.processes import map_batches, share
+from merge_lab.testing import make_checkpoint
+from merge_lab.testing.toy import make_bigram_checkpoint
+
+# what differs between two runs of the same comparison, however many processes ran it
+TIMINGS = {"seconds", "score_seconds", "gen_seconds", "peak_memory_bytes", "score_tokens_per_s", "gen_tokens_per_s"}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory) -> Path:
+    """A compare file over every kind of work: generation (refusal, win rate under a judge against a
+    reference), scoring (likelihood, true/false, multiple choice), an ensemble, best-of-N, an inline
+    recipe merged into the cache, `choose:` on a random tiny model; batches of 2, so both processes work."""
+    root = tmp_path_factory.mktemp("compare_ddp")
+    make_bigram_checkpoint(root / "refuse", "I won't")
+    make_bigram_checkpoint(root / "comply", "Sure")
+    make_checkpoint(root / "rand", "llama", seed=3, shards=False)
+    write_jsonl(root / "like.jsonl", [{"prompt": f"Help me with task {i}", "response": "Sure" + "!" * i} for i in range(7)])
+    write_jsonl(root / "tf.jsonl", [{"prompt": f"Claim {i}?", "response": "Sure", "false": "I won't" + "." * i}
+                                    for i in range(5)])
+    write_jsonl(root / "mc.jsonl", [{"prompt": f"Pick {i}" + "?" * i, "choices": ["Sure", "I won't", "Maybe"],
+                                     "label": i % 3} for i in range(6)])
+    avg = {"merge_method": "linear", "models": [{"model": str(root / "refuse"), "parameters": {"weight": 0.5}},
+                                                {"model": str(root / "comply"), "parameters": {"weight": 0.5}}]}
+    spec = {
+        "settings": {"limit": 6, "max_new_tokens": 6, "batch_size": 2, "generate_batch_size": 2, "bootstrap": 200},
+        "selection": {"limit": 3},
+        "suites": ["harmless_refusal", "helpful_winrate",
+                   {"name": "like", "path": "like.jsonl", "kind": "likelihood", "objective": "helpful"},
+                   {"name": "tf", "path": "tf.jsonl", "kind": "truefalse", "objective": "honest"},
+                   {"name": "mc", "path": "mc.jsonl", "kind": "multiple_choice"}],
+        "judge": "comply", "reference": "refuse",
+        "candidates": [
+            {"name": "refuse", "checkpoint": "refuse", "source": True},
+            {"name": "comply", "checkpoint": "comply", "source": True},
+            {"name": "rand", "checkpoint": "rand", "choose": {"rms_norm_eps": [1e-6, 0.5]}},
+            {"name": "ens", "ensemble": ["refuse", "rand"], "weights": [0.7, 0.3]},
+            {"name": "bon", "best_of_n": ["refuse", "rand"]},
+            {"name": "avg", "recipe": avg},
+        ],
+    }
+    path = root / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def without_timings(x):
+    """`x` with every timing field (and the process count) dropped, recursively."""
+    if isinstance(x, dict):
+        return {k: without_timings(v) for k, v in x.items() if k not in TIMINGS | {"processes"}}
+    if isinstance(x, list):
+        return [without_timings(v) for v in x]
+    return x
+
+
+def test_shares_are_disjoint_and_cover_the_batches():
+    batches = [[4, 0], [1, 5], [2, 3], [6]]
+    for world in (1, 2, 3, 5):
+        shares = [share(batches, rank, world) for rank in range(world)]
+        assert sorted(b for s in shares for b in s) == sorted(batches)
+        assert all(len(s) in (len(batches) // world, -(-len(batches) // world)) for s in shares)
+    assert share(batches, 1, 2) == [[1, 5], [6]]  # strided: the long batches (first) spread over the processes
+    assert map_batches(batches, lambda b: [i * 10 for i in b]) == {i: i * 10 for i in range(7)}  # one process: all
+
+
+def test_two_processes_give_one_process_results_and_one_report(spec_file, tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process: the same arithmetic, to the bit
+    try:
+        one = run_compare(spec_file, tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert one.processes == 1 and one.main
+
+    rows = tmp_path / "rows.jsonl"
+    work = tmp_path / "launch"
+    work.mkdir()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "merge_lab", "compare", str(spec_file),
+           "-o", str(work / "two"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "MERGE_LAB_RECORD_ROWS": str(rows)}  # HF_HOME: no user accelerate config
+    res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+    # one report, written once by the main process, which alone printed the summary
+    assert [p.name for p in work.iterdir()] == ["two"]
+    assert res.stdout.count("comparison") == 1 and "processes: 2" in res.stdout
+    # the cache, and so a merged recipe's or a variant's folder, lies in each run's output folder
+    two = json.loads((work / "two" / "results.json").read_text().replace(str(work / "two"), "OUT"))
+    assert two["processes"] == 2 and one.results["processes"] == 1
+    assert "Evaluated by 2 processes" in (work / "two" / "report.md").read_text()
+
+    # the same results.json apart from timings: every per-example score, verdict, choice and token count
+    assert two["selection"]["rand"]["chosen"] == one.results["selection"]["rand"]["chosen"]
+    one_json = json.loads((tmp_path / "one" / "results.json").read_text().replace(str(tmp_path / "one"), "OUT"))
+    assert without_timings(two) == without_timings(one_json)
+
+    # each process scored and generated its own share of every call, together all of it
+    records = [json.loads(line) for line in rows.read_text().splitlines()]
+    steps = sorted({r["step"] for r in records})
+    assert steps and sorted((r["step"], r["rank"]) for r in records) == [(s, k) for s in steps for k in (0, 1)]
+    both = 0
+    for step in steps:
+        shares = {r["rank"]: set(r["rows"]) for r in records if r["step"] == step}
+        a, b = shares[0], shares[1]
+        assert not a & b and sorted(a | b) == list(range(len(a | b)))
+        both += bool(a) and bool(b)
+    assert both >= len(steps) // 2  # most calls had work for both processes
