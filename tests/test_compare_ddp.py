@@ -31,32 +31,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def spec_file(tmp_path_factory) -> Path:
     """A compare file over every kind of work: generation (refusal, win rate under a judge against a
-    reference), scoring (likelihood, true/false, multiple choice), an ensemble, best-of-N, an inline
-    recipe merged into the cache, `choose:` on a random tiny model; batches of 2, so both processes work."""
+    reference), scoring (likelihood, multiple choice), best-of-N (its judge is called inside its
+    batches), an inline recipe merged into the cache, `choose:` on a random tiny model; batches of 2,
+    so both processes work."""
     root = tmp_path_factory.mktemp("compare_ddp")
     make_bigram_checkpoint(root / "refuse", "I won't")
     make_bigram_checkpoint(root / "comply", "Sure")
     make_checkpoint(root / "rand", "llama", seed=3, shards=False)
     write_jsonl(root / "like.jsonl", [{"prompt": f"Help me with task {i}", "response": "Sure" + "!" * i} for i in range(7)])
-    write_jsonl(root / "tf.jsonl", [{"prompt": f"Claim {i}?", "response": "Sure", "false": "I won't" + "." * i}
-                                    for i in range(5)])
     write_jsonl(root / "mc.jsonl", [{"prompt": f"Pick {i}" + "?" * i, "choices": ["Sure", "I won't", "Maybe"],
                                      "label": i % 3} for i in range(6)])
     avg = {"merge_method": "linear", "models": [{"model": str(root / "refuse"), "parameters": {"weight": 0.5}},
                                                 {"model": str(root / "comply"), "parameters": {"weight": 0.5}}]}
     spec = {
-        "settings": {"limit": 6, "max_new_tokens": 6, "batch_size": 2, "generate_batch_size": 2, "bootstrap": 200},
+        "settings": {"limit": 5, "max_new_tokens": 6, "batch_size": 2, "generate_batch_size": 2, "bootstrap": 200},
         "selection": {"limit": 3},
         "suites": ["harmless_refusal", "helpful_winrate",
                    {"name": "like", "path": "like.jsonl", "kind": "likelihood", "objective": "helpful"},
-                   {"name": "tf", "path": "tf.jsonl", "kind": "truefalse", "objective": "honest"},
                    {"name": "mc", "path": "mc.jsonl", "kind": "multiple_choice"}],
         "judge": "comply", "reference": "refuse",
         "candidates": [
             {"name": "refuse", "checkpoint": "refuse", "source": True},
             {"name": "comply", "checkpoint": "comply", "source": True},
             {"name": "rand", "checkpoint": "rand", "choose": {"rms_norm_eps": [1e-6, 0.5]}},
-            {"name": "ens", "ensemble": ["refuse", "rand"], "weights": [0.7, 0.3]},
             {"name": "bon", "best_of_n": ["refuse", "rand"]},
             {"name": "avg", "recipe": avg},
         ],
