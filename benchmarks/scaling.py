@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from benchmarks.fusion import data_blocks
 from benchmarks.fusion_inputs import LABELS, build
 from benchmarks.run import load_line, machine, spread
 from benchmarks.runners import ROOT
+from merge_lab.testing.launch import accelerate_command, cpu_env
 
 LAYOUTS = {"1x2": (1, 2), "2x1": (2, 1)}  # name: (processes, threads per process)
 TITLES = {"1x2": "1 process × 2 threads", "2x1": "2 processes × 1 thread"}
@@ -68,23 +68,11 @@ def synthetic_base(folder: Path, hidden: int, layers: int) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: list[str], layout: str, work: Path, log: Path) -> float:
     """Run `python ARGS` in `layout` (see LAYOUTS); its wall seconds. A failure raises with its log."""
     processes, threads = LAYOUTS[layout]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(work / "hf"),  # no user accelerate config
-               PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, *args]
-    if processes > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), *args]
+    env = cpu_env(work, threads, PYTHONPATH=str(ROOT))
+    cmd = accelerate_command(processes, *args) if processes > 1 else [sys.executable, *args]
     start = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=work)

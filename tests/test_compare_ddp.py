@@ -5,10 +5,7 @@ report, and results.json is a one-process run's apart from timings."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,9 @@ import torch
 import yaml
 
 from merge_lab.evaluation.compare import run_compare
-from merge_lab.evaluation.processes import map_batches, share
+from merge_lab.evaluation.processes import Processes, map_batches, share, sharing
 from merge_lab.testing import make_checkpoint
+from merge_lab.testing.launch import accelerate_command, cpu_env
 from merge_lab.testing.toy import make_bigram_checkpoint
 
 # what differs between two runs of the same comparison, however many processes ran it
@@ -63,12 +61,6 @@ def spec_file(tmp_path_factory) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def without_timings(x):
     """`x` with every timing field (and the process count) dropped, recursively."""
     if isinstance(x, dict):
@@ -88,6 +80,39 @@ def test_shares_are_disjoint_and_cover_the_batches():
     assert map_batches(batches, lambda b: [i * 10 for i in b]) == {i: i * 10 for i in range(7)}  # one process: all
 
 
+class SecondOfTwo(Processes):
+    """Process 1 of 2, in this process: what process 0 would send is computed here too."""
+
+    def __init__(self, batches, compute):
+        super().__init__(rank=1, world=2)
+        self.batches, self.compute = batches, compute
+
+    def all_gather(self, obj):
+        first = {i: r for b in share(self.batches, 0, 2) for i, r in zip(b, self.compute(b))}
+        return [first, obj]
+
+
+def test_a_process_computes_its_share_and_a_nested_call_whole():
+    batches, outer_batches, inner = [[0, 1], [2, 3], [4]], [], []
+
+    def judge(b):
+        inner.append(b)
+        return list(b)
+
+    def compute(b):
+        outer_batches.append(b)
+        nested = map_batches([[10, 11], [12]], judge)  # e.g. best-of-N's judge inside its batch: not split
+        assert nested == {10: 10, 11: 11, 12: 12}
+        return [i * 10 for i in b]
+
+    procs = SecondOfTwo(batches, lambda b: [i * 10 for i in b])
+    with sharing(procs):
+        merged = map_batches(batches, compute)
+    assert outer_batches == [[2, 3]] and inner == [[10, 11], [12]]  # its share only; the nested call whole
+    assert merged == {i: i * 10 for i in range(5)} and procs.calls == 1
+    assert map_batches(batches, lambda b: b) == {i: i for i in range(5)}  # outside `sharing`: one process
+
+
 def test_two_processes_give_one_process_results_and_one_report(spec_file, tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched process: the same arithmetic, to the bit
@@ -100,12 +125,8 @@ def test_two_processes_give_one_process_results_and_one_report(spec_file, tmp_pa
     rows = tmp_path / "rows.jsonl"
     work = tmp_path / "launch"
     work.mkdir()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "merge_lab", "compare", str(spec_file),
-           "-o", str(work / "two"), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf"), "MERGE_LAB_RECORD_ROWS": str(rows)}  # HF_HOME: no user accelerate config
+    cmd = accelerate_command(2, "-m", "merge_lab", "compare", str(spec_file), "-o", str(work / "two"), "--no-progress")
+    env = cpu_env(tmp_path, threads=1, MERGE_LAB_RECORD_ROWS=str(rows))
     res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
