@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.compare import run_compare
 from merge_lab.evaluation.processes import Processes, map_batches, share, sharing
 from merge_lab.testing import make_checkpoint
@@ -154,3 +155,13 @@ def test_two_processes_give_one_process_results_and_one_report(spec_file, tmp_pa
         assert not a & b and sorted(a | b) == list(range(len(a | b)))
         both += bool(a) and bool(b)
     assert both >= len(steps) // 2  # most calls had work for both processes
+
+
+def test_a_cpu_launch_that_started_one_process_is_refused_before_work(spec_file, tmp_path, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` starts one process: refused, not run alone."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(MergeLabError, match=r"started a single process.*--multi_gpu --num_processes N"):
+        run_compare(spec_file, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

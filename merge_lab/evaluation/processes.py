@@ -14,6 +14,7 @@ computed whole where it is made: the processes are not in step there.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -37,9 +38,13 @@ class Processes:
 
     @classmethod
     def launched(cls, cpu: bool) -> Processes:
-        """The processes `accelerate launch` (or torchrun) started, joined in one group."""
+        """The processes `accelerate launch` (or torchrun) started, joined in one group. Without a
+        launcher, one process, and accelerate's process state is left unmade (it is one per Python
+        process: a `fuse` later in this process makes its own, for its own device)."""
         from merge_lab.core.distributed import launched
 
+        if not any(k in os.environ for k in ("WORLD_SIZE", "MASTER_ADDR", "ACCELERATE_USE_CPU")):
+            return cls()
         state = launched(cpu)
         return cls(state.process_index, state.num_processes)
 
