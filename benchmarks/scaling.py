@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     experts, moe = build(base, work)
     spec = compare_file(work, moe, experts[0], args)
     keys = ("hidden", "layers", "train_steps", "train_batch", "max_length", "limit", "batch_size", "max_new_tokens")
-    results = {"machine": machine(), "command": "python -m benchmarks.scaling " + " ".join(argv),
+    results = {"machine": machine(), "command": " ".join(["python -m benchmarks.scaling", *argv]),
                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "settings": {k: getattr(args, k) for k in keys}, "labels": list(LABELS),
                "train": {name: [] for name in LAYOUTS}, "compare": {name: [] for name in LAYOUTS}, "differences": []}
