@@ -160,7 +160,7 @@ def test_union_output_loads_and_keeps_each_models_rows(vocab_models, tmp_path):
 def test_tied_embeddings_follow_the_vocabulary(tmp_path):
     base = model_with(tmp_path / "base", 0, WORDS[:10], tie=True)
     other = model_with(tmp_path / "other", 1, WORDS[2:12], base=base, tie=True)
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [str(other)],
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(other), "parameters": {"weight": 0.8}}],
               "tokenizer_source": "union"}
     run_mergekit(recipe, tmp_path / "mergekit")
     run_ours(recipe, tmp_path)
@@ -172,8 +172,9 @@ def test_tied_embeddings_follow_the_vocabulary(tmp_path):
 def test_chat_template_named_or_literal(vocab_models, tmp_path, template):
     from transformers import AutoTokenizer
 
-    base, a, b = vocab_models
-    run_ours({"merge_method": "linear", "models": [str(a), str(base)], "chat_template": template}, tmp_path)
+    base = vocab_models[0]
+    same = model_with(tmp_path / "same", 3, WORDS[:24], base=base)  # same vocabulary: only the template changes
+    run_ours({"merge_method": "linear", "models": [str(same), str(base)], "chat_template": template}, tmp_path)
     text = AutoTokenizer.from_pretrained(str(tmp_path / "ours")).apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False)
     assert text == ("<|im_start|>user\nhi<|im_end|>\n" if template == "chatml" else "hi|")
@@ -203,7 +204,7 @@ def test_errors_name_the_recipe_line(vocab_models, tmp_path):
     assert "not both" in msg
     msg = errors(vocab_models, tmp_path, {"tokenizer": {"pad_to_multiple_of": 0}})
     assert "pad_to_multiple_of" in msg
-    msg = errors(vocab_models, tmp_path, {"chat_template": "no-such-template"})
+    msg = errors(vocab_models, tmp_path, {"tokenizer_source": "base", "chat_template": "no-such-template"})
     assert "chat_template" in msg and "chatml" in msg
 
 
