@@ -145,6 +145,7 @@ def test_union_output_loads_and_keeps_each_models_rows(vocab_models, tmp_path):
     out = tmp_path / "ours"
     vocab = vocab_of(out)
     assert {*vocab_of(a), *vocab_of(b)} <= set(vocab)
+    assert (out / "generation_config.json").read_bytes() == (a / "generation_config.json").read_bytes()
     emb = load_tensors(out)["model.embed_tokens.weight"]
     a_emb = load_tensors(a)["model.embed_tokens.weight"]
     torch.testing.assert_close(emb[vocab["x2"]], a_emb[vocab_of(a)["x2"]])  # only a has it: its row

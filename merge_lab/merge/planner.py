@@ -270,8 +270,8 @@ def with_dtype(recipe: Recipe, config: dict) -> dict:
 
 
 def side_files(recipe: Recipe, ref: Checkpoint) -> Path:
-    """The folder whose tokenizer and generation config the output gets."""
-    if recipe.tokenizer_mode not in (None, "base", recipe.base_model):
+    """The folder whose tokenizer and generation config the output gets (a union's: the reference's)."""
+    if recipe.tokenizer_mode not in (None, "base", "union", recipe.base_model):
         return recipe.resolve_path(recipe.tokenizer_mode)
     return ref.path
 
