@@ -40,10 +40,12 @@ def default_sources(recipe: Recipe, out: OutputVocabulary, tensor_rows: list[int
         cfg = out.tokens.get(token)
         if not (cfg is not None and cfg.force) and all(p[i] >= 0 for p in perms):
             continue
-        where = recipe.where("tokenizer", "tokens", token, "source")
+        if cfg is not None and isinstance(cfg.source, ZeroEmbedding):
+            defaults[i] = []
+            continue
         if cfg is not None and cfg.source is not None:
-            defaults[i] = [_explicit(recipe, out, token, i, cfg.source, tensor_rows, where)] \
-                if not isinstance(cfg.source, ZeroEmbedding) else []
+            where = recipe.where("tokenizer", "tokens", token, "source")
+            defaults[i] = [_explicit(recipe, out, token, i, cfg.source, tensor_rows, where)]
             continue
         present = [m for m, p in enumerate(perms) if p[i] >= 0]
         if len(present) == 1 or (out.base_index is not None and out.base_index in present):
@@ -121,24 +123,24 @@ class VocabularyRows:
 
     def token_rows(self, m: int, start: int, stop: int) -> torch.Tensor:
         """Member m's re-indexed rows [start, stop) of the output tokens (no padding), float32."""
-        wanted = self.source_rows(m, start, stop)
+        wanted = torch.tensor(self.source_rows(m, start, stop), dtype=torch.long)
         out = torch.empty((stop - start, *self.row_shape()), dtype=torch.float32)
-        defaults = None
-        for k, r in enumerate(wanted):
-            if r < 0:
-                defaults = defaults if defaults is not None else self.default_rows()
+        missing = (wanted < 0).nonzero().flatten().tolist()
+        if missing:
+            defaults = self.default_rows()
+            for k in missing:
                 out[k] = defaults[start + k]
-        present = sorted((r, k) for k, r in enumerate(wanted) if r >= 0)
-        j = 0
-        while j < len(present):  # spans of nearby input rows, each read once
-            first = j
-            while j + 1 < len(present) and present[j + 1][0] - present[j][0] < GAP_ROWS:
-                j += 1
-            lo, hi = present[first][0], present[j][0] + 1
+        rows, ks = torch.sort(wanted)
+        ks = ks[rows >= 0]
+        rows = rows[rows >= 0]
+        if not len(rows):
+            return out
+        # spans of nearby input rows, each read once: a cut wherever the gap reaches GAP_ROWS
+        cuts = [0, *((rows[1:] - rows[:-1] >= GAP_ROWS).nonzero().flatten() + 1).tolist(), len(rows)]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            lo, hi = int(rows[a]), int(rows[b - 1]) + 1
             span = self.members[m].read(self.name, (lo, hi), torch.float32)
-            for r, k in present[first:j + 1]:
-                out[k] = span[r - lo]
-            j += 1
+            out[ks[a:b]] = span[rows[a:b] - lo]
         return out
 
     def pad_row(self, m: int) -> torch.Tensor:
