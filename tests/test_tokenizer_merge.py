@@ -226,3 +226,54 @@ def test_validate_checks_tokenizer_files_before_reading_tensors(vocab_models, tm
     (short / "config.json").write_text(json.dumps(cfg | {"vocab_size": cfg["vocab_size"] + 8}))
     msg = errors(vocab_models, tmp_path, {"tokenizer_source": "union"}, models=(short, b))
     assert "rows" in msg and str(short) in msg
+
+
+def test_validate_command_reports_the_vocabulary_or_the_broken_tokenizer(vocab_models, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from merge_lab.cli import app
+
+    base, a, b = vocab_models
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "models": [str(a), str(b)],
+              "tokenizer": {"source": "union", "pad_to_multiple_of": 8}}
+    result = CliRunner().invoke(app, ["validate", str(write_recipe(tmp_path / "ok.yaml", recipe))])
+    assert result.exit_code == 0, result.output
+    tokens = len({*vocab_of(base), *vocab_of(a), *vocab_of(b)})
+    assert f"output vocabulary: {tokens} tokens, {-(-tokens // 8) * 8} rows" in result.output
+    broken = tmp_path / "broken"
+    shutil.copytree(b, broken)
+    (broken / "tokenizer.json").write_text("[]")
+    recipe["models"] = [str(a), str(broken)]
+    result = CliRunner().invoke(app, ["validate", str(write_recipe(tmp_path / "bad.yaml", recipe))])
+    assert result.exit_code != 0 and "tokenizer files do not load" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_rows_far_apart_are_read_in_spans_and_padded_with_the_mean(tmp_path):
+    """A shuffled vocabulary of 300 tokens: each block's rows gathered from spans of the input,
+    the missing tokens' default rows and the padding rows as defined."""
+    from merge_lab.core.checkpoint import Checkpoint
+    from merge_lab.merge.embeddings import VocabularyRows
+
+    ckpt = Checkpoint(make_checkpoint(tmp_path / "m", "llama", vocab_size=300, tokenizer=False))
+    name = "model.embed_tokens.weight"
+    source = ckpt.get(name).clone()
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(300, generator=g).tolist()[:280] + [-1] * 10  # 290 tokens, 10 missing
+    defaults = {i: [(0, 5), (0, 7)] for i in range(280, 289)} | {289: []}  # mean of rows 5 and 7; zeros
+    rows = VocabularyRows(name, [ckpt], [perm], frozenset([3]), defaults | {3: [(0, 9)]}, tokens=290, rows=296)
+    expected = torch.empty(296, source.shape[1])
+    for i in range(290):
+        expected[i] = source[perm[i]] if 0 <= perm[i] and i != 3 else 0
+    expected[3] = source[9]  # forced
+    expected[280:289] = (source[5] + source[7]) / 2
+    expected[290:] = expected[:290].mean(0)
+    view = rows.view(0)
+    assert view.info(name).shape == (296, source.shape[1])
+    for step in (8, 37):  # 8 rows of 300 lie far apart: several spans per block
+        blocks = [view.read(name, (s, min(296, s + step)), torch.float32) for s in range(0, 296, step)]
+        torch.testing.assert_close(torch.cat(blocks), expected, msg=f"blocks of {step}")
+    buf = torch.empty(296 * source.shape[1])
+    torch.testing.assert_close(view.read(name, None, torch.float32, out=buf), expected)
