@@ -2,8 +2,8 @@
 
 The schema is a superset of mergekit's for the methods we support (`merge_method`, `base_model`,
 `models[].model`, `models[].parameters`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`,
-`tokenizer` with `source`, `tokens` and `pad_to_multiple_of`, `chat_template`), so a mergekit recipe runs unchanged. Our additions: `seed`, `shard_size`,
-`allow_non_finite`, `models[].label` and `train:` (both for structural strategies such as `h3_moe`).
+`tokenizer` with `source`, `tokens` and `pad_to_multiple_of`, `chat_template`), so a mergekit
+recipe runs unchanged. Our additions: `seed`, `shard_size`, `allow_non_finite`, `models[].label` and `train:` (both for structural strategies such as `h3_moe`).
 
 mergekit's `slices:` is the other way to list the inputs: each output slice names, for every
 source model, the layer range [a, b) it contributes (all sources of a slice equally long), with
