@@ -134,7 +134,9 @@ def validate(recipe: RecipeArg) -> None:
 
     Checks: keys and values, files exist, lie inside their model folders and are complete,
     safetensors headers, indexes and configs, architectures, tensor names, shapes, dtypes,
-    vocabulary sizes, the shard size, and each parameter resolved for every tensor.
+    vocabulary sizes, the shard size, and each parameter resolved for every tensor; with
+    tokenizer keys, that their models are the recipe's, that every tokenizer parses (no remote
+    code) and that its ids fit its model's embedding rows.
     """
     from merge_lab.core.writer import parse_size
     from merge_lab.merge.planner import make_plan

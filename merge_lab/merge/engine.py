@@ -11,8 +11,8 @@ rows. So for those peak memory is a few blocks whatever the model size: the 128k
 embedding of a large model costs what a small one does. Strategies that are elementwise once they
 know a few whole-tensor statistics (TIES' top-k thresholds, slerp's angle) declare statistics
 passes: the op's RowStream folds the tensor's row blocks into them pass by pass (units that write
-nothing), then merges every block with them. Only tensors whose vocabularies differ (`tokenizer:
-base`) still go whole to such strategies. Every block read is checked for NaN / Inf on the way
+nothing), then merges every block with them (vocabulary tensors aligned by token stream too:
+merge.embeddings re-indexes the rows a block reads). Every block read is checked for NaN / Inf on the way
 (merge.finite). The engine sees files and never math; the ops see tensors and never files; work
 that needs a model before the merge (centroid router rows) is done by the plan's steps, run when
 the engine starts, before the output folder is opened.
@@ -39,6 +39,7 @@ from merge_lab.merge.finite import FiniteGuard, non_finite_count
 from merge_lab.merge.ops import RowStream, TensorTask, block_rows
 from merge_lab.merge.planner import Plan, make_plan
 from merge_lab.merge.recipe import Recipe, load_recipe
+from merge_lab.merge.tokenizer import write_tokenizer
 
 
 @dataclass
@@ -271,7 +272,10 @@ def run_plan(
     allow = plan.recipe.allow_non_finite if allow_non_finite is None else allow_non_finite
     guard = FiniteGuard(plan.strategy, allow, chunk_elements)
     with _open_output(plan, out, shard_size, force) as writer:
-        copy_side_files(plan.side_files_from, writer.folder)  # checked before any tensor is read
+        if plan.tokenizer is None:
+            copy_side_files(plan.side_files_from, writer.folder)  # checked before any tensor is read
+        else:  # the vocabulary built by merge.tokenizer (or the chat template set)
+            write_tokenizer(plan.tokenizer, plan.side_files_from, writer.folder)
         written = _run_units(plan, writer, dev, chunk_elements, guard, console, progress)
         _write_beside(plan, writer.folder, hash_inputs, guard.seen)
         path = writer.finish()

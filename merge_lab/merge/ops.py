@@ -119,9 +119,6 @@ class MergeOp(TensorOp):
     context: TensorContext
     models: tuple[Input, ...]
     base: Input | None = None
-    # tokenizer: base with vocabularies of different sizes: merge these leading rows, the rest
-    # from the base
-    vocab_rows: int | None = None
 
     def arguments(self) -> tuple[Input, ...]:
         return self.models if self.base is None else (*self.models, self.base)
@@ -135,17 +132,11 @@ class MergeOp(TensorOp):
 
     def merge_rows(self, inputs: list[torch.Tensor], context: TensorContext) -> torch.Tensor:
         tensors, base = self.split(inputs)
-        mp = list(self.model_params)
-        if self.vocab_rows is None:
-            return self.strategy.merge(tensors, base, self.params, mp, context)
-        assert base is not None  # the planner allows different vocabularies only with a base
-        n = self.vocab_rows
-        shared = self.strategy.merge([x[:n] for x in tensors], base[:n], self.params, mp, context)
-        return torch.cat([shared, base[n:]], dim=0)
+        return self.strategy.merge(tensors, base, self.params, list(self.model_params), context)
 
     @property
     def streams_rows(self) -> bool:
-        return self.vocab_rows is None and self.strategy.row_separable
+        return self.strategy.row_separable
 
     def stats_passes(self) -> int:
         return self.strategy.stats_passes(self.params, list(self.model_params))
