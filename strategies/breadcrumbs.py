@@ -31,6 +31,7 @@ from pydantic import Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import (
+    ComputesInDtype,
     L1Rescale,
     RankThreshold,
     RescaledParams,
@@ -92,7 +93,7 @@ class OutlierCut:
         return delta.masked_fill_(outside, 0.0)
 
 
-class Breadcrumbs(Strategy):
+class Breadcrumbs(ComputesInDtype, Strategy):
     name = "breadcrumbs"
     summary = "drop each task vector's largest (gamma) and smallest entries to density, then weighted sum"
     Params = BreadcrumbsParams
@@ -136,8 +137,8 @@ class Breadcrumbs(Strategy):
                 d.zero_()
             elif cuts(p):
                 stats[i].cut_(d)
-                if params.rescale and (factor := stats[i].norms.factor) != 1.0:
-                    d.mul_(factor)
+                if params.rescale:
+                    stats[i].norms.rescale_(d)
         weights = [p.weight for p in model_params]
         return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
 

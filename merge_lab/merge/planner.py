@@ -162,6 +162,29 @@ def resolve_params(
     return params, model_params
 
 
+def arithmetic_dtype(recipe: Recipe, stored: list[torch.dtype]) -> torch.dtype:
+    """The dtype one tensor's merge computes in: the recipe's `compute_dtype`, else mergekit's
+    (the inputs are cast to `dtype` when it is set, else merged in their stored dtypes promoted
+    together: bfloat16 models compute in bfloat16, bfloat16 with float16 in float32).
+    Strategies then compute in it or upcast, each as its mergekit counterpart does
+    (Strategy.working_dtype)."""
+    name = recipe.compute_dtype or recipe.dtype
+    if name:
+        return TORCH_DTYPE_BY_NAME[name]
+    dtype = stored[0]
+    for d in stored[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
+
+
+def _merge_op(strategy: Strategy, params: BaseModel, model_params: list[BaseModel], context: TensorContext,
+              models: tuple, base: tuple | None, recipe: Recipe, vocab_rows: int | None = None) -> MergeOp:
+    """A MergeOp computing in the recipe's arithmetic dtype for its inputs' stored dtypes."""
+    inputs = models if base is None else (*models, base)
+    arithmetic = arithmetic_dtype(recipe, [ckpt.info(name).dtype for ckpt, name in inputs])
+    return MergeOp(strategy, params, tuple(model_params), context, models, base, vocab_rows, arithmetic)
+
+
 def out_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     if not source.is_floating_point:
         return source
@@ -222,9 +245,9 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
             tasks.append(TensorTask(n, info.shape, info.dtype, CopyOp((ref, n))))
             continue
         params, model_params = resolve_params(ctx, n, entries)
-        op = MergeOp(
-            strategy, params, tuple(model_params), TensorContext(n, classify(n), recipe.seed, refs),
-            tuple((m, n) for m in models), (ctx.base, n) if with_base else None, vocab_rows.get(n),
+        op = _merge_op(
+            strategy, params, model_params, TensorContext(n, classify(n), recipe.seed, refs),
+            tuple((m, n) for m in models), (ctx.base, n) if with_base else None, recipe, vocab_rows.get(n),
         )
         tasks.append(TensorTask(n, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, ref.config)
@@ -331,11 +354,11 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
             continue
         params, model_params = resolve_params(ctx, row.output, entries[k], row.t, row.inputs)
         b = base_at[k]
-        op = MergeOp(
-            strategy, params, tuple(model_params),
+        op = _merge_op(
+            strategy, params, model_params,
             TensorContext(row.output, classify(row.output), recipe.seed, tuple(ctx.model_refs[i] for i in entries[k])),
             tuple((sources[k][i], row.inputs[i]) for i in entries[k]),
-            (sources[k][b], row.inputs[b]) if b is not None else None,
+            (sources[k][b], row.inputs[b]) if b is not None else None, recipe,
         )
         tasks.append(TensorTask(row.output, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, sliced_config(recipe, sources, ref.config))
