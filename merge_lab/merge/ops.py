@@ -157,14 +157,18 @@ class MergeOp(TensorOp):
         return self.merge_rows(inputs, self.context)
 
     def merge_rows(self, inputs: list[torch.Tensor], context: TensorContext) -> torch.Tensor:
+        """The merged rows, in the arithmetic dtype: mergekit's methods that upcast inside (linear,
+        slerp) give their result back in the dtype they were given, rounded once."""
         tensors, base = self.split(inputs)
         mp = list(self.model_params)
         if self.vocab_rows is None:
-            return self.strategy.merge(tensors, base, self.params, mp, context)
-        assert base is not None  # the planner allows different vocabularies only with a base
-        n = self.vocab_rows
-        shared = self.strategy.merge([x[:n] for x in tensors], base[:n], self.params, mp, context)
-        return torch.cat([shared, base[n:]], dim=0)
+            out = self.strategy.merge(tensors, base, self.params, mp, context)
+        else:
+            assert base is not None  # the planner allows different vocabularies only with a base
+            n = self.vocab_rows
+            shared = self.strategy.merge([x[:n] for x in tensors], base[:n], self.params, mp, context)
+            out = torch.cat([shared.to(base.dtype), base[n:]], dim=0)
+        return out if out.dtype == self.arithmetic else out.to(self.arithmetic)
 
     @property
     def streams_rows(self) -> bool:
