@@ -19,7 +19,8 @@ are scaled back to the delta's L1 norm (mergekit's rescale, off by default). The
 The band is found by value: the magnitudes at the two boundary ranks, both exact by radix
 select (common.RankThreshold). Entries tied with a boundary are all kept, where mergekit's sort
 keeps an arbitrary subset of the tie; in float32 task vectors only zeros tie in practice, and a
-zero adds nothing either way. The boundaries and the L1 norms are statistics gathered over row
+zero adds nothing either way (in bfloat16, with 8-bit mantissas, equal magnitudes are common).
+Computed in the recipe's arithmetic dtype, rounded as mergekit rounds (common.combine). The boundaries and the L1 norms are statistics gathered over row
 blocks (two passes, three with `rescale`); the cut is then elementwise, and the engine streams
 every tensor in row blocks.
 """

@@ -65,7 +65,7 @@ class DropNorms(L1Rescale):
         self.generator = generator
 
 
-class _Dare(ComputesInDtype, Strategy):
+class _Dare(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as mergekit's (common.combine)
     Params = DareParams
     ModelParams = SparseModel
     needs_base = True

@@ -132,7 +132,7 @@ class MagPrune:
         self.flat = []
 
 
-class _Della(ComputesInDtype, Strategy):
+class _Della(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as mergekit's (common.combine)
     ModelParams = DellaModel
     needs_base = True
     uses_base = True

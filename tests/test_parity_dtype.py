@@ -8,12 +8,16 @@ keeps an arbitrary k of them, we keep them all); DARE is compared by its statist
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from parity_support import run_mergekit, run_ours
 from safetensors.torch import save_file
 
 from merge_lab.errors import MergeLabError
+from merge_lab.merge import interface as registry
 from merge_lab.merge.planner import arithmetic_dtype, make_plan
 from merge_lab.merge.recipe import load_recipe, parse_recipe
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
@@ -50,6 +54,11 @@ def recipes(base, models):
                                    "models": [{"model": m, "parameters": {"weight": w, "density": d}}
                                               for m, w, d in zip((m1, m2, m3), w3, (1.0, 0.0, 1.0))]},
         "slerp": {"merge_method": "slerp", "base_model": b, "parameters": {"t": [0.2, 0.7]}, "models": [{"model": m1}]},
+        "nearswap": {"merge_method": "nearswap", "base_model": b, "parameters": {"t": 0.01}, "models": [{"model": m2}]},
+        "passthrough_scale": {"merge_method": "passthrough", "models": [{"model": m3, "parameters": {"scale": 0.7}}]},
+        "model_stock": {"merge_method": "model_stock", "base_model": b, "models": [{"model": m} for m in (m1, m2, m3)]},
+        "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": b, "parameters": {"filter_wise": True},
+                                    "models": [{"model": m} for m in (m1, m2, m3)]},
     }
 
 
@@ -211,9 +220,24 @@ def test_compute_dtype_is_validated_with_its_line(family):
 
 
 def test_bfloat16_arithmetic_predicts_less_memory(family, tmp_path):
-    """TIES computing in bfloat16 holds its inputs in bfloat16: the plan's prediction says so."""
+    """TIES computing in bfloat16 holds its inputs in bfloat16: the plan's prediction and notes say so."""
     base, models = family
     recipe = recipes(base, models)["ties"] | {"dtype": "bfloat16"}
     low = make_plan(load_recipe(write_recipe(tmp_path / "low.yaml", recipe)))
     high = make_plan(load_recipe(write_recipe(tmp_path / "high.yaml", recipe | {"compute_dtype": "float32"})))
     assert low.predicted_peak_bytes(chunk_elements=BLOCK) < high.predicted_peak_bytes(chunk_elements=BLOCK)
+    assert any("arithmetic in bfloat16 (the recipe's dtype)" in n for n in low.notes), low.notes  # `validate` says so
+    assert not any("arithmetic in" in n for n in high.notes), high.notes
+
+
+def test_our_shipped_merges_compute_in_float32():
+    """Our recipes keep float32 arithmetic (and their numbers) by saying so."""
+    root = Path(__file__).resolve().parents[1]
+    shipped = [*root.glob("recipes/**/*.y*ml"), *root.glob("merge_lab/demo/recipes/*.y*ml")]
+    tensorwise = []
+    for path in shipped:
+        data = yaml.safe_load(path.read_text()) or {}
+        if "merge_method" in data and not registry.get(data["merge_method"]).structural:
+            tensorwise.append(path.name)
+            assert parse_recipe(path.read_text(), str(path)).compute_dtype == "float32", path
+    assert len(tensorwise) >= 4, tensorwise

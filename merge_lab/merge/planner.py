@@ -185,6 +185,16 @@ def _merge_op(strategy: Strategy, params: BaseModel, model_params: list[BaseMode
     return MergeOp(strategy, params, tuple(model_params), context, models, base, vocab_rows, arithmetic)
 
 
+def arithmetic_note(recipe: Recipe, tasks: list[TensorTask]) -> list[str]:
+    """A note for `validate` / `plan` when some tensors are computed in a 16-bit dtype."""
+    low = sorted({str(t.op.working_dtype).removeprefix("torch.") for t in tasks
+                  if isinstance(t.op, MergeOp) and t.op.working_dtype.itemsize < 4})
+    if not low or recipe.compute_dtype:
+        return []
+    why = "the recipe's dtype" if recipe.dtype else "the models' stored dtype"
+    return [f"arithmetic in {', '.join(low)} ({why}), as mergekit computes; `compute_dtype: float32` computes in float32"]
+
+
 def out_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     if not source.is_floating_point:
         return source
@@ -252,6 +262,7 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
         tasks.append(TensorTask(n, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, ref.config)
     notes = [f"vocabulary of '{n}': {r} shared rows merged, the rest from the base" for n, r in vocab_rows.items()]
+    notes += arithmetic_note(recipe, tasks)
     return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), [*ctx.models, *([ctx.base] if ctx.base else [])],
                 notes)
 
@@ -363,5 +374,5 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
         tasks.append(TensorTask(row.output, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, sliced_config(recipe, sources, ref.config))
     layers = sum(s.length for s in recipe.slices)
-    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)"]
+    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)", *arithmetic_note(recipe, tasks)]
     return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), list(opened.values()), notes)
