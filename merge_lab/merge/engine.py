@@ -2,9 +2,10 @@
 
 Reading, computing and writing overlap: a loader thread reads the next work unit's inputs
 (rounded to the recipe's arithmetic dtype and held in the op's working dtype, float32 unless a
-strategy computes in bfloat16 / float16 as mergekit does: converted straight from the
-memory-mapped page cache, into buffers the main thread allocates) while the current one computes, and a writer thread writes the previous result at its
-final offset. At most one unit waits in each stage.
+strategy computes in bfloat16 / float16 as mergekit does; converted straight from the
+memory-mapped page cache, into buffers the main thread allocates) while the current one
+computes, and a writer thread writes the previous result at its final offset. At most one unit
+waits in each stage.
 
 A work unit is a whole tensor, or, for ops that say they stream in row blocks (elementwise or
 row-wise strategies: `TensorOp.streams_rows`), a block of about ops.CHUNK_ELEMENTS elements of
@@ -52,8 +53,9 @@ class MergeResult:
     non_finite: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
-# A unit whose inputs (in the op's working dtype) exceed this is not read ahead while another computes, nor computed
-# while a result is still being written: two whole embeddings in flight would double the peak.
+# A unit whose inputs (in the op's working dtype) exceed this is not read ahead while another
+# computes, nor computed while a result is still being written: two whole embeddings in flight
+# would double the peak.
 PREFETCH_BYTES = 256 * 2**20
 
 

@@ -4,9 +4,9 @@ The planner turns a recipe into one TensorTask per output tensor, each holding a
 of mergekit's per-tensor tasks). The engine asks the op what to read (`arguments()`), reads
 those tensors rounded to the op's `rounding_dtype` (mergekit's load cast) and held in its
 `working_dtype` (`read_dtype` says how, in one conversion where it can) and hands them to
-`execute()`; when the op `streams_rows`, it reads
-row blocks instead and drives the op's RowStream (statistics passes, then the merge). So the
-engine never looks inside an op, and an op never opens a file.
+`execute()`; when the op `streams_rows`, it reads row blocks instead and drives the op's
+RowStream (statistics passes, then the merge). So the engine never looks inside an op, and an op
+never opens a file.
 
 How tensors are cut into row blocks (CHUNK_ELEMENTS, `block_rows`) and the working memory that
 follows from it (`predicted_peak_bytes`) live here too, so the plan's prediction and the engine's
