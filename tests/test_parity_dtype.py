@@ -55,6 +55,8 @@ def recipes(base, models):
                                               for m, w, d in zip((m1, m2, m3), w3, (1.0, 0.0, 1.0))]},
         "slerp": {"merge_method": "slerp", "base_model": b, "parameters": {"t": [0.2, 0.7]}, "models": [{"model": m1}]},
         "nearswap": {"merge_method": "nearswap", "base_model": b, "parameters": {"t": 0.01}, "models": [{"model": m2}]},
+        "ram": {"merge_method": "ram", "base_model": b, "parameters": {"epsilon": 0.01},
+                "models": [{"model": m} for m in (m1, m2, m3)]},
         "passthrough_scale": {"merge_method": "passthrough", "models": [{"model": m3, "parameters": {"scale": 0.7}}]},
         "model_stock": {"merge_method": "model_stock", "base_model": b, "models": [{"model": m} for m in (m1, m2, m3)]},
         "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": b, "parameters": {"filter_wise": True},
