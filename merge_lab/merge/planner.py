@@ -165,6 +165,39 @@ def resolve_params(
     return params, model_params
 
 
+def arithmetic_dtype(recipe: Recipe, stored: list[torch.dtype]) -> torch.dtype:
+    """The dtype one tensor's merge computes in: the recipe's `compute_dtype`, else mergekit's
+    (the inputs are cast to `dtype` when it is set, else merged in their stored dtypes promoted
+    together: bfloat16 models compute in bfloat16, bfloat16 with float16 in float32).
+    Strategies then compute in it or upcast, each as its mergekit counterpart does
+    (Strategy.working_dtype)."""
+    name = recipe.compute_dtype or recipe.dtype
+    if name:
+        return TORCH_DTYPE_BY_NAME[name]
+    dtype = stored[0]
+    for d in stored[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
+
+
+def merge_op(strategy: Strategy, params: BaseModel, model_params: list[BaseModel], context: TensorContext,
+             models: tuple, base: tuple | None, recipe: Recipe) -> MergeOp:
+    """A MergeOp computing in the recipe's arithmetic dtype for its inputs' stored dtypes."""
+    inputs = models if base is None else (*models, base)
+    arithmetic = arithmetic_dtype(recipe, [ckpt.info(name).dtype for ckpt, name in inputs])
+    return MergeOp(strategy, params, tuple(model_params), context, models, base, arithmetic)
+
+
+def arithmetic_note(recipe: Recipe, tasks: list[TensorTask]) -> list[str]:
+    """A note for `validate` / `plan` when some tensors are computed in a 16-bit dtype."""
+    low = sorted({str(t.op.working_dtype).removeprefix("torch.") for t in tasks
+                  if isinstance(t.op, MergeOp) and t.op.working_dtype.itemsize < 4})
+    if not low or recipe.compute_dtype:
+        return []
+    why = "the recipe's dtype" if recipe.dtype else "the models' stored dtype"
+    return [f"arithmetic in {', '.join(low)} ({why}), as mergekit computes; `compute_dtype: float32` computes in float32"]
+
+
 def out_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     if not source.is_floating_point:
         return source
@@ -229,12 +262,12 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
             inputs = tuple((rows.view(i), n) for i in entries)
             base_input = (rows.view(vocab.base_index), n) if with_base and vocab.base_index is not None else None
             shape = (vocab.rows, *info.shape[1:])
-        op = MergeOp(
-            strategy, params, tuple(model_params), TensorContext(n, classify(n), recipe.seed, refs), inputs, base_input,
+        op = merge_op(
+            strategy, params, model_params, TensorContext(n, classify(n), recipe.seed, refs), inputs, base_input, recipe,
         )
         tasks.append(TensorTask(n, shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, ref.config)
-    notes = []
+    notes = arithmetic_note(recipe, tasks)
     if vocab is not None:
         config["vocab_size"] = vocab.rows
         notes.append(f"output vocabulary: {len(vocab.vocab)} tokens, {vocab.rows} rows; embedding rows aligned by token")
@@ -366,16 +399,16 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
             continue
         params, model_params = resolve_params(ctx, row.output, entries[k], row.t, row.inputs)
         b = base_at[k]
-        op = MergeOp(
-            strategy, params, tuple(model_params),
+        op = merge_op(
+            strategy, params, model_params,
             TensorContext(row.output, classify(row.output), recipe.seed, tuple(ctx.model_refs[i] for i in entries[k])),
             tuple((sources[k][i], row.inputs[i]) for i in entries[k]),
-            (sources[k][b], row.inputs[b]) if b is not None else None,
+            (sources[k][b], row.inputs[b]) if b is not None else None, recipe,
         )
         tasks.append(TensorTask(row.output, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, sliced_config(recipe, sources, ref.config))
     layers = sum(s.length for s in recipe.slices)
-    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)"]
+    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)", *arithmetic_note(recipe, tasks)]
     side = side_files(recipe, ref)
     return Plan(recipe, cls.name, tasks, config, side, list(opened.values()), notes,
                 tokenizer=output_tokenizer(recipe, None, side, list(opened.values())))

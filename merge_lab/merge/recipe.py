@@ -3,7 +3,7 @@
 The schema is a superset of mergekit's for the methods we support (`merge_method`, `base_model`,
 `models[].model`, `models[].parameters`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`,
 `tokenizer` with `source`, `tokens` and `pad_to_multiple_of`, `chat_template`), so a mergekit
-recipe runs unchanged. Our additions: `seed`, `shard_size`, `allow_non_finite`, `models[].label` and `train:` (both for structural strategies such as `h3_moe`).
+recipe runs unchanged. Our additions: `seed`, `shard_size`, `allow_non_finite`, `compute_dtype`, `models[].label` and `train:` (both for structural strategies such as `h3_moe`).
 
 mergekit's `slices:` is the other way to list the inputs: each output slice names, for every
 source model, the layer range [a, b) it contributes (all sources of a slice equally long), with
@@ -121,7 +121,12 @@ class Recipe(BaseModel):
         None, description="mergekit's layer slices: output layers from layer ranges of the models (instead of models:)"
     )
     parameters: dict[str, Any] = Field(default_factory=dict, description="merge-wide parameters and per-model defaults")
-    dtype: DType | None = Field(None, description="output dtype (default: the inputs')")
+    dtype: DType | None = Field(
+        None, description="dtype the inputs are cast to and the merge computes in, as in mergekit; also the output's"
+    )
+    compute_dtype: DType | None = Field(
+        None, description="arithmetic dtype, overriding mergekit's (`dtype`, else the inputs'); e.g. float32"
+    )
     out_dtype: DType | None = Field(None, description="mergekit's name for the output dtype; wins over dtype")
     tokenizer: TokenizerSpec | None = Field(None, description="the output vocabulary: embedding rows aligned by token")
     tokenizer_source: str | None = Field(None, description="mergekit's spelling of tokenizer.source")
