@@ -18,6 +18,8 @@ from pydantic import BaseModel
 
 from merge_lab.core.architecture import classify, is_vocab_tensor, num_layers
 from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
+from merge_lab.core.lora_applied import LoraAppliedCheckpoint, input_checkpoints
+from merge_lab.core.references import ModelOpener
 from merge_lab.errors import MergeLabError
 from merge_lab.merge import interface as registry
 from merge_lab.merge.interface import Strategy, TensorContext
@@ -229,8 +231,14 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
         tasks.append(TensorTask(n, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, ref.config)
     notes = [f"vocabulary of '{n}': {r} shared rows merged, the rest from the base" for n, r in vocab_rows.items()]
-    return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), [*ctx.models, *([ctx.base] if ctx.base else [])],
-                notes)
+    notes += adapter_notes([*([ctx.base] if ctx.base else []), *ctx.models])
+    inputs = input_checkpoints([*ctx.models, *([ctx.base] if ctx.base else [])])
+    return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), inputs, notes)
+
+
+def adapter_notes(checkpoints: list[Checkpoint]) -> list[str]:
+    """One note per `model+adapter` reference: which adapter, on which base, at which scale."""
+    return [c.summary for c in checkpoints if isinstance(c, LoraAppliedCheckpoint)]
 
 
 def with_dtype(recipe: Recipe, config: dict) -> dict:
@@ -275,8 +283,9 @@ def make_plan(recipe: Recipe) -> Plan:
         return sliced_plan(recipe, cls)
     check_inputs(recipe, cls)
     strategy = cls()
-    base = Checkpoint(recipe.resolve_path(recipe.base_model)) if recipe.base_model else None
-    models = [Checkpoint(recipe.resolve_path(m.model)) for m in recipe.models]
+    opener = ModelOpener(recipe.resolve_path)  # `model+adapter` references: the adapter applied while streaming
+    base = opener.open(recipe.base_model, recipe.where("base_model")) if recipe.base_model else None
+    models = [opener.open(m.model, recipe.where("models", i, "model")) for i, m in enumerate(recipe.models)]
     ctx = PlanContext(recipe, strategy, base, models, [m.model for m in recipe.models])
     if cls.structural:
         return strategy.build_plan(ctx)
@@ -293,15 +302,17 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
         check_inputs(view, cls)
     strategy = cls()
     opened: dict[Path, Checkpoint] = {}
+    opener = ModelOpener(recipe.resolve_path)
 
-    def open_model(ref: str) -> Checkpoint:
+    def open_model(ref: str, *key_path: object) -> Checkpoint:
         key = recipe.model_identity(ref)
         if key not in opened:
-            opened[key] = Checkpoint(recipe.resolve_path(ref))
+            opened[key] = opener.open(ref, recipe.where(*key_path))
         return opened[key]
 
-    base = open_model(recipe.base_model) if recipe.base_model else None
-    sources = [[open_model(src.model) for src in s.sources] for s in recipe.slices]
+    base = open_model(recipe.base_model, "base_model") if recipe.base_model else None
+    sources = [[open_model(src.model, "slices", k, "sources", i, "model") for i, src in enumerate(s.sources)]
+               for k, s in enumerate(recipe.slices)]
     ref = base if base is not None else sources[0][0]
     kinds = [
         f"{recipe.where('slices', k, 'sources', i)}: {c.path} is a '{c.model_type}' model but {ref.path} is "
@@ -340,5 +351,5 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
         tasks.append(TensorTask(row.output, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, sliced_config(recipe, sources, ref.config))
     layers = sum(s.length for s in recipe.slices)
-    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)"]
-    return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), list(opened.values()), notes)
+    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)", *adapter_notes(list(opened.values()))]
+    return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), input_checkpoints(list(opened.values())), notes)
