@@ -48,7 +48,7 @@ def peft_adapter(base: Path, path: Path, seed: int, **lora) -> Path:
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
+def lora_family(tmp_path_factory):
     """A float32 llama base, a full fine-tune of it, a plain LoRA adapter (attention and MLP) and
     one with rsLoRA, rank and alpha patterns, an adapted embedding and lm_head saved whole."""
     root = tmp_path_factory.mktemp("lora")
@@ -72,15 +72,15 @@ def both(recipe: dict, tmp_path: Path, chunk: int = 64) -> None:
     assert_same_tensors(run_ours(recipe, tmp_path, "blocked", chunk_elements=chunk), theirs, "blocked")
 
 
-def test_linear_with_an_adapter_matches_mergekit(family, tmp_path):
-    base, tuned, plain, _ = family
+def test_linear_with_an_adapter_matches_mergekit(lora_family, tmp_path):
+    base, tuned, plain, _ = lora_family
     both({"merge_method": "linear", "dtype": "float32", "models": [
         {"model": f"{base}+{plain}", "parameters": {"weight": 0.6}},
         {"model": str(tuned), "parameters": {"weight": 0.4}}]}, tmp_path)
 
 
-def test_ties_with_adapters_on_the_base_matches_mergekit(family, tmp_path):
-    base, tuned, plain, fancy = family
+def test_ties_with_adapters_on_the_base_matches_mergekit(lora_family, tmp_path):
+    base, tuned, plain, fancy = lora_family
     both({"merge_method": "ties", "base_model": str(base), "dtype": "float32",
           "parameters": {"density": 0.5, "lambda": 0.9},
           "models": [{"model": f"{base}+{plain}", "parameters": {"weight": 1.0}},
@@ -88,9 +88,9 @@ def test_ties_with_adapters_on_the_base_matches_mergekit(family, tmp_path):
                      {"model": str(tuned), "parameters": {"weight": 0.5}}]}, tmp_path)
 
 
-def test_rslora_patterns_embedding_and_saved_lm_head_match_peft(family, tmp_path):
+def test_rslora_patterns_embedding_and_saved_lm_head_match_peft(lora_family, tmp_path):
     """One model: the output is the adapter merged into the base, as PEFT's merge_and_unload."""
-    base, _, _, fancy = family
+    base, _, _, fancy = lora_family
     cfg = json.loads((fancy / "adapter_config.json").read_text())
     assert cfg["use_rslora"] and cfg["rank_pattern"] and cfg["alpha_pattern"] and cfg["modules_to_save"]
     saved = load_file(str(fancy / ADAPTER_WEIGHTS))
@@ -106,8 +106,8 @@ def test_rslora_patterns_embedding_and_saved_lm_head_match_peft(family, tmp_path
     torch.testing.assert_close(ours["lm_head.weight"], saved[f"{PREFIX}lm_head.weight"])
 
 
-def test_validate_and_card_list_the_adapter(family, tmp_path):
-    base, tuned, plain, _ = family
+def test_validate_and_card_list_the_adapter(lora_family, tmp_path):
+    base, tuned, plain, _ = lora_family
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [f"{base}+{plain}", str(tuned)]})
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 0, result.output
@@ -120,8 +120,8 @@ def test_validate_and_card_list_the_adapter(family, tmp_path):
     assert f"- `{base}`" in card and card.count(f"- `{base}`") == 1
 
 
-def test_a_folder_named_with_plus_or_at_is_a_folder(family, tmp_path):
-    base, tuned, _, _ = family
+def test_a_folder_named_with_plus_or_at_is_a_folder(lora_family, tmp_path):
+    base, tuned, _, _ = lora_family
     odd = tmp_path / "v1+extra@main"
     shutil.copytree(tuned, odd)
     plan = make_plan(load_recipe(write_recipe(tmp_path / "r.yaml", {"merge_method": "linear",
@@ -147,22 +147,22 @@ def broken_copy(adapter: Path, tmp_path: Path, name: str = "broken") -> Path:
 
 
 @pytest.mark.parametrize("ref", ["org/model@v1", "BASE+org/lora@main"])
-def test_revision_says_how_to_download_it(family, tmp_path, ref):
-    base, tuned, _, _ = family
+def test_revision_says_how_to_download_it(lora_family, tmp_path, ref):
+    base, tuned, _, _ = lora_family
     text = plan_error(tmp_path, [str(tuned), ref.replace("BASE", str(base))])
     repo, rev = ref.replace("BASE+", "").split("@")
     assert "recipe.yaml, line " in text and "(models.1.model)" in text, text
     assert f"huggingface-cli download {repo} --revision {rev} --local-dir DIR" in text and "does not reach" in text
 
 
-def test_missing_adapter_folder_names_the_key(family, tmp_path):
-    base, tuned, _, _ = family
+def test_missing_adapter_folder_names_the_key(lora_family, tmp_path):
+    base, tuned, _, _ = lora_family
     text = plan_error(tmp_path, [str(tuned), f"{base}+{tmp_path / 'nope'}"])
     assert "(models.1.model)" in text and "adapter folder not found" in text and "nope" in text
 
 
-def test_adapter_shape_mismatch(family, tmp_path):
-    base, tuned, plain, _ = family
+def test_adapter_shape_mismatch(lora_family, tmp_path):
+    base, tuned, plain, _ = lora_family
     bad = broken_copy(plain, tmp_path)
     tensors = load_file(str(bad / ADAPTER_WEIGHTS))
     key = f"{PREFIX}model.layers.1.mlp.up_proj.lora_B.weight"
@@ -173,8 +173,8 @@ def test_adapter_shape_mismatch(family, tmp_path):
     assert "'model.layers.1.mlp.up_proj.weight' is (64, 32) in the base but the adapter's B @ A is (67, 32)" in text
 
 
-def test_bin_only_adapter_is_refused_unread(family, tmp_path):
-    base, tuned, plain, _ = family
+def test_bin_only_adapter_is_refused_unread(lora_family, tmp_path):
+    base, tuned, plain, _ = lora_family
     bad = broken_copy(plain, tmp_path)
     (bad / ADAPTER_WEIGHTS).unlink()
     (bad / "adapter_model.bin").write_bytes(b"\x80\x04 not unpickled, ever")
@@ -183,8 +183,8 @@ def test_bin_only_adapter_is_refused_unread(family, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["lora pair", "saved whole"])
-def test_adapter_tensor_without_base_tensor(family, tmp_path, kind):
-    base, tuned, plain, _ = family
+def test_adapter_tensor_without_base_tensor(lora_family, tmp_path, kind):
+    base, tuned, plain, _ = lora_family
     bad = broken_copy(plain, tmp_path)
     tensors = load_file(str(bad / ADAPTER_WEIGHTS))
     if kind == "lora pair":
@@ -198,8 +198,8 @@ def test_adapter_tensor_without_base_tensor(family, tmp_path, kind):
     assert want in plan_error(tmp_path, [f"{base}+{bad}", str(tuned)])
 
 
-def test_adapter_weights_linked_outside_the_folder(family, tmp_path):
-    base, tuned, plain, _ = family
+def test_adapter_weights_linked_outside_the_folder(lora_family, tmp_path):
+    base, tuned, plain, _ = lora_family
     bad = broken_copy(plain, tmp_path)
     outside = tmp_path / "elsewhere.safetensors"
     shutil.move(bad / ADAPTER_WEIGHTS, outside)
@@ -207,8 +207,8 @@ def test_adapter_weights_linked_outside_the_folder(family, tmp_path):
     assert "lies outside the model folder" in plan_error(tmp_path, [f"{base}+{bad}", str(tuned)])
 
 
-def test_non_finite_adapter_is_refused_at_merge(family, tmp_path):
-    base, tuned, plain, _ = family
+def test_non_finite_adapter_is_refused_at_merge(lora_family, tmp_path):
+    base, tuned, plain, _ = lora_family
     bad = broken_copy(plain, tmp_path)
     tensors = load_file(str(bad / ADAPTER_WEIGHTS))
     key = f"{PREFIX}model.layers.0.self_attn.v_proj.lora_A.weight"
@@ -220,8 +220,8 @@ def test_non_finite_adapter_is_refused_at_merge(family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_dora_and_misplaced_adapters_are_refused(family, tmp_path):
-    base, tuned, plain, _ = family
+def test_dora_and_misplaced_adapters_are_refused(lora_family, tmp_path):
+    base, tuned, plain, _ = lora_family
     dora = broken_copy(plain, tmp_path, "dora")
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
