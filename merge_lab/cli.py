@@ -134,7 +134,8 @@ def validate(recipe: RecipeArg) -> None:
 
     Checks: keys and values, files exist, lie inside their model folders and are complete,
     safetensors headers, indexes and configs, architectures, tensor names, shapes, dtypes,
-    vocabulary sizes, the shard size, and each parameter resolved for every tensor.
+    vocabulary sizes, the shard size, and each parameter resolved for every tensor; for a
+    `model+adapter` reference, that the adapter fits the model (targets, shapes, ranks).
     """
     from merge_lab.core.writer import parse_size
     from merge_lab.merge.planner import make_plan
@@ -176,6 +177,8 @@ def plan_cmd(
     table.add_row("predicted peak working memory", format_size(plan.predicted_peak_bytes()))
     table.add_row("free disk at output", format_size(free) + (" [green]enough[/green]" if enough else " [red]NOT enough[/red]"))
     out_console.print(table)
+    for note in plan.notes:  # e.g. each `model+adapter` reference: which adapter, at which scale
+        out_console.print(f"note: {note}")
     if not enough:
         raise typer.Exit(1)
 

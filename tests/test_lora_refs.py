@@ -106,6 +106,14 @@ def test_rslora_patterns_embedding_and_saved_lm_head_match_peft(lora_family, tmp
     torch.testing.assert_close(ours["lm_head.weight"], saved[f"{PREFIX}lm_head.weight"])
 
 
+def test_slices_with_an_adapter_match_mergekit(lora_family, tmp_path):
+    """A frankenmerge stacking layers of base+adapter and of the fine-tune (passthrough slices)."""
+    base, tuned, plain, _ = lora_family
+    both({"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": f"{base}+{plain}", "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(tuned), "layer_range": [1, 2]}]}]}, tmp_path)
+
+
 def test_validate_and_card_list_the_adapter(lora_family, tmp_path):
     base, tuned, plain, _ = lora_family
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [f"{base}+{plain}", str(tuned)]})
@@ -114,6 +122,8 @@ def test_validate_and_card_list_the_adapter(lora_family, tmp_path):
     text = " ".join(result.output.split())
     assert f"LoRA adapter {plain} applied to {base}" in text and "scale 2" in text, text
     assert "over 3 checkpoint(s)" in text  # base, adapter, fine-tune
+    planned = runner.invoke(app, ["plan", str(recipe)])
+    assert planned.exit_code == 0 and f"LoRA adapter {plain} applied" in " ".join(planned.output.split())
     out = merge(recipe, tmp_path / "out", progress=False).path
     card = (out / "README.md").read_text()
     assert f"- `{plain}`" in card and file_sha256(plain / ADAPTER_WEIGHTS) in card

@@ -30,7 +30,10 @@ M = TypeVar("M", bound=BaseModel)
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="local model folder (or PEFT adapter folder where a strategy accepts one)")
+    model: str = Field(
+        description="local model folder, MODEL+ADAPTER (a PEFT LoRA adapter applied), or a PEFT adapter folder "
+        "where a strategy accepts one"
+    )
     parameters: dict[str, Any] = Field(default_factory=dict, description="this model's own parameters")
     label: str | None = Field(None, description="objective this model is an expert for (structural strategies)")
 
@@ -38,7 +41,7 @@ class ModelEntry(BaseModel):
 class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="local model folder")
+    model: str = Field(description="local model folder, or MODEL+ADAPTER (a PEFT LoRA adapter applied)")
     layer_range: tuple[int, int] = Field(description="[a, b]: this model's layers a .. b-1")
     parameters: dict[str, Any] = Field(default_factory=dict, description="this source's own parameters")
 
@@ -81,7 +84,9 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str = Field(description="strategy name; `merge-lab strategies` lists them")
-    base_model: str | None = Field(None, description="the common base (needed by delta-based methods)")
+    base_model: str | None = Field(
+        None, description="the common base (needed by delta-based methods); MODEL+ADAPTER applies an adapter"
+    )
     models: list[ModelEntry] = Field(default_factory=list, description="the models to merge")
     slices: list[OutputSlice] | None = Field(
         None, description="mergekit's layer slices: output layers from layer ranges of the models (instead of models:)"
