@@ -40,7 +40,7 @@ def peft_adapter(base: Path, path: Path, seed: int, **lora) -> Path:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), LoraConfig(lora_dropout=0.0, **lora))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name or "modules_to_save" in name:
+            if any(k in name for k in ("lora_B", "lora_embedding_B", "modules_to_save", "lora_magnitude")):
                 p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(str(path), safe_serialization=True)
     assert (path / ADAPTER_WEIGHTS).is_file()
@@ -112,6 +112,16 @@ def test_slices_with_an_adapter_match_mergekit(lora_family, tmp_path):
     both({"merge_method": "passthrough", "dtype": "float32", "slices": [
         {"sources": [{"model": f"{base}+{plain}", "layer_range": [0, 2]}]},
         {"sources": [{"model": str(tuned), "layer_range": [1, 2]}]}]}, tmp_path)
+
+
+def test_dora_matches_mergekit(lora_family, tmp_path):
+    base, tuned, _, _ = lora_family
+    dora = peft_adapter(base, tmp_path / "dora", 4, r=4, lora_alpha=8, use_dora=True,
+                        target_modules=["q_proj", "v_proj", "down_proj"])
+    assert any("lora_magnitude_vector" in k for k in load_file(str(dora / ADAPTER_WEIGHTS)))
+    both({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": f"{base}+{dora}", "parameters": {"weight": 0.7}},
+        {"model": str(tuned), "parameters": {"weight": 0.3}}]}, tmp_path)
 
 
 def test_validate_and_card_list_the_adapter(lora_family, tmp_path):
@@ -230,11 +240,12 @@ def test_non_finite_adapter_is_refused_at_merge(lora_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_dora_and_misplaced_adapters_are_refused(lora_family, tmp_path):
+def test_dora_flag_without_magnitudes_and_misplaced_adapters_are_refused(lora_family, tmp_path):
     base, tuned, plain, _ = lora_family
     dora = broken_copy(plain, tmp_path, "dora")
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
-    assert "DoRA adapters are not supported" in plan_error(tmp_path, [f"{base}+{dora}", str(tuned)])
+    text = plan_error(tmp_path, [f"{base}+{dora}", str(tuned)])
+    assert "has no lora_magnitude_vector but adapter_config.json sets use_dora True" in text, text
     assert "is an adapter folder" in plan_error(tmp_path, [f"{plain}+{plain}", str(tuned)])
     assert "has no adapter_config.json, so it is no PEFT adapter" in plan_error(tmp_path, [f"{base}+{tuned}", str(base)])

@@ -11,7 +11,8 @@ A LoRA on an embedding is saved as `M.lora_embedding_A` [r, vocab] and `M.lora_e
 (`modules_to_save`, e.g. lm_head, and the `M.base_layer.weight` copy PEFT saves of an adapted
 embedding) replace the base's tensor of that name; only `AdapterCheckpoint(..., whole_tensors=True)`
 reads them (the LoRA-applied view, core.lora_applied): code that only adds deltas refuses them.
-A tensor both saved whole and adapted (an embedding) is the saved tensor plus its delta.
+A tensor both saved whole and adapted (an embedding) is the saved tensor plus its delta. DoRA
+modules (`use_dora`, whole_tensors only) also carry `M.lora_magnitude_vector` [out].
 
 `AdapterCheckpoint` is a `Checkpoint` over the adapter's safetensors file, so the engine reads
 A and B memory-mapped, tensor by tensor, like any other input; `lora_delta` is the arithmetic.
@@ -39,6 +40,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+_MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _PEFT_PREFIX = "base_model.model."
 # rank_pattern / alpha_pattern keys: module names (or their dotted tails), matched literally. PEFT
 # reads them as regular expressions; one from a downloaded file could take forever to match.
@@ -70,13 +72,15 @@ def is_adapter(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class LoraPair:
-    """One adapted module: its target tensor in the base, the A and B tensor names, the scale."""
+    """One adapted module: its target tensor in the base, the A and B tensor names, the scale;
+    for DoRA, the magnitude vector's name (the rows of W + delta are rescaled to its norms)."""
 
     target: str
     a: str
     b: str
     scale: float
     fan_in_fan_out: bool
+    magnitude: str | None = None
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -122,7 +126,7 @@ class AdapterCheckpoint(Checkpoint):
         checked = validate(AdapterConfig, cfg, Where(str(path)), ADAPTER_CONFIG)
         if checked.peft_type.upper() != "LORA":
             raise MergeLabError(f"{path}: peft_type {shown(checked.peft_type)} is not supported; only LoRA adapters are.")
-        if checked.use_dora:
+        if checked.use_dora and not self.whole_tensors:
             raise MergeLabError(f"{path}: DoRA adapters are not supported; merge it into a full checkpoint first.")
         if checked.modules_to_save and not self.whole_tensors:
             raise MergeLabError(
@@ -174,7 +178,11 @@ class AdapterCheckpoint(Checkpoint):
         found: dict[str, dict[str, str]] = {}
         embedding: set[str] = set()
         saved: dict[str, str] = {}
+        magnitudes: dict[str, str] = {}
         for name in self.tensors:
+            if (dora := _MAGNITUDE_KEY.match(name)) is not None:
+                magnitudes[dora["module"]] = name
+                continue
             m = _KEY.match(name) or _EMBEDDING_KEY.match(name)
             if m is not None:
                 found.setdefault(m["module"], {})[m["ab"]] = name
@@ -213,7 +221,18 @@ class AdapterCheckpoint(Checkpoint):
                 )
             scale = lora_scale(r, alpha, bool(cfg.get("use_rslora", False)))
             transposed = module in embedding or bool(cfg.get("fan_in_fan_out", False))
-            out[f"{module}.weight"] = LoraPair(f"{module}.weight", ab["A"], ab["B"], scale, transposed)
+            magnitude = magnitudes.pop(module, None)
+            if bool(cfg.get("use_dora", False)) != (magnitude is not None):
+                has = "has no lora_magnitude_vector" if magnitude is None else "has a lora_magnitude_vector"
+                raise MergeLabError(f"{self.path}: module {shown(module)} {has} but {ADAPTER_CONFIG} sets use_dora "
+                                    f"{bool(cfg.get('use_dora', False))}; re-save the adapter.")
+            if magnitude is not None and transposed:
+                raise MergeLabError(f"{self.path}: module {shown(module)}: DoRA on embeddings and Conv1D "
+                                    "(fan_in_fan_out) layers is not supported; merge it into a full checkpoint first.")
+            out[f"{module}.weight"] = LoraPair(f"{module}.weight", ab["A"], ab["B"], scale, transposed, magnitude)
+        if magnitudes:
+            name = next(iter(magnitudes.values()))
+            raise MergeLabError(f"{self.path}: tensor {shown(name)} is a DoRA magnitude with no LoRA A/B pair beside it.")
         return out, saved
 
     def check_fits(self, base: Checkpoint) -> None:
@@ -228,6 +247,9 @@ class AdapterCheckpoint(Checkpoint):
             got = (in_dim, out_dim) if pair.fan_in_fan_out else (out_dim, in_dim)
             if tuple(want) != got:
                 problems.append(f"'{target}' is {tuple(want)} in the base but the adapter's B @ A is {got}")
+            elif pair.magnitude is not None and self.info(pair.magnitude).shape != (out_dim,):
+                problems.append(f"'{pair.magnitude}' is {self.info(pair.magnitude).shape}, not one magnitude per "
+                                f"output row ({out_dim},)")
         for target, name in self.saved.items():
             if target not in base:
                 problems.append(f"its tensor '{name}' (saved whole) replaces '{target}', which the base has no tensor for")

@@ -4,7 +4,9 @@ mergekit 0.1.5 turns a `base+adapter` reference into a full copy on disk (PEFT's
 merge_and_unload, saved into its LoRA cache) before merging. Here the adapter is applied while
 streaming instead: each adapted tensor is W' = W + scale * B @ A, computed per read (a whole
 tensor, or only its rows [start, stop): B's rows, or A's columns for a transposed pair) in
-float32 and rounded to W's dtype, which is what a merged copy in the base's dtype holds. Tensors
+float32 and rounded to W's dtype, which is what a merged copy in the base's dtype holds. With
+DoRA, each row of W + delta is then scaled to the adapter's magnitude for it (row-wise, so row
+blocks stream alike). Tensors
 the adapter saves whole (modules_to_save) replace the base's, cast to its dtype as PEFT loads
 them. Nothing merged is written anywhere.
 
@@ -115,6 +117,9 @@ class LoraAppliedCheckpoint(Checkpoint):
             value = self.base.read(name, rows, torch.float32)
         if pair is not None:
             value = value.add_(self.delta(pair, rows))
+            if pair.magnitude is not None:  # DoRA (PEFT's merge): each row rescaled to its magnitude
+                magnitude = self._adapter_part(pair.magnitude, rows)
+                value.mul_((magnitude / torch.linalg.norm(value, dim=1)).unsqueeze(1))
         value = value.to(stored)
         want = dtype if dtype is not None else stored
         if out is None:
