@@ -124,6 +124,18 @@ def test_dora_matches_mergekit(lora_family, tmp_path):
         {"model": str(tuned), "parameters": {"weight": 0.3}}]}, tmp_path)
 
 
+def test_bfloat16_base_rounds_once_like_peft(tmp_path):
+    """A bfloat16 base: W + delta in float32, rounded to bfloat16 once, as PEFT merges a float32
+    adapter into a bfloat16 model (mergekit loads the base in its own dtype)."""
+    base = make_checkpoint(tmp_path / "bf16", seed=5, dtype=torch.bfloat16, layers=1)
+    adapter = peft_adapter(base, tmp_path / "bf16-lora", 6, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    recipe = {"merge_method": "linear", "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}
+    theirs = run_mergekit(recipe, tmp_path / "mergekit", lora_merge_cache=str(tmp_path / "lora-cache"))
+    ours = run_ours(recipe, tmp_path)
+    assert ours["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert_same_tensors(ours, theirs, "bfloat16", rtol=0, atol=0)
+
+
 def test_validate_and_card_list_the_adapter(lora_family, tmp_path):
     base, tuned, plain, _ = lora_family
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [f"{base}+{plain}", str(tuned)]})
@@ -147,6 +159,18 @@ def test_a_folder_named_with_plus_or_at_is_a_folder(lora_family, tmp_path):
     plan = make_plan(load_recipe(write_recipe(tmp_path / "r.yaml", {"merge_method": "linear",
                                                                      "models": [str(base), str(odd)]})))
     assert [c.path for c in plan.inputs] == [base, odd] and not any("LoRA" in n for n in plan.notes)
+
+
+def test_several_plus_split_where_the_model_folder_exists(lora_family, tmp_path):
+    base, tuned, plain, _ = lora_family
+    odd = tmp_path / "base+v2"
+    shutil.copytree(base, odd)
+    plan = make_plan(load_recipe(write_recipe(tmp_path / "r.yaml", {"merge_method": "linear",
+                                                                     "models": [f"{odd}+{plain}", str(tuned)]})))
+    assert [c.path for c in plan.inputs] == [odd, plain, tuned]
+    assert any(f"LoRA adapter {plain} applied to {odd}" in n for n in plan.notes)
+    text = plan_error(tmp_path, [f"{tmp_path / 'x'}+{tmp_path / 'y'}+{plain}", str(tuned)])
+    assert "has 2 '+' and no part before one of them is an existing folder" in text, text
 
 
 # ---------------------------------------------------------------- errors
