@@ -173,6 +173,25 @@ def test_several_plus_split_where_the_model_folder_exists(lora_family, tmp_path)
     assert "has 2 '+' and no part before one of them is an existing folder" in text, text
 
 
+def test_view_reads_alike_whole_in_rows_and_into_a_buffer(lora_family, tmp_path):
+    """The view's read paths (the engine's float32 buffer, a fresh tensor, get) give one tensor."""
+    from merge_lab.core.references import ModelOpener
+
+    base, _, _, fancy = lora_family
+    view = ModelOpener().open(f"{base}+{fancy}", "test")
+    merged = run_ours({"merge_method": "linear", "dtype": "float32",
+                       "models": [{"model": f"{base}+{fancy}", "parameters": {"weight": 1.0}}]}, tmp_path)
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.1.mlp.gate_proj.weight"):
+        assert view.read(name).dtype == torch.float32 and view.get(name).shape == merged[name].shape
+        torch.testing.assert_close(view.read(name), merged[name])
+        torch.testing.assert_close(view.get(name), merged[name])
+        buf = torch.empty(merged[name].numel())
+        torch.testing.assert_close(view.read(name, (3, 9), torch.float32, out=buf), merged[name][3:9])
+        assert view.read(name, (3, 9), torch.bfloat16).dtype == torch.bfloat16
+    assert not torch.equal(merged["lm_head.weight"], load_tensors(base)["lm_head.weight"])
+    view.close()
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -111,21 +111,26 @@ class LoraAppliedCheckpoint(Checkpoint):
         if pair is None and saved is None:
             return self.base.read(name, rows, dtype, out)
         stored = self.base.info(name).dtype
+        want = dtype if dtype is not None else stored
+        if out is not None and out.dtype != want:
+            raise MergeLabError(f"internal: read of '{name}' into a buffer of {out.dtype}, not {want}")
+        into = out if want == torch.float32 else None  # the engine's float32 buffer: no extra copy
         if saved is not None:  # as PEFT loads it: into the base's tensor, in its dtype
             value = self._adapter_part(saved, rows).to(stored).float()
+            if into is not None:
+                value = into.reshape(-1)[: value.numel()].view(value.shape).copy_(value)
         else:
-            value = self.base.read(name, rows, torch.float32)
+            value = self.base.read(name, rows, torch.float32, out=into)
         if pair is not None:
-            value = value.add_(self.delta(pair, rows))
+            value.add_(self.delta(pair, rows))
             if pair.magnitude is not None:  # DoRA (PEFT's merge): each row rescaled to its magnitude
                 magnitude = self._adapter_part(pair.magnitude, rows)
                 value.mul_((magnitude / torch.linalg.norm(value, dim=1)).unsqueeze(1))
-        value = value.to(stored)
-        want = dtype if dtype is not None else stored
+        if into is not None:
+            return value.copy_(value.to(stored)) if stored != torch.float32 else value
+        value = value.to(stored).to(want)
         if out is None:
-            return value.to(want, copy=True)
-        if out.dtype != want or out.numel() < value.numel():
-            raise MergeLabError(f"internal: read of '{name}' into a buffer of {out.numel()} {out.dtype}")
+            return value
         return out.reshape(-1)[: value.numel()].view(value.shape).copy_(value)
 
     def get(self, name: str) -> torch.Tensor:
