@@ -195,6 +195,13 @@ def test_view_reads_alike_whole_in_rows_and_into_a_buffer(lora_family, tmp_path)
 # ---------------------------------------------------------------- errors
 
 
+def test_one_model_adapter_pair_listed_twice_in_two_spellings(lora_family, tmp_path, monkeypatch):
+    base, tuned, plain, _ = lora_family
+    monkeypatch.chdir(base.parent)
+    text = plan_error(tmp_path, [f"{base.name}+{plain.name}", str(tuned), f"./{base.name}/+{plain}"])
+    assert "(models.2)" in text and "is the model already listed as models.0" in text, text
+
+
 def plan_error(tmp_path: Path, models: list[str], base: str | None = None) -> str:
     recipe = {"merge_method": "linear", "models": models} | ({"base_model": base} if base else {})
     path = write_recipe(tmp_path / "recipe.yaml", recipe)

@@ -69,23 +69,38 @@ def _local(text: str, where: str, what: str, resolve: Resolve) -> str:
     )
 
 
+def _split(text: str, resolve: Resolve) -> tuple[str, str] | None:
+    """MODEL+ADAPTER's two parts: of several `+`, the split whose parts are (then whose model part
+    is) existing folders; None when no split is plausible."""
+    splits = [(text[:i], text[i + 1:]) for i, c in enumerate(text) if c == "+"]
+    both = [s for s in splits if _exists(s[0], resolve) and _exists(s[1], resolve)]
+    left = [s for s in splits if _exists(s[0], resolve)]
+    chosen = both or left or (splits if len(splits) == 1 else [])
+    return chosen[0] if chosen else None
+
+
 def parse_reference(text: str, where: str, resolve: Resolve = default_resolve) -> ModelReference:
     """The reference `text` (the recipe value at `where`), checked against the file system: every
     folder it names exists (a `+` or `@` that is part of an existing folder's name is kept)."""
     if _exists(text, resolve) or "+" not in text:
         return ModelReference(_local(text, where, "model", resolve))
-    cuts = [i for i, c in enumerate(text) if c == "+"]
-    splits = [(text[:i], text[i + 1:]) for i in cuts]
-    both = [s for s in splits if _exists(s[0], resolve) and _exists(s[1], resolve)]
-    left = [s for s in splits if _exists(s[0], resolve)]
-    chosen = (both or left or (splits if len(splits) == 1 else []))[:1]
-    if not chosen:
+    parts = _split(text, resolve)
+    if parts is None:
         raise MergeLabError(
-            f"{where}: {shown(text)} has {len(cuts)} '+' and no part before one of them is an existing folder. "
+            f"{where}: {shown(text)} has {text.count('+')} '+' and no part before one of them is an existing folder. "
             "A reference is MODEL or MODEL+ADAPTER (a PEFT LoRA adapter folder); name existing local folders."
         )
-    model, adapter = chosen[0]
+    model, adapter = parts
     return ModelReference(_local(model, where, "model", resolve), _local(adapter, where, "adapter", resolve))
+
+
+def reference_identity(text: str, resolve: Resolve = default_resolve) -> Path:
+    """What a reference stands for, however it is spelled: its folder with links followed, or for
+    MODEL+ADAPTER both folders' (`./base+./lora` and `base+lora/` are one model). Never raises."""
+    parts = None if _exists(text, resolve) or "+" not in text else _split(text, resolve)
+    if parts is None:
+        return Path(os.path.realpath(resolve(text)))
+    return Path(os.path.realpath(resolve(parts[0])) + "+" + os.path.realpath(resolve(parts[1])))
 
 
 class ModelOpener:

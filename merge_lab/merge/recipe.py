@@ -14,7 +14,6 @@ parameter checks see one shape of recipe whichever form was written.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -134,8 +133,10 @@ class Recipe(BaseModel):
 
     def model_identity(self, ref: str) -> Path:
         """The folder a reference stands for, links followed: `./base`, `base/`, an absolute path
-        and a symlink to it are one model."""
-        return Path(os.path.realpath(self.resolve_path(ref)))
+        and a symlink to it are one model (and MODEL+ADAPTER, both folders so resolved)."""
+        from merge_lab.core.references import reference_identity  # (imports torch: only when asked)
+
+        return reference_identity(ref, self.resolve_path)
 
     def is_base(self, ref: str) -> bool:
         """Whether `ref` names the base model, however it is spelled."""
