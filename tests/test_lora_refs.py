@@ -88,6 +88,14 @@ def test_ties_with_adapters_on_the_base_matches_mergekit(lora_family, tmp_path):
                      {"model": str(tuned), "parameters": {"weight": 0.5}}]}, tmp_path)
 
 
+def test_task_arithmetic_on_a_base_with_an_adapter_matches_mergekit(lora_family, tmp_path):
+    """`base_model: base+adapter`: the deltas are taken from the adapted base, as in mergekit."""
+    base, tuned, plain, fancy = lora_family
+    both({"merge_method": "task_arithmetic", "base_model": f"{base}+{plain}", "dtype": "float32",
+          "models": [{"model": str(tuned), "parameters": {"weight": 0.8}},
+                     {"model": f"{base}+{fancy}", "parameters": {"weight": 0.5}}]}, tmp_path)
+
+
 def test_rslora_patterns_embedding_and_saved_lm_head_match_peft(lora_family, tmp_path):
     """One model: the output is the adapter merged into the base, as PEFT's merge_and_unload."""
     base, _, _, fancy = lora_family

@@ -6,9 +6,8 @@ streaming instead: each adapted tensor is W' = W + scale * B @ A, computed per r
 tensor, or only its rows [start, stop): B's rows, or A's columns for a transposed pair) in
 float32 and rounded to W's dtype, which is what a merged copy in the base's dtype holds. With
 DoRA, each row of W + delta is then scaled to the adapter's magnitude for it (row-wise, so row
-blocks stream alike). Tensors
-the adapter saves whole (modules_to_save) replace the base's, cast to its dtype as PEFT loads
-them. Nothing merged is written anywhere.
+blocks stream alike). Tensors the adapter saves whole (modules_to_save) replace the base's,
+cast to its dtype as PEFT loads them. Nothing merged is written anywhere.
 
 Everything the view can check without reading a tensor (every adapter tensor maps to a base
 tensor of a fitting shape, ranks agree with adapter_config.json) is checked when it is made, so
@@ -40,11 +39,6 @@ class LoraAppliedCheckpoint(Checkpoint):
 
     def __repr__(self) -> str:
         return f"LoraAppliedCheckpoint({str(self.base.path)!r}, {str(self.adapter.path)!r})"
-
-    @property
-    def label(self) -> str:
-        """How messages name it: `base+adapter`, as the recipe does."""
-        return f"{self.base.path}+{self.adapter.path}"
 
     @property
     def parts(self) -> list[Checkpoint]:
