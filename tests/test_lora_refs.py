@@ -144,6 +144,18 @@ def test_bfloat16_base_rounds_once_like_peft(tmp_path):
     assert_same_tensors(ours, theirs, "bfloat16", rtol=0, atol=0)
 
 
+def test_lora_bias_on_a_qwen2_base_matches_mergekit(tmp_path):
+    """PEFT's `lora_bias`: the base's q/v biases change by scale * lora_B.bias."""
+    base = make_checkpoint(tmp_path / "qwen2", arch="qwen2", seed=7, layers=1)
+    adapter = peft_adapter(base, tmp_path / "biased", 8, r=2, lora_alpha=4, lora_bias=True,
+                           target_modules=["q_proj", "v_proj"])
+    assert f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.bias" in load_file(str(adapter / ADAPTER_WEIGHTS))
+    both({"merge_method": "linear", "dtype": "float32",
+          "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]}, tmp_path, chunk=16)
+    ours, plain = run_ours({"merge_method": "linear", "models": [f"{base}+{adapter}"]}, tmp_path, "bias"), load_tensors(base)
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.bias"], plain["model.layers.0.self_attn.q_proj.bias"])
+
+
 def test_validate_and_card_list_the_adapter(lora_family, tmp_path):
     base, tuned, plain, _ = lora_family
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [f"{base}+{plain}", str(tuned)]})

@@ -12,7 +12,8 @@ A LoRA on an embedding is saved as `M.lora_embedding_A` [r, vocab] and `M.lora_e
 embedding) replace the base's tensor of that name; only `AdapterCheckpoint(..., whole_tensors=True)`
 reads them (the LoRA-applied view, core.lora_applied): code that only adds deltas refuses them.
 A tensor both saved whole and adapted (an embedding) is the saved tensor plus its delta. DoRA
-modules (`use_dora`, whole_tensors only) also carry `M.lora_magnitude_vector` [out].
+modules (`use_dora`, whole_tensors only) also carry `M.lora_magnitude_vector` [out]; with
+`lora_bias` (whole_tensors only), `M.lora_B.bias` [out] changes the base's `M.bias` by scale times it.
 
 `AdapterCheckpoint` is a `Checkpoint` over the adapter's safetensors file, so the engine reads
 A and B memory-mapped, tensor by tensor, like any other input; `lora_delta` is the arithmetic.
@@ -41,6 +42,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
 _MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+_BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
 _PEFT_PREFIX = "base_model.model."
 # rank_pattern / alpha_pattern keys: module names (or their dotted tails), matched literally. PEFT
 # reads them as regular expressions; one from a downloaded file could take forever to match.
@@ -81,6 +83,15 @@ class LoraPair:
     scale: float
     fan_in_fan_out: bool
     magnitude: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraBias:
+    """A module's LoRA bias (PEFT's `lora_bias`): its base bias changes by scale * lora_B.bias."""
+
+    target: str
+    b: str
+    scale: float
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -173,13 +184,22 @@ class AdapterCheckpoint(Checkpoint):
         return self._split[0]
 
     @cached_property
-    def _split(self) -> tuple[dict[str, LoraPair], dict[str, str]]:
+    def biases(self) -> dict[str, LoraBias]:
+        """Base bias name (e.g. model.layers.0.self_attn.q_proj.bias) -> its LoRA bias (whole_tensors only)."""
+        return self._split[2]
+
+    @cached_property
+    def _split(self) -> tuple[dict[str, LoraPair], dict[str, str], dict[str, LoraBias]]:
         cfg = self.config
         found: dict[str, dict[str, str]] = {}
         embedding: set[str] = set()
         saved: dict[str, str] = {}
         magnitudes: dict[str, str] = {}
+        bias_of: dict[str, str] = {}
         for name in self.tensors:
+            if self.whole_tensors and (bias := _BIAS_KEY.match(name)) is not None:
+                bias_of[bias["module"]] = name
+                continue
             if (dora := _MAGNITUDE_KEY.match(name)) is not None:
                 magnitudes[dora["module"]] = name
                 continue
@@ -230,10 +250,18 @@ class AdapterCheckpoint(Checkpoint):
                 raise MergeLabError(f"{self.path}: module {shown(module)}: DoRA on embeddings and Conv1D "
                                     "(fan_in_fan_out) layers is not supported; merge it into a full checkpoint first.")
             out[f"{module}.weight"] = LoraPair(f"{module}.weight", ab["A"], ab["B"], scale, transposed, magnitude)
+            if module in bias_of and magnitude is not None:
+                raise MergeLabError(f"{self.path}: module {shown(module)}: DoRA with a LoRA bias is not supported; "
+                                    "merge it into a full checkpoint first.")
+        biases = {f"{m}.bias": LoraBias(f"{m}.bias", b, out[f"{m}.weight"].scale)
+                  for m, b in bias_of.items() if f"{m}.weight" in out}
+        if len(biases) != len(bias_of):
+            name = next(b for m, b in bias_of.items() if f"{m}.weight" not in out)
+            raise MergeLabError(f"{self.path}: tensor {shown(name)} is a LoRA bias with no LoRA A/B pair beside it.")
         if magnitudes:
             name = next(iter(magnitudes.values()))
             raise MergeLabError(f"{self.path}: tensor {shown(name)} is a DoRA magnitude with no LoRA A/B pair beside it.")
-        return out, saved
+        return out, saved, biases
 
     def check_fits(self, base: Checkpoint) -> None:
         """Every adapted tensor exists in the base with the shape B @ A has; else 'adapter for another base'."""
@@ -250,6 +278,13 @@ class AdapterCheckpoint(Checkpoint):
             elif pair.magnitude is not None and self.info(pair.magnitude).shape != (out_dim,):
                 problems.append(f"'{pair.magnitude}' is {self.info(pair.magnitude).shape}, not one magnitude per "
                                 f"output row ({out_dim},)")
+        for target, bias in self.biases.items():
+            out_dim = self.info(self.pairs[target.removesuffix(".bias") + ".weight"].b).shape[0]
+            if target not in base:
+                problems.append(f"its LoRA bias '{bias.b}' changes '{target}', which the base has no tensor for")
+            elif base.info(target).shape != self.info(bias.b).shape or self.info(bias.b).shape != (out_dim,):
+                problems.append(f"'{target}' is {base.info(target).shape} in the base but the adapter's LoRA bias "
+                                f"'{bias.b}' is {self.info(bias.b).shape}")
         for target, name in self.saved.items():
             if target not in base:
                 problems.append(f"its tensor '{name}' (saved whole) replaces '{target}', which the base has no tensor for")

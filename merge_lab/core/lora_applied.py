@@ -70,6 +70,7 @@ class LoraAppliedCheckpoint(Checkpoint):
         scales = sorted({round(p.scale, 6) for p in self.adapter.pairs.values()})
         shown = ", ".join(f"{s:g}" for s in scales[:4]) + (", ..." if len(scales) > 4 else "")
         whole = f"; {len(self.adapter.saved)} tensor(s) replaced whole (modules_to_save)" if self.adapter.saved else ""
+        whole += f"; {len(self.adapter.biases)} LoRA bias(es)" if self.adapter.biases else ""
         return (f"LoRA adapter {self.adapter.path} applied to {self.base.path} while streaming: "
                 f"{len(self.adapter.pairs)} tensor(s) adapted at scale {shown or '-'}{whole}")
 
@@ -101,8 +102,8 @@ class LoraAppliedCheckpoint(Checkpoint):
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """As Checkpoint.read, of the tensor with the adapter applied."""
-        pair, saved = self.adapter.pairs.get(name), self.adapter.saved.get(name)
-        if pair is None and saved is None:
+        pair, saved, bias = self.adapter.pairs.get(name), self.adapter.saved.get(name), self.adapter.biases.get(name)
+        if pair is None and saved is None and bias is None:
             return self.base.read(name, rows, dtype, out)
         stored = self.base.info(name).dtype
         want = dtype if dtype is not None else stored
@@ -120,6 +121,8 @@ class LoraAppliedCheckpoint(Checkpoint):
             if pair.magnitude is not None:  # DoRA (PEFT's merge): each row rescaled to its magnitude
                 magnitude = self._adapter_part(pair.magnitude, rows)
                 value.mul_((magnitude / torch.linalg.norm(value, dim=1)).unsqueeze(1))
+        if bias is not None:  # lora_bias: the base's bias + scale * lora_B.bias
+            value.add_(self._adapter_part(bias.b, rows).mul_(bias.scale))
         if into is not None:
             return value.copy_(value.to(stored)) if stored != torch.float32 else value
         value = value.to(stored).to(want)
@@ -128,7 +131,7 @@ class LoraAppliedCheckpoint(Checkpoint):
         return out.reshape(-1)[: value.numel()].view(value.shape).copy_(value)
 
     def get(self, name: str) -> torch.Tensor:
-        if name in self.adapter.pairs or name in self.adapter.saved:
+        if name in self.adapter.pairs or name in self.adapter.saved or name in self.adapter.biases:
             return self.read(name)
         return self.base.get(name)
 
