@@ -12,6 +12,9 @@ cast to its dtype as PEFT loads them. Nothing merged is written anywhere.
 Everything the view can check without reading a tensor (every adapter tensor maps to a base
 tensor of a fitting shape, ranks agree with adapter_config.json) is checked when it is made, so
 `merge-lab validate` sees it; NaN / Inf in the adapter is refused when its tensors are read.
+
+Working memory: reading an adapted block also holds its delta (one block of float32) and A in
+float32 (r x in), beyond what ops.predicted_peak_bytes counts for an input.
 """
 
 from __future__ import annotations
