@@ -136,7 +136,8 @@ def validate(recipe: RecipeArg) -> None:
     safetensors headers, indexes and configs, architectures, tensor names, shapes, dtypes,
     vocabulary sizes, the shard size, and each parameter resolved for every tensor; with
     tokenizer keys, that their models are the recipe's, that every tokenizer parses (no remote
-    code) and that its ids fit its model's embedding rows.
+    code) and that its ids fit its model's embedding rows; for a `model+adapter` reference, that
+    the adapter fits the model (targets, shapes, ranks).
     """
     from merge_lab.core.writer import parse_size
     from merge_lab.merge.planner import make_plan
@@ -178,6 +179,8 @@ def plan_cmd(
     table.add_row("predicted peak working memory", format_size(plan.predicted_peak_bytes()))
     table.add_row("free disk at output", format_size(free) + (" [green]enough[/green]" if enough else " [red]NOT enough[/red]"))
     out_console.print(table)
+    for note in plan.notes:  # e.g. each `model+adapter` reference: which adapter, at which scale
+        out_console.print(f"note: {note}")
     if not enough:
         raise typer.Exit(1)
 

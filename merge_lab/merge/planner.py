@@ -18,6 +18,8 @@ from pydantic import BaseModel
 
 from merge_lab.core.architecture import classify, is_vocab_tensor, num_layers
 from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
+from merge_lab.core.lora_applied import LoraAppliedCheckpoint, input_checkpoints
+from merge_lab.core.references import ModelOpener
 from merge_lab.errors import MergeLabError
 from merge_lab.merge import interface as registry
 from merge_lab.merge.embeddings import vocabulary_rows
@@ -271,10 +273,11 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
     if vocab is not None:
         config["vocab_size"] = vocab.rows
         notes.append(f"output vocabulary: {len(vocab.vocab)} tokens, {vocab.rows} rows; embedding rows aligned by token")
-    inputs_opened = [*ctx.models, *([ctx.base] if ctx.base else [])]
+    notes += adapter_notes([*([ctx.base] if ctx.base else []), *ctx.models])
+    opened = [*ctx.models, *([ctx.base] if ctx.base else [])]
     side = side_files(recipe, ref)
-    return Plan(recipe, cls.name, tasks, config, side, inputs_opened, notes,
-                tokenizer=output_tokenizer(recipe, vocab, side, inputs_opened))
+    return Plan(recipe, cls.name, tasks, config, side, input_checkpoints(opened), notes,
+                tokenizer=output_tokenizer(recipe, vocab, side, opened))
 
 
 def output_vocabulary(ctx: PlanContext) -> OutputVocabulary | None:
@@ -292,6 +295,11 @@ def output_vocabulary(ctx: PlanContext) -> OutputVocabulary | None:
             refs.append(recipe.base_model or "")
         base_index = at[0] if at else len(members) - 1
     return build_output_vocabulary(recipe, members, refs, base_index)
+
+
+def adapter_notes(checkpoints: list[Checkpoint]) -> list[str]:
+    """One note per `model+adapter` reference: which adapter, on which base, at which scale."""
+    return [c.summary for c in checkpoints if isinstance(c, LoraAppliedCheckpoint)]
 
 
 def with_dtype(recipe: Recipe, config: dict) -> dict:
@@ -339,8 +347,9 @@ def make_plan(recipe: Recipe) -> Plan:
         key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
         raise MergeLabError(f"{recipe.where(key)}: '{cls.name}' takes its vocabulary from its base; it takes no '{key}:'.")
     strategy = cls()
-    base = Checkpoint(recipe.resolve_path(recipe.base_model)) if recipe.base_model else None
-    models = [Checkpoint(recipe.resolve_path(m.model)) for m in recipe.models]
+    opener = ModelOpener(recipe.resolve_path)  # `model+adapter` references: the adapter applied while streaming
+    base = opener.open(recipe.base_model, recipe.where("base_model")) if recipe.base_model else None
+    models = [opener.open(m.model, recipe.where("models", i, "model")) for i, m in enumerate(recipe.models)]
     ctx = PlanContext(recipe, strategy, base, models, [m.model for m in recipe.models])
     if cls.structural:
         return strategy.build_plan(ctx)
@@ -361,15 +370,17 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
         check_inputs(view, cls)
     strategy = cls()
     opened: dict[Path, Checkpoint] = {}
+    opener = ModelOpener(recipe.resolve_path)
 
-    def open_model(ref: str) -> Checkpoint:
+    def open_model(ref: str, *key_path: object) -> Checkpoint:
         key = recipe.model_identity(ref)
         if key not in opened:
-            opened[key] = Checkpoint(recipe.resolve_path(ref))
+            opened[key] = opener.open(ref, recipe.where(*key_path))
         return opened[key]
 
-    base = open_model(recipe.base_model) if recipe.base_model else None
-    sources = [[open_model(src.model) for src in s.sources] for s in recipe.slices]
+    base = open_model(recipe.base_model, "base_model") if recipe.base_model else None
+    sources = [[open_model(src.model, "slices", k, "sources", i, "model") for i, src in enumerate(s.sources)]
+               for k, s in enumerate(recipe.slices)]
     ref = base if base is not None else sources[0][0]
     kinds = [
         f"{recipe.where('slices', k, 'sources', i)}: {c.path} is a '{c.model_type}' model but {ref.path} is "
@@ -408,7 +419,8 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
         tasks.append(TensorTask(row.output, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, sliced_config(recipe, sources, ref.config))
     layers = sum(s.length for s in recipe.slices)
-    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)", *arithmetic_note(recipe, tasks)]
+    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)", *arithmetic_note(recipe, tasks),
+             *adapter_notes(list(opened.values()))]
     side = side_files(recipe, ref)
-    return Plan(recipe, cls.name, tasks, config, side, list(opened.values()), notes,
+    return Plan(recipe, cls.name, tasks, config, side, input_checkpoints(list(opened.values())), notes,
                 tokenizer=output_tokenizer(recipe, None, side, list(opened.values())))

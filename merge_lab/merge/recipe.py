@@ -14,7 +14,6 @@ parameter checks see one shape of recipe whichever form was written.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -30,7 +29,10 @@ M = TypeVar("M", bound=BaseModel)
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="local model folder (or PEFT adapter folder where a strategy accepts one)")
+    model: str = Field(
+        description="local model folder, MODEL+ADAPTER (a PEFT LoRA adapter applied), or a PEFT adapter folder "
+        "where a strategy accepts one"
+    )
     parameters: dict[str, Any] = Field(default_factory=dict, description="this model's own parameters")
     label: str | None = Field(None, description="objective this model is an expert for (structural strategies)")
 
@@ -38,7 +40,7 @@ class ModelEntry(BaseModel):
 class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="local model folder")
+    model: str = Field(description="local model folder, or MODEL+ADAPTER (a PEFT LoRA adapter applied)")
     layer_range: tuple[int, int] = Field(description="[a, b]: this model's layers a .. b-1")
     parameters: dict[str, Any] = Field(default_factory=dict, description="this source's own parameters")
 
@@ -115,7 +117,9 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str = Field(description="strategy name; `merge-lab strategies` lists them")
-    base_model: str | None = Field(None, description="the common base (needed by delta-based methods)")
+    base_model: str | None = Field(
+        None, description="the common base (needed by delta-based methods); MODEL+ADAPTER applies an adapter"
+    )
     models: list[ModelEntry] = Field(default_factory=list, description="the models to merge")
     slices: list[OutputSlice] | None = Field(
         None, description="mergekit's layer slices: output layers from layer ranges of the models (instead of models:)"
@@ -175,8 +179,10 @@ class Recipe(BaseModel):
 
     def model_identity(self, ref: str) -> Path:
         """The folder a reference stands for, links followed: `./base`, `base/`, an absolute path
-        and a symlink to it are one model."""
-        return Path(os.path.realpath(self.resolve_path(ref)))
+        and a symlink to it are one model (and MODEL+ADAPTER, both folders so resolved)."""
+        from merge_lab.core.references import reference_identity  # (imports torch: only when asked)
+
+        return reference_identity(ref, self.resolve_path)
 
     def is_base(self, ref: str) -> bool:
         """Whether `ref` names the base model, however it is spelled."""
