@@ -158,3 +158,17 @@ def test_recipes_that_cannot_share_one_run_are_refused(world, tmp_path):
                                            "multitask": {"align": [str(recipes["helpful"])]}}])
     with pytest.raises(MergeLabError, match="exactly one of"):
         run_compare(path, progress=False)
+
+
+def test_readme_compare_file_with_the_baselines_is_valid():
+    from pathlib import Path
+
+    from merge_lab.core.config import parse_yaml
+    from merge_lab.evaluation.spec import CompareSpec
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("# compare.yaml\n", 1)[1].split("```", 1)[0]
+    spec, _ = parse_yaml(block, "README.md", CompareSpec, "compare file")
+    kinds = {c.name: c for c in spec.candidates}
+    assert kinds["mixture"].multitask.fuse.endswith("08_fuse_h3_moe.yaml")
+    assert kinds["ties_tuned"].merge_then_train.merges == ["ties"] and not kinds["ties_tuned"].selects
