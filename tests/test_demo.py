@@ -6,8 +6,10 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
+from merge_lab.core.checkpoint import Checkpoint
 from merge_lab.datasets import sources as data
 from merge_lab.demo.pipeline import DEMO_RECIPES, PROFILES, STEPS, effective_recipe, run_demo
 from merge_lab.evaluation.headline import rivals
@@ -136,6 +138,13 @@ def test_ablations_and_same_training_baselines_are_built_and_grouped(demo_run):
     assert as_run["08_fuse_h3_moe_router_only"]["train"] == {**fuse, "trainable": "router"}
     assert as_run["08_fuse_h3_moe_init_only"]["train"] == fuse  # its data gives the same centroid routers
     assert "Fusion training" not in (out / "fused" / "h3_moe_init_only" / "README.md").read_text()
+    # what trained: routers alone leave the experts as assembled; routers + expert LoRA change them too
+    init, alone, both = (Checkpoint(out / "fused" / n) for n in ("h3_moe_init_only", "h3_moe_router_only", "h3_moe"))
+    experts = [n for n in init.tensors if ".experts." in n]
+    router = next(n for n in init.tensors if n.endswith(".gate.weight"))
+    assert experts and all(torch.equal(init.get(n), alone.get(n)) for n in experts)
+    assert not all(torch.equal(init.get(n), both.get(n)) for n in experts)
+    assert not torch.equal(init.get(router), alone.get(router))
     mt = cands["multitask"]["training"]
     assert mt["steps"] == sum(as_run[f"0{i}_align_{x}"]["train"]["steps"]
                               for i, x in ((1, "helpful"), (2, "harmless"), (3, "honest"))) + fuse["steps"]
