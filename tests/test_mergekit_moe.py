@@ -239,7 +239,7 @@ def test_qwen_shared_expert_is_reported(models):
     assert extras.architecture == "Qwen MoE"
     assert len(extras.gate_prompts) == 3 and extras.routed_experts == 2  # the shared gate is the last row
     assert not any("shared expert" in u for u in extras.unsupported)  # Qwen MoE's: h3_moe's shared_expert
-    assert to_h3_recipe(config, where)["parameters"]["shared_expert"] == {"model": str(models["math"])}
+    assert to_h3_recipe(config, where)["parameters"]["shared_expert"] == str(models["math"])
     assert len(gate_prompts(config)) == 3
     routed, shared = config_gate_rows(config, where, device="cpu")
     assert routed.shape == (2, 2, 32) and shared.shape == (2, 1, 32)
@@ -366,9 +366,11 @@ def test_qwen_moe_shared_expert_matches_mergekit(tmp_path, mode, noise):
 
     base = tiny_base(tmp_path / "base", "qwen2", seed=0)
     models = {"base": base, "math": ffn_expert(base, tmp_path / "math", seed=1),
-              "code": ffn_expert(base, tmp_path / "code", seed=2), "shared": ffn_expert(base, tmp_path / "sh", seed=3)}
+              "code": ffn_expert(base, tmp_path / "code", seed=2)}
     data = yaml.safe_load(_sample(models, gate_mode=mode, dtype="float32"))
-    data["shared_experts"] = [{"source_model": str(models["shared"]), "positive_prompts": ["anything", "at all"],
+    # the base as the shared expert: mergekit-moe 0.1.5 opens only the base's and the experts' folders
+    # (initialize_io), so its Qwen MoE fails on a shared model that is neither; ours takes any fine-tune
+    data["shared_experts"] = [{"source_model": str(base), "positive_prompts": ["anything", "at all"],
                                "residual_scale": 0.25}]
     if noise is not None:
         data["experts"][0]["noise_scale"] = noise
@@ -383,7 +385,7 @@ def test_qwen_moe_shared_expert_matches_mergekit(tmp_path, mode, noise):
     assert "model.layers.1.mlp.shared_expert.down_proj.weight" in mine.tensors
     for name in theirs.tensors:
         assert torch.equal(theirs.get(name), mine.get(name)), name
-    shared_down = Checkpoint(models["shared"]).get("model.layers.0.mlp.down_proj.weight")
+    shared_down = Checkpoint(base).get("model.layers.0.mlp.down_proj.weight")
     if noise is None:
         assert torch.equal(mine.get("model.layers.0.mlp.shared_expert.down_proj.weight"), shared_down * 0.25)
     gate = mine.get("model.layers.0.mlp.shared_expert_gate.weight")
@@ -402,7 +404,7 @@ def test_shared_expert_needs_a_qwen2_base(models, tmp_path):
 
     recipe = {"merge_method": "h3_moe", "base_model": str(models["base"]),
               "models": [{"model": str(models["math"]), "label": "math"}, {"model": str(models["code"]), "label": "code"}],
-              "parameters": {"shared_expert": {"model": str(models["math"])}}}
+              "parameters": {"shared_expert": str(models["math"])}}
     text = yaml.safe_dump(recipe, sort_keys=False)
     with pytest.raises(MergeLabError, match=r"shared_expert.*needs a Qwen2-MoE output.*mixtral"):
         make_plan(parse_recipe(text, source="r.yaml"))

@@ -48,20 +48,13 @@ class H3Params(BaseModel):
     router_gates: str | None = Field(
         None, description="mergekit-moe config (gate_mode, prompts) whose gates are the rows (router_init: gates)"
     )
-    shared_expert: SharedExpertSpec | None = Field(
-        None, description="Qwen2-MoE output only: the shared expert's model (its gate row: the gates' config with "
+    shared_expert: str | None = Field(
+        None, description="Qwen2-MoE output only: model folder (a fine-tune of the base) whose FFN is every layer's "
+                          "shared expert (mergekit-moe's shared_experts[0]; its gate row: the gates' config with "
                           "router_init: gates, else zeros); unset: a zero placeholder that adds nothing"
     )
-
-
-class SharedExpertSpec(BaseModel):
-    """Qwen2-MoE's always-on shared expert taken from a model (mergekit-moe's `shared_experts[0]`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="model folder (a fine-tune of the base) whose FFN is every layer's shared expert")
-    residual_scale: float | None = Field(None, description="factor on its down_proj")
-    noise_scale: float | None = Field(None, description="std of Gaussian noise added to its FFN weights")
+    shared_residual_scale: float | None = Field(None, description="factor on the shared expert's down_proj")
+    shared_noise_scale: float | None = Field(None, description="std of Gaussian noise on the shared expert's FFN")
 
 
 class H3ModelParams(BaseModel):
@@ -248,7 +241,7 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
         if layout.family != "qwen2_moe":
             raise MergeLabError(f"{recipe.where('parameters', 'shared_expert')}: a shared expert needs a Qwen2-MoE "
                                 f"output (a qwen2 base); this base gives {layout.family}. Remove shared_expert.")
-        shared = Expert("shared expert", open_model(recipe.resolve_path(params.shared_expert.model)))
+        shared = Expert("shared expert", open_model(recipe.resolve_path(params.shared_expert)))
         _check_experts(base, [shared])
     if recipe.output_dtype:
         config["torch_dtype"] = config["dtype"] = recipe.output_dtype
@@ -307,15 +300,13 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                     noise = (stream, draw, noise_scale)
                 tasks.append(TensorTask(output, info.shape, out_dtype(info.dtype), ExpertOp(e, base, name, scale, noise)))
             if shared is not None:
-                spec = params.shared_expert
-                assert spec is not None
-                scale = spec.residual_scale if role.role == Role.MLP_DOWN else None
+                scale = params.shared_residual_scale if role.role == Role.MLP_DOWN else None
                 output = layout.shared_name(role.layer, role.role)
                 noise = None
-                if spec.noise_scale is not None:  # drawn after the routed experts' (mergekit's Qwen MoE order)
+                if params.shared_noise_scale is not None:  # drawn after the routed experts' (mergekit's order)
                     source = info.dtype if shared.is_adapter else shared.ckpt.info(name).dtype
                     draws[(role.layer, n, role.role)] = draw = NoisedTensor(output, info.shape, source)
-                    noise = (stream, draw, spec.noise_scale)
+                    noise = (stream, draw, params.shared_noise_scale)
                 tasks.append(TensorTask(output, info.shape, out_dtype(info.dtype),
                                         ExpertOp(shared, base, name, scale, noise)))
             layer, router = role.layer, layout.router_name(role.layer)

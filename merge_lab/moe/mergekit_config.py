@@ -310,9 +310,9 @@ def to_h3_recipe(config: MergekitMoeConfig, source: Where | str) -> dict:
     }
     if len(config.shared_experts or []) == 1:  # Qwen MoE's (the other architectures are refused by merge-lab moe)
         e = (config.shared_experts or [])[0]
-        spec = {"model": _local(e.source_model, where("shared_experts", 0, "source_model"), base),
-                "residual_scale": e.residual_scale, "noise_scale": e.noise_scale}
-        recipe["parameters"]["shared_expert"] = {k: v for k, v in spec.items() if v is not None}
+        spec = {"shared_expert": _local(e.source_model, where("shared_experts", 0, "source_model"), base),
+                "shared_residual_scale": e.residual_scale, "shared_noise_scale": e.noise_scale}
+        recipe["parameters"].update({k: v for k, v in spec.items() if v is not None})
     if config.dtype is not None:
         if config.dtype not in _RECIPE_DTYPES:
             raise MergeLabError(f"{where('dtype')}: dtype {config.dtype} is not an output dtype merge-lab writes; "

@@ -73,8 +73,9 @@ def _recipe_where(where: Where, n_experts: int) -> Where:
     copy(("models",), ("experts",))
     copy(("parameters", "top_k"), ("experts_per_token",))
     copy(("parameters", "router_init"), ("gate_mode",))
-    copy(("parameters", "shared_expert"), ("shared_experts", 0))
-    copy(("parameters", "shared_expert", "model"), ("shared_experts", 0, "source_model"))
+    copy(("parameters", "shared_expert"), ("shared_experts", 0, "source_model"))
+    copy(("parameters", "shared_residual_scale"), ("shared_experts", 0, "residual_scale"))
+    copy(("parameters", "shared_noise_scale"), ("shared_experts", 0, "noise_scale"))
     for i in range(n_experts):
         copy(("models", i), ("experts", i))
         copy(("models", i, "model"), ("experts", i, "source_model"))
