@@ -408,3 +408,19 @@ def test_shared_expert_needs_a_qwen2_base(models, tmp_path):
     text = yaml.safe_dump(recipe, sort_keys=False)
     with pytest.raises(MergeLabError, match=r"shared_expert.*needs a Qwen2-MoE output.*mixtral"):
         make_plan(parse_recipe(text, source="r.yaml"))
+
+
+def test_qwen3_moe_noise_follows_mergekits_draw_order(tmp_path):
+    """Qwen3 MoE draws each expert's noise gate, up, down (Mixtral: gate, down, up): bit for bit."""
+    base = tiny_base(tmp_path / "base", "qwen3", seed=0)
+    models = {"base": base, "math": ffn_expert(base, tmp_path / "math", seed=1),
+              "code": ffn_expert(base, tmp_path / "code", seed=2)}
+    data = yaml.safe_load(_sample(models, gate_mode="random", dtype="float32"))
+    data["experts"][1]["noise_scale"] = 0.03
+    work = tmp_path / "run"
+    work.mkdir()
+    mk, ours = _build_both(models, work, data, seed=0)
+    theirs, mine = _expert_tensors(mk), _expert_tensors(ours)
+    assert set(theirs) == set(mine) and len(mine) == 12
+    for key, t in theirs.items():
+        assert torch.equal(t, mine[key]), key
