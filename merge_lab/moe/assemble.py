@@ -287,28 +287,29 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     tasks: list[TensorTask] = []
     routers: dict[str, int] = {}  # router tensor -> its layer
     shared_gates: dict[str, int] = {}  # shared expert gate -> its layer (from the gates' config)
+
+    def expert_task(e: Expert, slot: int, output: str, name: str, role: Role, layer: int,
+                    scale: float | None, noise_scale: float | None) -> TensorTask:
+        """One expert's FFN tensor; a noised one also takes its place in mergekit's draw order
+        (`slot`: the expert's index, the shared expert after the routed ones)."""
+        info, noise = base.info(name), None
+        if noise_scale is not None:
+            source = info.dtype if e.is_adapter else e.ckpt.info(name).dtype
+            draws[(layer, slot, role)] = draw = NoisedTensor(output, info.shape, source)
+            noise = (stream, draw, noise_scale)
+        return TensorTask(output, info.shape, out_dtype(info.dtype), ExpertOp(e, base, name, scale, noise))
+
     for name, info in base.tensors.items():
         role = classify(name)
         if role.role in MLP_ROLES and role.layer is not None:
+            down = role.role == Role.MLP_DOWN
             for k, e in enumerate(experts):
-                scale = scales[k] if role.role == Role.MLP_DOWN else None
-                output = layout.expert_name(role.layer, k, role.role)
-                noise = None
-                if (noise_scale := expert_params[k].noise_scale) is not None:
-                    source = info.dtype if e.is_adapter else e.ckpt.info(name).dtype
-                    draws[(role.layer, k, role.role)] = draw = NoisedTensor(output, info.shape, source)
-                    noise = (stream, draw, noise_scale)
-                tasks.append(TensorTask(output, info.shape, out_dtype(info.dtype), ExpertOp(e, base, name, scale, noise)))
+                tasks.append(expert_task(e, k, layout.expert_name(role.layer, k, role.role), name, role.role,
+                                         role.layer, scales[k] if down else None, expert_params[k].noise_scale))
             if shared is not None:
-                scale = params.shared_residual_scale if role.role == Role.MLP_DOWN else None
-                output = layout.shared_name(role.layer, role.role)
-                noise = None
-                if params.shared_noise_scale is not None:  # drawn after the routed experts' (mergekit's order)
-                    source = info.dtype if shared.is_adapter else shared.ckpt.info(name).dtype
-                    draws[(role.layer, n, role.role)] = draw = NoisedTensor(output, info.shape, source)
-                    noise = (stream, draw, params.shared_noise_scale)
-                tasks.append(TensorTask(output, info.shape, out_dtype(info.dtype),
-                                        ExpertOp(shared, base, name, scale, noise)))
+                tasks.append(expert_task(shared, n, layout.shared_name(role.layer, role.role), name, role.role,
+                                         role.layer, params.shared_residual_scale if down else None,
+                                         params.shared_noise_scale))
             layer, router = role.layer, layout.router_name(role.layer)
             if router not in routers:
                 routers[router] = layer
