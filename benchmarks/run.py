@@ -1,6 +1,8 @@
 """`make bench`: merge_lab against mergekit and the I/O floor on synthetic Llama-shaped checkpoints.
 
-    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions each, all methods (35 min on 2 idle cores)
+    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions each, all methods (the first five
+                                          # took 35 min on 2 idle cores; mergekit's della alone took 16 min
+                                          # for one 0.5B run on shared cores)
     python -m benchmarks.run --quick      # 0.5B only, 1 repetition
     python -m benchmarks.run --sizes tiny --reps 1 --out /tmp/R.md --work /tmp/w   # smoke test
 
