@@ -1,6 +1,8 @@
 """`make bench`: merge_lab against mergekit and the I/O floor on synthetic Llama-shaped checkpoints.
 
-    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions each, all methods (35 min on 2 idle cores)
+    python -m benchmarks.run              # 0.5B and 1.5B sets, 3 repetitions each, all methods (the first five
+                                          # took 35 min on 2 idle cores; mergekit's della alone took 16 min
+                                          # for one 0.5B run on shared cores)
     python -m benchmarks.run --quick      # 0.5B only, 1 repetition
     python -m benchmarks.run --sizes tiny --reps 1 --out /tmp/R.md --work /tmp/w   # smoke test
 
@@ -12,6 +14,7 @@ raw figures to <work>/results.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -25,12 +28,14 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.runners import RUNNERS, recipe, run_one
+from benchmarks.runners import RUNNERS, frankenmerge_ranges, recipe, run_one
 from benchmarks.synth import SHAPES, ensure_family
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
-# wall time targets against mergekit (issue 5)
-WALL_TARGET = {"ties": 0.5, "dare_ties": 0.5, "linear": 0.8, "task_arithmetic": 0.8, "slerp": 0.8}
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp",
+           "model_stock", "della", "nuslerp", "breadcrumbs_ties", "passthrough")
+# wall time targets against mergekit (issue 5; the last five rows: issue 12 part 7)
+WALL_TARGET = {"ties": 0.5, "dare_ties": 0.5, "linear": 0.8, "task_arithmetic": 0.8, "slerp": 0.8,
+               "model_stock": 0.5, "della": 0.5, "nuslerp": 0.5, "breadcrumbs_ties": 0.5, "passthrough": 0.5}
 FLOOR_TARGET = {"linear": 1.5}
 
 
@@ -47,8 +52,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.1f} GiB memory, Python {platform.python_version()}"
 
 
-def out_bytes(shape_name: str) -> int:
-    return 2 * SHAPES[shape_name].params
+def out_bytes(shape_name: str, method: str = "linear") -> int:
+    """bf16 bytes of the merge's output: one model of the set, or the frankenmerge's deeper one."""
+    shape = SHAPES[shape_name]
+    if method == "passthrough":
+        depth = sum(b - a for a, b in frankenmerge_ranges(shape.layers))
+        shape = dataclasses.replace(shape, layers=depth)
+    return 2 * shape.params
 
 
 def probe_plan(r: dict, work: Path) -> dict | None:
@@ -67,8 +77,8 @@ def probe_plan(r: dict, work: Path) -> dict | None:
 
 
 def _measure(size: str, rep: int, method: str, runner: str, models: tuple[Path, ...], rows: dict, args) -> None:
-    r = recipe(method, models[0], list(models[1:]))
-    m = run_one(runner, r, args.work / "runs" / method, out_bytes(size), sync=not args.no_sync)
+    r = recipe(method, models[0], list(models[1:]), SHAPES[size].layers)
+    m = run_one(runner, r, args.work / "runs" / method, out_bytes(size, method), sync=not args.no_sync)
     d = rows[method][runner]
     d.setdefault("load", []).append(os.getloadavg()[0])
     if m.ok:
@@ -113,7 +123,9 @@ def render(results: dict) -> str:
         load_line([x for rows in results["sizes"].values() for m in rows.values() for d in m.values()
                    for x in d.get("load", [])], "at the end of each run"),
         "Inputs: synthetic Llama-shaped bf16 checkpoints (vocabulary 128256, untied embeddings), sharded in "
-        "1 GB files; base + 2 fine-tunes per set (linear averages all three, slerp uses base + 1). "
+        "1 GB files; base + 2 fine-tunes per set (linear averages all three, slerp uses base + 1, the others "
+        "merge the 2 fine-tunes onto the base; passthrough is a frankenmerge: the base's first 3/4 of the "
+        "layers, then the first fine-tune's last 3/4, 1.5x the layers and output). "
         "Recipe: `dtype: float32, out_dtype: bfloat16` for both tools (float32 arithmetic, bf16 output). "
         "merge_lab runs with `--no-hash-inputs` (hashing re-reads every input for the model card).  ",
         "Each run is a fresh process started with the inputs already in the page cache (read once "
@@ -241,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             results["done"][size] = done + rep + 1
             _save(results, args, started)
         if not args.no_probe and "merge_lab" in args.runners and size == args.sizes[0]:
-            results["probes"][size] = {m: probe_plan(recipe(m, base, fts), args.work / "runs" / m) for m in args.methods}
+            results["probes"][size] = {m: probe_plan(recipe(m, base, fts, SHAPES[size].layers), args.work / "runs" / m)
+                                       for m in args.methods}
             _save(results, args, started)
     print(f"[bench] wrote {args.out}", file=sys.stderr)
     return 0

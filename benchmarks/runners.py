@@ -31,8 +31,16 @@ class Measure:
     log: str
 
 
-def recipe(method: str, base: Path, fts: list[Path]) -> dict:
-    """One recipe both tools read as is; mergekit computes in float32 (as merge_lab does), both write bf16."""
+def frankenmerge_ranges(layers: int) -> list[tuple[int, int]]:
+    """The passthrough row's layer ranges: the base's first 3/4 then a fine-tune's last 3/4, so
+    the middle half of the layers appears twice (1.5x the layers, as a self-stacked frankenmerge)."""
+    return [(0, max(1, 3 * layers // 4)), (layers // 4, layers)]
+
+
+def recipe(method: str, base: Path, fts: list[Path], layers: int = 16) -> dict:
+    """One recipe both tools read as is; mergekit computes in float32 (as merge_lab does), both write bf16.
+
+    `layers` (the set's depth) only shapes the passthrough frankenmerge's slices."""
     common = {"dtype": "float32", "out_dtype": "bfloat16"}
     if method == "linear":
         models = [{"model": str(p), "parameters": {"weight": 1.0}} for p in [base, *fts]]
@@ -40,13 +48,26 @@ def recipe(method: str, base: Path, fts: list[Path]) -> dict:
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
                 "parameters": {"t": 0.5}, **common}
-    params = {"weight": 0.5} if method == "task_arithmetic" else {"weight": 0.5, "density": 0.5}
+    if method == "passthrough":
+        (a0, b0), (a1, b1) = frankenmerge_ranges(layers)
+        slices = [{"sources": [{"model": str(base), "layer_range": [a0, b0]}]},
+                  {"sources": [{"model": str(fts[0]), "layer_range": [a1, b1]}]}]
+        return {"merge_method": "passthrough", "slices": slices, **common}
+    if method == "model_stock":
+        return {"merge_method": "model_stock", "base_model": str(base),
+                "models": [{"model": str(p)} for p in fts], **common}
+    params: dict = {"weight": 0.5}
+    if method in ("ties", "dare_ties", "della", "breadcrumbs_ties"):
+        params["density"] = 0.5  # della: epsilon 0.15 and breadcrumbs: gamma 0.01, both tools' defaults
     return {"merge_method": method, "base_model": str(base),
             "models": [{"model": str(p), "parameters": dict(params)} for p in fts], **common}
 
 
 def recipe_inputs(r: dict) -> list[Path]:
-    refs = [m["model"] for m in r["models"]] + ([r["base_model"]] if r.get("base_model") else [])
+    if "slices" in r:
+        refs = [src["model"] for s in r["slices"] for src in s["sources"]]
+    else:
+        refs = [m["model"] for m in r["models"]] + ([r["base_model"]] if r.get("base_model") else [])
     return [Path(p) for p in dict.fromkeys(refs)]
 
 

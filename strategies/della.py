@@ -83,6 +83,20 @@ def prunes(p: DellaModel) -> bool:
     return 0.0 < p.density < 1.0
 
 
+def tie_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Each entry's 0-based ascending rank within its row (the last dimension), tied entries sharing
+    the lowest rank of their tie: `searchsorted(rows.sort().values, rows)` exactly, from one sort and
+    a scatter (half the time: the binary searches cost as much as the sort)."""
+    values, order = rows.sort(dim=-1)
+    if rows.shape[-1] < 2:
+        return torch.zeros_like(order)
+    positions = torch.arange(rows.shape[-1], device=rows.device).expand_as(order)
+    # where a new value starts in sorted order, its position; within a tie, the tie's first position
+    starts = torch.where(values[..., 1:] != values[..., :-1], positions[..., 1:], 0)
+    starts = torch.cat([torch.zeros_like(starts[..., :1]), starts], dim=-1).cummax(dim=-1).values
+    return torch.empty_like(order).scatter_(-1, order, starts)
+
+
 def keep_probabilities(
     delta: torch.Tensor, density: float, epsilon: float, sorted_magnitudes: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -94,7 +108,7 @@ def keep_probabilities(
         rank, m = torch.searchsorted(sorted_magnitudes.to(delta.device), magnitude), sorted_magnitudes.numel()
     else:
         rows = magnitude.movedim(1, -1).contiguous()
-        rank, m = torch.searchsorted(rows.sort(dim=-1).values, rows).movedim(-1, 1), delta.shape[1]
+        rank, m = tie_ranks(rows).movedim(-1, 1), delta.shape[1]
     if m < 2:
         return torch.full_like(delta, density)
     return rank.to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)

@@ -4,8 +4,11 @@ live in benchmarks/RESULTS.md, made by `make bench`)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
@@ -41,3 +44,35 @@ def test_harness_runs_every_method_and_runner(tmp_path):
     linear_ml = next(line for line in body if line.startswith("| linear | merge_lab |"))
     assert "x mergekit" in linear_ml and "x floor" in linear_ml and "RSS" in linear_ml
     assert "| ties | mergekit (not run) |" in table
+
+
+# the rows issue 12 part 7 added (model_stock, della, nuslerp, breadcrumbs_ties, passthrough slices)
+NEW_ROWS = ("model_stock", "della", "nuslerp", "breadcrumbs_ties", "passthrough")
+
+
+def test_new_rows_are_recipes_both_tools_plan_alike(tmp_path):
+    """Each new row's recipe is one both tools accept as is (mergekit's schema, our planner), and the
+    I/O floor writes as many bytes as merge_lab's plan does (the frankenmerge is deeper)."""
+    from mergekit.config import MergeConfiguration
+
+    from benchmarks.run import out_bytes
+    from benchmarks.runners import frankenmerge_ranges, recipe
+    from benchmarks.synth import SHAPES, ensure_family
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import parse_recipe
+
+    shape = SHAPES["tiny"]
+    base, *fts = ensure_family(tmp_path / "models", shape, 2, 200_000)
+    assert set(NEW_ROWS) <= set(METHODS)
+    for method in NEW_ROWS:
+        r = recipe(method, base, fts, shape.layers)
+        theirs = MergeConfiguration.model_validate(r)
+        assert theirs.merge_method == method
+        plan = make_plan(parse_recipe(yaml.safe_dump(r), source=method))
+        assert plan.strategy == method
+        written = sum(t.dtype.itemsize * math.prod(t.shape) for t in plan.tasks)
+        assert written == out_bytes("tiny", method), method
+        layers = {int(t.output.split(".")[2]) for t in plan.tasks if t.output.startswith("model.layers.")}
+        depth = sum(b - a for a, b in frankenmerge_ranges(shape.layers)) if method == "passthrough" else shape.layers
+        assert layers == set(range(depth)), method
+    assert frankenmerge_ranges(16) == [(0, 12), (4, 16)]  # the 0.5B / 1.5B sets: 24 layers out

@@ -215,7 +215,7 @@ def test_extras_carry_what_the_recipe_lacks(models):
     assert extras.architecture == "Mixtral" and extras.gate_mode == "hidden" and extras.routed_experts == 2
     assert extras.gate_prompts[0] == ExpertPrompts(["solve", "equation"], ["poem"])
     assert [(e.noise_scale, e.residual_scale) for e in extras.experts] == [(0.01, None), (None, 0.5)]
-    assert any("noise_scale" in u for u in extras.unsupported)
+    assert not any("noise_scale" in u for u in extras.unsupported)  # h3_moe's per-expert parameter now
     assert len(recipe["models"]) == 2
 
 
@@ -238,7 +238,8 @@ def test_qwen_shared_expert_is_reported(models):
     extras = mergekit_extras(config, where)
     assert extras.architecture == "Qwen MoE"
     assert len(extras.gate_prompts) == 3 and extras.routed_experts == 2  # the shared gate is the last row
-    assert any("shared expert" in u for u in extras.unsupported)
+    assert not any("shared expert" in u for u in extras.unsupported)  # Qwen MoE's: h3_moe's shared_expert
+    assert to_h3_recipe(config, where)["parameters"]["shared_expert"] == str(models["math"])
     assert len(gate_prompts(config)) == 3
     routed, shared = config_gate_rows(config, where, device="cpu")
     assert routed.shape == (2, 2, 32) and shared.shape == (2, 1, 32)
@@ -272,3 +273,154 @@ def test_mergekit_moe_build_writes_our_gate_rows(models, tmp_path):
     ours = gate_rows(models["base"], extras.gate_prompts, config.gate_mode, device="cpu").float()
     for layer in range(ours.shape[0]):
         torch.testing.assert_close(written.get(f"model.layers.{layer}.mlp.gate.weight"), ours[layer], atol=1e-6, rtol=0)
+
+
+# ---- noise_scale ----
+
+
+def _build_both(models, tmp_path, config: dict, seed: int) -> tuple[Path, Path]:
+    """mergekit-moe's build() after seeding the global RNG as its --random-seed does, and `merge-lab moe`
+    (recipe seed 0) on the same config file."""
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.options import MergeOptions
+    from mergekit.scripts.moe import build
+
+    from merge_lab.moe.mergekit_run import run_moe
+
+    path = tmp_path / "moe.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    options = MergeOptions(device="cpu", random_seed=seed)
+    options.apply_global_options()  # transformers' set_seed: torch's global RNG as mergekit-moe seeds it
+    build(MoEMergeConfig.model_validate(config), str(tmp_path / "mk"), options, device="cpu")
+    run_moe(path, tmp_path / "ours", progress=False)
+    return tmp_path / "mk", tmp_path / "ours"
+
+
+def _expert_tensors(folder: Path) -> dict[tuple[int, int, str], torch.Tensor]:
+    """(layer, expert, gate|up|down) -> weight, from mergekit's fused or our per-expert layout."""
+    from merge_lab.core.checkpoint import Checkpoint
+
+    role = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+    ckpt, out = Checkpoint(folder), {}
+    for name in ckpt.tensors:
+        parts = name.split(".")
+        if name.endswith("experts.gate_up_proj"):
+            t = ckpt.get(name)
+            for k in range(t.shape[0]):
+                out[(int(parts[2]), k, "gate")], out[(int(parts[2]), k, "up")] = t[k].chunk(2)
+        elif name.endswith("experts.down_proj"):
+            t = ckpt.get(name)
+            for k in range(t.shape[0]):
+                out[(int(parts[2]), k, "down")] = t[k]
+        elif ".experts." in name:
+            out[(int(parts[2]), int(parts[5]), role[parts[6]])] = ckpt.get(name)
+    return out
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("random", "float32"), ("cheap_embed", "bfloat16"), ("hidden", "float32")])
+def test_noise_scale_matches_mergekit_seeded(models, tmp_path, mode, dtype):
+    """noise_scale: the same draws as mergekit-moe with --random-seed 0, bit for bit, after the random
+    gates (same RNG) and before residual_scale; an expert without noise_scale is copied unchanged."""
+    data = yaml.safe_load(_sample(models, gate_mode=mode, dtype=dtype))
+    data["experts"][0]["noise_scale"] = 0.01
+    data["experts"][1].update(noise_scale=0.02, residual_scale=0.5)
+    mk, ours = _build_both(models, tmp_path, data, seed=0)
+    theirs, mine = _expert_tensors(mk), _expert_tensors(ours)
+    assert set(theirs) == set(mine) and len(mine) == 2 * 2 * 3  # layers x experts x projections
+    for key, t in theirs.items():
+        assert t.dtype == mine[key].dtype == getattr(torch, dtype), key
+        assert torch.equal(t, mine[key]), key
+    from merge_lab.core.checkpoint import Checkpoint
+
+    clean = Checkpoint(models["math"]).get("model.layers.1.mlp.up_proj.weight").to(getattr(torch, dtype))
+    moved = (mine[(1, 0, "up")].float() - clean.float()).std().item()
+    assert 0.005 < moved < 0.02  # noise of std 0.01 on the first expert
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(ours))  # loads as the Mixtral it claims to be
+
+
+def test_noise_draws_follow_the_seed_and_the_order(models, tmp_path):
+    """Another seed gives other noise; mergekit's draws move when it is seeded otherwise, so the match
+    above is the stream's, not a coincidence of zero noise."""
+    data = yaml.safe_load(_sample(models, gate_mode="cheap_embed", dtype="float32"))
+    data["experts"][0]["noise_scale"] = 0.01
+    del data["experts"][1]["residual_scale"]
+    mk, ours = _build_both(models, tmp_path, data, seed=1)
+    theirs, mine = _expert_tensors(mk), _expert_tensors(ours)
+    assert not torch.equal(theirs[(0, 0, "gate")], mine[(0, 0, "gate")])  # mergekit seeded 1, ours 0
+    assert torch.equal(theirs[(0, 1, "gate")], mine[(0, 1, "gate")])  # no noise on the second expert
+
+
+# ---- shared_experts (Qwen MoE from a qwen2 base) ----
+
+
+@pytest.mark.parametrize(("mode", "noise"), [("hidden", None), ("random", 0.01)])
+def test_qwen_moe_shared_expert_matches_mergekit(tmp_path, mode, noise):
+    """mergekit-moe's Qwen MoE: the shared model's FFN as `mlp.shared_expert.*` (its residual_scale and
+    noise applied), gated by its own row `mlp.shared_expert_gate` (its prompts, computed with the routed
+    experts' rows); every tensor bit for bit, and the result loads and runs as Qwen2-MoE."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_lab.core.checkpoint import Checkpoint
+
+    base = tiny_base(tmp_path / "base", "qwen2", seed=0)
+    models = {"base": base, "math": ffn_expert(base, tmp_path / "math", seed=1),
+              "code": ffn_expert(base, tmp_path / "code", seed=2)}
+    data = yaml.safe_load(_sample(models, gate_mode=mode, dtype="float32"))
+    # the base as the shared expert: mergekit-moe 0.1.5 opens only the base's and the experts' folders
+    # (initialize_io), so its Qwen MoE fails on a shared model that is neither; ours takes any fine-tune
+    data["shared_experts"] = [{"source_model": str(base), "positive_prompts": ["anything", "at all"],
+                               "residual_scale": 0.25}]
+    if noise is not None:
+        data["experts"][0]["noise_scale"] = noise
+        data["shared_experts"][0]["noise_scale"] = 2 * noise
+    else:
+        del data["experts"][0]["noise_scale"]
+    work = tmp_path / "run"
+    work.mkdir()
+    mk, ours = _build_both(models, work, data, seed=0)
+    theirs, mine = Checkpoint(mk), Checkpoint(ours)
+    assert set(mine.tensors) == set(theirs.tensors)
+    assert "model.layers.1.mlp.shared_expert.down_proj.weight" in mine.tensors
+    for name in theirs.tensors:
+        assert torch.equal(theirs.get(name), mine.get(name)), name
+    shared_down = Checkpoint(base).get("model.layers.0.mlp.down_proj.weight")
+    if noise is None:
+        assert torch.equal(mine.get("model.layers.0.mlp.shared_expert.down_proj.weight"), shared_down * 0.25)
+    gate = mine.get("model.layers.0.mlp.shared_expert_gate.weight")
+    assert gate.shape == (1, 32) and gate.abs().sum() > 0
+    model = AutoModelForCausalLM.from_pretrained(str(ours), dtype=torch.float32).eval()
+    assert model.config.model_type == "qwen2_moe"
+    assert model.config.shared_expert_intermediate_size == model.config.moe_intermediate_size
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()
+
+
+def test_shared_expert_needs_a_qwen2_base(models, tmp_path):
+    """h3_moe's shared_expert is Qwen2-MoE's; a llama base (Mixtral output) is told so at its key."""
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import parse_recipe
+
+    recipe = {"merge_method": "h3_moe", "base_model": str(models["base"]),
+              "models": [{"model": str(models["math"]), "label": "math"}, {"model": str(models["code"]), "label": "code"}],
+              "parameters": {"shared_expert": str(models["math"])}}
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    with pytest.raises(MergeLabError, match=r"shared_expert.*needs a Qwen2-MoE output.*mixtral"):
+        make_plan(parse_recipe(text, source="r.yaml"))
+
+
+def test_qwen3_moe_noise_follows_mergekits_draw_order(tmp_path):
+    """Qwen3 MoE draws each expert's noise gate, up, down (Mixtral: gate, down, up): bit for bit."""
+    base = tiny_base(tmp_path / "base", "qwen3", seed=0)
+    models = {"base": base, "math": ffn_expert(base, tmp_path / "math", seed=1),
+              "code": ffn_expert(base, tmp_path / "code", seed=2)}
+    data = yaml.safe_load(_sample(models, gate_mode="random", dtype="float32"))
+    data["experts"][1]["noise_scale"] = 0.03
+    work = tmp_path / "run"
+    work.mkdir()
+    mk, ours = _build_both(models, work, data, seed=0)
+    theirs, mine = _expert_tensors(mk), _expert_tensors(ours)
+    assert set(theirs) == set(mine) and len(mine) == 12
+    for key, t in theirs.items():
+        assert torch.equal(t, mine[key]), key

@@ -264,3 +264,17 @@ def test_sce_has_no_weights(fp32_family, tmp_path):
     msg = _plan_error(tmp_path, {"merge_method": "sce", "base_model": str(base),
                                  "models": [{"model": str(models[0]), "parameters": {"weight": 0.5}}]})
     assert "'sce' has no parameter 'weight'" in msg
+
+
+def test_della_tie_ranks_are_searchsorteds():
+    """DELLA's fast row ranks (one sort and a scatter) equal the binary-search ranks they replace,
+    ties sharing their lowest rank: values rounded so that most of them tie, zeros and 3-D included."""
+    from merge_lab.strategies.della import tie_ranks
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7, 33), (3, 5, 64), (1, 1), (4, 2)]:
+        rows = (torch.randn(shape, generator=g) * 4).round().abs()
+        rows[..., 0] = 0.0
+        expected = torch.searchsorted(rows.sort(dim=-1).values.contiguous(), rows.contiguous())
+        assert torch.equal(tie_ranks(rows), expected), shape
+    assert tie_ranks(torch.tensor([[2.0, 1.0, 2.0, 0.0]])).tolist() == [[2, 1, 2, 0]]

@@ -26,6 +26,7 @@ from merge_lab.merge.ops import ConstantOp, Deferred, Input, TensorOp, TensorTas
 from merge_lab.merge.planner import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.layout import moe_config
+from merge_lab.moe.noise import NoisedTensor, NoiseInit, NoiseStream, add_noise, draw_key
 from merge_lab.moe.router_init import CentroidInit, GateInit, RandomRouterOp, check_gates_config
 
 
@@ -47,6 +48,13 @@ class H3Params(BaseModel):
     router_gates: str | None = Field(
         None, description="mergekit-moe config (gate_mode, prompts) whose gates are the rows (router_init: gates)"
     )
+    shared_expert: str | None = Field(
+        None, description="Qwen2-MoE output only: model folder (a fine-tune of the base) whose FFN is every layer's "
+                          "shared expert (mergekit-moe's shared_experts[0]; its gate row: the gates' config with "
+                          "router_init: gates, else zeros); unset: a zero placeholder that adds nothing"
+    )
+    shared_residual_scale: float | None = Field(None, description="factor on the shared expert's down_proj")
+    shared_noise_scale: float | None = Field(None, description="std of Gaussian noise on the shared expert's FFN")
 
 
 class H3ModelParams(BaseModel):
@@ -54,6 +62,10 @@ class H3ModelParams(BaseModel):
 
     residual_scale: float | None = Field(
         None, description="factor on this expert's down_proj (mergekit-moe's residual_scale; default: none)"
+    )
+    noise_scale: float | None = Field(
+        None, description="std of Gaussian noise added to this expert's FFN weights (mergekit-moe's noise_scale, "
+                          "drawn as `mergekit-moe --random-seed SEED` draws it: merge_lab.moe.noise)"
     )
 
 
@@ -111,14 +123,15 @@ class NonFfnReport:
 
 @dataclass(frozen=True, eq=False)
 class ExpertOp(TensorOp):
-    """One expert's copy of a base FFN tensor: its own, or the base's plus its LoRA delta, times
-    `scale` when set (residual_scale on down_proj; in the input dtype, before the output cast, as
-    mergekit-moe scales)."""
+    """One expert's copy of a base FFN tensor: its own, or the base's plus its LoRA delta, plus
+    noise when `noise` is set (noise_scale), times `scale` when set (residual_scale on down_proj);
+    both in the input dtype, before the output cast, as mergekit-moe does them."""
 
     expert: Expert
     base: Checkpoint
     name: str  # the base's tensor
     scale: float | None = None
+    noise: tuple[NoiseStream, NoisedTensor, float] | None = None  # (stream, this tensor's draw, noise_scale)
 
     def arguments(self) -> tuple[Input, ...]:
         base = [(self.base, self.name)] if self.expert.is_adapter else []
@@ -127,6 +140,9 @@ class ExpertOp(TensorOp):
     def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         base, xs = (inputs[0], inputs[1:]) if self.expert.is_adapter else (None, inputs)
         value = self.expert.value(self.name, base, xs)
+        if self.noise is not None:
+            stream, draw, noise_scale = self.noise
+            return add_noise(value, draw.output, draw.dtype, noise_scale, stream, self.scale)
         return value if self.scale is None else value * self.scale
 
 
@@ -212,12 +228,21 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     assert base is not None
     experts = [Expert(lab, open_model(recipe.resolve_path(m.model))) for lab, m in zip(labels, recipe.models)]
     _check_experts(base, experts)
-    scales = [recipe.validate_block(H3ModelParams, ("models", i, "parameters"), "expert parameters").residual_scale
-              for i in range(len(experts))]
+    expert_params = [recipe.validate_block(H3ModelParams, ("models", i, "parameters"), "expert parameters")
+                     for i in range(len(experts))]
+    scales = [p.residual_scale for p in expert_params]
     n = len(experts)
     if params.top_k > n:
         raise MergeLabError(f"{recipe.where('parameters', 'top_k')}: top_k = {params.top_k} but there are only {n} experts.")
-    config, layout = moe_config(base.config, n, params.top_k, labels, str(base.path / "config.json"))
+    config, layout = moe_config(base.config, n, params.top_k, labels, str(base.path / "config.json"),
+                                shared_expert=params.shared_expert is not None)
+    shared: Expert | None = None
+    if params.shared_expert is not None:
+        if layout.family != "qwen2_moe":
+            raise MergeLabError(f"{recipe.where('parameters', 'shared_expert')}: a shared expert needs a Qwen2-MoE "
+                                f"output (a qwen2 base); this base gives {layout.family}. Remove shared_expert.")
+        shared = Expert("shared expert", open_model(recipe.resolve_path(params.shared_expert)))
+        _check_experts(base, [shared])
     if recipe.output_dtype:
         config["torch_dtype"] = config["dtype"] = recipe.output_dtype
     hidden = int(base.config["hidden_size"])
@@ -257,15 +282,34 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
             notes.append(f"adapter '{e.label}' also adapts {len(touched)} tensor(s) outside the FFN, e.g. {touched[0]}")
 
     router_dtype = out_dtype(next(i.dtype for i in base.tensors.values() if i.dtype.is_floating_point))
+    stream = NoiseStream(recipe.seed)
+    draws: dict[tuple[int, int, Role], NoisedTensor] = {}  # (layer, expert, role) -> its noise draw
     tasks: list[TensorTask] = []
     routers: dict[str, int] = {}  # router tensor -> its layer
+    shared_gates: dict[str, int] = {}  # shared expert gate -> its layer (from the gates' config)
+
+    def expert_task(e: Expert, slot: int, output: str, name: str, role: Role, layer: int,
+                    scale: float | None, noise_scale: float | None) -> TensorTask:
+        """One expert's FFN tensor; a noised one also takes its place in mergekit's draw order
+        (`slot`: the expert's index, the shared expert after the routed ones)."""
+        info, noise = base.info(name), None
+        if noise_scale is not None:
+            source = info.dtype if e.is_adapter else e.ckpt.info(name).dtype
+            draws[(layer, slot, role)] = draw = NoisedTensor(output, info.shape, source)
+            noise = (stream, draw, noise_scale)
+        return TensorTask(output, info.shape, out_dtype(info.dtype), ExpertOp(e, base, name, scale, noise))
+
     for name, info in base.tensors.items():
         role = classify(name)
         if role.role in MLP_ROLES and role.layer is not None:
+            down = role.role == Role.MLP_DOWN
             for k, e in enumerate(experts):
-                scale = scales[k] if role.role == Role.MLP_DOWN else None
-                tasks.append(TensorTask(layout.expert_name(role.layer, k, role.role), info.shape,
-                                        out_dtype(info.dtype), ExpertOp(e, base, name, scale)))
+                tasks.append(expert_task(e, k, layout.expert_name(role.layer, k, role.role), name, role.role,
+                                         role.layer, scales[k] if down else None, expert_params[k].noise_scale))
+            if shared is not None:
+                tasks.append(expert_task(shared, n, layout.shared_name(role.layer, role.role), name, role.role,
+                                         role.layer, params.shared_residual_scale if down else None,
+                                         params.shared_noise_scale))
             layer, router = role.layer, layout.router_name(role.layer)
             if router not in routers:
                 routers[router] = layer
@@ -273,15 +317,22 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                                 else Deferred("mergekit-moe gate init") if gates
                                 else RandomRouterOp(n, hidden, std, recipe.seed, layer))
                 tasks.append(TensorTask(router, (n, hidden), router_dtype, op))
-                for extra, shape in layout.extra_tensors(layer, hidden):
-                    tasks.append(TensorTask(extra, shape, router_dtype, ConstantOp(torch.zeros(shape))))
+                for extra, shape in layout.extra_tensors(layer, hidden, shared=shared is not None):
+                    extra_op: TensorOp = ConstantOp(torch.zeros(shape))
+                    if shared is not None and gates and extra == layout.shared_gate_name(layer):
+                        shared_gates[extra] = layer
+                        extra_op = Deferred("mergekit-moe gate init")
+                    tasks.append(TensorTask(extra, shape, router_dtype, extra_op))
             continue
         tasks.append(TensorTask(name, info.shape, out_dtype(info.dtype),
                                 NonFfnOp(tuple(experts), base, name, params.non_ffn, report)))
     if not routers:
         raise MergeLabError(f"{base.path}: found no FFN (mlp gate/up/down) tensors to turn into experts.")
-    inputs = [base] + [e.ckpt for e in experts]
+    inputs = [base] + [e.ckpt for e in experts] + ([shared.ckpt] if shared is not None else [])
     steps: list = [CentroidInit(base.path, recipe, tuple(labels), routers)] if centroid else []
     if gates:
-        steps.append(GateInit(Path(str(params.router_gates)), recipe.seed, routers, router_dtype, notes))
+        steps.append(GateInit(Path(str(params.router_gates)), recipe.seed, routers, router_dtype, notes, shared_gates))
+    if draws:
+        order = tuple(draws[d] for d in sorted(draws, key=lambda d: draw_key(layout.family, *d)))
+        steps.append(NoiseInit(order, stream, Path(str(params.router_gates)) if gates else None))
     return Plan(recipe, strategy_name, tasks, config, base.path, inputs, notes, steps)

@@ -66,6 +66,12 @@ def _base_config(base: Path) -> dict:
     return cfg
 
 
+def gate_shape(base: Path) -> tuple[int, int]:
+    """(layers, hidden size) of the base: the routers' shape per expert, from its config.json."""
+    cfg = _base_config(base)
+    return int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+
+
 def random_gate_rows(layers: int, experts: int, hidden: int, mode: str, seed: int) -> torch.Tensor:
     """mergekit's `random` / `uniform_random` rows [layers, experts, hidden], from a seeded generator."""
     g = torch.Generator().manual_seed(seed)
@@ -138,8 +144,7 @@ def gate_rows(
         raise MergeLabError(f"unknown gate_mode '{mode}'; one of: {', '.join(GATE_MODES)}.")
     if not experts_prompts:
         raise MergeLabError("gate_rows: no experts given.")
-    cfg = _base_config(base)
-    layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+    layers, hidden = gate_shape(base)
     if mode in ("random", "uniform_random"):
         return random_gate_rows(layers, len(experts_prompts), hidden, mode, seed)
     for i, e in enumerate(experts_prompts):

@@ -46,16 +46,27 @@ class MoeLayout:
     def router_name(self, layer: int) -> str:
         return f"model.layers.{layer}.{self.block}.gate.weight"
 
-    def extra_tensors(self, layer: int, hidden: int) -> list[tuple[str, tuple[int, ...]]]:
-        """Tensors the family needs that no dense model has (all zeros)."""
+    def shared_name(self, layer: int, role: Role) -> str:
+        """Qwen2-MoE's shared expert projection of a layer (a dense FFN beside the routed experts)."""
+        names = {Role.MLP_GATE: "gate_proj", Role.MLP_UP: "up_proj", Role.MLP_DOWN: "down_proj"}
+        return f"model.layers.{layer}.mlp.shared_expert.{names[role]}.weight"
+
+    def shared_gate_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
+
+    def extra_tensors(self, layer: int, hidden: int, shared: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+        """Tensors the family needs that no dense model has (all zeros); with a `shared` expert (its
+        FFN made elsewhere) only the shared expert's gate row."""
         if self.family != "qwen2_moe":
             return []
-        p = f"model.layers.{layer}.mlp"
+        gate = [(self.shared_gate_name(layer), (1, hidden))]
+        if shared:
+            return gate
         return [
-            (f"{p}.shared_expert.gate_proj.weight", (SHARED_WIDTH, hidden)),
-            (f"{p}.shared_expert.up_proj.weight", (SHARED_WIDTH, hidden)),
-            (f"{p}.shared_expert.down_proj.weight", (hidden, SHARED_WIDTH)),
-            (f"{p}.shared_expert_gate.weight", (1, hidden)),
+            (self.shared_name(layer, Role.MLP_GATE), (SHARED_WIDTH, hidden)),
+            (self.shared_name(layer, Role.MLP_UP), (SHARED_WIDTH, hidden)),
+            (self.shared_name(layer, Role.MLP_DOWN), (hidden, SHARED_WIDTH)),
+            *gate,
         ]
 
     def memory_name(self, hub_name: str) -> tuple[str, int | None, slice | None]:
@@ -83,9 +94,12 @@ def family_of(model_type: str, where: str) -> str:
         ) from None
 
 
-def moe_config(base: dict, n_experts: int, top_k: int, labels: list[str], where: str) -> tuple[dict, MoeLayout]:
+def moe_config(base: dict, n_experts: int, top_k: int, labels: list[str], where: str,
+               shared_expert: bool = False) -> tuple[dict, MoeLayout]:
     """The MoE config.json: the base's config (rope, norms, head_dim, vocab, tied embeddings, special
-    tokens) with the family's MoE keys; and the tensor layout that goes with it."""
+    tokens) with the family's MoE keys; and the tensor layout that goes with it. Qwen2-MoE's shared
+    expert is the zero placeholder, or with `shared_expert` a full FFN of the base's width (as
+    mergekit-moe writes it)."""
     family = family_of(base.get("model_type", "unknown"), where)
     cfg = dict(base)
     for key in _DENSE_ONLY[family]:
@@ -101,7 +115,7 @@ def moe_config(base: dict, n_experts: int, top_k: int, labels: list[str], where:
         cfg.update(num_experts=n_experts, moe_intermediate_size=inter, norm_topk_prob=True,
                    decoder_sparse_step=1, mlp_only_layers=[])
         if family == "qwen2_moe":
-            cfg.update(shared_expert_intermediate_size=SHARED_WIDTH, qkv_bias=True)
+            cfg.update(shared_expert_intermediate_size=inter if shared_expert else SHARED_WIDTH, qkv_bias=True)
     cfg["merge_lab_expert_labels"] = list(labels)
     return cfg, MoeLayout(family, inter)
 

@@ -3,7 +3,8 @@
 A mergekit-moe YAML (`base_model`, `experts[]` with prompts, `gate_mode`, `experts_per_token`,
 `shared_experts`, `architecture`, `dtype`) becomes our `h3_moe` recipe dict plus a side
 structure (`MergekitExtras`) holding what the recipe has no key for yet: gate mode and prompts
-(rows come from merge_lab.moe.gates), per-expert noise_scale / residual_scale, shared experts.
+(rows come from merge_lab.moe.gates), per-expert noise_scale / residual_scale (which `merge-lab moe`
+passes on as h3_moe's per-expert parameters), shared experts.
 
 Where we are stricter than mergekit-moe, and why:
 - Unknown keys are errors with line and did-you-mean (mergekit's pydantic models ignore them, so a
@@ -289,7 +290,8 @@ def _labels(paths: list[str]) -> list[str]:
 
 
 def to_h3_recipe(config: MergekitMoeConfig, source: Where | str) -> dict:
-    """The h3_moe recipe dict for `config` (routed experts only; see `mergekit_extras` for the rest).
+    """The h3_moe recipe dict for `config` (routed experts, and a single shared expert as h3_moe's
+    `shared_expert`; see `mergekit_extras` for the rest).
 
     Non-FFN weights come from the base (mergekit copies them from the base), top_k is
     experts_per_token, labels are the experts' folder names. `router_init` is left at `random`:
@@ -306,6 +308,11 @@ def to_h3_recipe(config: MergekitMoeConfig, source: Where | str) -> dict:
         "models": [{"model": p, "label": lab} for p, lab in zip(paths, _labels(paths))],
         "parameters": {"top_k": config.experts_per_token, "router_init": "random", "non_ffn": "base"},
     }
+    if len(config.shared_experts or []) == 1:  # Qwen MoE's (the other architectures are refused by merge-lab moe)
+        e = (config.shared_experts or [])[0]
+        spec = {"shared_expert": _local(e.source_model, where("shared_experts", 0, "source_model"), base),
+                "shared_residual_scale": e.residual_scale, "shared_noise_scale": e.noise_scale}
+        recipe["parameters"].update({k: v for k, v in spec.items() if v is not None})
     if config.dtype is not None:
         if config.dtype not in _RECIPE_DTYPES:
             raise MergeLabError(f"{where('dtype')}: dtype {config.dtype} is not an output dtype merge-lab writes; "
@@ -364,12 +371,9 @@ def mergekit_extras(config: MergekitMoeConfig, source: Where | str) -> MergekitE
                            "(llama/mistral -> Mixtral)")
     shared = [ExpertExtras(ref_text(e.source_model), e.noise_scale, e.residual_scale)
               for e in config.shared_experts or []]
-    if shared:
-        unsupported.append("shared expert: h3_moe's Qwen2-MoE shared expert is a zero placeholder; mergekit copies "
-                           "the shared model's FFN and gates it with its own row")
+    if shared and arch != "Qwen MoE":
+        unsupported.append(f"shared expert with output architecture {arch}: h3_moe's shared expert is Qwen2-MoE's")
     experts = [ExpertExtras(ref_text(e.source_model), e.noise_scale, e.residual_scale) for e in config.experts]
-    if any(e.noise_scale is not None for e in experts + shared):
-        unsupported.append("noise_scale on expert FFN weights (residual_scale is h3_moe's per-expert parameter)")
     return MergekitExtras(config.gate_mode, gate_prompts(config), len(config.experts), experts, shared, arch,
                           unsupported)
 

@@ -8,8 +8,11 @@ architecture) and streamed by the same engine and writer as `merge`. An optional
 routers with the H3 gating loss through `merge_lab.moe.pipeline.fuse`: prompt-averaged gates
 become trained ones, and the summary says the routing accuracy before and after.
 
-An expert's residual_scale multiplies its down_proj (ExpertOp). What h3_moe cannot do yet is
-refused, naming the key and its line: noise_scale on an expert, shared experts, DeepSeek MoE output, Qwen MoE output from a llama / mistral base.
+An expert's residual_scale multiplies its down_proj and its noise_scale adds Gaussian noise to its
+FFN weights (ExpertOp; the noise is drawn as `mergekit-moe --random-seed 0` draws it, from the
+recipe's seed, 0: merge_lab.moe.noise). What h3_moe cannot do yet is refused, naming the key and
+its line: DeepSeek MoE output, Qwen MoE output from a llama / mistral base. Qwen MoE's one shared
+expert (qwen2 bases) is h3_moe's `shared_expert`: the shared model's FFN, gated by its own row.
 """
 
 from __future__ import annotations
@@ -45,17 +48,6 @@ class MoeResult:
 
 def refuse_unsupported(config: MergekitMoeConfig, where: Where, extras: MergekitExtras, base_type: str) -> None:
     """What mergekit-moe would do that h3_moe cannot yet: an error naming the key and line."""
-    for i, e in enumerate(config.experts):
-        if e.noise_scale is not None:
-            raise MergeLabError(
-                f"{where('experts', i, 'noise_scale')}: noise_scale is not supported by merge-lab moe yet (mergekit-moe "
-                "adds unseeded noise to the expert's FFN weights); remove it, or build this MoE with mergekit-moe."
-            )
-    if config.shared_experts:
-        raise MergeLabError(
-            f"{where('shared_experts')}: shared experts are not supported by merge-lab moe yet (h3_moe's Qwen2-MoE "
-            "shared expert is a zero placeholder, mergekit copies the shared model's FFN); remove shared_experts."
-        )
     arch = extras.architecture or ""
     key = "architecture" if config.architecture else "base_model"
     if arch not in H3_FAMILY:
@@ -63,7 +55,8 @@ def refuse_unsupported(config: MergekitMoeConfig, where: Where, extras: Mergekit
                             "Mixtral (llama / mistral bases) and Qwen3 MoE (qwen3 bases). Set architecture: mixtral.")
     if arch == "Qwen MoE" and base_type != "qwen2":
         raise MergeLabError(f"{where(key)}: Qwen MoE output from a {base_type} base is not supported: h3_moe picks "
-                            "the layout from the base (llama / mistral -> Mixtral). Set architecture: mixtral.")
+                            "the layout from the base (llama / mistral -> Mixtral, without shared experts). "
+                            "Use a qwen2 base, or remove shared_experts and set architecture: mixtral.")
 
 
 def _recipe_where(where: Where, n_experts: int) -> Where:
@@ -80,10 +73,14 @@ def _recipe_where(where: Where, n_experts: int) -> Where:
     copy(("models",), ("experts",))
     copy(("parameters", "top_k"), ("experts_per_token",))
     copy(("parameters", "router_init"), ("gate_mode",))
+    copy(("parameters", "shared_expert"), ("shared_experts", 0, "source_model"))
+    copy(("parameters", "shared_residual_scale"), ("shared_experts", 0, "residual_scale"))
+    copy(("parameters", "shared_noise_scale"), ("shared_experts", 0, "noise_scale"))
     for i in range(n_experts):
         copy(("models", i), ("experts", i))
         copy(("models", i, "model"), ("experts", i, "source_model"))
         copy(("models", i, "parameters", "residual_scale"), ("experts", i, "residual_scale"))
+        copy(("models", i, "parameters", "noise_scale"), ("experts", i, "noise_scale"))
     lines.update({k: v for k, v in where.lines.items() if k[:1] == ("train",)})
     return Where(where.source, lines)
 
@@ -96,8 +93,9 @@ def moe_recipe(path: str | Path, allow_all_same: bool = False) -> tuple[Recipe, 
     refuse_unsupported(config, where, extras, base_model_type(config, where))
     data["parameters"].update({"router_init": "gates", "router_gates": str(path)})
     for entry, e in zip(data["models"], config.experts):
-        if e.residual_scale is not None:
-            entry["parameters"] = {"residual_scale": e.residual_scale}
+        scales = {"residual_scale": e.residual_scale, "noise_scale": e.noise_scale}
+        if any(v is not None for v in scales.values()):
+            entry["parameters"] = {k: v for k, v in scales.items() if v is not None}
     if train is not None:
         data["train"] = train
     rwhere = _recipe_where(where, len(config.experts))

@@ -15,7 +15,7 @@ and before it opens the output; its rows reach the router tensors as constants.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -133,14 +133,20 @@ class GateInit:
     routers: Mapping[str, int]  # router tensor -> its layer
     dtype: torch.dtype
     notes: list[str]  # the plan's notes: layers whose prompts are too alike (mergekit warns on these)
+    shared_gates: Mapping[str, int] = field(default_factory=dict)  # Qwen MoE shared expert gate -> its layer
 
     def run(self) -> dict[str, torch.Tensor]:
         from merge_lab.moe.gates import degenerate_layers
         from merge_lab.moe.mergekit_config import config_gate_rows, load_moe_file
 
         config, where, _ = load_moe_file(self.config, allow_all_same=True)
-        rows, _shared = config_gate_rows(config, where, seed=self.seed)
+        rows, shared = config_gate_rows(config, where, seed=self.seed)
+        if self.shared_gates and shared.shape[1] != 1:
+            raise MergeLabError(f"{self.config}: the recipe has a shared expert, but this mergekit-moe config gates "
+                                f"{shared.shape[1]} shared experts (Qwen MoE: exactly one, with prompts or random gates).")
         if config.gate_mode not in ("random", "uniform_random") and (bad := degenerate_layers(rows)):
             self.notes.append(f"gate_mode {config.gate_mode}: the router rows of layer(s) {bad} are nearly dependent "
                               "(the experts' prompts are too alike there); give more distinct prompts or train them")
-        return {name: rows[layer].to(self.dtype) for name, layer in self.routers.items()}
+        out = {name: rows[layer].to(self.dtype) for name, layer in self.routers.items()}
+        out.update({name: shared[layer].to(self.dtype) for name, layer in self.shared_gates.items()})
+        return out
