@@ -70,11 +70,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Under one launch (each costs tens of seconds of start-up): an uneven split refused, then the CLI.
+SCRIPT = """import sys
+from merge_lab.cli import main
+from merge_lab.errors import MergeLabError
+from merge_lab.training.align import align
+
+uneven, recipe, out = sys.argv[1:]
+try:
+    align(uneven, out, progress=False)
+except MergeLabError as e:
+    print(f"refused: {e}", flush=True)
+else:
+    raise SystemExit("a batch the processes cannot split evenly was not refused")
+sys.argv = ["merge-lab", "align", recipe, "-o", out, "--no-progress"]
+main()
+"""
+
+
 def _launch(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` with 2 CPU processes (torchrun under --multi_gpu; gloo, as there are no GPUs)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "merge_lab", "align", *args]
+           "--main_process_port", str(_free_port()), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
                 "HF_HOME": str(cwd / "hf"), **(env or {})}  # HF_HOME: no user accelerate config
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
@@ -87,13 +105,21 @@ def _records(path: Path) -> list[dict]:
 def test_two_processes_share_batches_and_train_the_one_process_expert(tiny, tmp_path, monkeypatch):
     _, _, doc = tiny
     recipe = write_recipe(tmp_path / "align.yaml", doc)
-    rows = tmp_path / "rows.jsonl"
-    res = _launch(tmp_path, str(recipe), "-o", "two", "--no-progress", env={"MERGE_LAB_RECORD_ROWS": str(rows)})
+    uneven = write_recipe(tmp_path / "uneven.yaml", {**doc, "train": {**TRAIN, "batch_size": 3}})
+    script, rows = tmp_path / "launched.py", tmp_path / "rows.jsonl"
+    script.write_text(SCRIPT)
+    res = _launch(tmp_path, str(script), str(uneven), str(recipe), "two", env={"MERGE_LAB_RECORD_ROWS": str(rows)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     two = tmp_path / "two"
 
+    # both processes refused the batch of 3 before loading the model, naming the recipe's line
+    refusals = [line for line in res.stdout.splitlines() if line.startswith("refused: ")]
+    assert len(refusals) == 2 and all("uneven.yaml, line" in r for r in refusals), res.stdout
+    assert "(train.batch_size): batch size 3 is the global batch" in refusals[0] and "(e.g. 2 or 4)" in refusals[0]
+
     # one output, written once, and the summary, the card and the log say how the batch was split
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf") == ["align.yaml", "rows.jsonl", "two"]
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != "hf")
+    assert names == ["align.yaml", "launched.py", "rows.jsonl", "two", "uneven.yaml"]
     assert res.stdout.count("align complete") == 1 and "2 processes, 2 rows each" in res.stdout
     assert "4 rows per step, 2 processes, 2 rows each" in (two / "README.md").read_text()
     log = json.loads((two / "align_log.json").read_text())
@@ -124,12 +150,3 @@ def test_two_processes_share_batches_and_train_the_one_process_expert(tiny, tmp_
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
     assert log["losses"] == pytest.approx(json.loads((one.path / "align_log.json").read_text())["losses"], abs=1e-4)
 
-
-def test_a_batch_two_processes_cannot_split_evenly_is_refused(tiny, tmp_path):
-    _, _, doc = tiny
-    recipe = write_recipe(tmp_path / "align.yaml", {**doc, "train": {**TRAIN, "batch_size": 3}})
-    res = _launch(tmp_path, str(recipe), "-o", "out", "--no-progress")
-    assert res.returncode != 0
-    assert "(train.batch_size): batch size 3 is the global batch" in res.stdout + res.stderr
-    assert "(e.g. 2 or 4)" in res.stdout + res.stderr
-    assert not (tmp_path / "out").exists()
