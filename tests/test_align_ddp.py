@@ -70,28 +70,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Under one launch (each costs tens of seconds of start-up): an uneven split refused, then the CLI.
-SCRIPT = """import sys
-from merge_lab.cli import main
+# A user's accelerate FSDP config (`accelerate config` writes one like it). On CPU processes accelerate
+# runs it as DDP (it shards over GPUs and alike only); sync_module_states needs such a device.
+FSDP_CONFIG = {
+    "compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_processes": 2, "num_machines": 1,
+    "machine_rank": 0, "mixed_precision": "no", "use_cpu": False, "rdzv_backend": "static", "same_network": True,
+    "fsdp_config": {"fsdp_version": 1, "fsdp_sharding_strategy": "FULL_SHARD", "fsdp_use_orig_params": True,
+                    "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                    "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                    "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_sync_module_states": False,
+                    "fsdp_cpu_ram_efficient_loading": False},
+}
+
+# Under one launch (each costs tens of seconds of start-up): an uneven split refused, the CLI (DDP,
+# as accelerate runs the FSDP config on CPU), then align with the weights really sharded (FSDP2):
+# accelerate would not shard on CPU processes, so the test switches its state to FSDP once made.
+SCRIPT = """import os
+import sys
+
+import accelerate
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+from merge_lab.cli import app
 from merge_lab.errors import MergeLabError
 from merge_lab.training.align import align
 
-uneven, recipe, out = sys.argv[1:]
+uneven, recipe, out, sharded_out = sys.argv[1:]
 try:
     align(uneven, out, progress=False)
 except MergeLabError as e:
     print(f"refused: {e}", flush=True)
 else:
     raise SystemExit("a batch the processes cannot split evenly was not refused")
-sys.argv = ["merge-lab", "align", recipe, "-o", out, "--no-progress"]
-main()
+app(["align", recipe, "-o", out, "--no-progress"], standalone_mode=False)
+
+
+class ShardedOnCPU(accelerate.Accelerator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        accelerate.PartialState().distributed_type = self.state.distributed_type = DistributedType.FSDP
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"], state_dict_type="FULL_STATE_DICT")
+
+    def prepare(self, *args):
+        prepared = super().prepare(*args)
+        print(f"prepared {type(prepared[0]).__name__} under {self.distributed_type.value}", flush=True)
+        return prepared
+
+
+accelerate.Accelerator = ShardedOnCPU
+del os.environ["MERGE_LAB_RECORD_ROWS"]
+align(recipe, sharded_out, progress=False)
 """
 
 
 def _launch(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch` with 2 CPU processes (torchrun under --multi_gpu; gloo, as there are no GPUs)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    """`accelerate launch --config_file` an FSDP config with 2 CPU processes (torchrun; gloo)."""
+    config = write_recipe(cwd / "fsdp.yaml", FSDP_CONFIG)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--main_process_port", str(_free_port()), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
                 "HF_HOME": str(cwd / "hf"), **(env or {})}  # HF_HOME: no user accelerate config
@@ -108,7 +145,8 @@ def test_two_processes_share_batches_and_train_the_one_process_expert(tiny, tmp_
     uneven = write_recipe(tmp_path / "uneven.yaml", {**doc, "train": {**TRAIN, "batch_size": 3}})
     script, rows = tmp_path / "launched.py", tmp_path / "rows.jsonl"
     script.write_text(SCRIPT)
-    res = _launch(tmp_path, str(script), str(uneven), str(recipe), "two", env={"MERGE_LAB_RECORD_ROWS": str(rows)})
+    res = _launch(tmp_path, str(script), str(uneven), str(recipe), "two", "sharded",
+                  env={"MERGE_LAB_RECORD_ROWS": str(rows)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     two = tmp_path / "two"
 
@@ -119,8 +157,11 @@ def test_two_processes_share_batches_and_train_the_one_process_expert(tiny, tmp_
 
     # one output, written once, and the summary, the card and the log say how the batch was split
     names = sorted(p.name for p in tmp_path.iterdir() if p.name != "hf")
-    assert names == ["align.yaml", "launched.py", "rows.jsonl", "two", "uneven.yaml"]
+    assert names == ["align.yaml", "fsdp.yaml", "launched.py", "rows.jsonl", "sharded", "two", "uneven.yaml"]
     assert res.stdout.count("align complete") == 1 and "2 processes, 2 rows each" in res.stdout
+    assert "note: the FSDP config ran as DDP (MULTI_CPU)" in res.stderr
+    assert res.stdout.count("prepared DistributedDataParallel under MULTI_CPU") == 0
+    assert res.stdout.count("prepared FSDPReplyLoss under FSDP") == 2, res.stdout
     assert "4 rows per step, 2 processes, 2 rows each" in (two / "README.md").read_text()
     log = json.loads((two / "align_log.json").read_text())
     assert log["processes"] == 2 and log["per_process_batch"] == 2
@@ -145,8 +186,13 @@ def test_two_processes_share_batches_and_train_the_one_process_expert(tiny, tmp_
     assert set(a) == set(b) and any(bool(t.abs().max() > 1e-3) for n, t in b.items() if "lora_B" in n)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
-    a, b = load_tensors(one.merged), load_tensors(two / "merged")
+    a, b, c = load_tensors(one.merged), load_tensors(two / "merged"), load_tensors(tmp_path / "sharded" / "merged")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(c[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    # FSDP: the weights gathered from the shards (accelerator.get_state_dict) give the same expert
+    a, c = load_tensors(one.adapter), load_tensors(tmp_path / "sharded" / "adapter")
+    for name in a:
+        torch.testing.assert_close(c[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
     assert log["losses"] == pytest.approx(json.loads((one.path / "align_log.json").read_text())["losses"], abs=1e-4)
 

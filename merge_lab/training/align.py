@@ -49,7 +49,7 @@ from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.training import chat
 from merge_lab.training.blocks import DataSpec, training_rows
-from merge_lab.training.shards import ReplyLoss, reply_token_losses, share_of_mean, trained_model
+from merge_lab.training.shards import ReplyLoss, reply_token_losses, share_of_mean, trained_model, unsharded_note
 
 
 class LoraSpec(BaseModel):
@@ -424,7 +424,11 @@ def align(
     if out.exists() and not force:
         raise MergeLabError(f"{out}: already exists. Choose another output folder or pass --force to replace it.")
     run = setup(recipe)
-    trained = train_loop(run, progress=progress, console=console or Console(stderr=True))
+    console = console or Console(stderr=True)
+    trained = train_loop(run, progress=progress, console=console)
+    note = unsharded_note(run.accelerator)
+    if note and run.main:
+        console.print(f"note: {note}", highlight=False)
     whole = trained_model(run.accelerator, run.objective, lambda: lora_model(recipe, run.base, torch.device("cpu")))
     done = save(replace(run, model=whole), trained, out) if run.main else result(run, trained, out)
     run.accelerator.wait_for_everyone()  # the output is complete before any process returns

@@ -11,11 +11,13 @@ gradient on the whole global batch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from merge_lab.errors import MergeLabError
 from merge_lab.training import chat
 
 
@@ -64,6 +66,28 @@ def sharded(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def unsharded_note(accelerator: Any) -> str | None:
+    """A note when an FSDP or DeepSpeed config was launched but accelerate trains with DDP (it
+    does on CPU processes: it shards only over GPUs and alike), so the user knows every process
+    held the whole model; None otherwise."""
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(env, "").lower() == "true"]
+    if not asked or sharded(accelerator) or accelerator.num_processes == 1:
+        return None
+    return (f"the {asked[0]} config ran as DDP ({accelerator.distributed_type.value}): accelerate shards weights "
+            "only over GPUs (and alike), so each CPU process held the whole model")
+
+
+def refuse_sharded(accelerator: Any, command: str, why: str) -> None:
+    """Refuse FSDP / DeepSpeed for `command`, whose training reads the weights whole (`why`)."""
+    if sharded(accelerator):
+        raise MergeLabError(
+            f"`{command}` does not train under {accelerator.distributed_type.value}: {why}. Launch it with DDP "
+            f"(`accelerate launch --multi_gpu --num_processes N -m merge_lab {command} ...`, or an accelerate config "
+            "with distributed_type MULTI_GPU)."
+        )
 
 
 def trained_model(accelerator: Any, prepared: torch.nn.Module, fresh: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
