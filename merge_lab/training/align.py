@@ -42,13 +42,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.core.config import Where, load_yaml, parse_yaml
 from merge_lab.core.distributed import launched, per_process_batch, record_rows
-from merge_lab.core.hashing import file_sha256
 from merge_lab.core.progress import progress_bar
 from merge_lab.core.writer import atomic_folder
 from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.training import chat
 from merge_lab.training.blocks import DataSpec, training_rows
+from merge_lab.training.expert_card import expert_card, loss_ends, stamp_merged
 from merge_lab.training.shards import ReplyLoss, reply_token_losses, share_of_mean, trained_model, unsharded_note
 
 
@@ -165,19 +165,6 @@ def reply_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     the same value as the model's own loss with -100 labels."""
     total, count = reply_token_losses(model, batch)
     return total / count
-
-
-def stamp_merged(merged: Path, adapter: Path, label: str | None) -> None:
-    """Record in the merged checkpoint's config which adapter made it (label, adapter sha256).
-
-    Experts of one base differ only in a few FFN tensors deep inside the weight file, so tools
-    that fingerprint a folder by its config and the ends of its weight files would take them for
-    one model; the adapter's hash in config.json tells them apart (and traces the expert).
-    """
-    cfg_path = merged / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["merge_lab_align"] = {"label": label, "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors")}
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def pick_device(name: str) -> torch.device:
@@ -342,30 +329,6 @@ def train_loop(run: AlignRun, *, progress: bool = True, console=None) -> Trained
     return trained
 
 
-def loss_ends(losses: list[float]) -> tuple[float, float]:
-    """Mean loss of the first and of the last fifth of the steps."""
-    fifth = max(1, len(losses) // 5)
-    return sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
-
-
-def card(run: AlignRun, trained: Trained) -> str:
-    """README.md of the output: what was trained, on what, and how the batch was split."""
-    from merge_lab.moe.pipeline import processes_text
-
-    recipe, cfg = run.recipe, run.recipe.train
-    first, last = loss_ends(trained.losses)
-    return (
-        f"# Aligned expert{f': {recipe.label}' if recipe.label else ''}\n\n"
-        f"LoRA (r {recipe.lora.r}, alpha {recipe.lora.alpha}, on {', '.join(recipe.lora.target_modules)}) "
-        f"of `{run.base}`, trained by `merge-lab align` on {len(run.keep)} rows (ids in train_items.json).\n"
-        f"{run.steps} steps, lr {cfg.lr}, seed {cfg.seed}; batch: {cfg.batch_size} rows per step, "
-        f"{processes_text(run.processes, cfg.batch_size)}.\n"
-        f"Reply-token loss: {first:.4f} (first fifth of the steps) -> {last:.4f} (last fifth).\n\n"
-        "adapter/: the LoRA adapter; merged/: the adapter merged into a full checkpoint; "
-        "align_log.json: the loss of every step; align_recipe.yaml: the recipe.\n"
-    )
-
-
 def save(run: AlignRun, trained: Trained, out: Path) -> AlignResult:
     """adapter/, merged/ (when asked), train_items.json, align_log.json, the card and the recipe, all
     or nothing at `out`. One process calls it: under several, the main one, with the whole model."""
@@ -394,7 +357,8 @@ def save(run: AlignRun, trained: Trained, out: Path) -> AlignResult:
             "losses": [round(x, 5) for x in trained.losses],
         }, indent=1) + "\n")
         (tmp / "align_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-        (tmp / "README.md").write_text(card(run, trained))
+        (tmp / "README.md").write_text(expert_card(recipe, run.base, len(run.keep), run.steps, run.processes,
+                                                   trained.losses))
     return result(run, trained, out)
 
 
