@@ -211,7 +211,7 @@ def strategies() -> None:
 @friendly
 def align(
     recipe: Annotated[Path, typer.Argument(help="align recipe YAML (base_model, data, lora, train)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: adapter/, merged/, train_items.json")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: adapter/, merged/, train_items.json, README.md")],
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
