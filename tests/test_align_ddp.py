@@ -95,11 +95,18 @@ from merge_lab.cli import app
 from merge_lab.errors import MergeLabError
 from merge_lab.training.align import align
 
-uneven, recipe, out, sharded_out = sys.argv[1:]
+uneven, recipe, out, sharded_out, said = sys.argv[1:]
+
+
+def say(line):  # one file per process: lines two processes print at once can interleave
+    with open(f"{said}.{os.environ['RANK']}", "a") as f:
+        f.write(line + "\\n")
+
+
 try:
     align(uneven, out, progress=False)
 except MergeLabError as e:
-    print(f"refused: {e}", flush=True)
+    say(f"refused: {e}")
 else:
     raise SystemExit("a batch the processes cannot split evenly was not refused")
 app(["align", recipe, "-o", out, "--no-progress"], standalone_mode=False)
@@ -115,7 +122,7 @@ class ShardedOnCPU(accelerate.Accelerator):
 
     def prepare(self, *args):
         prepared = super().prepare(*args)
-        print(f"prepared {type(prepared[0]).__name__} under {self.distributed_type.value}", flush=True)
+        say(f"prepared {type(prepared[0]).__name__} under {self.distributed_type.value}")
         return prepared
 
 
@@ -145,23 +152,25 @@ def test_two_processes_share_batches_and_train_the_one_process_expert(tiny, tmp_
     uneven = write_recipe(tmp_path / "uneven.yaml", {**doc, "train": {**TRAIN, "batch_size": 3}})
     script, rows = tmp_path / "launched.py", tmp_path / "rows.jsonl"
     script.write_text(SCRIPT)
-    res = _launch(tmp_path, str(script), str(uneven), str(recipe), "two", "sharded",
+    said = tmp_path / "said"
+    said.mkdir()
+    res = _launch(tmp_path, str(script), str(uneven), str(recipe), "two", "sharded", str(said / "rank"),
                   env={"MERGE_LAB_RECORD_ROWS": str(rows)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     two = tmp_path / "two"
 
     # both processes refused the batch of 3 before loading the model, naming the recipe's line
-    refusals = [line for line in res.stdout.splitlines() if line.startswith("refused: ")]
-    assert len(refusals) == 2 and all("uneven.yaml, line" in r for r in refusals), res.stdout
+    lines = {rank: (said / f"rank.{rank}").read_text().splitlines() for rank in (0, 1)}
+    refusals = [line for rank in (0, 1) for line in lines[rank] if line.startswith("refused: ")]
+    assert len(refusals) == 2 and all("uneven.yaml, line" in r for r in refusals), lines
     assert "(train.batch_size): batch size 3 is the global batch" in refusals[0] and "(e.g. 2 or 4)" in refusals[0]
 
     # one output, written once, and the summary, the card and the log say how the batch was split
     names = sorted(p.name for p in tmp_path.iterdir() if p.name != "hf")
-    assert names == ["align.yaml", "fsdp.yaml", "launched.py", "rows.jsonl", "sharded", "two", "uneven.yaml"]
+    assert names == ["align.yaml", "fsdp.yaml", "launched.py", "rows.jsonl", "said", "sharded", "two", "uneven.yaml"]
     assert res.stdout.count("align complete") == 1 and "2 processes, 2 rows each" in res.stdout
     assert "note: the FSDP config ran as DDP (MULTI_CPU)" in res.stderr
-    assert res.stdout.count("prepared DistributedDataParallel under MULTI_CPU") == 0
-    assert res.stdout.count("prepared FSDPReplyLoss under FSDP") == 2, res.stdout
+    assert all(lines[rank][1:] == ["prepared FSDPReplyLoss under FSDP"] for rank in (0, 1)), lines
     assert "4 rows per step, 2 processes, 2 rows each" in (two / "README.md").read_text()
     log = json.loads((two / "align_log.json").read_text())
     assert log["processes"] == 2 and log["per_process_batch"] == 2
