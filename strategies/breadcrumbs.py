@@ -19,7 +19,8 @@ are scaled back to the delta's L1 norm (mergekit's rescale, off by default). The
 The band is found by value: the magnitudes at the two boundary ranks, both exact by radix
 select (common.RankThreshold). Entries tied with a boundary are all kept, where mergekit's sort
 keeps an arbitrary subset of the tie; in float32 task vectors only zeros tie in practice, and a
-zero adds nothing either way. The boundaries and the L1 norms are statistics gathered over row
+zero adds nothing either way (in bfloat16, with 8-bit mantissas, equal magnitudes are common).
+Computed in the recipe's arithmetic dtype, rounded as mergekit rounds (common.combine). The boundaries and the L1 norms are statistics gathered over row
 blocks (two passes, three with `rescale`); the cut is then elementwise, and the engine streams
 every tensor in row blocks.
 """
@@ -31,6 +32,7 @@ from pydantic import Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import (
+    ComputesInDtype,
     L1Rescale,
     RankThreshold,
     RescaledParams,
@@ -92,7 +94,7 @@ class OutlierCut:
         return delta.masked_fill_(outside, 0.0)
 
 
-class Breadcrumbs(Strategy):
+class Breadcrumbs(ComputesInDtype, Strategy):
     name = "breadcrumbs"
     summary = "drop each task vector's largest (gamma) and smallest entries to density, then weighted sum"
     Params = BreadcrumbsParams
@@ -136,8 +138,8 @@ class Breadcrumbs(Strategy):
                 d.zero_()
             elif cuts(p):
                 stats[i].cut_(d)
-                if params.rescale and (factor := stats[i].norms.factor) != 1.0:
-                    d.mul_(factor)
+                if params.rescale:
+                    stats[i].norms.rescale_(d)
         weights = [p.weight for p in model_params]
         return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
 

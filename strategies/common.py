@@ -1,7 +1,10 @@
 """Tensor operations shared by the delta-based strategies (task arithmetic, TIES, DARE).
 
-All work in place on float32 tensors the engine already copied for this merge, so a merge of
-N models holds N input tensors plus a few temporaries, never N stacked copies on top.
+All work in place on tensors the engine already copied for this merge, so a merge of N models
+holds N input tensors plus a few temporaries, never N stacked copies on top. The tensors are
+float32, or bfloat16 / float16 where a recipe computes in that dtype as mergekit does
+(Strategy.working_dtype): then `combine` and the rescale round where mergekit's arithmetic rounds
+(strategies.low_precision), and the selections rank the low-precision values exactly.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from merge_lab.strategies.low_precision import LOW_PRECISION, combine_rounded, l1_factor_rounded
 
 # Parameter models refuse NaN and infinities (YAML's .nan, .inf): no merge is meant with them.
 PARAMS_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -33,6 +38,14 @@ class TaskArithmeticParams(BaseModel):
     int8_mask: bool = Field(False, description="accepted for mergekit recipes; masks here are boolean already")
 
 
+class ComputesInDtype:
+    """Mixin of strategies whose mergekit counterpart (generalized task arithmetic) computes in the
+    tensors' dtype: merge() gets the inputs in the recipe's arithmetic dtype, not float32."""
+
+    def working_dtype(self, arithmetic: torch.dtype) -> torch.dtype:
+        return arithmetic
+
+
 def weights_problem(weights: list[float], normalize: bool, disjoint: bool = False) -> str | None:
     """Why these per-model weights make no merge, or None. `disjoint`: `normalize` divides each
     entry by the summed weights of the models that agree on its sign (TIES' disjoint mean)."""
@@ -54,13 +67,19 @@ def deltas_(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tenso
     return tensors
 
 
+def float_bits(values: torch.Tensor) -> torch.Tensor:
+    """Float values as the int32 bit patterns of their float32 values, flat (16-bit values are
+    widened first, exactly, so the difference is computed and rounded in their own dtype)."""
+    return values.to(torch.float32).view(torch.int32).reshape(-1)
+
+
 def magnitude_bits(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|tensor - base| as the int32 bit patterns of its float32 values, flat.
+    """|tensor - base| (computed in the tensors' dtype) as float_bits.
 
     For non-negative floats the bit pattern orders like the value, so a radix select over these
     integers finds the exact k-th largest magnitude.
     """
-    return torch.sub(tensor, base).abs_().view(torch.int32).reshape(-1)
+    return float_bits(torch.sub(tensor, base).abs_())
 
 
 def _select(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -123,7 +142,7 @@ def trim_topk_(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0.0:
         return delta.zero_()
     selection = TopKThreshold(density)
-    bits = delta.abs().view(torch.int32).reshape(-1)
+    bits = float_bits(delta.abs())
     for p in (0, 1):
         selection.fold(p, bits)
         selection.finish(p)
@@ -155,8 +174,11 @@ def combine(
 
     With `sign_consensus`, the elected sign of each entry is the sign of sum_i w_i delta_i (ties
     go to +); only entries whose weighted delta has that sign contribute, and `normalize` divides
-    by the sum of the weights of the contributing models (the disjoint mean).
+    by the sum of the weights of the contributing models (the disjoint mean). In bfloat16 /
+    float16, rounded as mergekit's arithmetic in that dtype (low_precision.combine_rounded).
     """
+    if base.dtype in LOW_PRECISION:
+        return combine_rounded(deltas, weights, base, lam, normalize, sign_consensus)
     for d, w in zip(deltas, weights):
         if w != 1.0:  # x * 1 == x: skip the pass
             d.mul_(w)
@@ -226,8 +248,8 @@ def check_model_count(recipe, method: str, low: int, high: int | None) -> None:
 
 
 def _ordered_keys(values: torch.Tensor) -> torch.Tensor:
-    """float32 values -> int64 keys in [0, 2**32) that order like the values (negatives included)."""
-    bits = values.reshape(-1).view(torch.int32)
+    """Float values -> int64 keys in [0, 2**32) that order like the values (negatives included)."""
+    bits = float_bits(values)
     keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
     return keys.add_(1 << 31)
 
@@ -332,6 +354,15 @@ class L1Rescale:
         if self.before < RESCALE_EPS or self.after < RESCALE_EPS:
             return 1.0
         return self.before / self.after
+
+    def rescale_(self, kept: torch.Tensor) -> torch.Tensor:
+        """`kept` (a block of the sparsified task vector) times the factor, in kept's dtype: in
+        bfloat16 / float16 the norms and their quotient are rounded to it first, as mergekit's
+        rescale computes them in the tensor's dtype."""
+        if kept.dtype in LOW_PRECISION:
+            factor = l1_factor_rounded(self.before, self.after, kept.dtype, RESCALE_EPS)
+            return kept if factor is None else kept.mul_(factor.to(kept.device))
+        return kept if self.factor == 1.0 else kept.mul_(self.factor)
 
 
 def generator_copy(generator: torch.Generator) -> torch.Generator:

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import (
+    ComputesInDtype,
     L1Rescale,
     RescaledParams,
     SparseModel,
@@ -64,7 +65,7 @@ class DropNorms(L1Rescale):
         self.generator = generator
 
 
-class _Dare(Strategy):
+class _Dare(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as mergekit's (common.combine)
     Params = DareParams
     ModelParams = SparseModel
     needs_base = True
@@ -97,8 +98,8 @@ class _Dare(Strategy):
         deltas = deltas_(tensors, base)
         for i, (d, p) in enumerate(zip(deltas, model_params)):
             dare_drop_(d, p.density, ctx.generator(i, d.device), rescale=False)
-            if params.rescale and drops(p) and (factor := stats[i].factor) != 1.0:
-                d.mul_(factor)
+            if params.rescale and drops(p):
+                stats[i].rescale_(d)
         weights = [p.weight for p in model_params]
         return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
 

@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import (
+    ComputesInDtype,
     L1Rescale,
     RescaledParams,
     SparseModel,
@@ -131,7 +132,7 @@ class MagPrune:
         self.flat = []
 
 
-class _Della(Strategy):
+class _Della(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as mergekit's (common.combine)
     ModelParams = DellaModel
     needs_base = True
     uses_base = True
@@ -169,8 +170,8 @@ class _Della(Strategy):
                 prune = stats[i]
                 keep = torch.rand(d.shape, generator=ctx.generator(i, d.device), device=d.device)
                 d.mul_(keep.lt_(keep_probabilities(d, p.density, p.epsilon, prune.sorted_magnitudes)))
-                if params.rescale and (factor := prune.norms.factor) != 1.0:
-                    d.mul_(factor)
+                if params.rescale:
+                    prune.norms.rescale_(d)
         weights = [p.weight for p in model_params]
         return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
 

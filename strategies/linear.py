@@ -4,7 +4,8 @@ Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models i
 without increasing inference time", ICML 2022 (arXiv 2203.05482).
 
 Semantics: out = sum_i w_i theta_i, divided by sum_i w_i when `normalize` (the default).
-A base model is not used unless listed among `models`.
+A base model is not used unless listed among `models`. Computed in float32 whatever the recipe's
+dtype (and rounded to it once), as mergekit's linear does.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class Linear(Strategy):
         out = tensors[0] if weights[0] == 1.0 else tensors[0].mul_(weights[0])  # x * 1 == x: skip the pass
         for t, w in zip(tensors[1:], weights[1:]):
             out.add_(t, alpha=w)
-        if params.normalize:
-            total = sum(weights)
+        if params.normalize:  # the weights summed in float32, as mergekit sums them: the same bits
+            total = float(torch.tensor(weights, dtype=torch.float32).sum())
             if abs(total) < 1e-8:
                 raise ValueError("the weights sum to zero; set normalize: false or change the weights")
             out.div_(total)

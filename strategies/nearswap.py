@@ -9,7 +9,8 @@ the others move towards the model by t / |difference|. Exactly one model besides
 
 Difference from mergekit: `t` has no default in mergekit (a recipe must set it); here it defaults
 to 0.0001, the value of the model the method is named after, so recipes without it still run.
-Elementwise, so the engine streams every tensor in row blocks.
+Elementwise, so the engine streams every tensor in row blocks. Computed in the recipe's arithmetic
+dtype with mergekit's ops (each rounds as its does: in bfloat16, mergekit's bits).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import check_model_count
+from merge_lab.strategies.common import ComputesInDtype, check_model_count
 
 MIN_DIFFERENCE = 1e-6  # mergekit's guard against dividing by zero
 
@@ -30,7 +31,7 @@ class NearSwapParams(BaseModel):
     )
 
 
-class NearSwap(Strategy):
+class NearSwap(ComputesInDtype, Strategy):
     name = "nearswap"
     summary = "the model's values where they are within t of the base, moved towards the base elsewhere"
     Params = NearSwapParams

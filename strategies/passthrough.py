@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import PARAMS_CONFIG
+from merge_lab.strategies.common import PARAMS_CONFIG, ComputesInDtype
 
 
 class PassthroughModel(BaseModel):
@@ -22,7 +22,7 @@ class PassthroughModel(BaseModel):
     scale: float | None = Field(None, description="multiply the tensor by this (unset: copy it unchanged)")
 
 
-class Passthrough(Strategy):
+class Passthrough(ComputesInDtype, Strategy):  # `scale` multiplies in the arithmetic dtype, as in mergekit
     name = "passthrough"
     summary = "copy one model's tensors; with slices:, stack layer ranges (frankenmerge)"
     ModelParams = PassthroughModel

@@ -17,6 +17,11 @@ unique entries multiplies nothing, so the tensor is merged as usual.
 
 `ram` is elementwise; `ramplus_tl` needs the per-model counts, integers gathered in one
 statistics pass over row blocks, so both stream every tensor in row blocks.
+
+`ram` computes in the recipe's arithmetic dtype as mergekit does (in bfloat16: each shared entry
+divided by its count and rounded, the models' terms summed in float32 and rounded once: mergekit's
+bits). `ramplus_tl` computes in float32: mergekit's boost is a float32 factor that lifts its
+bfloat16 terms into float32 midway (and writes float32 tensors when only `dtype` is set).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import check_model_count
+from merge_lab.strategies.common import ComputesInDtype, check_model_count
+from merge_lab.strategies.low_precision import LOW_PRECISION
 
 
 class RamParams(BaseModel):
@@ -55,6 +61,12 @@ def changed(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
 def combine_ram(deltas, counts, base: torch.Tensor, unique_scales: list[float] | None = None) -> torch.Tensor:
     """base + the unique entries (each scaled by its model's factor) + the mean of the shared ones."""
     unique = counts == 1
+    if base.dtype in LOW_PRECISION and unique_scales is None:  # as mergekit rounds: each d / count, one sum
+        shared_entries, count = counts > 1, counts.clamp(min=1)
+        merged = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+        for d in deltas:
+            merged.add_(torch.where(unique, d, torch.where(shared_entries, d / count, 0.0)))
+        return merged.to(base.dtype).add_(base)
     shared = torch.zeros_like(base)
     total = torch.zeros_like(base)
     for i, d in enumerate(deltas):
@@ -76,7 +88,7 @@ class _RamBase(Strategy):
         check_model_count(recipe, cls.name, 1, None)
 
 
-class Ram(_RamBase):
+class Ram(ComputesInDtype, _RamBase):
     name = "ram"
     summary = "unique task-vector entries kept whole, entries several models changed averaged"
     Params = RamParams

@@ -4,6 +4,7 @@ Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv 2212.040
 
 Semantics: out = base + lambda * sum_i w_i (theta_i - base); with `normalize`, the sum is divided
 by sum_i w_i. A model listed that is the base itself is left out (its task vector is zero).
+Computed in the recipe's arithmetic dtype, rounded as mergekit rounds (common.combine).
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from __future__ import annotations
 import torch
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import TaskArithmeticParams, WeightedModel, combine, deltas_, weights_problem
+from merge_lab.strategies.common import (
+    ComputesInDtype,
+    TaskArithmeticParams,
+    WeightedModel,
+    combine,
+    deltas_,
+    weights_problem,
+)
 
 
-class TaskArithmetic(Strategy):
+class TaskArithmetic(ComputesInDtype, Strategy):
     name = "task_arithmetic"
     summary = "base + lambda * weighted sum of task vectors"
     Params = TaskArithmeticParams

@@ -7,7 +7,12 @@ Semantics, per tensor: delta_i = theta_i - base; keep the `density` share of eac
 in magnitude (at least one entry; entries tied with the threshold are kept); weight it by w_i; elect
 each entry's sign as the sign of sum_i w_i delta_i; average the weighted deltas that agree with
 the elected sign, dividing by the sum of the weights of the agreeing models (`normalize`, default
-true; the disjoint mean); out = base + lambda * that. Matches mergekit's `ties`.
+true; the disjoint mean); out = base + lambda * that. Matches mergekit's `ties`, computed as it
+is in the recipe's arithmetic dtype: with `dtype: bfloat16` the task vectors, the weights (0.7
+is bfloat16's 0.69921875) and the sum that elects the signs are bfloat16's, so signs are elected
+as mergekit elects them (common.combine). mergekit keeps exactly k entries where several tie
+with the threshold (its argsort picks which); we keep every tied entry: rare in float32, more
+frequent in bfloat16, whose 8-bit mantissas make equal magnitudes common.
 
 Only the thresholds need the whole tensor, so they are statistics (Strategy.stats_passes): two
 passes of an exact radix select over row blocks (merge_lab.strategies.common.TopKThreshold); the trim, the
@@ -22,6 +27,7 @@ from pydantic import Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import (
+    ComputesInDtype,
     SparseModel,
     TaskArithmeticParams,
     TopKThreshold,
@@ -36,7 +42,7 @@ class TiesParams(TaskArithmeticParams):
     normalize: bool = Field(True, description="divide by the summed weights of the agreeing models")
 
 
-class Ties(Strategy):
+class Ties(ComputesInDtype, Strategy):
     name = "ties"
     summary = "trim task vectors to top-density magnitude, elect signs, disjoint mean"
     Params = TiesParams

@@ -11,14 +11,15 @@ from merge_lab.merge.engine import merge
 from merge_lab.testing import load_tensors, write_recipe
 
 
-def run_mergekit(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
-    """mergekit's tensors for `recipe` (a dict in mergekit's YAML schema)."""
+def run_mergekit(recipe: dict, out: Path, **options) -> dict[str, torch.Tensor]:
+    """mergekit's tensors for `recipe` (a dict in mergekit's YAML schema); `options`: more
+    MergeOptions (e.g. lora_merge_cache, where mergekit writes a `model+lora` merged in full)."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     shutil.rmtree(out, ignore_errors=True)
-    run_merge(MergeConfiguration.model_validate(recipe), str(out), options=MergeOptions(copy_tokenizer=False, quiet=True))
+    run_merge(MergeConfiguration.model_validate(recipe), str(out), options=MergeOptions(copy_tokenizer=False, quiet=True, **options))
     return load_tensors(out)
 
 

@@ -4,10 +4,7 @@ share of every global batch, and N processes end with the weights one process re
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from merge_lab.moe.pipeline import fuse, work_dir
 from merge_lab.moe.routing import capture_router_logits
 from merge_lab.moe.train import TrainConfig, setup, shard_counts, shard_losses
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
+from merge_lab.testing.launch import accelerate_command, cpu_env
 from merge_lab.testing.moe import ffn_expert, labelled_jsonl
 
 LABELS = ["helpful", "harmless"]
@@ -136,20 +134,10 @@ def test_accelerate_cpu_launch_that_started_one_process_is_refused(monkeypatch):
 # ------------------------------------------------------------------ two real processes (accelerate launch, gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` with 2 CPU processes (torchrun under --multi_gpu; gloo, as there are no GPUs)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-                "HF_HOME": str(tmp_path / "hf"), **(env or {})}  # HF_HOME: no user accelerate config
-    res = subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(accelerate_command(2, *args), cwd=tmp_path, env=cpu_env(tmp_path, **(env or {})),
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 

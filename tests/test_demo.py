@@ -6,10 +6,14 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
+from merge_lab.core.checkpoint import Checkpoint
 from merge_lab.datasets import sources as data
 from merge_lab.demo.pipeline import DEMO_RECIPES, PROFILES, STEPS, effective_recipe, run_demo
+from merge_lab.evaluation.headline import rivals
+from merge_lab.evaluation.spec import load_spec, references
 from merge_lab.testing import make_checkpoint
 
 TINY = {
@@ -22,7 +26,7 @@ TINY = {
 
 def test_every_demo_recipe_is_a_step_and_says_how_to_run_it_alone():
     assert sorted(p.name for p in DEMO_RECIPES.glob("*.yaml")) == [s.recipe for s in STEPS]
-    command = {"align": "align", "merge": "merge", "fuse": "fuse", "compare": "compare"}
+    command = {"align": "align", "merge": "merge", "fuse": "fuse", "assemble": "merge", "compare": "compare"}
     for step in STEPS:
         text = (DEMO_RECIPES / step.recipe).read_text()
         run = re.search(r"Run alone[^:]*:\s+merge-lab (\w+) (\S+)(?: -o (\S+))?", text)
@@ -118,3 +122,42 @@ def test_second_run_reuses_every_step(demo_run):
     base = out.parent / "tiny-base"
     again = run_demo(out, profile="quick", base=str(base), overrides=TINY, progress=False)
     assert again.ran == [] and len(again.reused) == len(STEPS)
+
+
+def test_ablations_and_same_training_baselines_are_built_and_grouped(demo_run):
+    """The fusion's ablations (routers at init only, routers alone) and the two same-training baselines
+    are candidates of the demo's comparison, listed by group, with budgets from the recipes as run."""
+    out, _ = demo_run
+    results = json.loads((out / "report" / "results.json").read_text())
+    cands = results["candidates"]
+    groups = {n: c.get("group") for n, c in cands.items()}
+    assert {n for n, g in groups.items() if g == "ablation"} == {"h3_moe_init_only", "h3_moe_router_only"}
+    assert {n for n, g in groups.items() if g == "same_training"} == {"multitask", "merge_then_train"}
+    as_run = {p.stem: yaml.safe_load(p.read_text()) for p in (out / "recipes").glob("*.yaml")}
+    fuse = as_run["08_fuse_h3_moe"]["train"]
+    assert as_run["08_fuse_h3_moe_router_only"]["train"] == {**fuse, "trainable": "router"}
+    assert as_run["08_fuse_h3_moe_init_only"]["train"] == fuse  # its data gives the same centroid routers
+    assert "Fusion training" not in (out / "fused" / "h3_moe_init_only" / "README.md").read_text()
+    # what trained: routers alone leave the experts as assembled; routers + expert LoRA change them too
+    init, alone, both = (Checkpoint(out / "fused" / n) for n in ("h3_moe_init_only", "h3_moe_router_only", "h3_moe"))
+    experts = [n for n in init.tensors if ".experts." in n]
+    router = next(n for n in init.tensors if n.endswith(".gate.weight"))
+    assert experts and all(torch.equal(init.get(n), alone.get(n)) for n in experts)
+    assert not all(torch.equal(init.get(n), both.get(n)) for n in experts)
+    assert not torch.equal(init.get(router), alone.get(router))
+    mt = cands["multitask"]["training"]
+    assert mt["steps"] == sum(as_run[f"0{i}_align_{x}"]["train"]["steps"]
+                              for i, x in ((1, "helpful"), (2, "harmless"), (3, "honest"))) + fuse["steps"]
+    mtt = cands["merge_then_train"]
+    assert mtt["merge"] == results["selection"]["merge_then_train"]["chosen"]["merge"]
+    assert (mtt["training"]["steps"], mtt["training"]["lr"]) == (fuse["steps"], fuse["lr"])
+    spec, _ = load_spec(out / "recipes" / "09_compare.yaml")  # what the verdict compares the fused model with
+    compared = rivals(spec, references(spec))
+    assert compared["best ablation"] == ["h3_moe_init_only", "h3_moe_router_only"]
+    assert compared["best same_training"] == ["multitask", "merge_then_train"]
+    assert {f"listed ({n})" for n in ("multitask", "merge_then_train", "h3_moe_router_only", "h3_moe_init_only")} <= set(compared)
+    report = (out / "report" / "report.md").read_text()
+    table = report.split("## Candidates by group", 1)[1].split("## ", 1)[0]
+    assert "| ablation | h3_moe_router_only |" in table and "| same_training | multitask |" in table
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["baselines"]) == {"multitask", "merge_then_train"} and manifest["disjoint_checked"]

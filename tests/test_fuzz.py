@@ -157,11 +157,12 @@ def test_random_adapter_configs_raise_only_merge_lab_error(tmp_path, cfg):
     save_file({f"{prefix}.lora_A.weight": torch.zeros(2, 8), f"{prefix}.lora_B.weight": torch.zeros(8, 2)},
               str(folder / "adapter_model.safetensors"))
 
-    def read() -> None:
-        ckpt = AdapterCheckpoint(folder)
-        _ = ckpt.config, ckpt.pairs
+    def read(whole_tensors: bool) -> None:
+        ckpt = AdapterCheckpoint(folder, whole_tensors=whole_tensors)  # whole_tensors: as `model+adapter` reads it
+        _ = ckpt.config, ckpt.pairs, ckpt.saved
 
-    only_merge_lab_errors(read)
+    only_merge_lab_errors(lambda: read(False))
+    only_merge_lab_errors(lambda: read(True))
 
 
 # ---------------------------------------------------------------- recipes

@@ -1,4 +1,5 @@
-"""The demo's manifest: which items each expert and the fusion trained on and each suite evaluated.
+"""The demo's manifest: which items each expert, the fusion and the same-training baselines trained on
+and each suite evaluated.
 
 Listed by source and index (OUT/manifest.json, copied beside the report), and checked disjoint
 by id and by content, so the report's claim that no model was scored on its training data is
@@ -33,11 +34,13 @@ def write_manifest(root: Path, profile: str, base: Path, report: Path | None, st
             trained += doc["ids"]
     fusion_ids = fusion_items(root / "recipes" / "08_fuse_h3_moe.yaml")
     trained += fusion_ids
-    suites, selection = {}, {}
+    suites, selection, baselines = {}, {}, {}
     results = report / "results.json" if report else None
     if results is not None and results.is_file():
         doc = json.loads(results.read_text())
         suites = suite_items(doc)
+        baselines = baseline_items(doc, report)
+        trained += [i for b in baselines.values() for i in b.pop("ids")]
         for sel in (doc.get("selection") or {}).values():
             for name, ids in sel["ids"].items():
                 selection.setdefault(name, set()).update(ids)
@@ -52,6 +55,7 @@ def write_manifest(root: Path, profile: str, base: Path, report: Path | None, st
         "experts": experts,
         "fusion_rows": {"note": "rows the router training drew from (train split)", "count": len(set(fusion_ids)),
                         "by_source": by_source(fusion_ids)},
+        "baselines": baselines,
         "suites": {n: {"count": len(s["ids"]), "by_source": s["by_source"]} for n, s in suites.items()},
         "selection_items": {n: {"count": len(ids), "by_source": by_source(sorted(ids))} for n, ids in selection.items()},
         "disjoint_checked": bool(suites) and bool(trained),
@@ -83,6 +87,20 @@ def fusion_items(recipe: Path) -> list[str]:
     if not isinstance((fuse_recipe.train or {}).get("data"), list):
         return []
     return [r.id for r in train_rows(fuse_recipe)]
+
+
+def baseline_items(results: dict, report: Path) -> dict[str, dict]:
+    """Per same-training baseline the comparison trained (multitask, merge_then_train), the items it
+    trained on: the train_items.json in its cache folder (named by its fingerprint)."""
+    out = {}
+    for name, c in (results.get("candidates") or {}).items():
+        if not c.get("training"):
+            continue
+        f = report / "cache" / "trained" / f"{name}-{c['fingerprint']}" / "train_items.json"
+        if f.is_file():
+            ids = json.loads(f.read_text())["ids"]
+            out[name] = {"kind": c["kind"], "rows": len(set(ids)), "by_source": by_source(ids), "ids": ids}
+    return out
 
 
 def suite_items(results: dict) -> dict[str, dict]:

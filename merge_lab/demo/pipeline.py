@@ -41,8 +41,13 @@ PREFIXES = ("runs/demo/",)
 @dataclass(frozen=True)
 class Step:
     recipe: str  # file name in DEMO_RECIPES
-    kind: str  # align | merge | fuse | compare
+    kind: str  # align | merge | fuse | assemble (a fuse recipe's MoE, untrained) | compare
     out: str  # output folder, relative to the demo folder
+
+    @property
+    def profile_kind(self) -> str:
+        """Whose profile overrides apply: an assembly is a fusion's first half, so the fusion's (same rows)."""
+        return "fuse" if self.kind == "assemble" else self.kind
 
 
 STEPS = (
@@ -54,6 +59,9 @@ STEPS = (
     Step("06_merge_ties.yaml", "merge", "merges/ties"),
     Step("07_merge_dare_ties.yaml", "merge", "merges/dare_ties"),
     Step("08_fuse_h3_moe.yaml", "fuse", "fused/h3_moe"),
+    # the fusion's ablations: routers at initialisation only, routers trained alone (experts frozen)
+    Step("08_fuse_h3_moe_init_only.yaml", "assemble", "fused/h3_moe_init_only"),
+    Step("08_fuse_h3_moe_router_only.yaml", "fuse", "fused/h3_moe_router_only"),
     Step("09_compare.yaml", "compare", "report"),
 )
 
@@ -88,11 +96,13 @@ PROFILES: dict[str, dict[str, dict]] = {
 
 # Nominal seconds per step on 2 CPU cores, for the ETA before anything has been timed here
 # (quick and default: measured on an idle machine; thorough: its steps measured on a faster idle
-# machine, its comparison estimated from the first candidates).
+# machine, its comparison estimated from the first candidates). `assemble` and every `compare` since
+# the ablations and the same-training baselines joined: measured on loaded cores (QUICK 2026-12-01:
+# compare 1104 s, assemble 91 s, while the fusion took 4.6x its idle time), scaled down by that factor.
 NOMINAL = {
-    "quick": {"base": 40, "align": 10, "merge": 5, "fuse": 45, "compare": 200},
-    "default": {"base": 40, "align": 70, "merge": 5, "fuse": 470, "compare": 1040},
-    "thorough": {"base": 40, "align": 175, "merge": 5, "fuse": 470, "compare": 5400},
+    "quick": {"base": 40, "align": 10, "merge": 5, "fuse": 45, "assemble": 20, "compare": 270},
+    "default": {"base": 40, "align": 70, "merge": 5, "fuse": 470, "assemble": 30, "compare": 1700},
+    "thorough": {"base": 40, "align": 175, "merge": 5, "fuse": 470, "assemble": 30, "compare": 8000},
 }
 
 
@@ -136,11 +146,11 @@ def effective_recipe(step: Step, source: Path, root: Path, overrides: dict, base
     if not isinstance(doc, dict):
         raise MergeLabError(f"{source}: not a YAML mapping.")
     doc = _relocate(doc, root.resolve())
-    over = copy.deepcopy(overrides.get(step.kind, {}))
+    over = copy.deepcopy(overrides.get(step.profile_kind, {}))
     limit = over.pop("data_limit", None)
     doc = deep_merge(doc, over)
     if limit is not None:
-        blocks = doc["data"] if step.kind == "align" else (doc.get("train") or {}).get("data")
+        blocks = doc["data"] if step.profile_kind == "align" else (doc.get("train") or {}).get("data")
         for block in blocks if isinstance(blocks, list) else []:
             block["limit"] = min(block.get("limit") or limit, limit)
     if step.kind == "align" and base is not None:
@@ -183,7 +193,7 @@ def _run_compare(path: Path, out: Path, console: Console, progress: bool) -> Non
 
 
 RUNNERS: dict[str, Callable[[Path, Path, Console, bool], None]] = {
-    "align": _run_align, "merge": _run_merge, "fuse": _run_fuse, "compare": _run_compare,
+    "align": _run_align, "merge": _run_merge, "fuse": _run_fuse, "assemble": _run_merge, "compare": _run_compare,
 }
 
 

@@ -110,6 +110,7 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]], full: bool 
         desc = describe(c)
         desc.update(
             source=n in comp.sources,
+            group=next((c.group for c in comp.spec.candidates if c.name == n), None),  # the report lists by group
             cost=summarize(tuple(es[0]["params"]), counters, max(e.get("peak_memory_bytes", 0) for e in es)),
             quality=anchored.get(n),  # the headline score (None when it cannot be computed)
             quality_relative=sum(norm[s][n] for s in norm) / len(norm),

@@ -13,6 +13,11 @@ file's folder. Everything that can be wrong in the file (unknown suites, candida
 whose tokenizers differ, overlap between training data and suites) is reported before any model
 runs. Results are cached per (candidate, suite, settings) under `cache_dir` (default:
 OUTPUT/cache), so adding a candidate evaluates only that one.
+
+`accelerate launch -m merge_lab compare compare.yaml` splits every suite's scoring and generation
+over the processes (processes.py); each process gets every per-example result, and the main process
+alone writes the cache and the report, which are those of a one-process run apart from timings and
+the `processes` count.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from rich.console import Console
 from merge_lab.evaluation.aggregate import aggregate, headline
 from merge_lab.evaluation.memo import Memo
 from merge_lab.evaluation.prepare import Comparison, prepare
+from merge_lab.evaluation.processes import Processes, sharing
 from merge_lab.evaluation.run import evaluate
 from merge_lab.evaluation.selection import select
 from merge_lab.evaluation.spec import CompareSpec, Settings, load_spec
@@ -38,7 +44,9 @@ class CompareResult:
     output: Path
     results: dict
     evaluated: list[tuple[str, str]]
-    files: list[Path]
+    files: list[Path]  # empty on the processes other than the main one, which write nothing
+    processes: int = 1  # processes that shared the work (accelerate launch)
+    main: bool = True  # whether this is the process that wrote the report
 
 
 def run_compare(path: str | Path, output: str | Path | None = None, progress: bool = True,
@@ -47,10 +55,15 @@ def run_compare(path: str | Path, output: str | Path | None = None, progress: bo
     `memo`: what models already computed, shared only with comparisons given the same one."""
     from merge_lab.report import write_report
 
-    comp = prepare(path, output, memo)
-    chosen = select(comp, progress=progress, console=console)
-    entries = evaluate(comp, progress=progress, console=console)
+    spec, _ = load_spec(path)
+    procs = Processes.launched(cpu=spec.settings.device == "cpu")
+    with sharing(procs):
+        comp = procs.main_first(lambda: prepare(path, output, memo))  # an inline recipe is written once
+        chosen = select(comp, progress=progress, console=console)
+        entries = evaluate(comp, progress=progress, console=console)
     results = aggregate(comp, entries)
     results["selection"] = chosen
-    files = write_report(results, comp.output)
-    return CompareResult(comp.output, results, comp.evaluated, files)
+    results["processes"] = procs.world
+    files = write_report(results, comp.output) if procs.main else []
+    procs.barrier()  # the report is complete before any process exits
+    return CompareResult(comp.output, results, comp.evaluated, files, procs.world, procs.main)

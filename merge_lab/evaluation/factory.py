@@ -14,6 +14,7 @@ import yaml
 from merge_lab.core.config import Where
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation import candidates as cands
+from merge_lab.evaluation import trained
 from merge_lab.evaluation.memo import Memo
 from merge_lab.evaluation.paths import checkpoint_folder, resolve
 from merge_lab.evaluation.scorers import JudgeScorer, RewardScorer, Scorer
@@ -30,9 +31,9 @@ class CandidateFactory:
         self.scorers: dict[str, Scorer] = {}
 
     def build_all(self) -> dict[str, cands.Candidate]:
-        """Every candidate by name, in the file's order (best-of-N last: it may name any judge)."""
+        """Every candidate by name, in the file's order (best-of-N and merge_then_train last: they name others)."""
         entries = list(enumerate(self.spec.candidates))
-        for i, c in sorted(entries, key=lambda e: e[1].best_of_n is not None):
+        for i, c in sorted(entries, key=lambda e: e[1].best_of_n is not None or e[1].merge_then_train is not None):
             self.built[c.name] = self.build(c, i)
         return {c.name: self.built[c.name] for c in self.spec.candidates}
 
@@ -83,6 +84,14 @@ class CandidateFactory:
             if not recipe.is_file():
                 raise MergeLabError(f"{self.where(*at, 'recipe')}: candidate '{c.name}': recipe {recipe} not found.")
             return cands.RecipeCandidate(c.name, recipe, self.cache_root, settings, memo)
+        if c.multitask is not None:
+            fuse = resolve(self.root, c.multitask.fuse) if c.multitask.fuse else None
+            return trained.MultitaskCandidate(c.name, [resolve(self.root, p) for p in c.multitask.align], fuse,
+                                              self.cache_root, settings, memo)
+        if c.merge_then_train is not None:
+            return trained.MergeThenTrainCandidate(c.name, [self.member(c, r) for r in c.merge_then_train.merges],
+                                                   resolve(self.root, c.merge_then_train.fuse), self.cache_root,
+                                                   settings, memo)
         if c.ensemble is not None:
             return cands.TokenEnsemble(c.name, [self.member(c, r) for r in c.ensemble], c.weights, settings, memo)
         if c.reward_model:

@@ -15,6 +15,7 @@ import torch
 
 from merge_lab.evaluation.cost import Counters
 from merge_lab.evaluation.memo import Memo, Scored
+from merge_lab.evaluation.processes import map_batches
 from merge_lab.evaluation.runtime import LoadedModel, Pair, greedy_decode, load_tokenizer, mixed_scores, stop_ids
 from merge_lab.evaluation.spec import Settings
 from merge_lab.training import chat
@@ -129,13 +130,19 @@ class Candidate:
         pad = self.tokenizer.pad_token_id
         start, reused = time.perf_counter(), self._reused()
         done = 0
-        for idx in self._batches(len(enc), [len(c) + len(t) for c, t in enc]):
+
+        def score(idx: list[int]) -> list[Scored]:
+            nonlocal done
             batch = [enc[i] for i in idx]
-            for i, lp in zip(idx, self._score_batch(batch, pad)):
-                out[i] = lp
+            scores = self._score_batch(batch, pad)
             self.counters.score_tokens += sum(len(c) + len(t) for c, t in batch) * len(self._models)
             done += len(batch)
             self._report(done, len(enc))
+            return scores
+
+        # under `accelerate launch` each process scores its share of the batches (processes.py)
+        for i, lp in map_batches(list(self._batches(len(enc), [len(c) + len(t) for c, t in enc])), score).items():
+            out[i] = lp
         self.counters.score_seconds += time.perf_counter() - start + self._reused() - reused
         return out
 
@@ -156,11 +163,17 @@ class Candidate:
         out = [""] * len(enc)
         start, reused = time.perf_counter(), self._reused()
         done = 0
-        for idx in self._batches(len(enc), [len(e) for e in enc], self.settings.generate_batch_size):
-            for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], [prompts[i] for i in idx])):
-                out[i] = text
+
+        def answer(idx: list[int]) -> list[str]:
+            nonlocal done
+            texts = self._generate_batch([enc[i] for i in idx], [prompts[i] for i in idx])
             done += len(idx)
             self._report(done, len(enc))
+            return texts
+
+        batches = list(self._batches(len(enc), [len(e) for e in enc], self.settings.generate_batch_size))
+        for i, text in map_batches(batches, answer).items():  # each process its share, as in scoring
+            out[i] = text
         self.counters.gen_seconds += time.perf_counter() - start + self._reused() - reused
         for s in stop or []:
             out = [o.split(s, 1)[0] if s else o for o in out]

@@ -1,9 +1,11 @@
-"""Proof that no suite item was trained on: `training_data:` entries and the train_items.json that
-`merge-lab align` writes beside an expert, checked disjoint from every suite by id and by text."""
+"""Proof that no suite item was trained on: `training_data:` entries, the train_items.json that
+`merge-lab align` writes beside an expert, and the rows of the candidates the comparison trains
+itself (multitask, merge_then_train), checked disjoint from every suite by id and by text."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from merge_lab.datasets import sources as data
@@ -59,13 +61,29 @@ def discovered_training(candidates: dict[str, Candidate]) -> list[Path]:
     return found
 
 
-def check_disjoint(root: Path, entries: list[tuple[str, str | dict]], suites: list[Suite]) -> list[str]:
+@dataclass(frozen=True)
+class TrainingRows:
+    """The rows a candidate that the comparison trains itself will train on (trained.py)."""
+
+    candidate: str
+    rows: list[data.Example]
+
+    def __str__(self) -> str:
+        return f"the {len(self.rows)} rows candidate '{self.candidate}' trains on"
+
+
+def trained_rows(candidates: dict[str, Candidate]) -> list[tuple[str, TrainingRows]]:
+    """(name, rows) of each candidate trained by the comparison, known before it is trained."""
+    return [(n, TrainingRows(n, c.training_rows())) for n, c in candidates.items() if hasattr(c, "training_rows")]
+
+
+def check_disjoint(root: Path, entries: list[tuple[str, str | dict | TrainingRows]], suites: list[Suite]) -> list[str]:
     """Every (place, entry)'s items disjoint from every suite's, else an error naming the place (a
     compare file's line, or the train_items.json found), the entry and the suite; the entries checked."""
     checked = []
     for place, entry in entries:
         try:
-            train = training_items(root, entry)
+            train = entry.rows if isinstance(entry, TrainingRows) else training_items(root, entry)
         except MergeLabError as e:
             raise MergeLabError(f"{place}: {e}") from None
         for x in suites:

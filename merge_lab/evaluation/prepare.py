@@ -14,7 +14,7 @@ from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.cache import ResultCache
 from merge_lab.evaluation.factory import CandidateFactory
 from merge_lab.evaluation.interface import Candidate
-from merge_lab.evaluation.leakage import check_disjoint, discovered_training
+from merge_lab.evaluation.leakage import check_disjoint, discovered_training, trained_rows
 from merge_lab.evaluation.memo import Memo
 from merge_lab.evaluation.paths import resolve
 from merge_lab.evaluation.spec import CompareSpec, Settings, load_spec, references
@@ -73,12 +73,12 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
 
     suites = _suites(spec, where, root, s.split, s.limit)
     selection_suites = []
-    if any(c.choose for c in spec.candidates):
+    if any(c.selects for c in spec.candidates):
         sel = spec.selection
         if sel.split == s.split:
             raise MergeLabError(
                 f"{where('selection', 'split')}: selection.split is '{sel.split}', the split the report evaluates on; "
-                "values chosen there would flatter the chosen candidate. Use another split (validation)."
+                "what is chosen there would flatter the chosen candidate. Use another split (validation)."
             )
         selection_suites = _suites(spec, where, root, sel.split, sel.limit or s.limit)
     names = [x.name for x in suites]
@@ -104,7 +104,8 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
     references(spec, where)  # the verdict's base, sources and comparators, checked before any model runs
 
     training = [*((where("training_data", i), e) for i, e in enumerate(spec.training_data)),
-                *((f"found beside a candidate ({f})", str(f)) for f in discovered_training(by_name))]
+                *((f"found beside a candidate ({f})", str(f)) for f in discovered_training(by_name)),
+                *((where("candidates", names.index(n)), rows) for n, rows in trained_rows(by_name))]
     checked = check_disjoint(root, training, suites + selection_suites)
 
     judge = factory.scorer(spec.judge, ("judge",))

@@ -1,5 +1,11 @@
 """The cache-first evaluation loop: each (candidate, suite) pair is evaluated only when the result
-cache lacks it, written to the cache as soon as it is done (an interrupted run resumes there)."""
+cache lacks it, written to the cache as soon as it is done (an interrupted run resumes there).
+
+Under `accelerate launch` every process runs this loop in step (processes.py): the main process
+reads the cache and its answer holds for all, each process scores and generates its share of the
+batches, every process ends with every entry (so `choose:` decides the same everywhere), and only
+the main process writes the cache; token counts are summed over the processes, peak memory is the
+largest one process reached."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from merge_lab.core.progress import progress_bar
 from merge_lab.evaluation.cost import PeakMemory
 from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.prepare import Comparison
+from merge_lab.evaluation.processes import current
 
 
 def evaluate(comp: Comparison, progress: bool = True, console: Console | None = None,
@@ -19,16 +26,21 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
     """Fill (candidate, suite) -> cache entry, evaluating only what the cache lacks (`routing`:
     also record an MoE's expert use, which the report plots; selection does without)."""
     console = console or Console(stderr=True)
+    procs = current()
     settings_key = comp.settings.key()
     entries: dict[str, dict[str, dict]] = {}
-    reference_from_cache(comp, settings_key)
-    with progress_bar(console, progress, eta=False) as bar:
+    if procs.main:
+        reference_from_cache(comp, settings_key)
+    comp.ctx.known_answers.update(procs.from_main(lambda: comp.ctx.known_answers))
+    if procs.world > 1:  # merged once, by the main process, before any process loads them
+        procs.main_first(lambda: [m.model_paths() for m in helpers(comp)])
+    with progress_bar(console, progress and procs.main, eta=False) as bar:
         for name, cand in comp.candidates.items():
             entries[name] = {}
             todo = []
-            for suite in comp.suites:
-                key = comp.cache.key(cand.fingerprint(), suite.fingerprint(comp.ctx), settings_key)
-                hit = comp.cache.get(key)
+            keys = [comp.cache.key(cand.fingerprint(), suite.fingerprint(comp.ctx), settings_key) for suite in comp.suites]
+            hits = procs.from_main(lambda keys=keys: [comp.cache.get(key) for key in keys])
+            for suite, key, hit in zip(comp.suites, keys, hits):
                 if hit is not None:
                     entries[name][suite.name] = hit
                     bar.add_task(f"{name} · {suite.name} (cached)", total=1, completed=1)
@@ -37,6 +49,8 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
             if not todo:
                 continue
             with PeakMemory(comp.settings.device) as mem:
+                if procs.world > 1:
+                    procs.main_first(cand.model_paths)  # a recipe is merged into the cache once
                 cand.load()
                 params = cand.params()
                 fresh = []
@@ -48,26 +62,38 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
                     t0 = time.perf_counter()
                     records = suite.evaluate(cand, comp.ctx)
                     after = cand.counters.as_dict()
+                    spent = procs.all_gather({k: after[k] - before[k] for k in after})
                     entry = {
                         "candidate": name, "suite": suite.name, "records": records,
                         "seconds": time.perf_counter() - t0, "params": list(params),
-                        "counters": {k: after[k] - before[k] for k in after},
-                        "routing": cand.routing(suite.routing_texts(cand)) if routing and cand.is_moe else None,
+                        "counters": {k: sum(c[k] for c in spent) for k in spent[0]},
+                        "routing": (cand.routing(suite.routing_texts(cand))
+                                    if routing and cand.is_moe and procs.main else None),
                         "peak_memory_bytes": mem.peak_bytes,
                     }
-                    comp.cache.put(key, entry)  # at once: an interrupted run resumes from here
+                    if procs.main:
+                        comp.cache.put(key, entry)  # at once: an interrupted run resumes from here
                     fresh.append((key, entry))
                     comp.evaluated.append((name, suite.name))
                     bar.update(task, completed=len(records), total=len(records))
                 cand.on_progress = None
+            peak = max(procs.all_gather(mem.peak_bytes))
             for key, entry in fresh:  # the peak over the whole candidate run, for every entry
-                entry["peak_memory_bytes"] = mem.peak_bytes
-                comp.cache.put(key, entry)
+                entry["peak_memory_bytes"] = peak
+                if procs.main:
+                    comp.cache.put(key, entry)
                 entries[name][entry["suite"]] = entry
             if comp.ctx.reference is not cand and not is_judge(comp, cand):
                 cand.unload()
-    reference_to_cache(comp, settings_key)
+    if procs.main:
+        reference_to_cache(comp, settings_key)
     return entries
+
+
+def helpers(comp: Comparison) -> list[Candidate]:
+    """The judge and the reference: candidates other candidates' suites load (for their models)."""
+    judge = getattr(comp.ctx.judge, "judge", None)
+    return [c for c in (judge, comp.ctx.reference) if isinstance(c, Candidate)]
 
 
 def is_judge(comp: Comparison, c: Candidate) -> bool:

@@ -13,6 +13,8 @@
       - {name: ens, ensemble: [base, ties], weights: [0.5, 0.5]}
       - {name: bon, best_of_n: [base, ties]}             # scorer: the judge, or reward_model: ./rm
       - {name: moe, checkpoint: ./moe, choose: {num_experts_per_tok: [1, 2]}}
+      - {name: mixture, multitask: {align: [a.yaml, b.yaml], fuse: fuse.yaml}}   # trained here (trained.py)
+      - {name: ties+train, merge_then_train: {merges: [ties], fuse: fuse.yaml}}  # several: the best on selection
     selection: {split: validation, limit: 24}   # where `choose:` values are tried (never the test split)
     headline: moe                   # the candidate whose tested verdict opens the report
     verdict: {base: base, scale: source, against: [ties], alpha: 0.05}   # the headline's references
@@ -63,7 +65,23 @@ class Settings(BaseModel):
                 "scoring": SCORING_VERSION}
 
 
-CANDIDATE_KINDS = ("checkpoint", "recipe", "ensemble", "best_of_n")
+CANDIDATE_KINDS = ("checkpoint", "recipe", "ensemble", "best_of_n", "multitask", "merge_then_train")
+
+
+class MultitaskSpec(BaseModel):
+    """`multitask:`: where the data-mixture baseline's rows and budget come from (budget.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    align: list[str] = Field(min_length=1, description="the experts' align recipes (as run)")
+    fuse: str | None = Field(None, description="the fuse recipe whose rows, steps and trainable parameters count too")
+
+
+class MergeThenTrainSpec(BaseModel):
+    """`merge_then_train:`: the merges to start from (the best on the selection split) and the fuse recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    merges: list[str] = Field(min_length=1, description="candidate names (or checkpoint folders) of merges")
+    fuse: str = Field(description="the fuse recipe whose rows, steps, learning rate and LoRA are used")
 
 
 class CandidateSpec(BaseModel):
@@ -77,6 +95,8 @@ class CandidateSpec(BaseModel):
     weights: list[float] | None = None
     best_of_n: list[str] | None = None
     reward_model: str | None = None
+    multitask: MultitaskSpec | None = None
+    merge_then_train: MergeThenTrainSpec | None = None
     source: bool = False
     group: str | None = None  # e.g. merge, ensemble: the headline is compared with each group's best
     choose: dict[str, list[Any]] | None = None  # config.json values tried on the selection split
@@ -91,9 +111,14 @@ class CandidateSpec(BaseModel):
                              "list of values per config key, e.g. {num_experts_per_tok: [1, 2]}")
         return self
 
+    @property
+    def selects(self) -> bool:
+        """Whether something of this candidate is chosen on the selection split."""
+        return bool(self.choose) or (self.merge_then_train is not None and len(self.merge_then_train.merges) > 1)
+
 
 class Selection(BaseModel):
-    """Where `choose:` values are compared: a split other than the evaluation split."""
+    """Where `choose:` values and merge_then_train's merge are compared: a split other than the evaluation split."""
 
     model_config = ConfigDict(extra="forbid")
     split: str = "validation"

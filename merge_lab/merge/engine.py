@@ -1,9 +1,11 @@
 """The engine: runs a Plan tensor by tensor into a ShardWriter.
 
 Reading, computing and writing overlap: a loader thread reads the next work unit's inputs
-(converted to float32 straight from the memory-mapped page cache, into buffers the main thread
-allocates) while the current one computes, and a writer thread writes the previous result at its
-final offset. At most one unit waits in each stage.
+(rounded to the recipe's arithmetic dtype and held in the op's working dtype, float32 unless a
+strategy computes in bfloat16 / float16 as mergekit does; converted straight from the
+memory-mapped page cache, into buffers the main thread allocates) while the current one
+computes, and a writer thread writes the previous result at its final offset. At most one unit
+waits in each stage.
 
 A work unit is a whole tensor, or, for ops that say they stream in row blocks (elementwise or
 row-wise strategies: `TensorOp.streams_rows`), a block of about ops.CHUNK_ELEMENTS elements of
@@ -11,8 +13,8 @@ rows. So for those peak memory is a few blocks whatever the model size: the 128k
 embedding of a large model costs what a small one does. Strategies that are elementwise once they
 know a few whole-tensor statistics (TIES' top-k thresholds, slerp's angle) declare statistics
 passes: the op's RowStream folds the tensor's row blocks into them pass by pass (units that write
-nothing), then merges every block with them. Only tensors whose vocabularies differ (`tokenizer:
-base`) still go whole to such strategies. Every block read is checked for NaN / Inf on the way
+nothing), then merges every block with them (vocabulary tensors aligned by token stream too:
+merge.embeddings re-indexes the rows a block reads). Every block read is checked for NaN / Inf on the way
 (merge.finite). The engine sees files and never math; the ops see tensors and never files; work
 that needs a model before the merge (centroid router rows) is done by the plan's steps, run when
 the engine starts, before the output folder is opened.
@@ -36,9 +38,10 @@ from merge_lab.core.writer import ShardWriter, TensorSpec, check_disk, copy_side
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.card import model_card, recipe_hash, recipe_text
 from merge_lab.merge.finite import FiniteGuard, non_finite_count
-from merge_lab.merge.ops import RowStream, TensorTask, block_rows
+from merge_lab.merge.ops import RowStream, TensorTask, block_rows, read_dtype
 from merge_lab.merge.planner import Plan, make_plan
 from merge_lab.merge.recipe import Recipe, load_recipe
+from merge_lab.merge.tokenizer import write_tokenizer
 
 
 @dataclass
@@ -51,8 +54,9 @@ class MergeResult:
     non_finite: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
-# A unit whose float32 inputs exceed this is not read ahead while another computes, nor computed
-# while a result is still being written: two whole embeddings in flight would double the peak.
+# A unit whose inputs (in the op's working dtype) exceed this is not read ahead while another
+# computes, nor computed while a result is still being written: two whole embeddings in flight
+# would double the peak.
 PREFETCH_BYTES = 256 * 2**20
 
 
@@ -79,7 +83,7 @@ class _Unit:
     def input_bytes(self) -> int:
         t = self.task
         n = t.numel if self.rows is None else t.numel // t.shape[0] * (self.rows[1] - self.rows[0])
-        return 4 * n * len(t.inputs)
+        return t.op.working_dtype.itemsize * n * len(t.inputs)
 
     def run(self, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         if self.stream is None:
@@ -113,15 +117,18 @@ def _load(unit: _Unit, device: torch.device, buffers: list[torch.Tensor | None])
     at the first read of the rows: statistics passes come first, so every block is checked before
     any is merged)."""
     out, counts = [], []
+    working = unit.task.op.working_dtype
     for (ckpt, name), buf in zip(unit.task.inputs, buffers):
-        t = ckpt.read(name, unit.rows, torch.float32, out=buf) if buf is not None else ckpt.read(name, unit.rows)
+        t = ckpt.read(name, unit.rows, buf.dtype, out=buf) if buf is not None else ckpt.read(name, unit.rows)
         counts.append(non_finite_count(t) if unit.first_read else 0)
-        out.append(t.to(device) if device.type != "cpu" else t)
+        t = t.to(device) if device.type != "cpu" else t
+        out.append(t.to(working) if buf is not None and t.dtype != working else t)
     return out, counts
 
 
 def _prefetch(reader: ThreadPoolExecutor, unit: _Unit, device: torch.device) -> Future:
-    """Start reading a unit's inputs on the reader thread, into float32 buffers allocated here.
+    """Start reading a unit's inputs on the reader thread, into buffers allocated here (of the
+    dtype ops.read_dtype gives: the working dtype, or the rounding one to convert from).
 
     Allocated on the main thread, the blocks come from glibc's main heap, which (with
     _tune_malloc's thresholds) keeps freed blocks for the next unit; blocks malloc'ed on the
@@ -137,7 +144,7 @@ def _prefetch(reader: ThreadPoolExecutor, unit: _Unit, device: torch.device) -> 
         for d in info.shape[1:]:
             n *= d
         n *= (unit.rows[1] - unit.rows[0]) if unit.rows is not None else (info.shape[0] if info.shape else 1)
-        buffers.append(torch.empty(n, dtype=torch.float32))
+        buffers.append(torch.empty(n, dtype=read_dtype(unit.task.op, info.dtype)))
     return reader.submit(_load, unit, device, buffers)
 
 
@@ -271,7 +278,10 @@ def run_plan(
     allow = plan.recipe.allow_non_finite if allow_non_finite is None else allow_non_finite
     guard = FiniteGuard(plan.strategy, allow, chunk_elements)
     with _open_output(plan, out, shard_size, force) as writer:
-        copy_side_files(plan.side_files_from, writer.folder)  # checked before any tensor is read
+        if plan.tokenizer is None:
+            copy_side_files(plan.side_files_from, writer.folder)  # checked before any tensor is read
+        else:  # the vocabulary built by merge.tokenizer (or the chat template set)
+            write_tokenizer(plan.tokenizer, plan.side_files_from, writer.folder)
         written = _run_units(plan, writer, dev, chunk_elements, guard, console, progress)
         _write_beside(plan, writer.folder, hash_inputs, guard.seen)
         path = writer.finish()

@@ -7,10 +7,11 @@ defaults and help text:
   given under the recipe's global `parameters:` they are every model's default.
 
 A tensor-wise strategy implements `merge()` for one tensor group; the engine reads the files and
-hands it float32 tensors. A structural strategy (one that changes the architecture, like the
-H3 MoE fusion) sets `structural = True` and implements `build_plan()` to lay out the whole output
-as tasks whose ops follow merge.ops' protocol (what each reads, how it computes; work that needs
-a model first is a plan step), still executed by the same engine and writer.
+hands it tensors in its working_dtype() (float32 unless it computes in the recipe's dtype). A
+structural strategy (one that changes the architecture, like the H3 MoE fusion) sets
+`structural = True` and implements `build_plan()` to lay out the whole output as tasks whose ops
+follow merge.ops' protocol (what each reads, how it computes; work that needs a model first is a
+plan step), still executed by the same engine and writer.
 
 Strategies are discovered through the entry-point group `merge_lab.strategies` (core.registry); the built-ins in
 `strategies/` register exactly that way. `register()` adds one at run time (tests, notebooks).
@@ -81,6 +82,15 @@ class Strategy:
     # Parameters under which the result equals the first model exactly (used by the contract suite).
     identity_params: ClassVar[dict[str, Any]] = {}
 
+    def working_dtype(self, arithmetic: torch.dtype) -> torch.dtype:
+        """The dtype merge() gets its float inputs in, given the recipe's arithmetic dtype (see
+        merge.planner.arithmetic_dtype); the inputs are rounded to `arithmetic` first, as
+        mergekit's loader casts them. By default float32 (float64 stays float64): what mergekit's
+        linear and slerp compute in whatever they are given, and what strategies written for
+        float32 expect. Strategies whose mergekit counterpart computes in the tensors' dtype
+        return `arithmetic`, and then see bfloat16 or float16 tensors."""
+        return torch.float64 if arithmetic == torch.float64 else torch.float32
+
     def merge(
         self,
         tensors: list[torch.Tensor],
@@ -89,7 +99,8 @@ class Strategy:
         model_params: list[BaseModel],
         ctx: TensorContext,
     ) -> torch.Tensor:
-        """Merge one tensor group. Inputs are float32 on the compute device; return the same shape."""
+        """Merge one tensor group. Inputs are in working_dtype() on the compute device; return the
+        same shape (in any float dtype: the writer casts to the output dtype)."""
         raise NotImplementedError
 
     # -- whole-tensor statistics, for strategies that are elementwise once they know a few scalars

@@ -2,9 +2,11 @@
 
 The planner turns a recipe into one TensorTask per output tensor, each holding an op (the shape
 of mergekit's per-tensor tasks). The engine asks the op what to read (`arguments()`), reads
-those tensors as float32 and hands them to `execute()`; when the op `streams_rows`, it reads
-row blocks instead and drives the op's RowStream (statistics passes, then the merge). So the
-engine never looks inside an op, and an op never opens a file.
+those tensors rounded to the op's `rounding_dtype` (mergekit's load cast) and held in its
+`working_dtype` (`read_dtype` says how, in one conversion where it can) and hands them to
+`execute()`; when the op `streams_rows`, it reads row blocks instead and drives the op's
+RowStream (statistics passes, then the merge). So the engine never looks inside an op, and an op
+never opens a file.
 
 How tensors are cut into row blocks (CHUNK_ELEMENTS, `block_rows`) and the working memory that
 follows from it (`predicted_peak_bytes`) live here too, so the plan's prediction and the engine's
@@ -49,14 +51,25 @@ class RowStream(Protocol):
 
 
 class TensorOp:
-    """Base of every op. Subclasses are frozen dataclasses; by default an op takes whole tensors."""
+    """Base of every op. Subclasses are frozen dataclasses; by default an op takes whole tensors,
+    float ones as float32."""
+
+    @property
+    def rounding_dtype(self) -> torch.dtype:
+        """The dtype float inputs are rounded to before any arithmetic (mergekit casts on load)."""
+        return torch.float32
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        """The dtype execute() gets float inputs in."""
+        return torch.float32
 
     def arguments(self) -> tuple[Input, ...]:
         """The tensors this op reads, in the order execute() receives them."""
         raise NotImplementedError
 
     def execute(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The output tensor from the whole inputs (float tensors as float32)."""
+        """The output tensor from the whole inputs (float tensors in working_dtype)."""
         raise NotImplementedError
 
     @property
@@ -119,9 +132,16 @@ class MergeOp(TensorOp):
     context: TensorContext
     models: tuple[Input, ...]
     base: Input | None = None
-    # tokenizer: base with vocabularies of different sizes: merge these leading rows, the rest
-    # from the base
-    vocab_rows: int | None = None
+    # the recipe's arithmetic dtype for this tensor (planner.arithmetic_dtype)
+    arithmetic: torch.dtype = torch.float32
+
+    @property
+    def rounding_dtype(self) -> torch.dtype:
+        return self.arithmetic
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        return self.strategy.working_dtype(self.arithmetic)
 
     def arguments(self) -> tuple[Input, ...]:
         return self.models if self.base is None else (*self.models, self.base)
@@ -134,18 +154,15 @@ class MergeOp(TensorOp):
         return self.merge_rows(inputs, self.context)
 
     def merge_rows(self, inputs: list[torch.Tensor], context: TensorContext) -> torch.Tensor:
+        """The merged rows, in the arithmetic dtype: mergekit's methods that upcast inside (linear,
+        slerp) give their result back in the dtype they were given, rounded once."""
         tensors, base = self.split(inputs)
-        mp = list(self.model_params)
-        if self.vocab_rows is None:
-            return self.strategy.merge(tensors, base, self.params, mp, context)
-        assert base is not None  # the planner allows different vocabularies only with a base
-        n = self.vocab_rows
-        shared = self.strategy.merge([x[:n] for x in tensors], base[:n], self.params, mp, context)
-        return torch.cat([shared, base[n:]], dim=0)
+        out = self.strategy.merge(tensors, base, self.params, list(self.model_params), context)
+        return out if out.dtype == self.arithmetic else out.to(self.arithmetic)
 
     @property
     def streams_rows(self) -> bool:
-        return self.vocab_rows is None and self.strategy.row_separable
+        return self.strategy.row_separable
 
     def stats_passes(self) -> int:
         return self.strategy.stats_passes(self.params, list(self.model_params))
@@ -214,6 +231,14 @@ class TensorTask:
         return n
 
 
+def read_dtype(op: TensorOp, stored: torch.dtype) -> torch.dtype:
+    """The dtype to read a float input stored as `stored` in: the op's working dtype when one
+    conversion gives the values rounded to its rounding dtype (nothing to round, or rounding and
+    working dtypes alike), else the rounding dtype (the engine then converts to the working one)."""
+    rounding, working = op.rounding_dtype, op.working_dtype
+    return working if stored == rounding or rounding == working else rounding
+
+
 def block_rows(task: TensorTask, chunk_elements: int | None = None) -> int | None:
     """Rows per work unit when the task is streamed in row blocks of about `chunk_elements`
     (default CHUNK_ELEMENTS), else None: the tensor goes whole."""
@@ -227,12 +252,13 @@ def block_rows(task: TensorTask, chunk_elements: int | None = None) -> int | Non
 
 
 def predicted_peak_bytes(tasks: list[TensorTask], prefetch: int = 1, chunk_elements: int | None = None) -> int:
-    """Working memory: float32 copies of the inputs of the work units in flight (a whole tensor,
-    or a row block of a streamed one), plus about three unit-sized temporaries for the op and
-    the output, plus ALLOCATOR_SLACK. Excludes the interpreter itself."""
+    """Working memory: copies of the inputs of the work units in flight in the op's working dtype
+    (a whole tensor, or a row block of a streamed one: bfloat16 arithmetic halves float32's), plus
+    about three unit-sized float32 temporaries for the op and the output (low-precision arithmetic
+    still sums in float32, as torch does), plus ALLOCATOR_SLACK. Excludes the interpreter itself."""
     per_unit = [0]
     for t in tasks:
         rows = block_rows(t, chunk_elements)
         numel = t.numel if rows is None else t.numel // t.shape[0] * rows
-        per_unit.append(4 * numel * (len(t.inputs) + 3))
+        per_unit.append(numel * (t.op.working_dtype.itemsize * len(t.inputs) + 4 * 3))
     return max(per_unit) * (1 + prefetch) + ALLOCATOR_SLACK

@@ -18,13 +18,17 @@ from pydantic import BaseModel
 
 from merge_lab.core.architecture import classify, is_vocab_tensor, num_layers
 from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
+from merge_lab.core.lora_applied import LoraAppliedCheckpoint, input_checkpoints
+from merge_lab.core.references import ModelOpener
 from merge_lab.errors import MergeLabError
 from merge_lab.merge import interface as registry
+from merge_lab.merge.embeddings import vocabulary_rows
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.merge.ops import ConstantOp, CopyOp, Deferred, MergeOp, TensorTask, predicted_peak_bytes
 from merge_lab.merge.params import check_shape, gradient_position, resolve
 from merge_lab.merge.recipe import Recipe
 from merge_lab.merge.slices import layout, sliced_config
+from merge_lab.merge.tokenizer import OutputVocabulary, build_output_vocabulary, output_tokenizer
 
 
 class PlanStep(Protocol):
@@ -46,6 +50,7 @@ class Plan:
     inputs: list[Checkpoint]
     notes: list[str] = field(default_factory=list)  # things the user should know (printed by validate)
     steps: list[PlanStep] = field(default_factory=list)  # run by prepared(), before the engine
+    tokenizer: Any = None  # the tokenizer written to the output (merge.tokenizer); None: side files copied
 
     @property
     def output_bytes(self) -> int:
@@ -162,6 +167,39 @@ def resolve_params(
     return params, model_params
 
 
+def arithmetic_dtype(recipe: Recipe, stored: list[torch.dtype]) -> torch.dtype:
+    """The dtype one tensor's merge computes in: the recipe's `compute_dtype`, else mergekit's
+    (the inputs are cast to `dtype` when it is set, else merged in their stored dtypes promoted
+    together: bfloat16 models compute in bfloat16, bfloat16 with float16 in float32).
+    Strategies then compute in it or upcast, each as its mergekit counterpart does
+    (Strategy.working_dtype)."""
+    name = recipe.compute_dtype or recipe.dtype
+    if name:
+        return TORCH_DTYPE_BY_NAME[name]
+    dtype = stored[0]
+    for d in stored[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
+
+
+def merge_op(strategy: Strategy, params: BaseModel, model_params: list[BaseModel], context: TensorContext,
+             models: tuple, base: tuple | None, recipe: Recipe) -> MergeOp:
+    """A MergeOp computing in the recipe's arithmetic dtype for its inputs' stored dtypes."""
+    inputs = models if base is None else (*models, base)
+    arithmetic = arithmetic_dtype(recipe, [ckpt.info(name).dtype for ckpt, name in inputs])
+    return MergeOp(strategy, params, tuple(model_params), context, models, base, arithmetic)
+
+
+def arithmetic_note(recipe: Recipe, tasks: list[TensorTask]) -> list[str]:
+    """A note for `validate` / `plan` when some tensors are computed in a 16-bit dtype."""
+    low = sorted({str(t.op.working_dtype).removeprefix("torch.") for t in tasks
+                  if isinstance(t.op, MergeOp) and t.op.working_dtype.itemsize < 4})
+    if not low or recipe.compute_dtype:
+        return []
+    why = "the recipe's dtype" if recipe.dtype else "the models' stored dtype"
+    return [f"arithmetic in {', '.join(low)} ({why}), as mergekit computes; `compute_dtype: float32` computes in float32"]
+
+
 def out_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     if not source.is_floating_point:
         return source
@@ -176,8 +214,7 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
     names = list(ref.tensors)
     # shape and presence checks, all problems at once
     problems: list[str] = []
-    vocab_rows: dict[str, int] = {}
-    base_mode = recipe.tokenizer_mode is not None and recipe.tokenizer_mode in ("base", recipe.base_model)
+    vocab = output_vocabulary(ctx)
     for ckpt in ctx.models:
         if ckpt.model_type != ref.model_type:
             problems.append(
@@ -194,15 +231,12 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
             problems.append(f"{ckpt.path}: has {len(extra)} tensor(s) that {ref.path} lacks, e.g. '{extra[0]}'.")
         for n in names:
             a, b = ref.info(n).shape, ckpt.info(n).shape
-            if a == b:
+            if a == b or (vocab is not None and is_vocab_tensor(n) and a[1:] == b[1:]):
                 continue
             if is_vocab_tensor(n) and a[1:] == b[1:]:
-                if base_mode and ctx.base is not None:
-                    vocab_rows[n] = min(vocab_rows.get(n, a[0]), b[0], a[0])
-                    continue
                 problems.append(
                     f"tensor '{n}': {ckpt.path} has {b[0]} vocabulary rows, {ref.path} has {a[0]}. "
-                    "Set `tokenizer: base` to merge the shared rows and take the rest from the base."
+                    "Set `tokenizer: base` (or `union`, or a model; mergekit spells it `tokenizer_source`) to align the rows by token."
                 )
             else:
                 problems.append(f"tensor '{n}': shape {b} in {ckpt.path} but {a} in {ref.path}.")
@@ -222,15 +256,50 @@ def tensorwise_plan(ctx: PlanContext) -> Plan:
             tasks.append(TensorTask(n, info.shape, info.dtype, CopyOp((ref, n))))
             continue
         params, model_params = resolve_params(ctx, n, entries)
-        op = MergeOp(
-            strategy, params, tuple(model_params), TensorContext(n, classify(n), recipe.seed, refs),
-            tuple((m, n) for m in models), (ctx.base, n) if with_base else None, vocab_rows.get(n),
+        inputs: tuple = tuple((m, n) for m in models)
+        base_input = (ctx.base, n) if with_base else None
+        shape = info.shape
+        if vocab is not None and is_vocab_tensor(n):  # rows re-indexed to the output vocabulary
+            rows = vocabulary_rows(recipe, vocab, n)
+            inputs = tuple((rows.view(i), n) for i in entries)
+            base_input = (rows.view(vocab.base_index), n) if with_base and vocab.base_index is not None else None
+            shape = (vocab.rows, *info.shape[1:])
+        op = merge_op(
+            strategy, params, model_params, TensorContext(n, classify(n), recipe.seed, refs), inputs, base_input, recipe,
         )
-        tasks.append(TensorTask(n, info.shape, out_dtype(recipe, info.dtype), op))
+        tasks.append(TensorTask(n, shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, ref.config)
-    notes = [f"vocabulary of '{n}': {r} shared rows merged, the rest from the base" for n, r in vocab_rows.items()]
-    return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), [*ctx.models, *([ctx.base] if ctx.base else [])],
-                notes)
+    notes = arithmetic_note(recipe, tasks)
+    if vocab is not None:
+        config["vocab_size"] = vocab.rows
+        notes.append(f"output vocabulary: {len(vocab.vocab)} tokens, {vocab.rows} rows; embedding rows aligned by token")
+    notes += adapter_notes([*([ctx.base] if ctx.base else []), *ctx.models])
+    opened = [*ctx.models, *([ctx.base] if ctx.base else [])]
+    side = side_files(recipe, ref)
+    return Plan(recipe, cls.name, tasks, config, side, input_checkpoints(opened), notes,
+                tokenizer=output_tokenizer(recipe, vocab, side, opened))
+
+
+def output_vocabulary(ctx: PlanContext) -> OutputVocabulary | None:
+    """The output vocabulary when the recipe sets tokenizer keys: over the recipe's models and the
+    base (added when it is not among them), as mergekit gathers vocabulary tensors."""
+    recipe = ctx.recipe
+    if recipe.tokenizer is None and recipe.tokenizer_source is None:
+        return None
+    members, refs = list(ctx.models), list(ctx.model_refs)
+    base_index = None
+    if ctx.base is not None:
+        at = [i for i, r in enumerate(refs) if recipe.is_base(r)]
+        if not at:
+            members.append(ctx.base)
+            refs.append(recipe.base_model or "")
+        base_index = at[0] if at else len(members) - 1
+    return build_output_vocabulary(recipe, members, refs, base_index)
+
+
+def adapter_notes(checkpoints: list[Checkpoint]) -> list[str]:
+    """One note per `model+adapter` reference: which adapter, on which base, at which scale."""
+    return [c.summary for c in checkpoints if isinstance(c, LoraAppliedCheckpoint)]
 
 
 def with_dtype(recipe: Recipe, config: dict) -> dict:
@@ -242,8 +311,8 @@ def with_dtype(recipe: Recipe, config: dict) -> dict:
 
 
 def side_files(recipe: Recipe, ref: Checkpoint) -> Path:
-    """The folder whose tokenizer and generation config the output gets."""
-    if recipe.tokenizer_mode not in (None, "base", recipe.base_model):
+    """The folder whose tokenizer and generation config the output gets (a union's: the reference's)."""
+    if recipe.tokenizer_mode not in (None, "base", "union", recipe.base_model):
         return recipe.resolve_path(recipe.tokenizer_mode)
     return ref.path
 
@@ -274,9 +343,13 @@ def make_plan(recipe: Recipe) -> Plan:
                                 "it takes no 'slices:'.")
         return sliced_plan(recipe, cls)
     check_inputs(recipe, cls)
+    if cls.structural and (recipe.tokenizer is not None or recipe.tokenizer_source is not None):
+        key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
+        raise MergeLabError(f"{recipe.where(key)}: '{cls.name}' takes its vocabulary from its base; it takes no '{key}:'.")
     strategy = cls()
-    base = Checkpoint(recipe.resolve_path(recipe.base_model)) if recipe.base_model else None
-    models = [Checkpoint(recipe.resolve_path(m.model)) for m in recipe.models]
+    opener = ModelOpener(recipe.resolve_path)  # `model+adapter` references: the adapter applied while streaming
+    base = opener.open(recipe.base_model, recipe.where("base_model")) if recipe.base_model else None
+    models = [opener.open(m.model, recipe.where("models", i, "model")) for i, m in enumerate(recipe.models)]
     ctx = PlanContext(recipe, strategy, base, models, [m.model for m in recipe.models])
     if cls.structural:
         return strategy.build_plan(ctx)
@@ -288,20 +361,26 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
     output tensor a merge of its sources' tensors at the slice's layers, with the slice's parameters.
     A base model takes part (for strategies that use one) as the source it is in each slice."""
     assert recipe.slices is not None
+    if recipe.tokenizer is not None or recipe.tokenizer_source is not None:
+        key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
+        raise MergeLabError(f"{recipe.where(key)}: vocabularies aligned by token with 'slices:' are not supported "
+                            "yet; merge the vocabularies in a 'models:' recipe first, or drop the key.")
     views = [recipe.slice_view(k) for k in range(len(recipe.slices))]
     for view in views:
         check_inputs(view, cls)
     strategy = cls()
     opened: dict[Path, Checkpoint] = {}
+    opener = ModelOpener(recipe.resolve_path)
 
-    def open_model(ref: str) -> Checkpoint:
+    def open_model(ref: str, *key_path: object) -> Checkpoint:
         key = recipe.model_identity(ref)
         if key not in opened:
-            opened[key] = Checkpoint(recipe.resolve_path(ref))
+            opened[key] = opener.open(ref, recipe.where(*key_path))
         return opened[key]
 
-    base = open_model(recipe.base_model) if recipe.base_model else None
-    sources = [[open_model(src.model) for src in s.sources] for s in recipe.slices]
+    base = open_model(recipe.base_model, "base_model") if recipe.base_model else None
+    sources = [[open_model(src.model, "slices", k, "sources", i, "model") for i, src in enumerate(s.sources)]
+               for k, s in enumerate(recipe.slices)]
     ref = base if base is not None else sources[0][0]
     kinds = [
         f"{recipe.where('slices', k, 'sources', i)}: {c.path} is a '{c.model_type}' model but {ref.path} is "
@@ -331,14 +410,17 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
             continue
         params, model_params = resolve_params(ctx, row.output, entries[k], row.t, row.inputs)
         b = base_at[k]
-        op = MergeOp(
-            strategy, params, tuple(model_params),
+        op = merge_op(
+            strategy, params, model_params,
             TensorContext(row.output, classify(row.output), recipe.seed, tuple(ctx.model_refs[i] for i in entries[k])),
             tuple((sources[k][i], row.inputs[i]) for i in entries[k]),
-            (sources[k][b], row.inputs[b]) if b is not None else None,
+            (sources[k][b], row.inputs[b]) if b is not None else None, recipe,
         )
         tasks.append(TensorTask(row.output, info.shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, sliced_config(recipe, sources, ref.config))
     layers = sum(s.length for s in recipe.slices)
-    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)"]
-    return Plan(recipe, cls.name, tasks, config, side_files(recipe, ref), list(opened.values()), notes)
+    notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)", *arithmetic_note(recipe, tasks),
+             *adapter_notes(list(opened.values()))]
+    side = side_files(recipe, ref)
+    return Plan(recipe, cls.name, tasks, config, side, input_checkpoints(list(opened.values())), notes,
+                tokenizer=output_tokenizer(recipe, None, side, list(opened.values())))

@@ -2,8 +2,8 @@
 
 The schema is a superset of mergekit's for the methods we support (`merge_method`, `base_model`,
 `models[].model`, `models[].parameters`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`,
-`tokenizer.source`), so a mergekit recipe runs unchanged. Our additions: `seed`, `shard_size`,
-`allow_non_finite`, `models[].label` and `train:` (both for structural strategies such as `h3_moe`).
+`tokenizer` with `source`, `tokens` and `pad_to_multiple_of`, `chat_template`), so a mergekit
+recipe runs unchanged. Our additions: `seed`, `shard_size`, `allow_non_finite`, `compute_dtype`, `models[].label` and `train:` (both for structural strategies such as `h3_moe`).
 
 mergekit's `slices:` is the other way to list the inputs: each output slice names, for every
 source model, the layer range [a, b) it contributes (all sources of a slice equally long), with
@@ -14,11 +14,10 @@ parameter checks see one shape of recipe whichever form was written.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merge_lab.core.config import Where, load_yaml_text, read_text, validate
 from merge_lab.errors import MergeLabError
@@ -30,7 +29,10 @@ M = TypeVar("M", bound=BaseModel)
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="local model folder (or PEFT adapter folder where a strategy accepts one)")
+    model: str = Field(
+        description="local model folder, MODEL+ADAPTER (a PEFT LoRA adapter applied), or a PEFT adapter folder "
+        "where a strategy accepts one"
+    )
     parameters: dict[str, Any] = Field(default_factory=dict, description="this model's own parameters")
     label: str | None = Field(None, description="objective this model is an expert for (structural strategies)")
 
@@ -38,7 +40,7 @@ class ModelEntry(BaseModel):
 class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="local model folder")
+    model: str = Field(description="local model folder, or MODEL+ADAPTER (a PEFT LoRA adapter applied)")
     layer_range: tuple[int, int] = Field(description="[a, b]: this model's layers a .. b-1")
     parameters: dict[str, Any] = Field(default_factory=dict, description="this source's own parameters")
 
@@ -71,26 +73,68 @@ def _conditionals(value: Any) -> list:
     return [{"value": value}]
 
 
+class ZeroEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["zero"] = Field(description="the token's embedding rows are zero")
+
+
+class ModelTokenEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["model_token"] = Field(description="the rows of one token (or id) of one model")
+    model: str = Field(description="the model (among the recipe's) whose row is taken")
+    token: str | None = Field(None, description="the token, in that model's own vocabulary")
+    token_id: int | None = Field(None, ge=0, description="or its id in that model's vocabulary")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' and 'token_id'")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: ZeroEmbedding | ModelTokenEmbedding | str | None = Field(
+        None, description="{kind: zero}, a model (its row of this token) or {kind: model_token, model, token}"
+    )
+    force: bool = Field(False, description="use `source` in every model, even those that have the token")
+
+
 class TokenizerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field("base", description="'base' or a model reference whose tokenizer is copied")
+    source: str = Field("union", description="'base', 'union' or a model whose vocabulary the output takes")
+    tokens: dict[str, TokenEmbedding] | None = Field(
+        None, description="tokens added to the output vocabulary, or whose rows come from a chosen source"
+    )
+    pad_to_multiple_of: int | None = Field(None, gt=0, description="pad the vocabulary rows to a multiple of this")
 
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str = Field(description="strategy name; `merge-lab strategies` lists them")
-    base_model: str | None = Field(None, description="the common base (needed by delta-based methods)")
+    base_model: str | None = Field(
+        None, description="the common base (needed by delta-based methods); MODEL+ADAPTER applies an adapter"
+    )
     models: list[ModelEntry] = Field(default_factory=list, description="the models to merge")
     slices: list[OutputSlice] | None = Field(
         None, description="mergekit's layer slices: output layers from layer ranges of the models (instead of models:)"
     )
     parameters: dict[str, Any] = Field(default_factory=dict, description="merge-wide parameters and per-model defaults")
-    dtype: DType | None = Field(None, description="output dtype (default: the inputs')")
+    dtype: DType | None = Field(
+        None, description="dtype the inputs are cast to and the merge computes in, as in mergekit; also the output's"
+    )
+    compute_dtype: DType | None = Field(
+        None, description="arithmetic dtype, overriding mergekit's (`dtype`, else the inputs'); e.g. float32"
+    )
     out_dtype: DType | None = Field(None, description="mergekit's name for the output dtype; wins over dtype")
-    tokenizer: TokenizerSpec | None = Field(None, description="`base`: merge shared vocabulary rows, rest from base")
+    tokenizer: TokenizerSpec | None = Field(None, description="the output vocabulary: embedding rows aligned by token")
     tokenizer_source: str | None = Field(None, description="mergekit's spelling of tokenizer.source")
+    chat_template: str | None = Field(None, description="'auto', a template name (chatml, llama3 ...) or a jinja text")
     seed: int = Field(0, description="seed for random strategies (DARE masks)")
     shard_size: str | int = Field("2GB", description="maximum bytes per output shard, e.g. 2GB")
     allow_non_finite: bool = Field(
@@ -115,6 +159,12 @@ class Recipe(BaseModel):
     def output_dtype(self) -> str | None:
         return self.out_dtype or self.dtype
 
+    @model_validator(mode="after")
+    def _one_tokenizer_key(self) -> Recipe:
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give 'tokenizer:' or mergekit's 'tokenizer_source:', not both")
+        return self
+
     @property
     def tokenizer_mode(self) -> str | None:
         """'base' when vocabulary differences are resolved from the base, else a model ref or None."""
@@ -129,8 +179,10 @@ class Recipe(BaseModel):
 
     def model_identity(self, ref: str) -> Path:
         """The folder a reference stands for, links followed: `./base`, `base/`, an absolute path
-        and a symlink to it are one model."""
-        return Path(os.path.realpath(self.resolve_path(ref)))
+        and a symlink to it are one model (and MODEL+ADAPTER, both folders so resolved)."""
+        from merge_lab.core.references import reference_identity  # (imports torch: only when asked)
+
+        return reference_identity(ref, self.resolve_path)
 
     def is_base(self, ref: str) -> bool:
         """Whether `ref` names the base model, however it is spelled."""

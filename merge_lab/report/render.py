@@ -21,6 +21,14 @@ LEAD_FIGURES = ("quality_cost", "objectives")  # right after the verdict; the re
 SECTIONS = [
     ("Headline scores", tables.headline_scores, "Reference-anchored (see the definition above): a candidate's "
      "score depends only on itself and the declared references, not on the other candidates.", False),
+    ("Candidates by group", tables.groups, "The `group:` of each candidate in the compare file (e.g. the fused "
+     "model's ablations, the baselines with the same training), with its headline score; the verdict tests the "
+     "headline candidate against the best of each group.", False),
+    ("Training of the same-training baselines", tables.training, "Worked out from the recipes, not typed: "
+     "multitask gets the experts' and the fusion's steps summed, as many rows per step on average, the union of "
+     "their rows and at least their trainable parameters in one LoRA; merge_then_train gets the fusion's rows, "
+     "steps, learning rate and LoRA. Both train with merge-lab align's schedule; their rows are checked disjoint "
+     "from every suite.", False),
     ("Cost", tables.cost, "Measured in the run that produced the results (cached candidates keep their "
      "measurement). Peak memory: rise of process RSS while the candidate ran (CPU), or CUDA peak allocation.", False),
     ("Objectives (relative)", tables.objectives, "Mean of each objective's suites after min-max scaling across "
@@ -53,6 +61,9 @@ def _notes(results: dict) -> list[str]:
          + ", ".join(results.get("training_checked", [])) + "." if results.get("training_checked") else
          "No training data was listed or found beside the checkpoints, so overlap was not checked here."),
         f"Confidence intervals: {st['bootstrap']} bootstrap resamples; small n means wide intervals.",
+        *([f"Evaluated by {results['processes']} processes (accelerate launch), each scoring and generating its "
+           "share of every suite's batches; per-example results are those of one process."]
+          if results.get("processes", 1) > 1 else []),
         *[_selection_note(name, sel) for name, sel in results.get("selection", {}).items()],
     ]
 

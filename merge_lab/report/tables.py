@@ -64,6 +64,42 @@ def headline_scores(results: dict) -> Table:
     return header, rows
 
 
+def groups(results: dict) -> Table:
+    """Candidates listed by `group:` (sources first, ungrouped last) with their headline score: e.g. the
+    fused model's ablations side by side. Empty when no candidate has a group."""
+    cands = results["candidates"]
+    if not any(c.get("group") for c in cands.values()):
+        return [], []
+    overall = results.get("headline_scores", {}).get("overall", {})
+
+    def group_of(n: str) -> str:
+        return cands[n].get("group") or ("source" if cands[n].get("source") else "–")
+
+    order = list(dict.fromkeys(["source", *(group_of(n) for n in cands)]))
+    header = ["group", "candidate", "kind", "headline score"]
+    rows = [[g, n, cands[n]["kind"], fmt(overall.get(n), 2)] for g in order for n in cands if group_of(n) == g]
+    return header, rows
+
+
+def training(results: dict) -> Table:
+    """The same-training baselines' budget, as worked out from the recipes: what each one got and what
+    the sources it is measured against spent."""
+    header = ["candidate", "trained from", "rows", "steps x rows per step", "LoRA", "trainable params",
+              "sources' trainable params", "lr", "sources (steps x rows per step, rows)"]
+    rows = []
+    for n, c in results["candidates"].items():
+        t = c.get("training")
+        if not t:
+            continue
+        sources = "; ".join(f"{s['recipe'].rsplit('/', 1)[-1]}: {s['steps']} x {s['batch_size']}, {s['rows']} rows, "
+                            f"{s['what']}" for s in t["sources"])
+        lora = f"r{t['lora_r']} (alpha {t['lora_alpha']:g}) on {', '.join(t['target_modules'])} in {t['layers']} layers"
+        rows.append([n, c.get("merge") or str(t["base"]).rsplit("/", 1)[-1], str(t["rows"]),
+                     f"{t['steps']} x {t['batch_size']}", lora, _si(t["trainable_params"]), _si(t["budget_params"]),
+                     f"{t['lr']:g}", sources])
+    return header, rows
+
+
 def headline_suites(results: dict) -> Table:
     """The headline candidate against each comparator on each suite, in the suite's own units."""
     per = (results.get("headline") or {}).get("per_suite", [])

@@ -55,8 +55,11 @@ def check_strategy(name: str, workdir: str | Path, arch: str = "llama") -> None:
     # skipped for strategies that declare identity_params = None (no parameters give one model
     # back, e.g. arcee_fusion keeps only outlier changes, karcher averages the model with its base)
     # and for those that need several models (min_models > 1, e.g. model_stock)
+    # (in float32 arithmetic: in the models' bfloat16, mergekit's default, base + (a - base) rounds
+    # back to a only where the subtraction was exact)
     if cls.identity_params is not None and cls.min_models <= 1:
-        ident = _run(_contract_recipe(cls, [a], base if with_base else None, cls.identity_params), work, "identity")
+        identity = _contract_recipe(cls, [a], base if with_base else None, cls.identity_params)
+        ident = _run(identity | {"compute_dtype": "float32"}, work, "identity")
         expected, got = load_tensors(a), load_tensors(ident)
         assert set(got) == set(expected), f"{name}: identity merge changed the tensor names"
         for n in expected:
