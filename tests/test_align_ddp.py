@@ -4,8 +4,6 @@ every global batch, and N processes end with the expert one process trains."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ import pytest
 import torch
 
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
+from merge_lab.testing.launch import cpu_env, free_port
 from merge_lab.training.align import align, batch_tensors, encode, load_align_recipe, lora_model, reply_loss
 from merge_lab.training.shards import ReplyLoss, share_of_mean
 
@@ -62,12 +61,6 @@ def test_two_weighted_shares_give_the_one_process_gradient(tiny):
             acc += g / 2
     for e, a in zip(expected, averaged):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # A user's accelerate FSDP config (`accelerate config` writes one like it). On CPU processes accelerate
@@ -136,10 +129,8 @@ def _launch(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subproc
     """`accelerate launch --config_file` an FSDP config with 2 CPU processes (torchrun; gloo)."""
     config = write_recipe(cwd / "fsdp.yaml", FSDP_CONFIG)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--main_process_port", str(_free_port()), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-                "HF_HOME": str(cwd / "hf"), **(env or {})}  # HF_HOME: no user accelerate config
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+           "--main_process_port", str(free_port()), *args]
+    return subprocess.run(cmd, cwd=cwd, env=cpu_env(cwd, **(env or {})), capture_output=True, text=True, timeout=600)
 
 
 def _records(path: Path) -> list[dict]:
