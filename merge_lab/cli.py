@@ -216,23 +216,29 @@ def strategies() -> None:
 @friendly
 def align(
     recipe: Annotated[Path, typer.Argument(help="align recipe YAML (base_model, data, lora, train)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: adapter/, merged/, train_items.json")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: adapter/, merged/, train_items.json, README.md")],
     force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """LoRA-fine-tune a base on RECIPE's rows (shipped sources or your JSONL) into an expert at OUT.
 
     Loss counts only the reply tokens of each chat. OUT gets the adapter, the adapter merged into a
-    full checkpoint (an input for `merge` and `fuse`), and the ids of every item trained on.
+    full checkpoint (an input for `merge` and `fuse`), and the ids of every item trained on. Several
+    GPUs or processes: `accelerate launch -m merge_lab align ...` (the recipe's batch_size is the
+    global batch; each process takes its share; the main process writes OUT).
     """
+    from merge_lab.moe.pipeline import processes_text
     from merge_lab.training.align import align as run_align
 
     result = run_align(recipe, out, force=force, progress=progress, console=err_console)
+    if not result.main:  # under accelerate launch the main process reports
+        return
     table = Table(title="align complete", show_header=False)
     table.add_row("output", str(result.path))
     table.add_row("adapter", str(result.adapter))
     table.add_row("merged checkpoint", str(result.merged or "not saved"))
     table.add_row("rows / steps", f"{result.rows} / {result.steps}")
+    table.add_row("processes", processes_text(result.processes, result.per_process_batch * result.processes))
     table.add_row("loss", f"{result.first_loss:.3f} -> {result.last_loss:.3f}")
     table.add_row("time", f"{result.seconds:.1f} s")
     out_console.print(table)

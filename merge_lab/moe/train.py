@@ -11,7 +11,8 @@ Under `accelerate launch` with N processes, `batch_size` stays the global batch:
 takes its own batch_size / N rows of it (`batch_indices`, a pure function of seed, step, rank and
 N), and its loss terms are weighted (`shard_losses`) so that the gradient DDP averages equals the
 one-process gradient on the whole batch. Only the main process measures routing accuracy and
-writes checkpoints.
+writes checkpoints. FSDP and DeepSpeed are refused (the accuracy probe, the drift term and the
+export read the weights whole); an FSDP config on CPU processes runs as DDP, with a note.
 
 `train` reads as three steps: `setup` (model, frozen parts, optimizer, tokenised rows),
 `train_loop` (one `train_step` per optimizer step, with checkpoints), then the LoRA merged back.
@@ -45,6 +46,7 @@ from merge_lab.moe.routing import capture_router_logits, routers, routing_accura
 from merge_lab.moe.state import LEGACY, fingerprint, has_state, load_state, save_state
 from merge_lab.training import chat
 from merge_lab.training.blocks import ExpertBlock
+from merge_lab.training.shards import refuse_sharded, unsharded_note
 
 T = TypeVar("T")
 
@@ -320,6 +322,8 @@ def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None) ->
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     launched(cfg.cpu)
     accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[ddp])
+    refuse_sharded(accelerator, "fuse", "routing accuracy, the drift term, the checkpoints and the export read "
+                                        "the model's weights whole, and FSDP or DeepSpeed split them over the processes")
     per_process_batch(cfg.batch_size, accelerator.num_processes)  # refused before the model loads
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(moe_dir))
@@ -417,7 +421,8 @@ def train(
     moe_dir, state_dir = Path(moe_dir), Path(state_dir)
     run = setup(moe_dir, cfg, rows)
     main = run.accelerator.is_main_process
-    start, history, notes = 0, [], []
+    start, history = 0, []
+    notes = [note] if (note := unsharded_note(run.accelerator)) else []
     if resume and has_state(state_dir):
         resumed = load_state(state_dir, run.inner, run.optimizer, run.owner, processes=run.processes)
         start, history = resumed.step, resumed.history

@@ -18,6 +18,11 @@ scores a training item.
 
 The `data:` blocks are merge_lab.training.blocks's (fusion recipes use the same ones). `align`
 reads as three steps: `setup` (rows, tokens, model, optimizer), `train_loop`, `save`.
+
+Under `accelerate launch` with N processes, `batch_size` stays the global batch: every process
+draws the same seeded batches and trains on its own contiguous batch_size / N rows of each, and
+its loss is weighted (merge_lab.training.shards) so that the gradient DDP averages is the
+one-process gradient. Only the main process saves; the others wait for it and return.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +41,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.core.config import Where, load_yaml, parse_yaml
-from merge_lab.core.hashing import file_sha256
+from merge_lab.core.distributed import launched, per_process_batch, record_rows
 from merge_lab.core.progress import progress_bar
 from merge_lab.core.writer import atomic_folder
 from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.training import chat
 from merge_lab.training.blocks import DataSpec, training_rows
+from merge_lab.training.expert_card import expert_card, loss_ends, stamp_merged
+from merge_lab.training.shards import ReplyLoss, reply_token_losses, share_of_mean, trained_model, unsharded_note
 
 
 class LoraSpec(BaseModel):
@@ -104,6 +111,9 @@ class AlignResult:
     seconds: float
     first_loss: float
     last_loss: float
+    processes: int = 1  # how many processes trained (accelerate launch)
+    per_process_batch: int = 0  # rows each took of every global batch
+    main: bool = True  # whether this is the process that wrote the output (the one that reports)
 
 
 # ------------------------------------------------------------------ recipe and rows
@@ -151,32 +161,10 @@ def length_grouped(indices: list[int], lengths: list[int], batch_size: int, rng:
 
 
 def reply_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over reply tokens, with the output layer applied only at those
-    positions: the vocabulary projection is a large share of a small model's compute, and most
-    positions are prompt. Same value as the model's own loss with -100 labels."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(lm, lm.base_model_prefix, None)
-    head = lm.get_output_embeddings()
-    if body is None or head is None:
-        return model(**batch).loss
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    logits = head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
-
-
-def stamp_merged(merged: Path, adapter: Path, label: str | None) -> None:
-    """Record in the merged checkpoint's config which adapter made it (label, adapter sha256).
-
-    Experts of one base differ only in a few FFN tensors deep inside the weight file, so tools
-    that fingerprint a folder by its config and the ends of its weight files would take them for
-    one model; the adapter's hash in config.json tells them apart (and traces the expert).
-    """
-    cfg_path = merged / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["merge_lab_align"] = {"label": label, "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors")}
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    """Mean next-token loss over reply tokens (the output layer applied only at those positions);
+    the same value as the model's own loss with -100 labels."""
+    total, count = reply_token_losses(model, batch)
+    return total / count
 
 
 def pick_device(name: str) -> torch.device:
@@ -207,6 +195,20 @@ class AlignRun:
     params: list[torch.nn.Parameter]  # the LoRA weights
     optimizer: torch.optim.Optimizer
     steps: int
+    accelerator: Any = None  # accelerate's, shared by the processes `accelerate launch` started
+    objective: torch.nn.Module | None = None  # ReplyLoss(model), as prepared (DDP / FSDP on several processes)
+
+    @property
+    def processes(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    @property
+    def per_process_batch(self) -> int:
+        return per_process_batch(self.recipe.train.batch_size, self.processes)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
 
 
 @dataclass
@@ -250,6 +252,7 @@ def lora_model(recipe: AlignRecipe, base: Path, device: torch.device) -> torch.n
 
 def setup(recipe: AlignRecipe) -> AlignRun:
     """Rows, tokens, the LoRA model and its optimizer: everything checked before a step is taken."""
+    from accelerate import Accelerator
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -259,6 +262,9 @@ def setup(recipe: AlignRecipe) -> AlignRun:
     rows = recipe.rows()
     base = resolve_base(recipe.base_model)
     device = pick_device(cfg.device)
+    world = launched(device.type == "cpu").num_processes
+    per_process_batch(cfg.batch_size, world, recipe.where("train", "batch_size"))  # refused before the model loads
+    accelerator = Accelerator(cpu=device.type == "cpu")
 
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -273,14 +279,23 @@ def setup(recipe: AlignRecipe) -> AlignRun:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    objective = ReplyLoss(model)
+    if world > 1:  # one process keeps the device the recipe names (accelerate would pick cuda:0)
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+        device = accelerator.device
     per_epoch = math.ceil(len(keep) / cfg.batch_size)
     steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1) * per_epoch))
-    return AlignRun(recipe, base, device, tokenizer, pad_id, rows, encoded, keep, model, params, optimizer, steps)
+    return AlignRun(recipe, base, device, tokenizer, pad_id, rows, encoded, keep, model, params, optimizer, steps,
+                    accelerator, objective)
 
 
 def train_loop(run: AlignRun, *, progress: bool = True, console=None) -> Trained:
-    """`run.steps` optimizer steps on length-grouped batches drawn epoch after epoch (seeded)."""
-    cfg, model, optimizer = run.recipe.train, run.model, run.optimizer
+    """`run.steps` optimizer steps on length-grouped batches drawn epoch after epoch (seeded).
+    Every process draws the same global batches and trains on its own slice of each; the losses
+    are the global batch's, the same on every process."""
+    cfg, optimizer, accelerator = run.recipe.train, run.optimizer, run.accelerator
+    rank, world, per = accelerator.process_index, run.processes, run.per_process_batch
+    objective = run.objective if run.objective is not None else ReplyLoss(run.model)
     rng = random.Random(cfg.seed)
     lengths = [len(ids) for ids, _ in run.encoded]
     order: list[int] = []
@@ -288,22 +303,25 @@ def train_loop(run: AlignRun, *, progress: bool = True, console=None) -> Trained
     losses: list[float] = []
     title = f"align {run.recipe.label or ''}"
     start = time.perf_counter()
-    with progress_bar(console, progress) as bar:
+    with progress_bar(console, progress and run.main) as bar:
         job = bar.add_task(title.strip(), total=run.steps)
         for step in range(run.steps):
             if len(order) < cfg.batch_size:
                 order += length_grouped(run.keep, lengths, cfg.batch_size, rng)
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
             seen.update(idx)
-            batch = {k: v.to(run.device) for k, v in batch_tensors([run.encoded[i] for i in idx], run.pad_id).items()}
+            mine = idx[rank * per:(rank + 1) * per]
+            record_rows(rank, world, step, mine)
+            batch = {k: v.to(run.device) for k, v in batch_tensors([run.encoded[i] for i in mine], run.pad_id).items()}
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, run.steps)
-            loss = reply_loss(model, batch)
+            loss_sum, tokens = objective(**batch)
+            loss = share_of_mean(loss_sum, accelerator.reduce(tokens, "sum"), world)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(objective.parameters(), 1.0)  # FSDP clips through the wrapper
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(accelerator.reduce(loss.detach(), "sum")) / world)
             bar.update(job, advance=1, description=f"{title} loss {losses[-1]:.3f}")
     trained = Trained(losses, seen, time.perf_counter() - start)
     if not all(math.isfinite(x) for x in losses):
@@ -312,20 +330,19 @@ def train_loop(run: AlignRun, *, progress: bool = True, console=None) -> Trained
 
 
 def save(run: AlignRun, trained: Trained, out: Path) -> AlignResult:
-    """adapter/, merged/ (when asked), train_items.json, align_log.json and the recipe, all or nothing at `out`."""
+    """adapter/, merged/ (when asked), train_items.json, align_log.json, the card and the recipe, all
+    or nothing at `out`. One process calls it: under several, the main one, with the whole model."""
     recipe, model, tokenizer = run.recipe, run.model, run.tokenizer
     with atomic_folder(out, inputs=[Path(run.base)]) as tmp:  # never at, in or around the base
         model.eval()
         model.peft_config["default"].base_model_name_or_path = str(Path(run.base).resolve())
         model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp / "adapter"))
-        merged_path = None
         if recipe.save_merged:
             merged = model.merge_and_unload().to("cpu")
             merged.save_pretrained(str(tmp / "merged"), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp / "merged"))
             stamp_merged(tmp / "merged", tmp / "adapter", recipe.label)
-            merged_path = out / "merged"
         rows = [run.rows[i] for i in sorted(trained.seen)]
         by_source: dict[str, list[int]] = {}
         for r in rows:
@@ -336,12 +353,20 @@ def save(run: AlignRun, trained: Trained, out: Path) -> AlignResult:
         }, indent=1) + "\n")
         (tmp / "align_log.json").write_text(json.dumps({
             "steps": run.steps, "rows": len(run.keep), "seconds": round(trained.seconds, 2), "device": str(run.device),
+            "processes": run.processes, "per_process_batch": run.per_process_batch,
             "losses": [round(x, 5) for x in trained.losses],
         }, indent=1) + "\n")
         (tmp / "align_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-    losses, fifth = trained.losses, max(1, len(trained.losses) // 5)
-    head, tail = sum(losses[:fifth]) / fifth, sum(losses[-fifth:]) / fifth
-    return AlignResult(out, out / "adapter", merged_path, run.steps, len(run.keep), trained.seconds, head, tail)
+        (tmp / "README.md").write_text(expert_card(recipe, run.base, len(run.keep), run.steps, run.processes,
+                                                   trained.losses))
+    return result(run, trained, out)
+
+
+def result(run: AlignRun, trained: Trained, out: Path) -> AlignResult:
+    """What `align` returns, on every process (the paths are those the main process writes)."""
+    first, last = loss_ends(trained.losses)
+    return AlignResult(out, out / "adapter", out / "merged" if run.recipe.save_merged else None, run.steps,
+                       len(run.keep), trained.seconds, first, last, run.processes, run.per_process_batch, run.main)
 
 
 def align(
@@ -352,7 +377,9 @@ def align(
     progress: bool = True,
     console=None,
 ) -> AlignResult:
-    """Train a LoRA expert from `recipe` into the folder `out` (built beside it, renamed at the end)."""
+    """Train a LoRA expert from `recipe` into the folder `out` (built beside it, renamed at the end).
+    Under `accelerate launch` every process calls it; only the main one writes `out`, and every
+    process returns once it is complete (AlignResult.main says which one wrote)."""
     from rich.console import Console
 
     if not isinstance(recipe, AlignRecipe):
@@ -361,5 +388,12 @@ def align(
     if out.exists() and not force:
         raise MergeLabError(f"{out}: already exists. Choose another output folder or pass --force to replace it.")
     run = setup(recipe)
-    trained = train_loop(run, progress=progress, console=console or Console(stderr=True))
-    return save(run, trained, out)
+    console = console or Console(stderr=True)
+    trained = train_loop(run, progress=progress, console=console)
+    note = unsharded_note(run.accelerator)
+    if note and run.main:
+        console.print(f"note: {note}", highlight=False)
+    whole = trained_model(run.accelerator, run.objective, lambda: lora_model(recipe, run.base, torch.device("cpu")))
+    done = save(replace(run, model=whole), trained, out) if run.main else result(run, trained, out)
+    run.accelerator.wait_for_everyone()  # the output is complete before any process returns
+    return done

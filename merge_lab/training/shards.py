@@ -1,0 +1,106 @@
+"""Align over several processes: the reply loss as a module DDP (or FSDP) can wrap, each
+process's share of it weighted, and the trained weights brought back in one piece.
+
+DDP averages gradients only for work done inside the forward of the module it wraps, and align's
+loss applies the output layer at the reply positions only, outside the model's own forward: so
+the whole loss is one module, `ReplyLoss`, and that is what `accelerate` prepares. It returns the
+token-loss sum and the reply-token count of this process's rows; `share_of_mean` turns them into
+this process's term of the batch's token mean, so the gradient DDP averages is the one-process
+gradient on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from merge_lab.errors import MergeLabError
+from merge_lab.training import chat
+
+
+def reply_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the next-token losses on reply tokens, how many reply tokens), with the output
+    layer applied only at those positions: the vocabulary projection is a large share of a small
+    model's compute, and most positions are prompt."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(lm, lm.base_model_prefix, None)
+    head = lm.get_output_embeddings()
+    targets = batch["labels"][:, 1:]
+    keep = targets != chat.IGNORE
+    count = keep.sum()
+    if body is None or head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+    else:
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+    total = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return total, count
+
+
+class ReplyLoss(torch.nn.Module):
+    """`model`'s reply-token loss on a batch, as one module: what accelerate wraps in DDP / FSDP."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return reply_token_losses(self.model, batch)
+
+
+def share_of_mean(loss_sum: torch.Tensor, global_tokens: torch.Tensor, world: int) -> torch.Tensor:
+    """This process's term of the global batch's mean token loss, times `world`: processes hold
+    different reply-token counts, so a per-process mean would weigh their tokens differently;
+    DDP averages the `world` gradients, which gives the gradient of the global mean."""
+    return loss_sum / global_tokens.clamp_min(1) * world
+
+
+def sharded(accelerator: Any) -> bool:
+    """Whether the prepared model's weights are split over the processes (FSDP, DeepSpeed): then
+    no process holds the whole trained model until the weights are gathered."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def unsharded_note(accelerator: Any) -> str | None:
+    """A note when an FSDP or DeepSpeed config was launched but accelerate trains with DDP (it
+    does on CPU processes: it shards only over GPUs and alike), so the user knows every process
+    held the whole model; None otherwise."""
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(env, "").lower() == "true"]
+    if not asked or sharded(accelerator) or accelerator.num_processes == 1:
+        return None
+    return (f"the {asked[0]} config ran as DDP ({accelerator.distributed_type.value}): accelerate shards weights "
+            "only over GPUs (and alike), so each CPU process held the whole model")
+
+
+def refuse_sharded(accelerator: Any, command: str, why: str) -> None:
+    """Refuse FSDP / DeepSpeed for `command`, whose training reads the weights whole (`why`)."""
+    if sharded(accelerator):
+        raise MergeLabError(
+            f"`{command}` does not train under {accelerator.distributed_type.value}: {why}. Launch it with DDP "
+            f"(`accelerate launch --multi_gpu --num_processes N -m merge_lab {command} ...`, or an accelerate config "
+            "with distributed_type MULTI_GPU)."
+        )
+
+
+def trained_model(accelerator: Any, prepared: torch.nn.Module, fresh: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
+    """The trained model whole, on the main process (None on the others). Every process must call
+    it: under FSDP or DeepSpeed the full state dict is gathered from all of them
+    (`accelerator.get_state_dict`) and loaded into `fresh()`, an untrained copy built on the main
+    process; under DDP or in one process, the wrapped model is the trained one."""
+    if not sharded(accelerator):
+        return accelerator.unwrap_model(prepared).model if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(prepared)
+    if not accelerator.is_main_process:
+        return None
+    model = fresh()
+    holder = ReplyLoss(model)
+    holder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model
