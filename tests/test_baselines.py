@@ -172,3 +172,4 @@ def test_readme_compare_file_with_the_baselines_is_valid():
     kinds = {c.name: c for c in spec.candidates}
     assert kinds["mixture"].multitask.fuse.endswith("08_fuse_h3_moe.yaml")
     assert kinds["ties_tuned"].merge_then_train.merges == ["ties"] and not kinds["ties_tuned"].selects
+

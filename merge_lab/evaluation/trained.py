@@ -22,6 +22,7 @@ from merge_lab.evaluation.budget import TrainingPlan, merge_then_train_plan, mul
 from merge_lab.evaluation.candidates import ModelCandidate
 from merge_lab.evaluation.fingerprint import combine, fingerprint_folder
 from merge_lab.evaluation.memo import Memo
+from merge_lab.evaluation.processes import current
 from merge_lab.evaluation.spec import Settings
 
 
@@ -76,6 +77,12 @@ class TrainedCandidate(ModelCandidate):
     def model_paths(self) -> list[Path]:
         self.fingerprint()
         if not (self.path / "config.json").exists():
+            if current().world > 1:  # every process would train it alone, into one folder
+                raise MergeLabError(
+                    f"candidate '{self.name}' is trained by the comparison on first use, which is not yet shared "
+                    "between processes under `accelerate launch`. Run this compare file once without a launcher "
+                    "(it trains and caches the baseline), then launch it on several processes."
+                )
             train_plan(self.plan, self.path.parent, self.name)
         return [self.path]
 
