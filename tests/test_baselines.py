@@ -173,3 +173,40 @@ def test_readme_compare_file_with_the_baselines_is_valid():
     assert kinds["mixture"].multitask.fuse.endswith("08_fuse_h3_moe.yaml")
     assert kinds["ties_tuned"].merge_then_train.merges == ["ties"] and not kinds["ties_tuned"].selects
 
+
+
+def test_two_compare_processes_train_the_baseline_together(world, tmp_path):
+    """Under `accelerate launch` every comparison process trains its share of the multitask baseline
+    (align is data-parallel) and the main one saves it once: the adapter one process trains, within
+    float rounding, the same budget, and one output folder."""
+    import subprocess
+
+    from merge_lab.testing.launch import accelerate_command, cpu_env
+
+    root, base, recipes, fuse = world
+    spec = {"settings": SETTINGS, "suites": SUITES,
+            "candidates": [{"name": "base", "checkpoint": str(root / "base")},
+                           {"name": "multitask", "multitask": {"align": [str(recipes["helpful"])], "fuse": str(fuse)}}]}
+    path = tmp_path / "mt2.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # 5 steps of 2 rows: each process 1 row a step
+    one = run_compare(path, tmp_path / "one", progress=False)
+    work = tmp_path / "launch"
+    work.mkdir()
+    cmd = accelerate_command(2, "-m", "merge_lab", "compare", str(path), "-o", str(work / "two"), "--no-progress")
+    res = subprocess.run(cmd, cwd=work, env=cpu_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert [p.name for p in work.iterdir()] == ["two"]
+    two = json.loads((work / "two" / "results.json").read_text())
+    assert two["processes"] == 2
+    assert two["candidates"]["multitask"]["training"] == one.results["candidates"]["multitask"]["training"]
+    folders = [next((out / "cache" / "trained").glob("multitask-*")) for out in (tmp_path / "one", work / "two")]
+    logs = [json.loads((f / "align_log.json").read_text()) for f in folders]
+    assert logs[1]["processes"] == 2 and logs[0]["processes"] == 1
+    assert not list((work / "two" / "cache" / "trained").glob(".*rows.jsonl"))  # the shared rows file is gone
+    tensors = []
+    for f in folders:
+        with safe_open(str(next((f / "adapter").glob("*.safetensors"))), "pt") as s:
+            tensors.append({k: s.get_tensor(k) for k in s.keys()})
+    assert tensors[0].keys() == tensors[1].keys()
+    for k in tensors[0]:
+        torch.testing.assert_close(tensors[1][k], tensors[0][k], rtol=0, atol=1e-5)

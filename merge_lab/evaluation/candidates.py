@@ -38,6 +38,9 @@ class ModelCandidate(Candidate):
     """A checkpoint folder: a source model, a merge, or a fused MoE."""
 
     kind = "checkpoint"
+    # whether every process of a launched comparison makes the folder together (a trained
+    # baseline: align is data-parallel) rather than the main one alone, first (a merged recipe)
+    made_by_all_processes = False
 
     def __init__(self, name: str, path: str | Path, settings: Settings, memo: Memo | None = None):
         super().__init__(name, settings, memo)

@@ -49,7 +49,9 @@ def evaluate(comp: Comparison, progress: bool = True, console: Console | None = 
             if not todo:
                 continue
             with PeakMemory(comp.settings.device) as mem:
-                if procs.world > 1:
+                if procs.world > 1 and getattr(cand, "made_by_all_processes", False):
+                    cand.model_paths()  # a baseline: every process trains its share, the main one saves
+                elif procs.world > 1:
                     procs.main_first(cand.model_paths)  # a recipe is merged into the cache once
                 cand.load()
                 params = cand.params()

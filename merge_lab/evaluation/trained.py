@@ -30,6 +30,7 @@ class TrainedCandidate(ModelCandidate):
     """A LoRA fine-tune made on first use from a `TrainingPlan`; subclasses say how the plan is made."""
 
     kind = "trained"
+    made_by_all_processes = True
 
     def __init__(self, name: str, cache_dir: Path, settings: Settings, memo: Memo | None = None):
         self.cache_dir = cache_dir
@@ -76,13 +77,7 @@ class TrainedCandidate(ModelCandidate):
 
     def model_paths(self) -> list[Path]:
         self.fingerprint()
-        if not (self.path / "config.json").exists():
-            if current().world > 1:  # every process would train it alone, into one folder
-                raise MergeLabError(
-                    f"candidate '{self.name}' is trained by the comparison on first use, which is not yet shared "
-                    "between processes under `accelerate launch`. Run this compare file once without a launcher "
-                    "(it trains and caches the baseline), then launch it on several processes."
-                )
+        if not current().from_main(lambda: (self.path / "config.json").exists()):
             train_plan(self.plan, self.path.parent, self.name)
         return [self.path]
 
@@ -92,18 +87,23 @@ def train_plan(plan: TrainingPlan, out: Path, label: str) -> None:
     the rows go through a JSONL that keeps their ids, so train_items.json names the shipped items."""
     from merge_lab.training.align import AlignRecipe, align
 
+    processes = current()
     out.parent.mkdir(parents=True, exist_ok=True)
     rows_file = out.parent / f".{out.name}.rows.jsonl"
-    rows_file.write_text("".join(json.dumps({"id": r.id, "prompt": r.prompt, "response": r.response}) + "\n"
-                                 for r in plan.rows))
+    text = "".join(json.dumps({"id": r.id, "prompt": r.prompt, "response": r.response}) + "\n" for r in plan.rows)
+    processes.main_first(lambda: None if rows_file.exists() and rows_file.read_text() == text else rows_file.write_text(text))
     recipe = AlignRecipe.model_validate({
         "base_model": str(plan.base), "label": label, "name": f"{plan.kind} baseline {label}",
         "data": [{"jsonl": str(rows_file)}], "lora": plan.lora, "train": plan.train})
     try:
-        align(recipe, out, force=True, progress=False)
+        align(recipe, out, force=True, progress=False)  # the processes share it; the main one saves
     finally:
-        rows_file.unlink(missing_ok=True)
-    (out / "training_record.json").write_text(json.dumps(plan.record(), indent=1) + "\n")
+        processes.barrier()
+        if processes.main:
+            rows_file.unlink(missing_ok=True)
+    if processes.main:
+        (out / "training_record.json").write_text(json.dumps(plan.record(), indent=1) + "\n")
+    processes.barrier()
 
 
 class MultitaskCandidate(TrainedCandidate):
