@@ -352,8 +352,9 @@ def moe_cmd(
     """Build the mixture of experts a mergekit-moe CONFIG describes, with mergekit-moe's router gates.
 
     The gates are computed as mergekit-moe computes them (gate_mode: hidden, cheap_embed, random, ...),
-    the experts stream through the merge engine into Mixtral (llama / mistral bases) or Qwen3-MoE
-    (qwen3). A `train:` block in CONFIG (the keys of `fuse`'s) then trains the routers with the H3
+    the experts stream through the merge engine into Mixtral (llama / mistral bases), Qwen2-MoE
+    (qwen2, with `shared_experts`) or Qwen3-MoE (qwen3); `noise_scale` adds mergekit-moe's noise
+    (its `--random-seed 0` draws). A `train:` block in CONFIG (the keys of `fuse`'s) then trains the routers with the H3
     gating loss, starting from those gates.
     """
     _import_frozen()
