@@ -117,7 +117,7 @@ def test_merge_then_train_starts_from_the_merge_best_on_validation(world):
     res = run_compare(path, progress=False)
     sel = res.results["selection"]["tuned"]
     assert sel["split"] == "validation" and [t["values"]["merge"] for t in sel["tried"]] == ["m1", "m2"]
-    means = {t["values"]["merge"]: t["mean"] for t in sel["tried"]}
+    means = {t["values"]["merge"]: t["score"] for t in sel["tried"]}
     assert sel["chosen"]["merge"] == max(means, key=means.get)
     desc = res.results["candidates"]["tuned"]
     assert desc["merge"] == sel["chosen"]["merge"]

@@ -148,3 +148,51 @@ def suite_verdicts(results: dict[str, Any], alpha: float = 0.05, n_boot: int = 1
         b = results["best"][c.suite]
         b.update(diff=c.diff, ci=list(c.ci), p=c.p, p_holm=c.p_holm, verdict=c.verdict, n=c.n, tests=c.tests,
                  significant=c.verdict != NO_DIFFERENCE)
+
+
+RAW_MEAN_DEFINITION = ("Selection score (no verdict references declared): per suite, the variant's mean item score "
+                       "(negated where lower is better), averaged within each objective, then over the objectives "
+                       "({objectives}); it depends on nothing but the variant itself.")
+
+
+def selection_scores(results: dict[str, Any], refs: References | None, tried: Sequence[str]) -> dict[str, Any]:
+    """Each of `tried`'s score on the selection suites in `results` (results["suites"] and
+    ["per_example"], which hold the references too): the headline score fill_verdict computes, on the
+    same references, when `refs` is given and places the variants on its scale; else the mean raw
+    suite score per objective, averaged over the objectives. Neither depends on the other variants
+    (no min-max across what was tried, no suite dropped for not separating them), so adding a
+    variant to the grid moves neither a variant's score nor the choice."""
+    suites = suites_from_results(results)
+    ood, _ = held_out_suites(results)
+    usable = [s for s in suites if not ood or s.name in ood]
+    objectives = _objectives(usable)
+    out: dict[str, Any] = {"suites": [s.name for s in usable], "objectives": objectives,
+                           "distribution": "out-of-distribution" if ood else "all"}
+    if refs is not None:
+        try:
+            every = headline_scores(usable, refs.base, refs.sources, refs.scale)
+            overall = headline_scores(usable, refs.base, refs.sources, refs.scale, objectives=objectives)
+        except MergeLabError as e:
+            out["anchored_error"] = str(e)
+        else:
+            used = [o for o in objectives if o in every.per_objective]
+            out.update(kind="headline", scale=refs.scale, base=refs.base, sources=list(refs.sources),
+                       objectives=used, excluded=every.excluded,
+                       definition=DEFINITIONS[refs.scale].format(base=refs.base,
+                                                                 sources=", ".join(refs.sources) or "none",
+                                                                 objectives=", ".join(used), alpha=refs.alpha)
+                       + " On the selection split no suite is left out for not separating the variants.",
+                       scores={n: overall.scores[n] for n in tried},
+                       per_objective={n: {o: every.per_objective[o][n] for o in used} for n in tried})
+            return out
+    per_objective: dict[str, dict[str, float]] = {}
+    for n in tried:
+        by_obj: dict[str, list[float]] = {}
+        for s in usable:
+            sign = 1.0 if s.higher_is_better else -1.0
+            by_obj.setdefault(s.objective, []).append(sign * float(s.array(n).mean()))
+        per_objective[n] = {o: sum(by_obj[o]) / len(by_obj[o]) for o in objectives}
+    out.update(kind="raw mean", definition=RAW_MEAN_DEFINITION.format(objectives=", ".join(objectives)),
+               scores={n: sum(per_objective[n].values()) / len(objectives) for n in tried},
+               per_objective=per_objective)
+    return out

@@ -4,40 +4,52 @@
   best replaces the candidate everywhere it takes part;
 - `merge_then_train:` with several merges: the merge it is trained from.
 
-Best means the highest mean of the objectives (as the headline ranks, scaled 0-1 across what was
-tried), the first listed winning a tie; the report says what was tried, what won, on which items.
+Best means the highest selection score (headline.selection_scores): the reference-anchored headline
+score on the verdict's references (evaluated on the selection suites too, cached like the rest), or,
+with no references, the mean raw suite score per objective averaged over the objectives. Neither
+depends on the other variants tried; the first listed wins a tie. The report says what was tried,
+what each scored, by which score, what won, on which items.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 from rich.console import Console
 
-from merge_lab.evaluation.aggregate import aggregate, objective_means
+from merge_lab.evaluation.aggregate import aggregate
+from merge_lab.evaluation.headline import selection_scores
 from merge_lab.evaluation.interface import Candidate
 from merge_lab.evaluation.prepare import Comparison
 from merge_lab.evaluation.processes import current
 from merge_lab.evaluation.run import evaluate
+from merge_lab.evaluation.spec import references
 
 
 def best_on_selection(comp: Comparison, tried: dict[str, Candidate], progress: bool = True,
-                      console: Console | None = None) -> tuple[str, list[str], dict[str, float]]:
-    """The name of the best of `tried` on the selection suites, the objectives averaged and each mean."""
-    sub = Comparison(comp.spec, comp.root, comp.output, comp.settings, comp.selection_suites, tried, [],
+                      console: Console | None = None) -> tuple[str, dict[str, Any]]:
+    """The name of the best of `tried` on the selection suites and the scores it was chosen by
+    (selection_scores: which score, its definition, each variant's score and per-objective scores)."""
+    refs = references(comp.spec)
+    anchors = {n: comp.candidates[n] for n in ((refs.base, *refs.sources) if refs else ()) if n not in tried}
+    sub = Comparison(comp.spec, comp.root, comp.output, comp.settings, comp.selection_suites, {**anchors, **tried}, [],
                      comp.ctx, comp.cache, comp.memo)
-    objectives = aggregate(sub, evaluate(sub, progress, console, routing=False), full=False)["objectives"]
-    picked, means = objective_means(objectives)
-    return max(tried, key=lambda n: means[n]), picked, means
+    results = aggregate(sub, evaluate(sub, progress, console, routing=False), full=False)
+    scored = selection_scores(results, refs, list(tried))
+    scores = scored["scores"]
+    return max(tried, key=lambda n: scores[n]), scored
 
 
-def _record(comp: Comparison, picked: list[str], tried: list[dict], means: list[float], chosen: dict) -> dict:
+def _record(comp: Comparison, scored: dict[str, Any], names: list[str], tried: list[dict], chosen: dict) -> dict:
     return {
         "split": comp.spec.selection.split,
         "n": {x.name: len(x.items()) for x in comp.selection_suites},
         "ids": {x.name: [e.id for e in x.items()] for x in comp.selection_suites},
-        "objectives": picked,
-        "tried": [{"values": v, "mean": m} for v, m in zip(tried, means)],
+        "score": {k: v for k, v in scored.items() if k not in ("scores", "per_objective")},
+        "objectives": scored["objectives"],
+        "tried": [{"values": v, "score": scored["scores"][n], "per_objective": scored["per_objective"][n]}
+                  for n, v in zip(names, tried)],
         "chosen": chosen,
     }
 
@@ -57,16 +69,15 @@ def select(comp: Comparison, progress: bool = True, console: Console | None = No
             lambda cand=cand, spec=spec, combos=combos: {
                 f"{spec.name} ({', '.join(f'{k}={v}' for k, v in combo.items())})": cand.variant(combo, comp.cache.root)
                 for combo in combos})
-        best, picked, means = best_on_selection(comp, variants, progress, console)
+        best, scored = best_on_selection(comp, variants, progress, console)
         comp.replace(cand, variants[best])
-        chosen[spec.name] = _record(comp, picked, combos, [means[n] for n in variants], combos[list(variants).index(best)])
+        chosen[spec.name] = _record(comp, scored, list(variants), combos, combos[list(variants).index(best)])
     for spec in comp.spec.candidates:
         if spec.merge_then_train is None or not spec.selects:
             continue
         cand = comp.candidates[spec.name]
         merges = {m.name: m for m in cand.merges}
-        best, picked, means = best_on_selection(comp, merges, progress, console)
+        best, scored = best_on_selection(comp, merges, progress, console)
         cand.choose_merge(merges[best])
-        chosen[spec.name] = _record(comp, picked, [{"merge": n} for n in merges], [means[n] for n in merges],
-                                    {"merge": best})
+        chosen[spec.name] = _record(comp, scored, list(merges), [{"merge": n} for n in merges], {"merge": best})
     return chosen

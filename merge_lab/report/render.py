@@ -69,11 +69,16 @@ def _notes(results: dict) -> list[str]:
 
 
 def _selection_note(name: str, sel: dict) -> str:
-    tried = "; ".join(", ".join(f"{k}={v}" for k, v in t["values"].items()) + f": {t['mean']:.2f}" for t in sel["tried"])
+    tried = "; ".join(", ".join(f"{k}={v}" for k, v in t["values"].items()) + f": {t['score']:.2f}" for t in sel["tried"])
     won = ", ".join(f"{k}={v}" for k, v in sel["chosen"].items())
     n = ", ".join(f"{k} {v}" for k, v in sel["n"].items())
-    return (f"{name}: {won} was chosen on the '{sel['split']}' split, never on the evaluation split "
-            f"(mean of {', '.join(sel['objectives'])}, scaled 0-1 across the values tried: {tried}; items per suite: {n}).")
+    score = sel["score"]
+    how = (f"reference-anchored headline score (base {score['base']} = 0, best source = 1)" if score["kind"] == "headline"
+           and score["scale"] == "source" else "reference-anchored headline score (z scale on the base)"
+           if score["kind"] == "headline" else "mean raw suite score per objective (no verdict references)")
+    return (f"{name}: {won} was chosen on the '{sel['split']}' split, never on the evaluation split, by the {how} "
+            f"over {', '.join(sel['objectives'])}, which depends on no other value tried: {tried}; "
+            f"items per suite: {n}.")
 
 
 def _md_table(t: tables.Table) -> str:
