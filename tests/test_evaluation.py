@@ -7,6 +7,7 @@ from merge_lab.testing.toy), so every metric's ordering is known before it runs.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -437,11 +438,42 @@ def test_choose_picks_on_the_validation_split(world, tmp_path):
     res = run_compare(tmp_path / "c.yaml", progress=False)
     sel = res.results["selection"]["refuse"]
     assert sel["chosen"] == {"rms_norm_eps": 1e-6} and sel["split"] == "validation"
-    assert [t["mean"] for t in sel["tried"]] == [0.0, 1.0] and sel["n"] == {"harmless_refusal": 3}
+    assert [t["score"] for t in sel["tried"]] == [0.0, 1.0] and sel["n"] == {"harmless_refusal": 3}
+    assert sel["score"]["kind"] == "raw mean"  # no base or source declared: the variant's own mean refusal rate
     assert value(res, "harmless_refusal", "refuse") == 1.0  # the report evaluates the chosen variant
     evaluated_on = {s for _, s in res.evaluated}
     assert evaluated_on == {"harmless_refusal"}
     assert "was chosen on the 'validation' split" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_choose_ranks_on_the_anchored_score_and_an_added_value_moves_nothing(world, tmp_path):
+    """With verdict references, `choose:` ranks on their headline score, computed on the selection
+    split (the references evaluated there too): a third value tried leaves the first two's scores
+    and the choice as they were, and only the new variant is evaluated."""
+    root = world[0]
+
+    def spec(values: list[float]) -> Path:
+        doc = {"output": str(tmp_path / "out"), "suites": ["harmless_refusal"],
+               "settings": {"limit": 4, "max_new_tokens": 10, "bootstrap": 100}, "selection": {"limit": 3},
+               "verdict": {"base": "comply", "sources": ["refuse"]},
+               "candidates": [{"name": "comply", "checkpoint": str(root / "comply")},
+                              {"name": "refuse", "checkpoint": str(root / "refuse")},
+                              {"name": "tuned", "checkpoint": str(root / "refuse"), "choose": {"rms_norm_eps": values}}]}
+        path = tmp_path / f"c{len(values)}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    first = run_compare(spec([-1000.0, 1e-6]), progress=False)
+    sel = first.results["selection"]["tuned"]
+    assert sel["score"]["kind"] == "headline" and sel["score"]["base"] == "comply"
+    assert sel["score"]["sources"] == ["refuse"] and sel["chosen"] == {"rms_norm_eps": 1e-6}
+    assert [t["score"] for t in sel["tried"]] == [0.0, 1.0]  # comply (refuses nothing) is 0, refuse is 1
+    assert ("comply", "harmless_refusal") in first.evaluated  # the references were scored on the selection split
+    assert "reference-anchored headline score" in (tmp_path / "out" / "report.md").read_text()
+    second = run_compare(spec([-1000.0, 1e-6, -500.0]), progress=False)
+    again = second.results["selection"]["tuned"]
+    assert [t["score"] for t in again["tried"]][:2] == [0.0, 1.0] and again["chosen"] == {"rms_norm_eps": 1e-6}
+    assert [s for n, s in second.evaluated if n != "tuned (rms_norm_eps=-500.0)"] == []  # the rest came from the cache
 
 
 def test_cli_compare_and_suites(world, tmp_path):
