@@ -6,7 +6,8 @@ values on the selection split (selection.py), evaluates what the cache lacks (ru
 schema is in spec.py.
 
 `choose:` tries config.json values of a checkpoint candidate on the selection split and keeps the
-best on the mean of the objectives; the report says what was tried, what won, and on which items.
+best on the reference-anchored headline score (the raw mean per objective without references;
+selection.py); the report says what was tried, what each scored, what won, and on which items.
 
 Relative paths count from the working directory (as in recipes), falling back to the compare
 file's folder. Everything that can be wrong in the file (unknown suites, candidates that do not load, ensembles
