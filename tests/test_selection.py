@@ -16,11 +16,14 @@ REFS = References(base="base", sources=("source",), scale="source", alpha=0.05, 
 
 def _results(means: dict[str, dict[str, float]], objective: dict[str, str] | None = None, n: int = 4) -> dict:
     """A results dict (suites + per_example) where every item of candidate c on suite s scores means[s][c]
-    (plus a +-0.01 wobble that keeps each mean, so suites are not constant per item)."""
+    (plus a +-0.05 wobble, in a phase that differs between candidates, that keeps each mean)."""
     objective = objective or dict.fromkeys(means, "helpful")
-    wobble = [0.01 if i % 2 else -0.01 for i in range(n)]
+
+    def wobble(c: str) -> list[float]:
+        return [0.05 if (i + ord(c[0])) % 2 else -0.05 for i in range(n)]
+
     return {"suites": {s: {"objective": objective[s], "higher_is_better": True} for s in means},
-            "per_example": {s: {c: [{"id": f"{s}-{i}", "score": m + w} for i, w in enumerate(wobble)]
+            "per_example": {s: {c: [{"id": f"{s}-{i}", "score": m + w} for i, w in enumerate(wobble(c))]
                                 for c, m in per.items()} for s, per in means.items()}}
 
 
@@ -56,6 +59,9 @@ def test_adding_a_variant_moves_no_score_and_not_the_choice():
     three = selection_scores(_results(DISAGREE), REFS, ["A", "B", "C"])
     assert {n: three["scores"][n] for n in ("A", "B")} == pytest.approx(two["scores"])
     assert max(two["scores"], key=two["scores"].get) == max(three["scores"], key=three["scores"].get) == "A"
+    assert [three["intervals"][n] for n in ("A", "B")] == [pytest.approx(two["intervals"][n]) for n in ("A", "B")]
+    assert all(lo <= two["scores"][n] <= hi for n, (lo, hi) in two["intervals"].items())
+    assert two["intervals"]["A"][0] < two["intervals"]["A"][1]  # the items vary, so the interval has width
     # the old rule's scores did move: C, worst on s2 and s3, rescales them
     assert _minmax_choice(DISAGREE, ["A", "B"]) == "B" and _minmax_choice(DISAGREE, ["A", "B", "C"]) == "A"
 

@@ -155,13 +155,16 @@ RAW_MEAN_DEFINITION = ("Selection score (no verdict references declared): per su
                        "({objectives}); it depends on nothing but the variant itself.")
 
 
-def selection_scores(results: dict[str, Any], refs: References | None, tried: Sequence[str]) -> dict[str, Any]:
+def selection_scores(results: dict[str, Any], refs: References | None, tried: Sequence[str], n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, Any]:
     """Each of `tried`'s score on the selection suites in `results` (results["suites"] and
     ["per_example"], which hold the references too): the headline score fill_verdict computes, on the
     same references, when `refs` is given and places the variants on its scale; else the mean raw
     suite score per objective, averaged over the objectives. Neither depends on the other variants
     (no min-max across what was tried, no suite dropped for not separating them), so adding a
-    variant to the grid moves neither a variant's score nor the choice."""
+    variant to the grid moves neither a variant's score nor the choice. With references, each score
+    also gets its bootstrap interval ("intervals": items resampled within each suite, the same draws
+    whatever else was tried)."""
     suites = suites_from_results(results)
     ood, _ = held_out_suites(results)
     usable = [s for s in suites if not ood or s.name in ood]
@@ -183,7 +186,8 @@ def selection_scores(results: dict[str, Any], refs: References | None, tried: Se
                                                                  objectives=", ".join(used), alpha=refs.alpha)
                        + " On the selection split no suite is left out for not separating the variants.",
                        scores={n: overall.scores[n] for n in tried},
-                       per_objective={n: {o: every.per_objective[o][n] for o in used} for n in tried})
+                       per_objective={n: {o: every.per_objective[o][n] for o in used} for n in tried},
+                       intervals=_intervals(usable, refs, list(tried), used, n_boot, seed))
             return out
     per_objective: dict[str, dict[str, float]] = {}
     for n in tried:
@@ -196,3 +200,13 @@ def selection_scores(results: dict[str, Any], refs: References | None, tried: Se
                scores={n: sum(per_objective[n].values()) / len(objectives) for n in tried},
                per_objective=per_objective)
     return out
+
+
+def _intervals(suites: Sequence[SuiteScores], refs: References, tried: list[str], objectives: list[str],
+               n_boot: int, seed: int) -> dict[str, list[float]]:
+    """Each variant's bootstrap interval of its headline score, from one compare_headline call (its
+    draws resample items only, so a variant's interval does not depend on the others)."""
+    v = compare_headline(suites, tried[0], [*tried[1:], refs.base], refs.base, refs.sources, refs.scale,
+                         objectives=objectives, alpha=refs.alpha, n_boot=n_boot, n_perm=100, seed=seed)
+    out = {tried[0]: list(v.comparisons[0].score_ci)} | {c.against: list(c.against_ci) for c in v.comparisons}
+    return {n: out[n] for n in tried}

@@ -36,7 +36,7 @@ def best_on_selection(comp: Comparison, tried: dict[str, Candidate], progress: b
     sub = Comparison(comp.spec, comp.root, comp.output, comp.settings, comp.selection_suites, {**anchors, **tried}, [],
                      comp.ctx, comp.cache, comp.memo)
     results = aggregate(sub, evaluate(sub, progress, console, routing=False), full=False)
-    scored = selection_scores(results, refs, list(tried))
+    scored = selection_scores(results, refs, list(tried), comp.settings.bootstrap, comp.settings.seed)
     scores = scored["scores"]
     return max(tried, key=lambda n: scores[n]), scored
 
@@ -46,9 +46,10 @@ def _record(comp: Comparison, scored: dict[str, Any], names: list[str], tried: l
         "split": comp.spec.selection.split,
         "n": {x.name: len(x.items()) for x in comp.selection_suites},
         "ids": {x.name: [e.id for e in x.items()] for x in comp.selection_suites},
-        "score": {k: v for k, v in scored.items() if k not in ("scores", "per_objective")},
+        "score": {k: v for k, v in scored.items() if k not in ("scores", "per_objective", "intervals")},
         "objectives": scored["objectives"],
-        "tried": [{"values": v, "score": scored["scores"][n], "per_objective": scored["per_objective"][n]}
+        "tried": [{"values": v, "score": scored["scores"][n], "per_objective": scored["per_objective"][n],
+                   **({"interval": scored["intervals"][n]} if "intervals" in scored else {})}
                   for n, v in zip(names, tried)],
         "chosen": chosen,
     }

@@ -69,7 +69,9 @@ def _notes(results: dict) -> list[str]:
 
 
 def _selection_note(name: str, sel: dict) -> str:
-    tried = "; ".join(", ".join(f"{k}={v}" for k, v in t["values"].items()) + f": {t['score']:.2f}" for t in sel["tried"])
+    tried = "; ".join(", ".join(f"{k}={v}" for k, v in t["values"].items()) + f": {t['score']:.2f}"
+                     + (f" [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}]" if t.get("interval") else "")
+                     for t in sel["tried"])
     won = ", ".join(f"{k}={v}" for k, v in sel["chosen"].items())
     n = ", ".join(f"{k} {v}" for k, v in sel["n"].items())
     score = sel["score"]
