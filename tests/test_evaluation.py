@@ -468,6 +468,7 @@ def test_choose_ranks_on_the_anchored_score_and_an_added_value_moves_nothing(wor
     assert sel["score"]["kind"] == "headline" and sel["score"]["base"] == "comply"
     assert sel["score"]["sources"] == ["refuse"] and sel["chosen"] == {"rms_norm_eps": 1e-6}
     assert [t["score"] for t in sel["tried"]] == [0.0, 1.0]  # comply (refuses nothing) is 0, refuse is 1
+    assert all(lo <= t["score"] <= hi for t in sel["tried"] for lo, hi in [t["interval"]])
     assert ("comply", "harmless_refusal") in first.evaluated  # the references were scored on the selection split
     assert "reference-anchored headline score" in (tmp_path / "out" / "report.md").read_text()
     second = run_compare(spec([-1000.0, 1e-6, -500.0]), progress=False)
