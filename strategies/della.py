@@ -25,7 +25,10 @@ Streaming: the ranks are within a row, so the drop is row-wise; the L1 factor ne
 tensor's mask, so one statistics pass draws the masks from copies of the generators merge()
 will use (common.generator_copy) and sums both norms. A 1-D tensor is a single row: the pass
 also keeps its sorted magnitudes (one row's worth), from which each block's ranks are found;
-without `rescale` that is all the pass is for.
+without `rescale` that is all the pass is for. With `rescale` the pass keeps each 2-D block's
+mask (one byte an entry, at most MASK_CACHE_ELEMENTS per model and tensor: 32 MiB) for merge() to
+use instead of ranking and drawing the block again; past that budget it notes the generator's
+state, and merge() resumes drawing from there, so the masks are the same either way.
 """
 
 from __future__ import annotations
@@ -114,6 +117,10 @@ def keep_probabilities(
     return rank.to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
 
 
+# Entries of one model's masks a statistics pass keeps per tensor (bool: one byte each) for merge()
+MASK_CACHE_ELEMENTS = 2**25
+
+
 class MagPrune:
     """One model's statistics: a copy of its generator, its L1 norms before and after pruning, and
     for a 1-D tensor its sorted magnitudes (plus its draws, kept until the ranks are known)."""
@@ -124,15 +131,35 @@ class MagPrune:
         self.norms = L1Rescale()
         self.flat: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # 1-D blocks: (delta, draws)
         self.sorted_magnitudes: torch.Tensor | None = None
+        self.masks: list[torch.Tensor] = []  # 2-D blocks' masks, in fold order, for merge() to pop
+        self.cached = 0
+        self.resume_state: torch.Tensor | None = None  # generator state at the first block not cached
 
     def fold(self, delta: torch.Tensor, p: DellaModel) -> None:
         if delta.dim() == 1:  # ranks need the whole tensor: decide in finish()
             draws = torch.rand(delta.shape, generator=self.generator, device=delta.device) if self.rescale else None
             self.flat.append((delta, draws))
         elif self.rescale:
+            caching = self.resume_state is None and self.cached + delta.numel() <= MASK_CACHE_ELEMENTS
+            if not caching and self.resume_state is None:
+                self.resume_state = self.generator.get_state()
             keep = torch.rand(delta.shape, generator=self.generator, device=delta.device)
             keep = keep.lt_(keep_probabilities(delta, p.density, p.epsilon))
             self.norms.add(delta, delta * keep)
+            if caching:
+                self.masks.append(keep.bool())
+                self.cached += delta.numel()
+
+    def keep_mask(self, delta: torch.Tensor, p: DellaModel, generator: torch.Generator) -> torch.Tensor:
+        """This block's mask: the one fold() kept, or drawn from `generator` (merge()'s own, set to
+        where fold() stopped keeping masks)."""
+        if self.masks:
+            return self.masks.pop(0)
+        if self.resume_state is not None:
+            generator.set_state(self.resume_state)
+            self.resume_state = None
+        keep = torch.rand(delta.shape, generator=generator, device=delta.device)
+        return keep.lt_(keep_probabilities(delta, p.density, p.epsilon, self.sorted_magnitudes))
 
     def finish(self, p: DellaModel) -> None:
         if not self.flat:
@@ -182,8 +209,7 @@ class _Della(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as 
                 d.zero_()
             elif prunes(p):
                 prune = stats[i]
-                keep = torch.rand(d.shape, generator=ctx.generator(i, d.device), device=d.device)
-                d.mul_(keep.lt_(keep_probabilities(d, p.density, p.epsilon, prune.sorted_magnitudes)))
+                d.mul_(prune.keep_mask(d, p, ctx.generator(i, d.device)))
                 if params.rescale:
                     prune.norms.rescale_(d)
         weights = [p.weight for p in model_params]

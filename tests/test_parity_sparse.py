@@ -278,3 +278,40 @@ def test_della_tie_ranks_are_searchsorteds():
         expected = torch.searchsorted(rows.sort(dim=-1).values.contiguous(), rows.contiguous())
         assert torch.equal(tie_ranks(rows), expected), shape
     assert tie_ranks(torch.tensor([[2.0, 1.0, 2.0, 0.0]])).tolist() == [[2, 1, 2, 0]]
+
+
+def test_della_masks_kept_from_the_statistics_pass_equal_masks_drawn_again(fp32_family, tmp_path, monkeypatch):
+    """With `rescale` merge() reuses the masks the statistics pass drew, up to MASK_CACHE_ELEMENTS
+    per model and tensor, and draws the rest again from where the pass stopped keeping them: any
+    budget (none, part of a tensor, all of it), whole or in row blocks, gives the same bytes."""
+    from merge_lab.strategies import della
+
+    base, models = fp32_family
+    recipe = {"merge_method": "della", "base_model": str(base), "seed": 9, "dtype": "bfloat16",
+              "parameters": {"density": [0.3, 0.7], "epsilon": 0.1, "rescale": True},
+              "models": _models([str(m) for m in models], weight=(1.0, 0.6, 0.8))}
+    reused = []
+    keep_mask = della.MagPrune.keep_mask
+
+    def counting(self, delta, p, generator):
+        if delta.dim() > 1:  # a 1-D tensor's ranks need it whole: its masks are drawn again
+            reused.append(bool(self.masks))
+        return keep_mask(self, delta, p, generator)
+
+    monkeypatch.setattr(della.MagPrune, "keep_mask", counting)
+    runs = {}
+    for budget, chunk in [(0, None), (100, 40), (della.MASK_CACHE_ELEMENTS, None), (della.MASK_CACHE_ELEMENTS, 40)]:
+        monkeypatch.setattr(della, "MASK_CACHE_ELEMENTS", budget)
+        reused.clear()
+        options = {} if chunk is None else {"chunk_elements": chunk}
+        runs[budget, chunk] = run_ours(recipe, tmp_path, f"b{budget}_{chunk}", **options)
+        if budget == 0:
+            assert reused and not any(reused)
+        elif budget == 100 and chunk == 40:  # the first blocks of each tensor kept, the rest drawn
+            assert any(reused) and not all(reused)
+        elif budget > 100:
+            assert reused and all(reused)
+    reference = runs[0, None]
+    for key, out in runs.items():
+        for name in reference:
+            assert torch.equal(out[name].view(torch.int16), reference[name].view(torch.int16)), (key, name)
