@@ -184,6 +184,10 @@ class _Della(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as 
     def stats_passes(self, params, model_params) -> int:
         return 1 if any(prunes(p) for p in model_params) else 0
 
+    def held_bytes(self, numel, params, model_params) -> int:
+        """With rescale, each pruning model's kept masks (bool), up to MASK_CACHE_ELEMENTS a tensor."""
+        return sum(min(numel, MASK_CACHE_ELEMENTS) for p in model_params if prunes(p)) if params.rescale else 0
+
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
         if stats is None:
             stats = [

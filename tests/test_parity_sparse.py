@@ -315,3 +315,20 @@ def test_della_masks_kept_from_the_statistics_pass_equal_masks_drawn_again(fp32_
     for key, out in runs.items():
         for name in reference:
             assert torch.equal(out[name].view(torch.int16), reference[name].view(torch.int16)), (key, name)
+
+
+def test_della_plan_counts_the_masks_it_keeps_between_passes(fp32_family, tmp_path):
+    """With rescale, della keeps each pruning model's masks (one byte an entry) from the statistics
+    pass to the merge: the plan's predicted peak says so; without rescale nothing is kept."""
+    from strategies.della import MASK_CACHE_ELEMENTS
+
+    base, models = fp32_family
+    recipe = {"merge_method": "della", "base_model": str(base),
+              "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models]}
+    kept = make_plan(load_recipe(write_recipe(tmp_path / "kept.yaml", recipe)))
+    none = make_plan(load_recipe(write_recipe(tmp_path / "none.yaml", recipe | {"parameters": {"rescale": False}})))
+    merged = [t for t in kept.tasks if t.op.stats_passes()]  # the pruned ones: every float tensor
+    assert merged and all(t.op.held_bytes(t.numel) == 3 * min(t.numel, MASK_CACHE_ELEMENTS) for t in merged)
+    assert all(t.op.held_bytes(t.numel) == 0 for t in none.tasks)
+    assert kept.predicted_peak_bytes() > none.predicted_peak_bytes()
+    assert kept.predicted_peak_bytes(chunk_elements=64) > none.predicted_peak_bytes(chunk_elements=64)

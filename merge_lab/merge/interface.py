@@ -111,6 +111,11 @@ class Strategy:
         """How many passes over the tensor's row blocks gather its statistics (0: none needed)."""
         return 0
 
+    def held_bytes(self, numel: int, params: BaseModel, model_params: list[BaseModel]) -> int:
+        """Bytes the statistics of a tensor of `numel` entries hold until its merge ends (a mask
+        kept between the passes, say): counted in the plan's predicted peak. Default: none."""
+        return 0
+
     def fold_stats(
         self,
         pass_index: int,

@@ -77,6 +77,10 @@ class TensorOp:
         """Whether output rows depend only on the same input rows (and whole-tensor statistics)."""
         return False
 
+    def held_bytes(self, numel: int) -> int:
+        """Bytes held across a tensor of `numel` entries beyond one work unit (Strategy.held_bytes)."""
+        return 0
+
     def stream(self) -> RowStream:
         raise TypeError(f"{type(self).__name__} does not stream in row blocks")
 
@@ -167,6 +171,9 @@ class MergeOp(TensorOp):
     def stats_passes(self) -> int:
         return self.strategy.stats_passes(self.params, list(self.model_params))
 
+    def held_bytes(self, numel: int) -> int:
+        return self.strategy.held_bytes(numel, self.params, list(self.model_params))
+
     def stream(self) -> MergeStream:
         return MergeStream(self)
 
@@ -255,10 +262,11 @@ def predicted_peak_bytes(tasks: list[TensorTask], prefetch: int = 1, chunk_eleme
     """Working memory: copies of the inputs of the work units in flight in the op's working dtype
     (a whole tensor, or a row block of a streamed one: bfloat16 arithmetic halves float32's), plus
     about three unit-sized float32 temporaries for the op and the output (low-precision arithmetic
-    still sums in float32, as torch does), plus ALLOCATOR_SLACK. Excludes the interpreter itself."""
+    still sums in float32, as torch does), plus what a strategy holds across the tensor (della's
+    kept masks), plus ALLOCATOR_SLACK. Excludes the interpreter itself."""
     per_unit = [0]
     for t in tasks:
         rows = block_rows(t, chunk_elements)
         numel = t.numel if rows is None else t.numel // t.shape[0] * rows
-        per_unit.append(numel * (t.op.working_dtype.itemsize * len(t.inputs) + 4 * 3))
+        per_unit.append(numel * (t.op.working_dtype.itemsize * len(t.inputs) + 4 * 3) + t.op.held_bytes(t.numel))
     return max(per_unit) * (1 + prefetch) + ALLOCATOR_SLACK
