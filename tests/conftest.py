@@ -14,6 +14,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy models are tiny: a second intra-op thread only adds contention (3x slower under load).
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """A bf16 llama base and three fine-tunes of it, each saved in several shards."""

@@ -21,12 +21,7 @@ SUITES = ["harmless_refusal", "helpful_likelihood"]
 SETTINGS = {"limit": 2, "max_new_tokens": 3, "max_length": 96, "bootstrap": 50}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path, rows):

@@ -34,13 +34,7 @@ SUITES = ["harmless_refusal", "harmless_overrefusal", "helpful_winrate",
           {"name": "mc", "path": "mc.jsonl", "kind": "multiple_choice"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy models are tiny: a second intra-op thread only adds contention (3x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_moe(path):
