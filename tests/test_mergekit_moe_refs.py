@@ -175,12 +175,15 @@ def test_reference_errors_name_the_key(models, tmp_path):
 
 def test_qwen_moe_from_a_llama_base_matches_mergekit(models, tmp_path):
     """mergekit-moe's Qwen MoE from llama experts: zero q/k/v biases (Qwen2-MoE's attention has them),
-    the shared expert and its gate, Qwen2-MoE's config; every tensor bit for bit, and it generates."""
+    the shared expert and its gate, Qwen2-MoE's config; every tensor bit for bit, and it generates.
+    The base and the shared expert carry an adapter (mergekit needs the shared model to be the base
+    or an expert)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = {k: str(v) for k, v in models.items()}
-    data = config(models, "hidden", base_model=m["base"], architecture="qwen",
-                  shared_experts=[{"source_model": m["base"], "positive_prompts": ["anything"], "residual_scale": 0.5}])
+    adapted = f"{m['base']}+{m['base_lora']}"
+    data = config(models, "hidden", architecture="qwen",
+                  shared_experts=[{"source_model": adapted, "positive_prompts": ["anything"], "residual_scale": 0.5}])
     data["experts"][0]["source_model"] = m["math"]
     data["experts"][0]["noise_scale"] = 0.02
     mk, ours = build_both(data, tmp_path)
@@ -189,6 +192,8 @@ def test_qwen_moe_from_a_llama_base_matches_mergekit(models, tmp_path):
     for name in mk.tensors:
         assert torch.equal(mk.get(name), ours.get(name)), name
     assert not ours.get("model.layers.0.self_attn.q_proj.bias").any()
+    bare_up = Checkpoint(models["base"]).get("model.layers.0.mlp.up_proj.weight")
+    assert not torch.equal(ours.get("model.layers.0.mlp.shared_expert.up_proj.weight"), bare_up)  # adapted
     theirs_cfg, ours_cfg = AutoConfig.from_pretrained(str(tmp_path / "mk")), AutoConfig.from_pretrained(str(tmp_path / "ours"))
     for key in ("model_type", "architectures", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                 "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "use_sliding_window",

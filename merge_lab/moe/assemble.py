@@ -261,7 +261,8 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                                 f"output (a qwen2 base, or architecture: qwen2_moe); this base gives {layout.family}. "
                                 "Remove shared_expert.")
         shared = Expert("shared expert", open_expert(recipe, params.shared_expert,
-                                                     recipe.where("parameters", "shared_expert")))
+                                                     recipe.where("parameters", "shared_expert"),
+                                                     base if recipe.is_base(params.shared_expert) else None))
         _check_experts(base, [shared])
     if recipe.output_dtype:
         config["torch_dtype"] = config["dtype"] = recipe.output_dtype
@@ -354,7 +355,7 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     if not routers:
         raise MergeLabError(f"{base.path}: found no FFN (mlp gate/up/down) tensors to turn into experts.")
     opened = [base] + [e.ckpt for e in experts] + ([shared.ckpt] if shared is not None else [])
-    notes += [c.summary for c in opened if isinstance(c, LoraAppliedCheckpoint)]
+    notes += list(dict.fromkeys(c.summary for c in opened if isinstance(c, LoraAppliedCheckpoint)))
     inputs = input_checkpoints(opened)  # a LoRA-applied view reads its model's folder and its adapter's
     steps: list = [CentroidInit(base.path, recipe, tuple(labels), routers)] if centroid else []
     if gates:
