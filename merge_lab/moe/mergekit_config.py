@@ -14,11 +14,10 @@ Where we are stricter than mergekit-moe, and why:
 Where we are looser: `uniform_random` does not need prompts (mergekit's check asks for them
 although the mode never reads them).
 
-Model references are mergekit's: a path, `path@revision`, `base+lora`, or a mapping
-{model, lora, override_architecture}; paths are relative to the working directory, as in
-mergekit. Only local folders are used here (no hub, no revisions); `model+adapter` stays a
-reference in the translated recipe, opened as merge recipes open it (core.references: the
-adapter applied while streaming), and the gates read the adapted base (`base_weights`).
+Model references (a path, `path@revision`, `base+lora`, or a mapping) are read by
+merge_lab.moe.mergekit_refs: local folders only; `model+adapter` stays a reference in the
+translated recipe, opened as merge recipes open it (the adapter applied while streaming), and
+the gates read the adapted base (`base_weights`).
 """
 
 from __future__ import annotations
@@ -32,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from merge_lab.core.checkpoint import Checkpoint
 from merge_lab.core.config import Where, load_yaml, load_yaml_text, parse_yaml, validate
-from merge_lab.core.references import ModelOpener
 from merge_lab.errors import MergeLabError
 from merge_lab.moe.gates import PROMPT_MODES, ExpertPrompts, GateMode, gate_rows
+from merge_lab.moe.mergekit_refs import ModelRefSpec, local_reference, model_folder, open_reference, ref_text
 
 WHAT = "mergekit-moe config"
 # mergekit's output architectures, in its ALL_OUTPUT_ARCHITECTURES order; `architecture:` picks
@@ -44,23 +43,6 @@ MERGEKIT_ARCHITECTURES = ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE")
 H3_FAMILY = {"Mixtral": "mixtral", "Qwen MoE": "qwen2_moe", "Qwen3 MoE": "qwen3_moe"}
 _DTYPES = ("bfloat16", "float16", "float32", "float64", "int64")  # mergekit's dtype_from_name
 _RECIPE_DTYPES = ("bfloat16", "float16", "float32")
-
-
-class ModelPathSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    revision: str | None = None
-
-
-class ModelRefSpec(BaseModel):
-    """mergekit's ModelReference written out as a mapping."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | ModelPathSpec
-    lora: str | ModelPathSpec | None = None
-    override_architecture: str | None = None
 
 
 class MoeExpert(BaseModel):
@@ -183,17 +165,6 @@ def _prompts(e: MoeExpert) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(e.positive_prompts or []), tuple(e.negative_prompts or [])
 
 
-def ref_text(ref: str | ModelRefSpec) -> str:
-    """A reference as mergekit prints it: path[@rev][+lora[@rev]]."""
-    if isinstance(ref, str):
-        return ref
-
-    def one(p: str | ModelPathSpec) -> str:
-        return p if isinstance(p, str) else (f"{p.path}@{p.revision}" if p.revision else p.path)
-
-    return one(ref.model) + (f"+{one(ref.lora)}" if ref.lora is not None else "")
-
-
 def matching_architectures(name: str | None) -> list[str]:
     """mergekit's candidates for `architecture:` (all when unset)."""
     if not name:
@@ -268,26 +239,6 @@ def _shared_fits(arch: str, config: MergekitMoeConfig) -> str | None:
     return None
 
 
-def _local(ref: str | ModelRefSpec, where: str) -> str:
-    """A reference as our recipes take it: a local folder, or `model+adapter` (the PEFT adapter is
-    applied while streaming by core.lora_applied, as for merge recipes)."""
-    if isinstance(ref, ModelRefSpec) and ref.override_architecture:
-        raise MergeLabError(f"{where}: override_architecture is not supported; remove it.")
-    text = ref_text(ref)
-    if "@" in text:
-        raise MergeLabError(f"{where}: '{text}' names a hub revision; merge-lab reads local folders only. "
-                            "Download that revision and give its folder.")
-    if text.count("+") > 1:
-        raise MergeLabError(f"{where}: '{text}' has more than one '+'; mergekit-moe takes MODEL or MODEL+ADAPTER.")
-    return text
-
-
-def model_folder(ref: str | ModelRefSpec) -> str:
-    """The model part of a reference (before `+adapter`, without `@revision`): where its
-    config.json and tokenizer are."""
-    return ref_text(ref).split("+")[0].split("@")[0]
-
-
 def _labels(refs: list[str]) -> list[str]:
     """Expert labels from folder names (`model+adapter`: both names), made unique."""
     labels: list[str] = []
@@ -306,8 +257,8 @@ def to_h3_recipe(config: MergekitMoeConfig, source: Where | str) -> dict:
     the rows are mergekit's gates (`gates.gate_rows`), which the caller must hand to the plan.
     """
     where = source if isinstance(source, Where) else Where(source)
-    base = _local(config.base_model, where("base_model"))
-    paths = [_local(e.source_model, where("experts", i, "source_model")) for i, e in enumerate(config.experts)]
+    base = local_reference(config.base_model, where("base_model"))
+    paths = [local_reference(e.source_model, where("experts", i, "source_model")) for i, e in enumerate(config.experts)]
     recipe: dict = {
         "merge_method": "h3_moe",
         "base_model": base,
@@ -316,7 +267,7 @@ def to_h3_recipe(config: MergekitMoeConfig, source: Where | str) -> dict:
     }
     if len(config.shared_experts or []) == 1:  # Qwen MoE's (the other architectures are refused by merge-lab moe)
         e = (config.shared_experts or [])[0]
-        spec = {"shared_expert": _local(e.source_model, where("shared_experts", 0, "source_model")),
+        spec = {"shared_expert": local_reference(e.source_model, where("shared_experts", 0, "source_model")),
                 "shared_residual_scale": e.residual_scale, "shared_noise_scale": e.noise_scale}
         recipe["parameters"].update({k: v for k, v in spec.items() if v is not None})
     if config.dtype is not None:
@@ -383,26 +334,25 @@ def mergekit_extras(config: MergekitMoeConfig, source: Where | str) -> MergekitE
 def base_path(config: MergekitMoeConfig, source: Where | str) -> Path:
     """The base model's local folder (for `base+adapter`, the model's: its config and tokenizer)."""
     where = source if isinstance(source, Where) else Where(source)
-    return Path(model_folder(_local(config.base_model, where("base_model")))).expanduser()
+    return Path(model_folder(local_reference(config.base_model, where("base_model")))).expanduser()
 
 
 def base_weights(config: MergekitMoeConfig, source: Where | str) -> Checkpoint:
     """The base as the gates read it: its checkpoint, with a `+adapter` applied while reading
     (the same reader as merge recipes' references, core.references.ModelOpener)."""
     where = source if isinstance(source, Where) else Where(source)
-    return ModelOpener().open(_local(config.base_model, where("base_model")), where("base_model"))
+    return open_reference(config.base_model, where("base_model"))
 
 
 def check_references(config: MergekitMoeConfig, source: Where | str) -> None:
     """Every model the config names opened from headers (a `+adapter` checked against its model:
     targets, shapes, ranks), so an error names the config's own key and line."""
     where = source if isinstance(source, Where) else Where(source)
-    opener = ModelOpener()
     keys = [("base_model",), *(("experts", i, "source_model") for i in range(len(config.experts))),
             *(("shared_experts", i, "source_model") for i in range(len(config.shared_experts or [])))]
     refs = [config.base_model, *(e.source_model for e in config.experts + (config.shared_experts or []))]
     for key, ref in zip(keys, refs):
-        opener.open(_local(ref, where(*key)), where(*key))
+        open_reference(ref, where(*key))
 
 
 def base_model_type(config: MergekitMoeConfig, source: Where | str) -> str:
