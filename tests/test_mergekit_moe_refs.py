@@ -220,3 +220,21 @@ def test_deepseek_output_is_refused_with_what_to_do(models, tmp_path):
     with pytest.raises(MergeLabError, match=r"moe.yml, line \d+ \(architecture\).*remote code.*architecture: mixtral"):
         run_moe(path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_h3_architecture_key_takes_only_what_the_base_can_become(models, tmp_path):
+    """h3_moe's `architecture:` (what `merge-lab moe` sets for Qwen MoE from llama): a llama base becomes
+    mixtral or qwen2_moe, not qwen3_moe; the error names the key's line."""
+    from merge_lab.merge.planner import make_plan
+    from merge_lab.merge.recipe import parse_recipe
+
+    recipe = {"merge_method": "h3_moe", "base_model": str(models["base"]),
+              "models": [{"model": str(models["math"]), "label": "math"}, {"model": str(models["code"]), "label": "code"}],
+              "parameters": {"architecture": "qwen2_moe"}}
+    plan = make_plan(parse_recipe(yaml.safe_dump(recipe, sort_keys=False), source="r.yaml"))
+    assert plan.config["model_type"] == "qwen2_moe" and plan.config["use_sliding_window"] is False
+    assert {t.output for t in plan.tasks} >= {"model.layers.1.self_attn.v_proj.bias", "model.layers.1.mlp.gate.weight"}
+    recipe["parameters"]["architecture"] = "qwen3_moe"
+    with pytest.raises(MergeLabError, match=r"r.yaml, line \d+ \(parameters.architecture\): a 'llama' base cannot be made into qwen3_moe; "
+                                            r"it becomes mixtral, qwen2_moe"):
+        make_plan(parse_recipe(yaml.safe_dump(recipe, sort_keys=False), source="r.yaml"))

@@ -27,7 +27,7 @@ from merge_lab.errors import MergeLabError
 from merge_lab.merge.ops import ConstantOp, Deferred, Input, TensorOp, TensorTask
 from merge_lab.merge.planner import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
-from merge_lab.moe.layout import moe_config
+from merge_lab.moe.layout import moe_config, output_family
 from merge_lab.moe.noise import NoisedTensor, NoiseInit, NoiseStream, add_noise, draw_key
 from merge_lab.moe.router_init import CentroidInit, GateInit, RandomRouterOp, check_gates_config
 
@@ -252,8 +252,10 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     n = len(experts)
     if params.top_k > n:
         raise MergeLabError(f"{recipe.where('parameters', 'top_k')}: top_k = {params.top_k} but there are only {n} experts.")
+    family = params.architecture and output_family(base.model_type, params.architecture,
+                                                   recipe.where("parameters", "architecture"))
     config, layout = moe_config(base.config, n, params.top_k, labels, str(base.path / "config.json"),
-                                shared_expert=params.shared_expert is not None, family=params.architecture)
+                                shared_expert=params.shared_expert is not None, family=family)
     shared: Expert | None = None
     if params.shared_expert is not None:
         if layout.family != "qwen2_moe":
