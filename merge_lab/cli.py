@@ -137,13 +137,17 @@ def validate(recipe: RecipeArg) -> None:
     vocabulary sizes, the shard size, and each parameter resolved for every tensor; with
     tokenizer keys, that their models are the recipe's, that every tokenizer parses (no remote
     code) and that its ids fit its model's embedding rows; for a `model+adapter` reference, that
-    the adapter fits the model (targets, shapes, ranks).
+    the adapter fits the model (targets, shapes, ranks). A mergekit-moe config is checked as
+    `merge-lab moe` plans it.
     """
     from merge_lab.core.writer import parse_size
     from merge_lab.merge.planner import make_plan
     from merge_lab.merge.recipe import load_recipe
+    from merge_lab.moe.mergekit_config import is_mergekit_moe_file
+    from merge_lab.moe.mergekit_run import moe_plan
 
-    plan = make_plan(load_recipe(recipe))
+    # a mergekit-moe config is checked as `merge-lab moe` plans it (experts, adapters, layout)
+    plan = moe_plan(recipe)[0] if is_mergekit_moe_file(recipe) else make_plan(load_recipe(recipe))
     parse_size(plan.recipe.shard_size)
     out_console.print(
         f"[green]ok[/green]: {plan.strategy} over {len(plan.inputs)} checkpoint(s), "

@@ -221,11 +221,9 @@ def test_extras_carry_what_the_recipe_lacks(models):
 
 def test_lora_and_revision_references(models, tmp_path):
     config, where = parse_mergekit_moe(_sample(models), "moe.yml")
-    config.experts[0].source_model = f"{models['base']}+{tmp_path / 'adapter'}"
-    assert to_h3_recipe(config, where)["models"][0]["model"] == str(tmp_path / "adapter")
-    config.experts[0].source_model = f"{models['math']}+{tmp_path / 'adapter'}"
-    with pytest.raises(MergeLabError, match="not to the base_model"):
-        to_h3_recipe(config, where)
+    config.experts[0].source_model = f"{models['math']}+{tmp_path / 'adapter'}"  # applied while streaming
+    recipe = to_h3_recipe(config, where)
+    assert recipe["models"][0] == {"model": f"{models['math']}+{tmp_path / 'adapter'}", "label": "math+adapter"}
     config.experts[0].source_model = "org/model@v2"
     with pytest.raises(MergeLabError, match="hub revision"):
         to_h3_recipe(config, where)

@@ -175,7 +175,7 @@ def _line(text: str, needle: str) -> int:
 
 @pytest.mark.parametrize(("change", "needle", "message"), [
     (lambda d: d["experts"][0].update(noise_scale="x"), "noise_scale", "valid number"),
-    (lambda d: d.update(architecture="deepseek"), "architecture", "DeepSeek MoE is not written"),
+    (lambda d: d.update(architecture="deepseek"), "architecture", "never runs remote code"),
     (lambda d: d.update(experts_per_token=3), "experts_per_token", "only 2"),
     (lambda d: d["experts"][0].update(positive_promts=["x"]), "positive_promts", "Did you mean"),
     (lambda d: d.update(train={"steps": 2}), "train", "data"),
@@ -191,13 +191,16 @@ def test_bad_configs_exit_2_with_the_line(models, tmp_path, change, needle, mess
     assert not (tmp_path / "out").exists()
 
 
-def test_shared_experts_from_a_llama_base_are_refused(models, tmp_path):
-    """Qwen MoE's shared expert is built from qwen2 bases (tests/test_mergekit_moe.py); mergekit's
-    "qwen from llama" (a Qwen2-MoE config made from a llama one) is not."""
+def test_qwen_moe_from_a_llama_base_asks_h3_for_qwen2_moe(models, tmp_path):
+    """mergekit's "qwen from llama" (a Qwen2-MoE config made from a llama one): h3_moe's
+    `architecture: qwen2_moe`, pointing at the config's line (tests/test_mergekit_moe_refs.py builds it)."""
     data = _config(models, architecture="qwen", shared_experts=[{"source_model": str(models["math"]),
                                                                   "positive_prompts": ["shared"]}])
-    with pytest.raises(MergeLabError, match=r"line \d+ \(architecture\).*Qwen MoE output from a llama base"):
-        moe_recipe(_write(tmp_path / "moe.yml", data))
+    recipe, extras = moe_recipe(_write(tmp_path / "moe.yml", data))
+    assert extras.architecture == "Qwen MoE" and recipe.parameters["architecture"] == "qwen2_moe"
+    assert recipe.parameters["shared_expert"] == str(models["math"])
+    assert f"line {_line((tmp_path / 'moe.yml').read_text(), 'architecture')}" in recipe.where(
+        "parameters", "architecture")
 
 
 def test_recipe_and_detection(models, tmp_path):
@@ -211,13 +214,13 @@ def test_recipe_and_detection(models, tmp_path):
         refuse_as_recipe(data, "moe.yml")
 
 
-def test_merge_command_builds_a_mergekit_moe_file_and_validate_points_to_moe(models, tmp_path):
+def test_merge_command_builds_a_mergekit_moe_file_and_validate_plans_it(models, tmp_path):
     path = _write(tmp_path / "moe.yml", _config(models, gate_mode="random"))
     res = CliRunner().invoke(app, ["merge", str(path), "-o", str(tmp_path / "out"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_local_experts"] == 2
     res = CliRunner().invoke(app, ["validate", str(path)])
-    assert res.exit_code == 2 and "merge-lab moe" in res.output
+    assert res.exit_code == 0 and "ok: h3_moe over 3 checkpoint(s)" in res.output, res.output
 
 
 def test_existing_output_needs_force(models, tmp_path):

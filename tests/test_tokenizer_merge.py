@@ -277,3 +277,36 @@ def test_rows_far_apart_are_read_in_spans_and_padded_with_the_mean(tmp_path):
         torch.testing.assert_close(torch.cat(blocks), expected, msg=f"blocks of {step}")
     buf = torch.empty(296 * source.shape[1])
     torch.testing.assert_close(view.read(name, None, torch.float32, out=buf), expected)
+
+
+def sliced_recipes(base, a, b):
+    """`slices:` recipes with tokenizer keys: a slerp over base and a, layer by layer, and a
+    passthrough frankenmerge whose embeddings come from a alone and whose head comes from b alone."""
+    base, a, b = str(base), str(a), str(b)
+
+    def layers(*models, start=0, stop=2):
+        return {"sources": [{"model": m, "layer_range": [start, stop]} for m in models]}
+
+    return {
+        "slerp_union": {"merge_method": "slerp", "base_model": base, "parameters": {"t": [{"value": [0.2, 0.8]}]},
+                        "slices": [layers(base, a, stop=1), layers(base, a, start=1)], "tokenizer_source": "union"},
+        "passthrough_union": {"merge_method": "passthrough", "slices": [layers(a), layers(b, start=1)],
+                              "tokenizer": {"source": "union", "pad_to_multiple_of": 8}},
+    }
+
+
+@pytest.mark.parametrize("case", list(sliced_recipes("b", "1", "2")))
+def test_slices_with_a_tokenizer_match_mergekit(case, vocab_models, tmp_path):
+    """mergekit re-indexes each vocabulary tensor over the sources of the slice it comes from (the
+    embeddings: the first slice's, the head: the last's): a token none of them has gets zeros."""
+    recipe = sliced_recipes(*vocab_models)[case]
+    run_mergekit(recipe, tmp_path / "mergekit")
+    run_ours(recipe, tmp_path)
+    assert_same_by_token(tmp_path / "ours", tmp_path / "mergekit", case, same_ids=False)
+    if case == "passthrough_union":  # b's words a lacks: zero embedding rows; a's own rows otherwise
+        base, a, b = vocab_models
+        ours, vocab = load_tensors(tmp_path / "ours"), vocab_of(tmp_path / "ours")
+        assert not ours["model.embed_tokens.weight"][vocab["y1"]].any()
+        a_emb = load_tensors(a)["model.embed_tokens.weight"]
+        torch.testing.assert_close(ours["model.embed_tokens.weight"][vocab["x1"]], a_emb[vocab_of(a)["x1"]])
+        assert not ours["lm_head.weight"][vocab["x1"]].any() and ours["lm_head.weight"][vocab["y1"]].any()

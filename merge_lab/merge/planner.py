@@ -27,7 +27,7 @@ from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.merge.ops import ConstantOp, CopyOp, Deferred, MergeOp, TensorTask, predicted_peak_bytes
 from merge_lab.merge.params import check_shape, gradient_position, resolve
 from merge_lab.merge.recipe import Recipe
-from merge_lab.merge.slices import layout, sliced_config
+from merge_lab.merge.slices import layout, slice_vocabulary, sliced_config, sliced_vocabulary
 from merge_lab.merge.tokenizer import OutputVocabulary, build_output_vocabulary, output_tokenizer
 
 
@@ -361,10 +361,6 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
     output tensor a merge of its sources' tensors at the slice's layers, with the slice's parameters.
     A base model takes part (for strategies that use one) as the source it is in each slice."""
     assert recipe.slices is not None
-    if recipe.tokenizer is not None or recipe.tokenizer_source is not None:
-        key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
-        raise MergeLabError(f"{recipe.where(key)}: vocabularies aligned by token with 'slices:' are not supported "
-                            "yet; merge the vocabularies in a 'models:' recipe first, or drop the key.")
     views = [recipe.slice_view(k) for k in range(len(recipe.slices))]
     for view in views:
         check_inputs(view, cls)
@@ -401,26 +397,35 @@ def sliced_plan(recipe: Recipe, cls: type[Strategy]) -> Plan:
             )
         base_at.append(at[0] if with_base else None)
         entries.append([i for i in range(len(view.models)) if not (with_base and i in at)])
+    vocab = sliced_vocabulary(recipe, base, sources)  # tokenizer keys: rows re-indexed per slice
     tasks = []
-    for row in layout(recipe, sources):
+    for row in layout(recipe, sources, aligned_vocab=vocab is not None):
         k, ctx, first = row.slice, ctxs[row.slice], sources[row.slice][0]
         info = first.info(row.inputs[0])
         if not info.dtype.is_floating_point:
             tasks.append(TensorTask(row.output, info.shape, info.dtype, CopyOp((first, row.inputs[0]))))
             continue
         params, model_params = resolve_params(ctx, row.output, entries[k], row.t, row.inputs)
-        b = base_at[k]
+        b, shape = base_at[k], info.shape
+        inputs: list = list(zip(sources[k], row.inputs))
+        if vocab is not None and is_vocab_tensor(row.output):
+            rows = vocabulary_rows(recipe, slice_vocabulary(vocab, sources[k]), row.output)
+            inputs = [(rows.view(i), n) for i, n in enumerate(row.inputs)]
+            shape = (vocab.rows, *info.shape[1:])
         op = merge_op(
             strategy, params, model_params,
             TensorContext(row.output, classify(row.output), recipe.seed, tuple(ctx.model_refs[i] for i in entries[k])),
-            tuple((sources[k][i], row.inputs[i]) for i in entries[k]),
-            (sources[k][b], row.inputs[b]) if b is not None else None, recipe,
+            tuple(inputs[i] for i in entries[k]), inputs[b] if b is not None else None, recipe,
         )
-        tasks.append(TensorTask(row.output, info.shape, out_dtype(recipe, info.dtype), op))
+        tasks.append(TensorTask(row.output, shape, out_dtype(recipe, info.dtype), op))
     config = with_dtype(recipe, sliced_config(recipe, sources, ref.config))
     layers = sum(s.length for s in recipe.slices)
     notes = [f"{len(recipe.slices)} slice(s) give {layers} output layer(s)", *arithmetic_note(recipe, tasks),
              *adapter_notes(list(opened.values()))]
+    if vocab is not None:
+        config["vocab_size"] = vocab.rows
+        notes.append(f"output vocabulary: {len(vocab.vocab)} tokens, {vocab.rows} rows; embedding rows aligned by "
+                     "token over each slice's sources")
     side = side_files(recipe, ref)
     return Plan(recipe, cls.name, tasks, config, side, input_checkpoints(list(opened.values())), notes,
-                tokenizer=output_tokenizer(recipe, None, side, list(opened.values())))
+                tokenizer=output_tokenizer(recipe, vocab, side, list(opened.values())))

@@ -9,18 +9,25 @@ The output config is the base model's (else the first source's) with `num_hidden
 to the total; per-layer list fields (`layer_types`) follow the layers they describe, which
 mergekit leaves alone.
 
+With `tokenizer_source` / `tokenizer:`, the output vocabulary is built over every model the
+recipe names (the base first), as mergekit's BuildTokenizer gathers them, and each vocabulary
+tensor is re-indexed over the sources of the slice it comes from (mergekit's PermutedVocabulary
+sees only that slice's tensors): a token none of those sources has gets a zero row, one only
+one of them has takes its row, and the base's row wins only when the base is among them.
+
 Only names and shapes are decided here; the planner turns each row into a merge op, so a slice
 costs no more memory than a `models:` merge.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from merge_lab.core.architecture import LAYER_PATTERN, Role, classify, num_layers
+from merge_lab.core.architecture import LAYER_PATTERN, Role, classify, is_vocab_tensor, num_layers
 from merge_lab.core.checkpoint import Checkpoint
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.recipe import Recipe
+from merge_lab.merge.tokenizer import OutputVocabulary, build_output_vocabulary
 
 # config.json fields holding one entry per decoder layer
 PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
@@ -59,9 +66,10 @@ def check_ranges(recipe: Recipe, sources: list[list[Checkpoint]]) -> None:
         raise MergeLabError("layer ranges outside their models:\n  " + "\n  ".join(problems))
 
 
-def layout(recipe: Recipe, sources: list[list[Checkpoint]]) -> list[SliceTensor]:
+def layout(recipe: Recipe, sources: list[list[Checkpoint]], aligned_vocab: bool = False) -> list[SliceTensor]:
     """Every output tensor in order (embeddings, the layers slice by slice, the rest), checked
-    against every source's headers: each input tensor present with the first source's shape."""
+    against every source's headers: each input tensor present with the first source's shape (with
+    `aligned_vocab`, vocabulary tensors may differ in their rows: they are re-indexed by token)."""
     assert recipe.slices is not None
     check_ranges(recipe, sources)
     problems: list[str] = []
@@ -73,7 +81,8 @@ def layout(recipe: Recipe, sources: list[list[Checkpoint]]) -> list[SliceTensor]
         for i, (ckpt, n) in enumerate(zip(sources[k], names)):
             if n not in ckpt:
                 problems.append(f"{recipe.where('slices', k, 'sources', i)}: {ckpt.path} has no tensor '{n}'.")
-            elif ckpt.info(n).shape != shape:
+            elif ckpt.info(n).shape != shape and not (aligned_vocab and is_vocab_tensor(n)
+                                                      and ckpt.info(n).shape[1:] == shape[1:]):
                 problems.append(
                     f"{recipe.where('slices', k, 'sources', i)}: tensor '{n}' of {ckpt.path} has shape "
                     f"{ckpt.info(n).shape}, but '{names[0]}' of {first.path} has {shape}."
@@ -136,3 +145,30 @@ def sliced_config(recipe: Recipe, sources: list[list[Checkpoint]], config: dict)
         else:
             target[key] = values
     return out
+
+
+def sliced_vocabulary(recipe: Recipe, base: Checkpoint | None, sources: list[list[Checkpoint]]
+                      ) -> OutputVocabulary | None:
+    """The output vocabulary of a sliced recipe with tokenizer keys (None without them): over the
+    base and every distinct source model (each opened once: the same Checkpoint object)."""
+    assert recipe.slices is not None
+    if recipe.tokenizer is None and recipe.tokenizer_source is None:
+        return None
+    members: list[Checkpoint] = [base] if base is not None else []
+    refs: list[str] = [recipe.base_model or ""] if base is not None else []
+    for s, row in zip(recipe.slices, sources):
+        for src, ckpt in zip(s.sources, row):
+            if all(ckpt is not m for m in members):
+                members.append(ckpt)
+                refs.append(src.model)
+    return build_output_vocabulary(recipe, members, refs, 0 if base is not None else None)
+
+
+def slice_vocabulary(vocab: OutputVocabulary, members: list[Checkpoint]) -> OutputVocabulary:
+    """`vocab` seen by one slice's sources (`members`, in source order): their permutations, and
+    the base only when it is one of them, as mergekit's PermutedVocabulary sees a slice's tensors."""
+    index = [next(i for i, m in enumerate(vocab.members) if m is c) for c in members]
+    base = next((j for j, i in enumerate(index) if i == vocab.base_index), None)
+    return replace(vocab, members=list(members), refs=[vocab.refs[i] for i in index], base_index=base,
+                   permutations=[vocab.permutations[i] for i in index],
+                   originals=[vocab.originals[i] for i in index])

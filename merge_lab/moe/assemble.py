@@ -18,14 +18,16 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from merge_lab.core.adapters import AdapterCheckpoint, lora_delta, open_model
+from merge_lab.core.adapters import AdapterCheckpoint, is_adapter, lora_delta, open_model
 from merge_lab.core.architecture import MLP_ROLES, Role, classify
 from merge_lab.core.checkpoint import TORCH_DTYPE_BY_NAME, Checkpoint
+from merge_lab.core.lora_applied import LoraAppliedCheckpoint, input_checkpoints
+from merge_lab.core.references import ModelOpener
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.ops import ConstantOp, Deferred, Input, TensorOp, TensorTask
 from merge_lab.merge.planner import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
-from merge_lab.moe.layout import moe_config
+from merge_lab.moe.layout import moe_config, output_family
 from merge_lab.moe.noise import NoisedTensor, NoiseInit, NoiseStream, add_noise, draw_key
 from merge_lab.moe.router_init import CentroidInit, GateInit, RandomRouterOp, check_gates_config
 
@@ -55,6 +57,11 @@ class H3Params(BaseModel):
     )
     shared_residual_scale: float | None = Field(None, description="factor on the shared expert's down_proj")
     shared_noise_scale: float | None = Field(None, description="std of Gaussian noise on the shared expert's FFN")
+    architecture: Literal["mixtral", "qwen2_moe", "qwen3_moe"] | None = Field(
+        None, description="output layout (default: the base's: llama / mistral -> mixtral, qwen2 -> qwen2_moe, "
+                          "qwen3 -> qwen3_moe); qwen2_moe from a llama / mistral base adds zero q/k/v biases, "
+                          "as mergekit-moe's Qwen MoE does"
+    )
 
 
 class H3ModelParams(BaseModel):
@@ -220,13 +227,24 @@ def _check_experts(base: Checkpoint, experts: list[Expert]) -> None:
         )
 
 
+def open_expert(recipe: Recipe, ref: str, where: str, opened: Checkpoint | None = None) -> Checkpoint:
+    """An expert's weights: a bare PEFT adapter folder (trained on the base) as an AdapterCheckpoint;
+    anything else as merge recipes open references (`model+adapter`: core.lora_applied, the
+    adapter applied while streaming), or `opened` when the planner has opened it so already."""
+    path = recipe.resolve_path(ref)
+    if is_adapter(path):
+        return open_model(path)
+    return opened if opened is not None else ModelOpener(recipe.resolve_path).open(ref, where)
+
+
 def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     recipe = ctx.recipe
     params = h3_params(recipe)
     labels = expert_labels(recipe)
     base = ctx.base
     assert base is not None
-    experts = [Expert(lab, open_model(recipe.resolve_path(m.model))) for lab, m in zip(labels, recipe.models)]
+    experts = [Expert(lab, open_expert(recipe, m.model, recipe.where("models", i, "model"), ctx.models[i]))
+               for i, (lab, m) in enumerate(zip(labels, recipe.models))]
     _check_experts(base, experts)
     expert_params = [recipe.validate_block(H3ModelParams, ("models", i, "parameters"), "expert parameters")
                      for i in range(len(experts))]
@@ -234,14 +252,19 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
     n = len(experts)
     if params.top_k > n:
         raise MergeLabError(f"{recipe.where('parameters', 'top_k')}: top_k = {params.top_k} but there are only {n} experts.")
+    family = params.architecture and output_family(base.model_type, params.architecture,
+                                                   recipe.where("parameters", "architecture"))
     config, layout = moe_config(base.config, n, params.top_k, labels, str(base.path / "config.json"),
-                                shared_expert=params.shared_expert is not None)
+                                shared_expert=params.shared_expert is not None, family=family)
     shared: Expert | None = None
     if params.shared_expert is not None:
         if layout.family != "qwen2_moe":
             raise MergeLabError(f"{recipe.where('parameters', 'shared_expert')}: a shared expert needs a Qwen2-MoE "
-                                f"output (a qwen2 base); this base gives {layout.family}. Remove shared_expert.")
-        shared = Expert("shared expert", open_model(recipe.resolve_path(params.shared_expert)))
+                                f"output (a qwen2 base, or architecture: qwen2_moe); this base gives {layout.family}. "
+                                "Remove shared_expert.")
+        shared = Expert("shared expert", open_expert(recipe, params.shared_expert,
+                                                     recipe.where("parameters", "shared_expert"),
+                                                     base if recipe.is_base(params.shared_expert) else None))
         _check_experts(base, [shared])
     if recipe.output_dtype:
         config["torch_dtype"] = config["dtype"] = recipe.output_dtype
@@ -256,6 +279,9 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                 f"{recipe.where('parameters', 'router_init')}: centroid init needs labelled prompts: set "
                 "parameters.router_data (or train.data) to a JSONL file of {prompt, response, label} rows."
             )
+        if isinstance(base, LoraAppliedCheckpoint):
+            raise MergeLabError(f"{recipe.where('base_model')}: centroid router init runs the base folder's model, "
+                                "without the adapter; use router_init: random or gates with a `base+adapter` base.")
         centroid = True
     gates = params.router_init == "gates"
     if gates:
@@ -323,12 +349,16 @@ def build_moe_plan(ctx: PlanContext, strategy_name: str) -> Plan:
                         shared_gates[extra] = layer
                         extra_op = Deferred("mergekit-moe gate init")
                     tasks.append(TensorTask(extra, shape, router_dtype, extra_op))
+                for bias, shape in layout.attention_biases(layer, base.config, set(base.tensors)):
+                    tasks.append(TensorTask(bias, shape, router_dtype, ConstantOp(torch.zeros(shape))))
             continue
         tasks.append(TensorTask(name, info.shape, out_dtype(info.dtype),
                                 NonFfnOp(tuple(experts), base, name, params.non_ffn, report)))
     if not routers:
         raise MergeLabError(f"{base.path}: found no FFN (mlp gate/up/down) tensors to turn into experts.")
-    inputs = [base] + [e.ckpt for e in experts] + ([shared.ckpt] if shared is not None else [])
+    opened = [base] + [e.ckpt for e in experts] + ([shared.ckpt] if shared is not None else [])
+    notes += list(dict.fromkeys(c.summary for c in opened if isinstance(c, LoraAppliedCheckpoint)))
+    inputs = input_checkpoints(opened)  # a LoRA-applied view reads its model's folder and its adapter's
     steps: list = [CentroidInit(base.path, recipe, tuple(labels), routers)] if centroid else []
     if gates:
         steps.append(GateInit(Path(str(params.router_gates)), recipe.seed, routers, router_dtype, notes, shared_gates))

@@ -17,6 +17,9 @@ routers under `merge-lab moe` (tests/test_mergekit_moe.py checks it against merg
 - `cheap_embed`: the base's `model.embed_tokens.weight` rows of the prompt tokens, in float32,
   summed over real (mask = 1) tokens and prompts, normalised to unit length; the same row for
   every layer.
+- `base+adapter`: the hidden modes load the base and put the adapted tensors in (the LoRA-applied
+  view's, as a merged copy holds them), cheap_embed reads the adapted embedding: the rows
+  mergekit-moe gives on mergekit's merged copy of the reference.
 - For all prompt modes: row = f(positive) - f(negative) (when there are negative prompts), then
   normalised to unit L2 length (norm clamped at 1e-8).
 - `random`: `torch.randn(layers, experts, hidden)`, standard normal (std 1, not nn.Linear's
@@ -36,6 +39,8 @@ from typing import Any, Literal
 
 import torch
 
+from merge_lab.core.checkpoint import Checkpoint
+from merge_lab.core.lora_applied import LoraAppliedCheckpoint
 from merge_lab.errors import MergeLabError
 
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
@@ -131,13 +136,16 @@ def gate_rows(
     dtype: torch.dtype = torch.bfloat16,
     device: str | None = None,
     tokenizer: Any = None,
+    weights: Checkpoint | None = None,
 ) -> torch.Tensor:
     """Router rows [layers, experts, hidden] for mergekit's `mode`, one expert per `experts_prompts` entry.
 
     `dtype` is what the base runs in for the hidden modes (mergekit: bfloat16; the rows come back in
     it); `device` defaults to CUDA when available. `seed` only matters for the random modes.
     For mergekit's Qwen MoE shared expert, append its prompts last: mergekit computes its
-    shared-expert gate in the same call and splits the trailing rows off.
+    shared-expert gate in the same call and splits the trailing rows off. `weights` is the base's
+    checkpoint as the prompt modes read it (default: the folder's; a LoRA-applied view for
+    `base+adapter`, whose adapted tensors replace the loaded model's).
     """
     base = Path(base_path)
     if mode not in GATE_MODES:
@@ -153,9 +161,7 @@ def gate_rows(
     tok = tokenizer if tokenizer is not None else mergekit_tokenizer(base)
 
     if mode == "cheap_embed":
-        from merge_lab.core.checkpoint import Checkpoint
-
-        ckpt = Checkpoint(base)
+        ckpt = weights if weights is not None else Checkpoint(base)
         if EMBED_NAME not in ckpt:
             raise MergeLabError(f"{base}: no '{EMBED_NAME}' tensor, which gate_mode 'cheap_embed' reads.")
         embed = ckpt.get(EMBED_NAME)
@@ -166,7 +172,10 @@ def gate_rows(
         from transformers import AutoModelForCausalLM
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(dev).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+        if weights is not None:
+            apply_adapted(model, weights)
+        model = model.to(dev).eval()
 
         def rows_of(prompts: list[str]) -> torch.Tensor:
             return _hidden(model, tokenize_prompts(prompts, tok), average=mode == "hidden_avg").cpu()
@@ -178,6 +187,22 @@ def gate_rows(
             rows = rows - rows_of(list(e.negative))
         out.append(rows / rows.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8))
     return torch.stack(out, dim=0).permute(1, 0, 2).contiguous()
+
+
+def apply_adapted(model: Any, weights: Checkpoint) -> None:
+    """Put the tensors a LoRA-applied view changes (core.lora_applied: W + scale * B @ A, rounded
+    to the base's dtype, as a merged copy holds them) into `model`, loaded from the bare base;
+    nothing when `weights` is a plain checkpoint."""
+    if not isinstance(weights, LoraAppliedCheckpoint):
+        return
+    adapter = weights.adapter
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sorted({*adapter.pairs, *adapter.saved, *adapter.biases}):
+            if name not in params:
+                raise MergeLabError(f"{adapter.path}: adapts '{name}', which the base's transformers model has no "
+                                    "parameter for; the gates cannot be computed on the adapted base.")
+            params[name].copy_(weights.get(name).to(params[name].dtype))
 
 
 def degenerate_layers(rows: torch.Tensor, threshold: float = 5.0) -> list[int]:

@@ -1,6 +1,8 @@
 """Dense -> MoE layout: the output's config and tensor names, as data per base family.
 
-llama and mistral bases become Mixtral; qwen2 bases Qwen2-MoE; qwen3 bases Qwen3-MoE. Names
+llama and mistral bases become Mixtral (or, asked for, Qwen2-MoE: mergekit-moe's Qwen MoE, with
+zero q/k/v biases since Qwen2-MoE's attention has them); qwen2 bases Qwen2-MoE; qwen3 bases
+Qwen3-MoE. Names
 are the hub's per-expert layout (`block_sparse_moe.experts.E.w1.weight`, ...), which the
 installed transformers converts on load into its fused in-memory form (`mlp.experts.gate_up_proj`
 [E, 2I, H], gate rows first) and which vLLM and llama.cpp's converter read as well.
@@ -18,8 +20,11 @@ from merge_lab.errors import MergeLabError
 # dense base model_type -> MoE family
 FAMILIES = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# other output families a base may be made into (mergekit-moe's Qwen MoE takes llama / mistral)
+ALSO = {"llama": ("qwen2_moe",), "mistral": ("qwen2_moe",)}
 # dense-only config keys that the MoE config class does not take (values checked below)
 _DENSE_ONLY = {"mixtral": ("attention_bias", "mlp_bias", "pretraining_tp"), "qwen2_moe": (), "qwen3_moe": ("mlp_bias",)}
+_FROM_LLAMA = ("attention_bias", "mlp_bias", "pretraining_tp")  # llama / mistral keys Qwen2-MoE cannot express
 # Qwen2-MoE always adds a sigmoid-gated shared expert; ours is one unit wide with zero weights, so
 # it contributes exactly 0 (and stays 0 in training: all its gradients are 0).
 SHARED_WIDTH = 1
@@ -69,6 +74,21 @@ class MoeLayout:
             *gate,
         ]
 
+    def attention_biases(self, layer: int, config: dict, have: set[str]) -> list[tuple[str, tuple[int, ...]]]:
+        """The q/k/v biases Qwen2-MoE's attention has and the base lacks (a llama / mistral base):
+        zeros, as mergekit-moe's Qwen MoE writes them; none for the other families."""
+        if self.family != "qwen2_moe":
+            return []
+        head = int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+        heads = int(config["num_attention_heads"])
+        kv = int(config.get("num_key_value_heads") or heads)
+        out = []
+        for proj, n in (("q", heads), ("k", kv), ("v", kv)):
+            name = f"model.layers.{layer}.self_attn.{proj}_proj.bias"
+            if name not in have:
+                out.append((name, (n * head,)))
+        return out
+
     def memory_name(self, hub_name: str) -> tuple[str, int | None, slice | None]:
         """Where a hub tensor's values are in the transformers model: (parameter, expert, rows)."""
         if m := _HUB_ROUTER.match(hub_name):
@@ -94,15 +114,28 @@ def family_of(model_type: str, where: str) -> str:
         ) from None
 
 
+def output_family(model_type: str, family: str | None, where: str) -> str:
+    """The MoE family to write: the base's (`family` None), or one the base may also become."""
+    own = family_of(model_type, where)
+    if family is None or family == own:
+        return own
+    if family not in ALSO.get(model_type, ()):
+        others = ", ".join((own, *ALSO.get(model_type, ())))
+        raise MergeLabError(f"{where}: a '{model_type}' base cannot be made into {family}; it becomes {others}.")
+    return family
+
+
 def moe_config(base: dict, n_experts: int, top_k: int, labels: list[str], where: str,
-               shared_expert: bool = False) -> tuple[dict, MoeLayout]:
+               shared_expert: bool = False, family: str | None = None) -> tuple[dict, MoeLayout]:
     """The MoE config.json: the base's config (rope, norms, head_dim, vocab, tied embeddings, special
     tokens) with the family's MoE keys; and the tensor layout that goes with it. Qwen2-MoE's shared
     expert is the zero placeholder, or with `shared_expert` a full FFN of the base's width (as
-    mergekit-moe writes it)."""
-    family = family_of(base.get("model_type", "unknown"), where)
+    mergekit-moe writes it). `family` asks for another layout than the base's (output_family)."""
+    model_type = base.get("model_type", "unknown")
+    family = output_family(model_type, family, where)
     cfg = dict(base)
-    for key in _DENSE_ONLY[family]:
+    converted = family == "qwen2_moe" and model_type != "qwen2"
+    for key in _FROM_LLAMA if converted else _DENSE_ONLY[family]:
         value = cfg.pop(key, None)
         if value not in (None, False, 1):
             raise MergeLabError(f"{where}: the base sets {key} = {value!r}, which {family} cannot express.")
@@ -116,6 +149,9 @@ def moe_config(base: dict, n_experts: int, top_k: int, labels: list[str], where:
                    decoder_sparse_step=1, mlp_only_layers=[])
         if family == "qwen2_moe":
             cfg.update(shared_expert_intermediate_size=inter if shared_expert else SHARED_WIDTH, qkv_bias=True)
+    if converted:  # as mergekit-moe's Qwen MoE: no sliding window
+        cfg.update(use_sliding_window=False, sliding_window=None)
+        cfg.pop("layer_types", None)
     cfg["merge_lab_expert_labels"] = list(labels)
     return cfg, MoeLayout(family, inter)
 

@@ -14,9 +14,10 @@ Where we are stricter than mergekit-moe, and why:
 Where we are looser: `uniform_random` does not need prompts (mergekit's check asks for them
 although the mode never reads them).
 
-Model references are mergekit's: a path, `path@revision`, `base+lora`, or a mapping
-{model, lora, override_architecture}; paths are relative to the working directory, as in
-mergekit. Only local folders are used here (no hub, no revisions).
+Model references (a path, `path@revision`, `base+lora`, or a mapping) are read by
+merge_lab.moe.mergekit_refs: local folders only; `model+adapter` stays a reference in the
+translated recipe, opened as merge recipes open it (the adapter applied while streaming), and
+the gates read the adapted base (`base_weights`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from merge_lab.core.checkpoint import Checkpoint
 from merge_lab.core.config import Where, load_yaml, load_yaml_text, parse_yaml, validate
 from merge_lab.errors import MergeLabError
 from merge_lab.moe.gates import PROMPT_MODES, ExpertPrompts, GateMode, gate_rows
+from merge_lab.moe.mergekit_refs import ModelRefSpec, local_reference, model_folder, open_reference, ref_text
 
 WHAT = "mergekit-moe config"
 # mergekit's output architectures, in its ALL_OUTPUT_ARCHITECTURES order; `architecture:` picks
@@ -40,23 +43,6 @@ MERGEKIT_ARCHITECTURES = ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE")
 H3_FAMILY = {"Mixtral": "mixtral", "Qwen MoE": "qwen2_moe", "Qwen3 MoE": "qwen3_moe"}
 _DTYPES = ("bfloat16", "float16", "float32", "float64", "int64")  # mergekit's dtype_from_name
 _RECIPE_DTYPES = ("bfloat16", "float16", "float32")
-
-
-class ModelPathSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    revision: str | None = None
-
-
-class ModelRefSpec(BaseModel):
-    """mergekit's ModelReference written out as a mapping."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | ModelPathSpec
-    lora: str | ModelPathSpec | None = None
-    override_architecture: str | None = None
 
 
 class MoeExpert(BaseModel):
@@ -179,17 +165,6 @@ def _prompts(e: MoeExpert) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(e.positive_prompts or []), tuple(e.negative_prompts or [])
 
 
-def ref_text(ref: str | ModelRefSpec) -> str:
-    """A reference as mergekit prints it: path[@rev][+lora[@rev]]."""
-    if isinstance(ref, str):
-        return ref
-
-    def one(p: str | ModelPathSpec) -> str:
-        return p if isinstance(p, str) else (f"{p.path}@{p.revision}" if p.revision else p.path)
-
-    return one(ref.model) + (f"+{one(ref.lora)}" if ref.lora is not None else "")
-
-
 def matching_architectures(name: str | None) -> list[str]:
     """mergekit's candidates for `architecture:` (all when unset)."""
     if not name:
@@ -264,27 +239,11 @@ def _shared_fits(arch: str, config: MergekitMoeConfig) -> str | None:
     return None
 
 
-def _local(ref: str | ModelRefSpec, where: str, base: str) -> str:
-    """A reference as a local path our recipe takes (`base+lora` -> the adapter folder)."""
-    if isinstance(ref, ModelRefSpec) and ref.override_architecture:
-        raise MergeLabError(f"{where}: override_architecture is not supported; remove it.")
-    text = ref_text(ref)
-    if "@" in text:
-        raise MergeLabError(f"{where}: '{text}' names a hub revision; merge-lab reads local folders only. "
-                            "Download that revision and give its folder.")
-    if "+" in text:
-        model, lora = text.split("+", 1)
-        if Path(model).expanduser().resolve() != Path(base).expanduser().resolve():
-            raise MergeLabError(f"{where}: '{text}' applies a LoRA to '{model}', not to the base_model; h3_moe applies "
-                                "adapters to the base only. Merge the adapter into its model first and give that folder.")
-        return lora  # h3_moe takes a PEFT adapter folder trained on the base directly
-    return text
-
-
-def _labels(paths: list[str]) -> list[str]:
+def _labels(refs: list[str]) -> list[str]:
+    """Expert labels from folder names (`model+adapter`: both names), made unique."""
     labels: list[str] = []
-    for i, p in enumerate(paths):
-        name = Path(p).name or f"expert{i}"
+    for i, ref in enumerate(refs):
+        name = "+".join(Path(part).name for part in ref.split("+")) or f"expert{i}"
         labels.append(name if name not in labels else f"{name}_{i}")
     return labels
 
@@ -298,10 +257,8 @@ def to_h3_recipe(config: MergekitMoeConfig, source: Where | str) -> dict:
     the rows are mergekit's gates (`gates.gate_rows`), which the caller must hand to the plan.
     """
     where = source if isinstance(source, Where) else Where(source)
-    if "+" in ref_text(config.base_model):
-        raise MergeLabError(f"{where('base_model')}: a base with a LoRA ('+') is not supported; merge it first.")
-    base = _local(config.base_model, where("base_model"), "")
-    paths = [_local(e.source_model, where("experts", i, "source_model"), base) for i, e in enumerate(config.experts)]
+    base = local_reference(config.base_model, where("base_model"))
+    paths = [local_reference(e.source_model, where("experts", i, "source_model")) for i, e in enumerate(config.experts)]
     recipe: dict = {
         "merge_method": "h3_moe",
         "base_model": base,
@@ -310,7 +267,7 @@ def to_h3_recipe(config: MergekitMoeConfig, source: Where | str) -> dict:
     }
     if len(config.shared_experts or []) == 1:  # Qwen MoE's (the other architectures are refused by merge-lab moe)
         e = (config.shared_experts or [])[0]
-        spec = {"shared_expert": _local(e.source_model, where("shared_experts", 0, "source_model"), base),
+        spec = {"shared_expert": local_reference(e.source_model, where("shared_experts", 0, "source_model")),
                 "shared_residual_scale": e.residual_scale, "shared_noise_scale": e.noise_scale}
         recipe["parameters"].update({k: v for k, v in spec.items() if v is not None})
     if config.dtype is not None:
@@ -345,7 +302,7 @@ def output_architecture(config: MergekitMoeConfig, where: Where) -> str:
     refs = [("base_model",), *(("experts", i, "source_model") for i in range(len(config.experts))),
             *(("shared_experts", i, "source_model") for i in range(len(config.shared_experts or [])))]
     models = [config.base_model] + [e.source_model for e in config.experts + (config.shared_experts or [])]
-    types = [_model_type(ref_text(m).split("+")[0].split("@")[0], where(*r)) for m, r in zip(models, refs)]
+    types = [_model_type(model_folder(m), where(*r)) for m, r in zip(models, refs)]
     ok = {"Mixtral": ("llama", "mistral"), "DeepSeek MoE": ("llama", "mistral"),
           "Qwen MoE": ("llama", "mistral", "qwen2"), "Qwen3 MoE": ("qwen3",)}
     fits = [a for a in matching_architectures(config.architecture)
@@ -365,10 +322,6 @@ def mergekit_extras(config: MergekitMoeConfig, source: Where | str) -> MergekitE
     unsupported = []
     if arch not in H3_FAMILY:
         unsupported.append(f"output architecture {arch}: h3_moe writes Mixtral, Qwen2-MoE and Qwen3-MoE only")
-    base_type = _model_type(ref_text(config.base_model), where("base_model"))
-    if arch == "Qwen MoE" and base_type != "qwen2":
-        unsupported.append(f"Qwen MoE output from a {base_type} base: h3_moe picks the layout from the base "
-                           "(llama/mistral -> Mixtral)")
     shared = [ExpertExtras(ref_text(e.source_model), e.noise_scale, e.residual_scale)
               for e in config.shared_experts or []]
     if shared and arch != "Qwen MoE":
@@ -379,11 +332,27 @@ def mergekit_extras(config: MergekitMoeConfig, source: Where | str) -> MergekitE
 
 
 def base_path(config: MergekitMoeConfig, source: Where | str) -> Path:
-    """The base model's local folder (a LoRA on the base, or a hub revision, is refused)."""
+    """The base model's local folder (for `base+adapter`, the model's: its config and tokenizer)."""
     where = source if isinstance(source, Where) else Where(source)
-    if "+" in ref_text(config.base_model):
-        raise MergeLabError(f"{where('base_model')}: a base with a LoRA ('+') is not supported; merge it first.")
-    return Path(_local(config.base_model, where("base_model"), "")).expanduser()
+    return Path(model_folder(local_reference(config.base_model, where("base_model")))).expanduser()
+
+
+def base_weights(config: MergekitMoeConfig, source: Where | str) -> Checkpoint:
+    """The base as the gates read it: its checkpoint, with a `+adapter` applied while reading
+    (the same reader as merge recipes' references, core.references.ModelOpener)."""
+    where = source if isinstance(source, Where) else Where(source)
+    return open_reference(config.base_model, where("base_model"))
+
+
+def check_references(config: MergekitMoeConfig, source: Where | str) -> None:
+    """Every model the config names opened from headers (a `+adapter` checked against its model:
+    targets, shapes, ranks), so an error names the config's own key and line."""
+    where = source if isinstance(source, Where) else Where(source)
+    keys = [("base_model",), *(("experts", i, "source_model") for i in range(len(config.experts))),
+            *(("shared_experts", i, "source_model") for i in range(len(config.shared_experts or [])))]
+    refs = [config.base_model, *(e.source_model for e in config.experts + (config.shared_experts or []))]
+    for key, ref in zip(keys, refs):
+        open_reference(ref, where(*key))
 
 
 def base_model_type(config: MergekitMoeConfig, source: Where | str) -> str:
@@ -397,11 +366,15 @@ def config_gate_rows(config: MergekitMoeConfig, source: Where | str, seed: int =
     """(router rows [layers, experts, hidden], shared-expert gate rows [layers, shared, hidden]) for
     `config`, as mergekit-moe computes them; the second is empty when mergekit gates no shared expert."""
     base = base_path(config, source)
-    rows = gate_rows(base, gate_prompts(config), config.gate_mode, seed=seed, device=device)
+    weights = base_weights(config, source) if config.gate_mode in PROMPT_MODES else None
+    rows = gate_rows(base, gate_prompts(config), config.gate_mode, seed=seed, device=device, weights=weights)
     n = len(config.experts)
     return rows[:, :n].contiguous(), rows[:, n:].contiguous()
 
 
 def translate(config: MergekitMoeConfig, source: Where | str) -> tuple[dict, MergekitExtras]:
-    """(h3_moe recipe dict, side structure): what `merge-lab moe` needs from a mergekit-moe config."""
-    return to_h3_recipe(config, source), mergekit_extras(config, source)
+    """(h3_moe recipe dict, side structure): what `merge-lab moe` needs from a mergekit-moe config,
+    its references checked first (check_references)."""
+    recipe = to_h3_recipe(config, source)
+    check_references(config, source)
+    return recipe, mergekit_extras(config, source)

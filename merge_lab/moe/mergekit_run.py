@@ -10,9 +10,11 @@ become trained ones, and the summary says the routing accuracy before and after.
 
 An expert's residual_scale multiplies its down_proj and its noise_scale adds Gaussian noise to its
 FFN weights (ExpertOp; the noise is drawn as `mergekit-moe --random-seed 0` draws it, from the
-recipe's seed, 0: merge_lab.moe.noise). What h3_moe cannot do yet is refused, naming the key and
-its line: DeepSeek MoE output, Qwen MoE output from a llama / mistral base. Qwen MoE's one shared
-expert (qwen2 bases) is h3_moe's `shared_expert`: the shared model's FFN, gated by its own row.
+recipe's seed, 0: merge_lab.moe.noise). Qwen MoE's one shared expert is h3_moe's `shared_expert`:
+the shared model's FFN, gated by its own row; from a llama / mistral base the output is Qwen2-MoE
+with zero q/k/v biases (h3_moe's `architecture: qwen2_moe`), as mergekit-moe writes it. Any
+reference may be `model+adapter`: the adapter is applied while streaming (core.lora_applied), and
+the gates are computed on the adapted base. DeepSeek MoE output is refused (remote code only).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 
 from merge_lab.core.config import Where
 from merge_lab.errors import MergeLabError
+from merge_lab.merge.planner import Plan
 from merge_lab.merge.recipe import Recipe
+from merge_lab.moe.layout import FAMILIES
 from merge_lab.moe.mergekit_config import (
     H3_FAMILY,
     MergekitExtras,
@@ -46,17 +50,20 @@ class MoeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def refuse_unsupported(config: MergekitMoeConfig, where: Where, extras: MergekitExtras, base_type: str) -> None:
-    """What mergekit-moe would do that h3_moe cannot yet: an error naming the key and line."""
+def refuse_unsupported(config: MergekitMoeConfig, where: Where, extras: MergekitExtras) -> None:
+    """What mergekit-moe would write that merge-lab will not: an error naming the key and line."""
     arch = extras.architecture or ""
     key = "architecture" if config.architecture else "base_model"
+    if arch == "DeepSeek MoE":
+        raise MergeLabError(
+            f"{where(key)}: mergekit-moe's DeepSeek MoE output is model_type 'deepseek' (DeepseekForCausalLM), which "
+            "transformers loads only with the remote code of deepseek-ai/deepseek-moe-16b-base (its native DeepSeek "
+            "classes are V2 / V3, another attention layout), and merge-lab never runs remote code. Set "
+            "architecture: mixtral (no shared expert) or architecture: qwen (Qwen2-MoE, exactly one shared expert)."
+        )
     if arch not in H3_FAMILY:
-        raise MergeLabError(f"{where(key)}: output architecture {arch} is not written by merge-lab moe; h3_moe writes "
-                            "Mixtral (llama / mistral bases) and Qwen3 MoE (qwen3 bases). Set architecture: mixtral.")
-    if arch == "Qwen MoE" and base_type != "qwen2":
-        raise MergeLabError(f"{where(key)}: Qwen MoE output from a {base_type} base is not supported: h3_moe picks "
-                            "the layout from the base (llama / mistral -> Mixtral, without shared experts). "
-                            "Use a qwen2 base, or remove shared_experts and set architecture: mixtral.")
+        raise MergeLabError(f"{where(key)}: output architecture {arch} is not written by merge-lab moe; it writes "
+                            "Mixtral, Qwen MoE and Qwen3 MoE. Set architecture: mixtral.")
 
 
 def _recipe_where(where: Where, n_experts: int) -> Where:
@@ -73,6 +80,7 @@ def _recipe_where(where: Where, n_experts: int) -> Where:
     copy(("models",), ("experts",))
     copy(("parameters", "top_k"), ("experts_per_token",))
     copy(("parameters", "router_init"), ("gate_mode",))
+    copy(("parameters", "architecture"), ("architecture",))
     copy(("parameters", "shared_expert"), ("shared_experts", 0, "source_model"))
     copy(("parameters", "shared_residual_scale"), ("shared_experts", 0, "residual_scale"))
     copy(("parameters", "shared_noise_scale"), ("shared_experts", 0, "noise_scale"))
@@ -90,7 +98,10 @@ def moe_recipe(path: str | Path, allow_all_same: bool = False) -> tuple[Recipe, 
     path = Path(path)
     config, where, train = load_moe_file(path, allow_all_same=allow_all_same)
     data, extras = translate(config, where)
-    refuse_unsupported(config, where, extras, base_model_type(config, where))
+    refuse_unsupported(config, where, extras)
+    family = H3_FAMILY[extras.architecture or ""]
+    if family != FAMILIES.get(base_model_type(config, where)):  # Qwen MoE from a llama / mistral base
+        data["parameters"]["architecture"] = family
     data["parameters"].update({"router_init": "gates", "router_gates": str(path)})
     for entry, e in zip(data["models"], config.experts):
         scales = {"residual_scale": e.residual_scale, "noise_scale": e.noise_scale}
@@ -102,6 +113,15 @@ def moe_recipe(path: str | Path, allow_all_same: bool = False) -> tuple[Recipe, 
     recipe = Recipe.located(data, rwhere)  # the recipe's errors name the config's lines
     recipe.check_distinct_models()
     return recipe, extras
+
+
+def moe_plan(path: str | Path, allow_all_same: bool = False) -> tuple[Plan, MergekitExtras]:
+    """The header-only plan of a mergekit-moe config (what `merge-lab validate` checks): models,
+    adapters (targets, shapes), output layout; no tensor read, no gate computed."""
+    from merge_lab.merge.planner import make_plan
+
+    recipe, extras = moe_recipe(path, allow_all_same)
+    return make_plan(recipe), extras
 
 
 def run_moe(path: str | Path, out: str | Path, *, force: bool = False, progress: bool = True,

@@ -59,7 +59,7 @@ def lora_expert(base: str | Path, path: str | Path, seed: int, r: int = 4, alpha
     model = get_peft_model(_load(base), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:  # (PEFT starts an embedding's A at zero)
                 p.normal_(0, 0.05)
     model.save_pretrained(str(path))
     if merged is not None:
