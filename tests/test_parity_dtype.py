@@ -61,6 +61,25 @@ def recipes(base, models):
         "model_stock": {"merge_method": "model_stock", "base_model": b, "models": [{"model": m} for m in (m1, m2, m3)]},
         "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": b, "parameters": {"filter_wise": True},
                                     "models": [{"model": m} for m in (m1, m2, m3)]},
+        "sce": {"merge_method": "sce", "base_model": b, "models": [{"model": m} for m in (m1, m2, m3)]},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": b,
+                    "models": [{"model": m1, "parameters": {"weight": 0.3}}, {"model": m2, "parameters": weights}]},
+        "nuslerp_rows_no_base": {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
+                                 "models": [{"model": m1, "parameters": {"weight": 0.7}}, {"model": m3, "parameters": {"weight": 1.0}}]},
+        "nuslerp_columns": {"merge_method": "nuslerp", "base_model": b,
+                            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                            "models": [{"model": m1, "parameters": {"weight": 0.25}}, {"model": m3, "parameters": {"weight": 0.6}}]},
+        "multislerp": {"merge_method": "multislerp", "base_model": b,
+                       "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip((m1, m2, m3), w3)]},
+        "multislerp_unnormalized_no_base": {"merge_method": "multislerp", "parameters": {"normalize_weights": False, "eps": 1e-3},
+                                            "models": [{"model": m1, "parameters": {"weight": 0.5}},
+                                                       {"model": m2, "parameters": weights}]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": b, "models": [{"model": m1}]},
+        "karcher": {"merge_method": "karcher", "models": [{"model": m} for m in (m1, m2, m3)]},
+        "karcher_with_base": {"merge_method": "karcher", "base_model": b, "parameters": {"max_iter": 3},
+                              "models": [{"model": m} for m in (m1, m2)]},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": b, "parameters": {"epsilon": 0.01, "r": 0.5},
+                       "models": [{"model": m} for m in (m1, m2, m3)]},
     }
 
 
@@ -75,8 +94,13 @@ def assert_equal_tensors(ours: dict, theirs: dict, case: str) -> None:
         assert bad == 0, f"{case}: {name}: {bad} of {theirs[name].numel()} entries differ"
 
 
-FLOAT16 = {"linear", "task_arithmetic", "ties", "slerp", "model_stock"}  # float16 too: other roundings
+FLOAT16 = {"linear", "task_arithmetic", "ties", "slerp", "model_stock", "sce", "nuslerp", "nuslerp_rows_no_base",
+           "nuslerp_columns", "multislerp", "multislerp_unnormalized_no_base", "arcee_fusion", "ramplus_tl", "karcher",
+           "karcher_with_base"}
 MATRIX = [(case, "bfloat16") for case in CASES] + [(case, "float16") for case in CASES if case in FLOAT16]
+# mergekit returns float32 tensors for these in a 16-bit dtype (a float32 mask or boost lifts
+# them midway) and writes them so unless `out_dtype` says otherwise: compared with out_dtype set
+FLOAT32_RESULT = {"arcee_fusion", "ramplus_tl"}
 
 
 @pytest.mark.parametrize(("case", "dtype"), MATRIX)
@@ -84,6 +108,8 @@ def test_same_bits_as_mergekit_in_16_bits(case, dtype, family, tmp_path):
     """bfloat16 checkpoints (several shards) merged with `dtype: bfloat16` or `float16`."""
     base, models = family
     recipe = recipes(base, models)[case] | {"dtype": dtype}
+    if case in FLOAT32_RESULT:
+        recipe["out_dtype"] = dtype
     theirs = run_mergekit(recipe, tmp_path / "mergekit")
     ours = run_ours(recipe, tmp_path)
     if case == "slerp" and dtype == "float16":  # float32 inside both; norms summed in other orders
