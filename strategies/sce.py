@@ -111,7 +111,7 @@ def erase_rounded(deltas: list[torch.Tensor], weights: torch.Tensor, base: torch
     deltas' sum, each agreeing delta times its weight, their sum and the weights' sum (float32
     inside, rounded once), the quotient and the base added."""
     dtype = base.dtype
-    positive = model_sum(deltas, dtype).ge_(0)
+    positive = model_sum(deltas, dtype).ge(0)
     terms, kept_weights = [], []
     for d, w in zip(deltas, weights.to(base.device)):
         agreeing = torch.where(positive, d > 0, d < 0).to(dtype).mul_(w)
