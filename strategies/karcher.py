@@ -42,8 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import check_model_count, gram
-from merge_lab.strategies.low_precision import LOW_PRECISION, SixteenBitPasses, reduced, reduced_norm
-from merge_lab.strategies.low_precision import sum_of_squares
+from merge_lab.strategies.low_precision import LOW_PRECISION, SixteenBitPasses, reduced, reduced_norm, sum_of_squares
 
 
 class KarcherParams(BaseModel):
