@@ -210,6 +210,10 @@ class Karcher(SixteenBitPasses, Strategy):
     Params = KarcherParams
     uses_base = True  # the base is one more point, as in mergekit
     identity_params = None
+    # In float32 the mean does not depend on the points' order; in bfloat16 / float16 mergekit's
+    # (and so ours) does: the mean and the tangent are rounded sums in that order, and the 16-bit
+    # iteration carries the difference on (one or two steps of the dtype on the tiny models).
+    symmetric = False
     row_separable = True  # given the Gram matrix
 
     @classmethod
