@@ -190,6 +190,30 @@ def test_ties_trim_differs_only_at_entries_tied_with_the_threshold(family, tmp_p
     assert differing < 0.01 * total, (differing, total)
 
 
+def test_sce_selection_differs_only_in_tensors_with_variances_tied_at_the_threshold(family, tmp_path):
+    """SCE's select_topk in bfloat16: mergekit's topk keeps k of the entries whose variance ties
+    with the k-th largest, we keep them all; the weights are mean squares over the selection, so
+    such a tensor differs beyond the tied entries. Every tensor without such a tie is mergekit's."""
+    base, models = family
+    topk = 0.3
+    recipe = {"merge_method": "sce", "base_model": str(base), "dtype": "bfloat16", "parameters": {"select_topk": topk},
+              "models": [{"model": str(m)} for m in models]}
+    theirs, ours = run_mergekit(recipe, tmp_path / "mergekit"), run_ours(recipe, tmp_path)
+    assert_equal_tensors(run_ours(recipe, tmp_path, "blocked", chunk_elements=BLOCK), ours, "sce streamed")
+    b, ms = load_tensors(base), [load_tensors(m) for m in models]
+    untied = 0
+    for name in theirs:
+        variance = torch.var(torch.stack([m[name] - b[name] for m in ms]), dim=0, unbiased=False)  # mergekit's
+        k = int(torch.count_nonzero(variance) * topk)
+        if k == 0:
+            continue
+        threshold = variance.reshape(-1).topk(k).values[-1]
+        if int((variance >= threshold).sum()) == k:  # no tie at the threshold
+            untied += 1
+            assert torch.equal(ours[name], theirs[name]), f"{name}: differs without a tie at the threshold"
+    assert untied >= len(theirs) // 2, (untied, len(theirs))
+
+
 ELECTED = "model.layers.0.mlp.down_proj.weight"
 
 
