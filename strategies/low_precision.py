@@ -10,6 +10,13 @@ in float32, elects other signs where the weighted task vectors nearly cancel.
 
 Why a separate path: the float32 one (common.combine) multiplies by +-1 and clamps instead of
 masking, which is exact in float32 but would round differently here.
+
+Also here, for every strategy that computes in 16 bits: whole-tensor reductions (sums, norms,
+means, dot products) as mergekit's 16-bit torch ops round them, rebuilt from row blocks
+(`reduced` and its kin), and SixteenBitPasses, for strategies whose 16-bit arithmetic needs
+more statistics passes than their float32 one (nuslerp, multislerp, karcher). Checked against
+torch 2.13 on CPU: a 16-bit sum, norm, mean or dot product accumulates the exact values (and
+products) in float32 and rounds once; a mean divides the float32 sum by the count first.
 """
 
 from __future__ import annotations
