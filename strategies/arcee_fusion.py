@@ -9,7 +9,12 @@ the last dimension, the KL divergence summed along it (one value per row; one pe
 1-D tensor). With Q1, the median and Q3 the quartiles of the importance over the whole tensor
 (the floor(q (n - 1))-th smallest value, 0-based, no interpolation) and
 threshold = median + 1.5 (Q3 - Q1), out = base + (model - base) where importance >= threshold,
-else the base. All in float32, in mergekit's order of operations, so the mask is the same.
+else the base. Computed in the recipe's arithmetic dtype, as mergekit computes it, with
+mergekit's ops in mergekit's order: in bfloat16 / float16 the difference, each softmax, the
+divergence's terms and row sums, the importance and the threshold's steps are rounded to it where
+mergekit's are, so the mask is the same. (mergekit multiplies the kept difference by a float32
+mask and so returns float32 tensors, which it writes as such unless `out_dtype` is set; here the
+result is the recipe's dtype, the same values as mergekit's cast to it.)
 
 The quartiles are exact order statistics over row blocks (strategies.common.OrderStatistics,
 two statistics passes); the importance of a row depends on that row only, so matrices stream in
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import OrderStatistics, check_model_count
+from merge_lab.strategies.common import ComputesInDtype, OrderStatistics, check_model_count
 
 EPS = 1e-8
 QUARTILES = [0.25, 0.5, 0.75]
@@ -55,9 +60,10 @@ class FusionStats:
     parts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # a 1-D tensor's blocks
     divergence: torch.Tensor | None = None  # a 1-D tensor's one KL value
     threshold: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32  # the importance's
 
 
-class ArceeFusion(Strategy):
+class ArceeFusion(ComputesInDtype, Strategy):
     name = "arcee_fusion"
     summary = "the model's changes only where their KL-weighted importance is an upper outlier"
     needs_base = True
@@ -77,6 +83,7 @@ class ArceeFusion(Strategy):
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
         stats = stats if stats is not None else FusionStats()
         model = tensors[0]
+        stats.dtype = model.dtype
         if model.dim() == 1:
             if pass_index == 0:
                 stats.parts.append((model.clone(), base.clone()))
@@ -96,7 +103,7 @@ class ArceeFusion(Strategy):
         elif stats.divergence is None:
             stats.quartiles.finish(pass_index)
         if pass_index == 1 and stats.quartiles.values:
-            q1, median, q3 = stats.quartiles.values
+            q1, median, q3 = (v.to(stats.dtype) for v in stats.quartiles.values)  # exact: they are its values
             stats.threshold = median + 1.5 * (q3 - q1)
         return stats
 

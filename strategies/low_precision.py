@@ -10,6 +10,13 @@ in float32, elects other signs where the weighted task vectors nearly cancel.
 
 Why a separate path: the float32 one (common.combine) multiplies by +-1 and clamps instead of
 masking, which is exact in float32 but would round differently here.
+
+Also here, for every strategy that computes in 16 bits: whole-tensor reductions (sums, norms,
+means, dot products) as mergekit's 16-bit torch ops round them, rebuilt from row blocks
+(`reduced` and its kin), and SixteenBitPasses, for strategies whose 16-bit arithmetic needs
+more statistics passes than their float32 one (nuslerp, multislerp, karcher). Checked against
+torch 2.13 on CPU: a 16-bit sum, norm, mean or dot product accumulates the exact values (and
+products) in float32 and rounds once; a mean divides the float32 sum by the count first.
 """
 
 from __future__ import annotations
@@ -78,3 +85,85 @@ def l1_factor_rounded(before: float, after: float, dtype: torch.dtype, eps: floa
     if bool(b < eps) or bool(a < eps):
         return None
     return b / a
+
+
+# -- whole-tensor reductions as mergekit's 16-bit torch ops give them, from row blocks
+#
+# torch reduces a bfloat16 / float16 tensor (sum, norm, mean, dot) by accumulating in float32 and
+# rounding the result once to the tensor's dtype. A stream cannot follow torch's float32
+# accumulation order over the whole tensor, so the partial sums are taken in float64 over row
+# blocks (exact for sums of 16-bit values and their products, up to 2**-52 relative), then
+# rounded to float32 and to the dtype: the same 16-bit value unless torch's float32 sum lies within
+# its own rounding error of a 16-bit rounding boundary.
+
+
+def reduced(total: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float64 sum (a Python float or a tensor of them) as a 16-bit torch reduction returns it."""
+    value = total if isinstance(total, torch.Tensor) else torch.tensor(total, dtype=torch.float64)
+    return value.to(torch.float32).to(dtype)
+
+
+def reduced_norm(squares: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The norm torch.norm returns for a 16-bit tensor whose squares sum (in float64) to `squares`."""
+    value = squares if isinstance(squares, torch.Tensor) else torch.tensor(squares, dtype=torch.float64)
+    return value.clamp(min=0.0).to(torch.float32).sqrt().to(dtype)
+
+
+def reduced_mean(total: float, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """torch.mean of a 16-bit tensor of `count` entries summing to `total`: the float32 sum
+    divided by the count in float32, rounded once."""
+    return (torch.tensor(total, dtype=torch.float64).to(torch.float32) / count).to(dtype)
+
+
+def sum_of_squares(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The float64 sum of x's squares (x's 16-bit values are exact in float64), over `dim` or all."""
+    x = x.double()
+    return (x * x).sum() if dim is None else (x * x).sum(dim)
+
+
+def summed(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The float64 sum of x (over `dim` or all), for a reduction rounded later by `reduced`."""
+    return x.sum(dtype=torch.float64) if dim is None else x.sum(dim, dtype=torch.float64)
+
+
+def model_sum(terms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """torch.stack(terms).sum(0) for 16-bit terms: accumulated in float32 in model order, rounded once."""
+    total = torch.zeros(terms[0].shape, dtype=torch.float32, device=terms[0].device)
+    for t in terms:
+        total.add_(t)
+    return total.to(dtype)
+
+
+class SixteenBitPasses:
+    """Mixin of strategies whose mergekit arithmetic in a 16-bit dtype rounds a whole-tensor
+    reduction before the next one starts (a norm, then dot products of the rounded unit vectors),
+    so that it takes more statistics passes than its float32 arithmetic, which gathers a Gram
+    matrix at once.
+
+    The engine asks stats_passes() without a dtype, after the planner has asked working_dtype()
+    of every tensor (for the plan's arithmetic note): that call records whether any tensor of
+    this plan computes in 16 bits. A float32 tensor of such a plan sees the extra passes and
+    ignores them. merge() given a whole tensor counts its passes from its own dtype
+    (whole_tensor_stats)."""
+
+    sixteen_bit_seen = False
+
+    def working_dtype(self, arithmetic: torch.dtype) -> torch.dtype:
+        if arithmetic in LOW_PRECISION:
+            self.sixteen_bit_seen = True
+        return arithmetic
+
+    def passes(self, sixteen_bit: bool, params, model_params) -> int:
+        """The statistics passes one tensor needs, in 16 bits or not."""
+        raise NotImplementedError
+
+    def stats_passes(self, params, model_params) -> int:
+        return self.passes(self.sixteen_bit_seen, params, model_params)
+
+    def whole_tensor_stats(self, tensors, base, params, model_params, ctx):
+        """Strategy.tensor_stats with the passes this tensor's dtype needs."""
+        stats = None
+        for p in range(self.passes(tensors[0].dtype in LOW_PRECISION, params, model_params)):
+            stats = self.fold_stats(p, stats, tensors, base, params, model_params, ctx)
+            stats = self.finish_stats(p, stats, params, model_params)
+        return stats

@@ -16,6 +16,14 @@ Everything depends on the tensors only through their Gram matrix x_i . x_j, gath
 in one statistics pass over row blocks; the result is then a weighted sum of the x_i, so every
 tensor streams in row blocks.
 
+In bfloat16 / float16 (the recipe's arithmetic dtype, as in mergekit) the steps run as
+mergekit's ops run them in that dtype, each rounded: the weights, the norms, the unit vectors,
+their weighted mean and its norm, the mean's direction, each unit vector's dot product with it,
+the tangent vectors, their weighted sum and its norm, the exponential map and the scale. Four of
+those are whole-tensor reductions, each needing the one before it rounded, so such a tensor
+takes four statistics passes over its row blocks (strategies.low_precision says how a stream
+reproduces a 16-bit reduction).
+
 Differences from mergekit: mergekit requires a `weight` for every model; here it defaults to 1
 (equal weights). Weights summing to zero with `normalize_weights` are an error here (mergekit
 divides by zero and writes NaN). The noise of the tangent step (float32 rounding, about 1e-7 of
@@ -32,6 +40,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import check_model_count, gram
+from merge_lab.strategies.low_precision import (
+    LOW_PRECISION,
+    SixteenBitPasses,
+    reduced,
+    reduced_norm,
+    sum_of_squares,
+    summed,
+)
 
 
 class SphereWeight(BaseModel):
@@ -52,7 +68,79 @@ def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor | None, in_plac
     return [t.sub_(base) if in_place else torch.sub(t, base) for t in tensors]
 
 
-class MultiSlerp(Strategy):
+ROUNDED_PASSES = 4  # norms, the mean's norm, the dot products, the tangent's norm
+
+
+def stacked(tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """The (task) vectors of a block as one (models, entries) matrix, as mergekit stacks them."""
+    x = torch.stack([t.reshape(-1) for t in tensors])
+    return x.sub_(base.reshape(1, -1)) if base is not None else x
+
+
+class RoundedSphere:
+    """A 16-bit tensor's statistics, one rounded whole-tensor reduction per pass (float64 sums
+    over the row blocks until then), and the steps between them, applied to one block."""
+
+    def __init__(self, weights: torch.Tensor, eps: float) -> None:
+        self.dtype = weights.dtype
+        self.eps = eps
+        self.weights = weights  # (models,), in dtype, normalized as mergekit does
+        self.sums: list[torch.Tensor] = []  # the pass's float64 partial sums
+        self.norms: torch.Tensor | None = None  # (models, 1)
+        self.mean_norm: torch.Tensor | None = None
+        self.dots: torch.Tensor | None = None  # (models, 1)
+        self.tangent_norm: torch.Tensor | None = None
+
+    def units(self, x: torch.Tensor) -> torch.Tensor:
+        return x / (self.norms.to(x.device) + self.eps)
+
+    def mean(self, units: torch.Tensor) -> torch.Tensor:
+        return (units * self.weights.to(units.device).view(-1, 1)).sum(0)
+
+    def direction(self, units: torch.Tensor) -> torch.Tensor:
+        return self.mean(units) / self.mean_norm.to(units.device)
+
+    def tangent(self, units: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        tangents = units - self.dots.to(units.device) * direction
+        return (tangents * self.weights.to(units.device).view(-1, 1)).sum(0)
+
+    def fold(self, pass_index: int, x: torch.Tensor) -> None:
+        if pass_index == 0:
+            part = sum_of_squares(x, 1)
+        else:
+            units = self.units(x)
+            if pass_index == 1:
+                part = sum_of_squares(self.mean(units))
+            elif pass_index == 2:
+                part = summed(units * self.direction(units), 1)
+            else:
+                part = sum_of_squares(self.tangent(units, self.direction(units)))
+        self.sums.append(part.cpu())
+
+    def finish(self, pass_index: int) -> None:
+        total = torch.stack(self.sums).sum(0) if self.sums else torch.zeros((), dtype=torch.float64)
+        self.sums = []
+        if pass_index == 0:
+            self.norms = reduced_norm(total, self.dtype).reshape(-1, 1)
+        elif pass_index == 1:
+            self.mean_norm = reduced_norm(total, self.dtype)
+        elif pass_index == 2:
+            self.dots = reduced(total, self.dtype).reshape(-1, 1)
+        else:
+            self.tangent_norm = reduced_norm(total, self.dtype) + self.eps
+
+    def merged(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's result without the base: the exponential map of the tangent at the mean's
+        direction, scaled by the weighted norms."""
+        units = self.units(x)
+        direction = self.direction(units)
+        tangent = self.tangent(units, direction)
+        tn = self.tangent_norm.to(x.device)
+        result = direction * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
+        return result * (self.norms.squeeze(-1) * self.weights).sum().to(x.device)
+
+
+class MultiSlerp(SixteenBitPasses, Strategy):
     name = "multislerp"
     summary = "weighted spherical interpolation of any number of models (or task vectors)"
     Params = MultiSlerpParams
@@ -65,11 +153,57 @@ class MultiSlerp(Strategy):
     def check_recipe(cls, recipe) -> None:
         check_model_count(recipe, cls.name, 1, None)
 
-    def stats_passes(self, params, model_params) -> int:
-        return 1 if len(model_params) > 1 else 0
+    def passes(self, sixteen_bit, params, model_params) -> int:
+        if len(model_params) <= 1:
+            return 0
+        return ROUNDED_PASSES if sixteen_bit else 1
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
+        if tensors[0].dtype in LOW_PRECISION:
+            if stats is None:
+                stats = RoundedSphere(self.weights_rounded(tensors[0].dtype, params, model_params, ctx), params.eps)
+            if stats.mean_norm is None or stats.mean_norm >= params.eps:  # else: linear, nothing more to know
+                stats.fold(pass_index, stacked(tensors, base))
+            return stats
+        if pass_index > 0:
+            return stats  # float32 needs one pass; a 16-bit tensor of the plan asked for more
         return gram(task_vectors(tensors, base, in_place=False), stats)
+
+    def finish_stats(self, pass_index, stats, params, model_params):
+        if isinstance(stats, RoundedSphere) and (stats.mean_norm is None or stats.mean_norm >= params.eps):
+            stats.finish(pass_index)
+        return stats
+
+    def weights_rounded(self, dtype: torch.dtype, params, model_params, ctx: TensorContext) -> torch.Tensor:
+        """The weights as a tensor of the dtype, divided by their sum (rounded) when normalizing."""
+        w = torch.tensor([p.weight for p in model_params], dtype=dtype)
+        if not params.normalize_weights:
+            return w
+        total = w.sum()
+        if float(total) == 0.0:
+            raise MergeLabError(
+                f"tensor '{ctx.name}': multislerp's weights sum to zero in {str(dtype).removeprefix('torch.')}, "
+                "so they cannot be normalized; change the weights or set normalize_weights: false."
+            )
+        return w / total
+
+    def merge_rounded(self, tensors, base, params, stats: RoundedSphere, ctx: TensorContext) -> torch.Tensor:
+        """The 16-bit merge of a block, given its tensor's statistics (RoundedSphere)."""
+        x = stacked(tensors, base)
+        if stats.mean_norm < params.eps:
+            if len(tensors) != 2:
+                raise MergeLabError(
+                    f"tensor '{ctx.name}': the weighted unit task vectors of multislerp sum to zero (opposite "
+                    "tensors with weights that cancel); change the weights."
+                )
+            w = stats.weights.to(x.device)
+            out = x[0] * w[0] + x[1] * w[1]
+        elif stats.tangent_norm is None:
+            raise RuntimeError("multislerp in 16 bits needs four statistics passes; the stream ran fewer")
+        else:
+            out = stats.merged(x)
+        out = out.reshape(tensors[0].shape)
+        return out + base if base is not None else out
 
     def coefficients(self, g: torch.Tensor, params, model_params, ctx: TensorContext) -> list[float]:
         """c_i such that out = base + sum_i c_i x_i."""
@@ -98,7 +232,9 @@ class MultiSlerp(Strategy):
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         if len(tensors) == 1:
             return tensors[0]
-        g = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
+        g = ctx.stats if ctx.stats is not None else self.whole_tensor_stats(tensors, base, params, model_params, ctx)
+        if isinstance(g, RoundedSphere):
+            return self.merge_rounded(tensors, base, params, g, ctx)
         coefficients = self.coefficients(g, params, model_params, ctx)
         x = task_vectors(tensors, base, in_place=True)
         out = x[0].mul_(coefficients[0])

@@ -21,6 +21,13 @@ tensor, per column, or, for 1-D tensors in row mode, per tensor); the interpolat
 elementwise, so every tensor streams in row blocks. In row mode a matrix needs no statistics,
 but the pass still runs (the engine does not tell a strategy a tensor's shape before it).
 
+In bfloat16 / float16 (the recipe's arithmetic dtype, as in mergekit) every op runs in that
+dtype as mergekit's do: the norms (rounded), the unit vectors (rounded entry by entry), the sum of
+their products (each product rounded; float32 inside, rounded once), the angle, the sines and
+each term of the interpolation. A norm must be known before the unit vectors it divides, so
+whole-tensor and column vectors take two statistics passes there (norms, then cosines); rows
+take none, each block holding whole rows, and run mergekit's ops on them as they are.
+
 Differences from mergekit: mergekit requires a `weight` for each model (here 1 by default:
 t = 0.5) and exactly two models; one model (with or without a base) is given back unchanged here.
 """
@@ -32,6 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import check_model_count, gram
+from merge_lab.strategies.low_precision import (
+    LOW_PRECISION,
+    SixteenBitPasses,
+    reduced,
+    reduced_norm,
+    sum_of_squares,
+    summed,
+)
 from merge_lab.strategies.multislerp import SphereWeight, task_vectors
 
 NORM_FLOOR = 1e-7
@@ -79,7 +94,55 @@ def coefficients(t: float, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return ca, cb
 
 
-class NuSlerp(Strategy):
+def rows_mode(x: torch.Tensor, params) -> bool:
+    """Whether the vectors are a matrix's rows: whole in every row block, no statistics needed."""
+    return x.dim() > 1 and not params.nuslerp_flatten and not params.nuslerp_row_wise
+
+
+class RoundedSums:
+    """A 16-bit tensor's statistics: each vector's squared norms (pass 0), then the sums of the
+    products of its rounded unit vectors (pass 1), float64 over row blocks until rounded."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.squares: torch.Tensor | None = None  # (2, vectors)
+        self.dots: torch.Tensor | None = None  # (vectors,)
+        self.norms: tuple[torch.Tensor, torch.Tensor] | None = None  # each (1, vectors), in dtype
+        self.cos: torch.Tensor | None = None  # (1, vectors), in dtype
+
+    def fold(self, pass_index: int, va: torch.Tensor, vb: torch.Tensor) -> None:
+        if pass_index == 0:
+            block = torch.stack([sum_of_squares(va, 0), sum_of_squares(vb, 0)]).cpu()
+            self.squares = block if self.squares is None else self.squares.add_(block)
+        else:
+            na, nb = (n.to(va.device) for n in self.norms)
+            block = summed(torch.div(va, na).mul_(torch.div(vb, nb)), 0).cpu()
+            self.dots = block if self.dots is None else self.dots.add_(block)
+
+    def finish(self, pass_index: int) -> None:
+        if pass_index == 0 and self.squares is not None:
+            self.norms = tuple(reduced_norm(s, self.dtype).clamp_(min=NORM_FLOOR).reshape(1, -1) for s in self.squares)
+        elif pass_index == 1 and self.dots is not None:
+            self.cos = reduced(self.dots, self.dtype).clamp_(-1, 1).reshape(1, -1)
+
+
+def unit_cosines(va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+    """The cosines of rows of 16-bit matrices, each op rounded as mergekit's (shape (rows, 1))."""
+    na = torch.norm(va, dim=-1, keepdim=True).clamp_(min=NORM_FLOOR)
+    nb = torch.norm(vb, dim=-1, keepdim=True).clamp_(min=NORM_FLOOR)
+    return torch.sum(torch.div(va, na).mul_(torch.div(vb, nb)), dim=-1, keepdim=True).clamp_(-1, 1)
+
+
+def slerp_rounded(t: float, va: torch.Tensor, vb: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Slerp of 16-bit vectors given their cosines (broadcast along them), every op in their
+    dtype as mergekit's nuslerp runs it; where 1 - cos^2 <= 1e-16, linear."""
+    colinear = (1 - cos.square()) <= COLINEAR
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    spherical = (torch.sin((1 - t) * theta) * va + torch.sin(t * theta) * vb) / torch.sin(theta)
+    return torch.where(colinear, (1 - t) * va + t * vb, spherical)
+
+
+class NuSlerp(SixteenBitPasses, Strategy):
     name = "nuslerp"
     summary = "spherical interpolation of two models or task vectors, whole, per row or per column"
     Params = NuSlerpParams
@@ -94,14 +157,23 @@ class NuSlerp(Strategy):
     def check_recipe(cls, recipe) -> None:
         check_model_count(recipe, cls.name, 1, 2)
 
-    def stats_passes(self, params, model_params) -> int:
-        return 1 if len(model_params) == 2 and position(model_params) not in (0.0, 1.0) else 0
+    def passes(self, sixteen_bit, params, model_params) -> int:
+        if len(model_params) != 2 or position(model_params) in (0.0, 1.0):
+            return 0
+        return 2 if sixteen_bit else 1
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
-        if tensors[0].dim() > 1 and not params.nuslerp_flatten and not params.nuslerp_row_wise:
+        if rows_mode(tensors[0], params):
             return None  # rows are whole in every block
+        low = tensors[0].dtype in LOW_PRECISION
+        if pass_index > 0 and not low:
+            return stats  # float32 needs one pass; a 16-bit tensor of the plan asked for more
         a, b = task_vectors(tensors, base, in_place=False)
         (va, _), (vb, _) = vectors(a, params), vectors(b, params)
+        if low:
+            stats = stats if stats is not None else RoundedSums(tensors[0].dtype)
+            stats.fold(pass_index, va, vb)
+            return stats
         if va.shape[1] == 1:  # one vector: the Gram matrix's sums
             g = gram([a, b])
             block = torch.stack([g[0, 0], g[1, 1], g[0, 1]]).reshape(3, 1)
@@ -109,15 +181,29 @@ class NuSlerp(Strategy):
             block = column_sums(va, vb)
         return block if stats is None else stats.add_(block)
 
+    def finish_stats(self, pass_index, stats, params, model_params):
+        if isinstance(stats, RoundedSums):
+            stats.finish(pass_index)
+        return stats
+
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         if len(tensors) == 1:
             return tensors[0]
         t = position(model_params)
         if t in (0.0, 1.0):
             return tensors[int(t)]
-        stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
+        stats = ctx.stats if ctx.stats is not None else self.whole_tensor_stats(tensors, base, params, model_params, ctx)
         a, b = task_vectors(tensors, base, in_place=True)
         (va, dim), (vb, _) = vectors(a, params), vectors(b, params)
+        if a.dtype in LOW_PRECISION:
+            if stats is None:
+                cos = unit_cosines(va, vb)
+            elif stats.cos is None:
+                raise RuntimeError("nuslerp in 16 bits needs two statistics passes; the stream ran fewer")
+            else:
+                cos = stats.cos.to(va.device)
+            out = slerp_rounded(t, va, vb, cos).reshape(a.shape)
+            return out + base if base is not None else out
         if stats is None:  # rows: each row's own sums
             x, y = va.double(), vb.double()
             stats = torch.stack([(x * x).sum(1), (y * y).sum(1), (x * y).sum(1)])

@@ -20,8 +20,12 @@ statistics pass over row blocks, so both stream every tensor in row blocks.
 
 `ram` computes in the recipe's arithmetic dtype as mergekit does (in bfloat16: each shared entry
 divided by its count and rounded, the models' terms summed in float32 and rounded once: mergekit's
-bits). `ramplus_tl` computes in float32: mergekit's boost is a float32 factor that lifts its
-bfloat16 terms into float32 midway (and writes float32 tensors when only `dtype` is set).
+bits). So does `ramplus_tl` up to its boost: the deltas, masks and shared means are rounded to
+the dtype as mergekit's are; the boost lambda_i is mergekit's float32 factor (float32 counts,
+quotient, clamp and product), and, as in mergekit, a unique entry times it is a float32 term,
+the terms are summed over the models in float32 and the base added in float32, rounded once to
+the dtype at the end (mergekit returns those float32 sums and writes them as float32 unless
+`out_dtype` is set; here the result is the recipe's dtype: mergekit's values cast to it).
 """
 
 from __future__ import annotations
@@ -58,15 +62,26 @@ def changed(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float):
     return tensors, masks, counts
 
 
+def boosts(shared: list[int], unique: list[int], params) -> torch.Tensor:
+    """RAM+'s lambda_i per model as mergekit computes it: float32 from the integer counts (a model
+    with no unique entry gets 1: its factor multiplies nothing)."""
+    s, u = torch.tensor(shared, dtype=torch.int64), torch.tensor(unique, dtype=torch.int64)
+    factor = 1 + params.r * (s / u.clamp(min=params.epsilon)).clamp(min=0, max=params.alpha)
+    return torch.where(u > 0, factor, 1.0)
+
+
 def combine_ram(deltas, counts, base: torch.Tensor, unique_scales: list[float] | None = None) -> torch.Tensor:
     """base + the unique entries (each scaled by its model's factor) + the mean of the shared ones."""
     unique = counts == 1
-    if base.dtype in LOW_PRECISION and unique_scales is None:  # as mergekit rounds: each d / count, one sum
+    if base.dtype in LOW_PRECISION:  # as mergekit rounds: each d / count, one float32 sum
         shared_entries, count = counts > 1, counts.clamp(min=1)
         merged = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
-        for d in deltas:
-            merged.add_(torch.where(unique, d, torch.where(shared_entries, d / count, 0.0)))
-        return merged.to(base.dtype).add_(base)
+        for i, d in enumerate(deltas):
+            own = d if unique_scales is None else d.float().mul_(unique_scales[i])  # float32, as mergekit's
+            merged.add_(torch.where(unique, own, torch.where(shared_entries, d / count, 0.0)))
+        if unique_scales is None:
+            return merged.to(base.dtype).add_(base)
+        return merged.add_(base)  # mergekit adds the float32 sum to the base in float32
     shared = torch.zeros_like(base)
     total = torch.zeros_like(base)
     for i, d in enumerate(deltas):
@@ -98,7 +113,7 @@ class Ram(ComputesInDtype, _RamBase):
         return combine_ram(deltas, counts, base)
 
 
-class RamPlusTensorLocal(_RamBase):
+class RamPlusTensorLocal(ComputesInDtype, _RamBase):
     name = "ramplus_tl"
     summary = "RAM with each model's unique entries boosted by its share of overlapping changes"
     Params = RamPlusParams
@@ -116,9 +131,6 @@ class RamPlusTensorLocal(_RamBase):
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
-        scales = [
-            1.0 + params.r * min(max(s / max(u, params.epsilon), 0.0), params.alpha) if u else 1.0
-            for s, u in zip(*stats)
-        ]
+        scales = boosts(*stats, params).tolist()
         deltas, _, counts = changed(tensors, base, params.epsilon)
         return combine_ram(deltas, counts, base, scales)

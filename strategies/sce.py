@@ -22,6 +22,11 @@ threshold are as rare as in float32 data. The threshold (exact radix select,
 common.RankThreshold) and the mean squares are statistics gathered over row blocks, in three
 passes (one when select_topk is 1); the rest is elementwise, and the engine streams every tensor
 in row blocks.
+
+Computed in the recipe's arithmetic dtype, as mergekit computes it: in bfloat16 / float16 the
+deltas, variances, squares, mean squares (float32 sums rounded once), weights, elected signs,
+weighted deltas and their sums (float32 over the models, rounded once) and the quotient are
+rounded to it where mergekit's ops round (strategies.low_precision).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import RankThreshold, deltas_
+from merge_lab.strategies.common import ComputesInDtype, RankThreshold, deltas_, float_bits
+from merge_lab.strategies.low_precision import LOW_PRECISION, model_sum, reduced_mean
 
 WEIGHT_EPS = 1e-6  # mergekit's guards: uniform weights below this sum, and the divisor's floor
 
@@ -78,7 +84,10 @@ class SceStats:
     def add_squares(self, deltas: list[torch.Tensor]) -> None:
         self.n += deltas[0].numel()
         for i, d in enumerate(deltas):
-            self.squares[i] += float(torch.dot(d.reshape(-1).double(), d.reshape(-1).double()))
+            if d.dtype in LOW_PRECISION:  # mergekit squares in the dtype: each square rounded to it
+                self.squares[i] += float(d.square().sum(dtype=torch.float64))
+            else:
+                self.squares[i] += float(torch.dot(d.reshape(-1).double(), d.reshape(-1).double()))
 
     def weights(self) -> list[float]:
         means = [s / self.n if self.n else 0.0 for s in self.squares]
@@ -87,8 +96,33 @@ class SceStats:
             return [1.0 / len(means)] * len(means)
         return [m / total for m in means]
 
+    def weights_rounded(self, dtype: torch.dtype) -> torch.Tensor:
+        """weights() as mergekit computes them in a 16-bit dtype: each mean square and their sum
+        rounded to it, the quotients too (a tensor of the dtype, one weight per model)."""
+        means = torch.stack([reduced_mean(s, self.n, dtype) for s in self.squares])
+        total = float(means.sum())
+        if abs(total) < WEIGHT_EPS:
+            return torch.ones_like(means) / len(self.squares)
+        return means / total
 
-class Sce(Strategy):
+
+def erase_rounded(deltas: list[torch.Tensor], weights: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Step 3 in a 16-bit dtype, rounded where mergekit's ops round: the elected sign from the
+    deltas' sum, each agreeing delta times its weight, their sum and the weights' sum (float32
+    inside, rounded once), the quotient and the base added."""
+    dtype = base.dtype
+    positive = model_sum(deltas, dtype).ge(0)
+    terms, kept_weights = [], []
+    for d, w in zip(deltas, weights.to(base.device)):
+        agreeing = torch.where(positive, d > 0, d < 0).to(dtype).mul_(w)
+        terms.append(d.mul_(agreeing))
+        kept_weights.append(agreeing)
+    del positive
+    merged = model_sum(terms, dtype)
+    return merged.div_(model_sum(kept_weights, dtype).clamp_(min=WEIGHT_EPS)).add_(base)
+
+
+class Sce(ComputesInDtype, Strategy):
     name = "sce"
     summary = "select high-variance entries, weight models by their task vectors' mean square, erase minority signs"
     Params = SceParams
@@ -110,7 +144,7 @@ class Sce(Strategy):
             var = variance(deltas)
             if pass_index == 0:
                 stats.nonzero += int(torch.count_nonzero(var))
-            stats.selection.fold(pass_index, var.abs_().view(torch.int32).reshape(-1))
+            stats.selection.fold(pass_index, float_bits(var.abs_()))
         else:
             stats.add_squares(stats.select_(deltas))
         return stats
@@ -125,6 +159,8 @@ class Sce(Strategy):
             return base
         stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
         deltas = stats.select_(deltas_(tensors, base))
+        if base.dtype in LOW_PRECISION:
+            return erase_rounded(deltas, stats.weights_rounded(base.dtype), base)
         sign = torch.zeros_like(base)
         for d in deltas:
             sign.add_(d)
