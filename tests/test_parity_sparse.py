@@ -401,8 +401,12 @@ def test_della_packed_masks_of_odd_blocks_are_the_masks_drawn_again(budget, monk
 def test_packed_masks_give_back_what_was_added():
     """Masks of any sizes (empty, under a byte, across bytes) come back in order, bit for bit,
     and once closed take ceil(entries / 8) bytes."""
-    from merge_lab.strategies.packed_masks import PackedMasks, packed_bytes
+    from merge_lab.strategies.packed_masks import PackedMasks, pack_bits, packed_bytes, unpack_bits
 
+    every_byte = torch.arange(256)  # entry 8j + b is bit b of byte j, for each of the 256 bytes
+    entries = every_byte.unsqueeze(1).bitwise_right_shift(torch.arange(8)).bitwise_and(1).bool().reshape(-1)
+    assert torch.equal(pack_bits(entries), every_byte.to(torch.uint8))
+    assert torch.equal(unpack_bits(pack_bits(entries)), entries)
     g = torch.Generator().manual_seed(0)
     shapes = [(3,), (0,), (2, 5), (1,), (4, 4), (7,), (9, 3), (1, 1), (8,), (5,)]
     masks = [torch.rand(s, generator=g) < 0.5 for s in shapes]
