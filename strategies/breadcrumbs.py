@@ -37,9 +37,8 @@ from merge_lab.strategies.common import (
     RankThreshold,
     RescaledParams,
     SparseModel,
-    combine,
-    deltas_,
     magnitude_bits,
+    merge_sparsified,
 )
 
 
@@ -132,16 +131,12 @@ class Breadcrumbs(ComputesInDtype, Strategy):
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
-        deltas = deltas_(tensors, base)
-        for i, (d, p) in enumerate(zip(deltas, model_params)):
-            if p.density <= 0.0:
-                d.zero_()
-            elif cuts(p):
-                stats[i].cut_(d)
-                if params.rescale:
-                    stats[i].norms.rescale_(d)
-        weights = [p.weight for p in model_params]
-        return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
+        norms = [None if band is None else band.norms for band in stats] if params.rescale and stats else ()
+
+        def cut_(i: int, delta: torch.Tensor) -> torch.Tensor:
+            return stats[i].cut_(delta)
+
+        return merge_sparsified(tensors, base, params, model_params, cut_, self.sign_consensus, norms)
 
 
 class BreadcrumbsTies(Breadcrumbs):

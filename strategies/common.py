@@ -9,7 +9,7 @@ float32, or bfloat16 / float16 where a recipe computes in that dtype as mergekit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -212,6 +212,32 @@ def combine(
     if lam != 1.0:
         total.mul_(lam)
     return total.add_(base)
+
+
+def merge_sparsified(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    params: TaskArithmeticParams,
+    model_params: list[SparseModel],
+    sparsify_: Callable[[int, torch.Tensor], object],
+    sign_consensus: bool,
+    norms: Sequence[L1Rescale | None] = (),
+) -> torch.Tensor:
+    """The loop of mergekit's sparsifying task arithmetic (TIES, breadcrumbs, DELLA), so that each
+    method states only its rule: per model, delta_i = theta_i - base, zeroed at density <= 0, kept
+    whole at density >= 1, else sparsified in place by `sparsify_(i, delta_i)` and, where
+    `norms[i]` is given (the method's `rescale`), scaled back to its L1 norm; then `combine`."""
+    deltas = deltas_(tensors, base)
+    for i, (d, p) in enumerate(zip(deltas, model_params)):
+        if p.density <= 0.0:
+            d.zero_()
+        elif p.density < 1.0:
+            sparsify_(i, d)
+            rescale = norms[i] if norms else None
+            if rescale is not None:
+                rescale.rescale_(d)
+    weights = [p.weight for p in model_params]
+    return combine(deltas, weights, base, params.lambda_, params.normalize, sign_consensus)
 
 
 # -- helpers of the geometric strategies (nuslerp, multislerp, karcher, arcee_fusion, ram)

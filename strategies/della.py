@@ -26,9 +26,10 @@ tensor's mask, so one statistics pass draws the masks from copies of the generat
 will use (common.generator_copy) and sums both norms. A 1-D tensor is a single row: the pass
 also keeps its sorted magnitudes (one row's worth), from which each block's ranks are found;
 without `rescale` that is all the pass is for. With `rescale` the pass keeps each 2-D block's
-mask (one byte an entry, at most MASK_CACHE_ELEMENTS per model and tensor: 32 MiB) for merge() to
-use instead of ranking and drawing the block again; past that budget it notes the generator's
-state, and merge() resumes drawing from there, so the masks are the same either way.
+mask as packed bits (one bit an entry, at most MASK_CACHE_ELEMENTS per model and tensor: 32 MiB,
+so a 128256 x 2048 embedding or lm_head is ranked once too) for merge() to use instead of ranking and
+drawing the block again; past that budget it notes the generator's state, and merge() resumes
+drawing from there, so the masks are the same either way.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ from merge_lab.strategies.common import (
     L1Rescale,
     RescaledParams,
     SparseModel,
-    combine,
-    deltas_,
     generator_copy,
+    merge_sparsified,
 )
+from merge_lab.strategies.packed_masks import PackedMasks, packed_bytes
 
 
 class DellaModel(SparseModel):
@@ -117,8 +118,9 @@ def keep_probabilities(
     return rank.to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
 
 
-# Entries of one model's masks a statistics pass keeps per tensor (bool: one byte each) for merge()
-MASK_CACHE_ELEMENTS = 2**25
+# Entries of one model's masks a statistics pass keeps per tensor for merge(), as packed bits:
+# 2^28 entries are 32 MiB (held_bytes counts them in the plan's predicted peak)
+MASK_CACHE_ELEMENTS = 2**28
 
 
 class MagPrune:
@@ -131,7 +133,7 @@ class MagPrune:
         self.norms = L1Rescale()
         self.flat: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # 1-D blocks: (delta, draws)
         self.sorted_magnitudes: torch.Tensor | None = None
-        self.masks: list[torch.Tensor] = []  # 2-D blocks' masks, in fold order, for merge() to pop
+        self.masks = PackedMasks()  # 2-D blocks' masks, in fold order, for merge() to take back
         self.cached = 0
         self.resume_state: torch.Tensor | None = None  # generator state at the first block not cached
 
@@ -147,14 +149,14 @@ class MagPrune:
             keep = keep.lt_(keep_probabilities(delta, p.density, p.epsilon))
             self.norms.add(delta, delta * keep)
             if caching:
-                self.masks.append(keep.bool())
+                self.masks.add(keep)
                 self.cached += delta.numel()
 
     def keep_mask(self, delta: torch.Tensor, p: DellaModel, generator: torch.Generator) -> torch.Tensor:
         """This block's mask: the one fold() kept, or drawn from `generator` (merge()'s own, set to
         where fold() stopped keeping masks)."""
-        if self.masks:
-            return self.masks.pop(0)
+        if self.masks.entries:
+            return self.masks.take(delta.shape)
         if self.resume_state is not None:
             generator.set_state(self.resume_state)
             self.resume_state = None
@@ -162,6 +164,7 @@ class MagPrune:
         return keep.lt_(keep_probabilities(delta, p.density, p.epsilon, self.sorted_magnitudes))
 
     def finish(self, p: DellaModel) -> None:
+        self.masks.close()
         if not self.flat:
             return
         whole = torch.cat([d for d, _ in self.flat])
@@ -185,8 +188,10 @@ class _Della(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as 
         return 1 if any(prunes(p) for p in model_params) else 0
 
     def held_bytes(self, numel, params, model_params) -> int:
-        """With rescale, each pruning model's kept masks (bool), up to MASK_CACHE_ELEMENTS a tensor."""
-        return sum(min(numel, MASK_CACHE_ELEMENTS) for p in model_params if prunes(p)) if params.rescale else 0
+        """With rescale, each pruning model's kept masks (packed bits), up to MASK_CACHE_ELEMENTS a tensor."""
+        if not params.rescale:
+            return 0
+        return sum(packed_bytes(min(numel, MASK_CACHE_ELEMENTS)) for p in model_params if prunes(p))
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
         if stats is None:
@@ -207,17 +212,12 @@ class _Della(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as 
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
-        deltas = deltas_(tensors, base)
-        for i, (d, p) in enumerate(zip(deltas, model_params)):
-            if p.density <= 0.0:
-                d.zero_()
-            elif prunes(p):
-                prune = stats[i]
-                d.mul_(prune.keep_mask(d, p, ctx.generator(i, d.device)))
-                if params.rescale:
-                    prune.norms.rescale_(d)
-        weights = [p.weight for p in model_params]
-        return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
+        norms = [None if prune is None else prune.norms for prune in stats] if params.rescale and stats else ()
+
+        def prune_(i: int, delta: torch.Tensor) -> torch.Tensor:
+            return delta.mul_(stats[i].keep_mask(delta, model_params[i], ctx.generator(i, delta.device)))
+
+        return merge_sparsified(tensors, base, params, model_params, prune_, self.sign_consensus, norms)
 
 
 class Della(_Della):

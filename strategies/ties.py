@@ -31,9 +31,8 @@ from merge_lab.strategies.common import (
     SparseModel,
     TaskArithmeticParams,
     TopKThreshold,
-    combine,
-    deltas_,
     magnitude_bits,
+    merge_sparsified,
     weights_problem,
 )
 
@@ -75,10 +74,4 @@ class Ties(ComputesInDtype, Strategy):
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
-        deltas = deltas_(tensors, base)
-        for i, (d, p) in enumerate(zip(deltas, model_params)):
-            if p.density <= 0.0:
-                d.zero_()
-            elif stats is not None and stats[i] is not None:
-                stats[i].trim_(d)
-        return combine(deltas, [p.weight for p in model_params], base, params.lambda_, params.normalize, True)
+        return merge_sparsified(tensors, base, params, model_params, lambda i, d: stats[i].trim_(d), True)

@@ -295,7 +295,7 @@ def test_della_masks_kept_from_the_statistics_pass_equal_masks_drawn_again(fp32_
 
     def counting(self, delta, p, generator):
         if delta.dim() > 1:  # a 1-D tensor's ranks need it whole: its masks are drawn again
-            reused.append(bool(self.masks))
+            reused.append(self.masks.entries > 0)
         return keep_mask(self, delta, p, generator)
 
     monkeypatch.setattr(della.MagPrune, "keep_mask", counting)
@@ -318,9 +318,10 @@ def test_della_masks_kept_from_the_statistics_pass_equal_masks_drawn_again(fp32_
 
 
 def test_della_plan_counts_the_masks_it_keeps_between_passes(fp32_family, tmp_path):
-    """With rescale, della keeps each pruning model's masks (one byte an entry) from the statistics
-    pass to the merge: the plan's predicted peak says so; without rescale nothing is kept."""
-    from strategies.della import MASK_CACHE_ELEMENTS
+    """With rescale, della keeps each pruning model's masks (packed: one bit an entry) from the
+    statistics pass to the merge: the plan's predicted peak says so; without rescale nothing is kept."""
+    from merge_lab.strategies.della import MASK_CACHE_ELEMENTS
+    from merge_lab.strategies.packed_masks import packed_bytes
 
     base, models = fp32_family
     recipe = {"merge_method": "della", "base_model": str(base),
@@ -328,7 +329,96 @@ def test_della_plan_counts_the_masks_it_keeps_between_passes(fp32_family, tmp_pa
     kept = make_plan(load_recipe(write_recipe(tmp_path / "kept.yaml", recipe)))
     none = make_plan(load_recipe(write_recipe(tmp_path / "none.yaml", recipe | {"parameters": {"rescale": False}})))
     merged = [t for t in kept.tasks if t.op.stats_passes()]  # the pruned ones: every float tensor
-    assert merged and all(t.op.held_bytes(t.numel) == 3 * min(t.numel, MASK_CACHE_ELEMENTS) for t in merged)
+    assert merged and all(t.op.held_bytes(t.numel) == 3 * packed_bytes(min(t.numel, MASK_CACHE_ELEMENTS)) for t in merged)
     assert all(t.op.held_bytes(t.numel) == 0 for t in none.tasks)
     assert kept.predicted_peak_bytes() > none.predicted_peak_bytes()
     assert kept.predicted_peak_bytes(chunk_elements=64) > none.predicted_peak_bytes(chunk_elements=64)
+    # the 1.5B benchmark set's 128256 x 2048 embedding is kept whole, in an eighth of a bool mask's bytes
+    embedding = 128256 * 2048
+    op = merged[0].op
+    assert op.held_bytes(embedding) == 3 * packed_bytes(embedding) < 3 * embedding // 4
+
+
+def _della_op(shape):
+    """A della MergeOp (rescale on) over three random fine-tunes of one tensor, and its inputs."""
+    from merge_lab.core.architecture import classify
+    from merge_lab.merge.interface import TensorContext
+    from merge_lab.merge.ops import MergeOp
+
+    cls = registry.get("della")
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(shape, generator=g)
+    tensors = [base + 0.1 * torch.randn(shape, generator=g) for _ in range(3)]
+    model_params = tuple(cls.ModelParams(weight=w, density=d, epsilon=0.1) for w, d in [(1.0, 0.3), (0.6, 0.5), (0.8, 0.7)])
+    ids, name = ("m0", "m1", "m2"), "model.layers.0.mlp.up_proj.weight"
+    op = MergeOp(cls(), cls.Params(), model_params, TensorContext(name, classify(name), 7, ids),
+                 models=tuple((None, name) for _ in ids), base=(None, name))
+    return op, [*tensors, base]
+
+
+def _streamed(op, inputs, rows):
+    """The op's result as the engine streams it (the statistics pass over row blocks, then the
+    merge of each block), and the bytes each model's kept masks took once the pass was done."""
+    stream, n = op.stream(), inputs[0].shape[0]
+    blocks = [[t[i : i + rows].clone() for t in inputs] for i in range(0, n, rows)]
+    for k, block in enumerate(blocks):
+        stream.fold(0, k == len(blocks) - 1, [t.clone() for t in block])
+    held = [prune.masks.nbytes for prune in stream.stats]
+    out = torch.cat([stream.merge(block) for block in blocks])
+    assert all(prune.masks.entries == 0 and prune.masks.nbytes == 0 for prune in stream.stats)  # all taken back
+    return out, held
+
+
+# budget -> entries kept per model of the 11 x 13 tensor in blocks of 3 rows (39 entries; the last 26)
+KEPT = {0: 0, 60: 39, None: 11 * 13}
+
+
+@pytest.mark.parametrize("budget", sorted(KEPT, key=str))
+def test_della_packed_masks_of_odd_blocks_are_the_masks_drawn_again(budget, monkeypatch):
+    """Row blocks whose entries are no multiple of 8 (3 rows of 13) pack across block boundaries:
+    kept whole, in part or not at all, the masks give the whole tensor's result to the bit; kept,
+    they take ceil(entries / 8) bytes, within held_bytes, and no kept block is ranked again."""
+    from merge_lab.strategies import della
+    from merge_lab.strategies.packed_masks import packed_bytes
+
+    if budget is not None:
+        monkeypatch.setattr(della, "MASK_CACHE_ELEMENTS", budget)
+    op, inputs = _della_op((11, 13))
+    whole = op.execute([t.clone() for t in inputs])
+    ranked = []
+    keep_probabilities = della.keep_probabilities
+
+    def counting(delta, *args):
+        ranked.append(delta.numel())
+        return keep_probabilities(delta, *args)
+
+    monkeypatch.setattr(della, "keep_probabilities", counting)
+    out, held = _streamed(op, inputs, rows=3)
+    assert torch.equal(out, whole)
+    kept = KEPT[budget]
+    assert held == [packed_bytes(kept)] * 3 and sum(held) <= op.held_bytes(11 * 13)
+    assert sum(ranked) == 3 * 11 * 13 + 3 * (11 * 13 - kept)  # the pass ranks every block, the merge the rest
+def test_packed_masks_give_back_what_was_added():
+    """Masks of any sizes (empty, under a byte, across bytes) come back in order, bit for bit,
+    and once closed take ceil(entries / 8) bytes."""
+    from merge_lab.strategies.packed_masks import PackedMasks, pack_bits, packed_bytes, unpack_bits
+
+    every_byte = torch.arange(256)  # entry 8j + b is bit b of byte j, for each of the 256 bytes
+    entries = every_byte.unsqueeze(1).bitwise_right_shift(torch.arange(8)).bitwise_and(1).bool().reshape(-1)
+    assert torch.equal(pack_bits(entries), every_byte.to(torch.uint8))
+    assert torch.equal(unpack_bits(pack_bits(entries)), entries)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3,), (0,), (2, 5), (1,), (4, 4), (7,), (9, 3), (1, 1), (8,), (5,)]
+    masks = [torch.rand(s, generator=g) < 0.5 for s in shapes]
+    packed = PackedMasks()
+    for m in masks:
+        packed.add(m)
+    packed.close()
+    total = sum(m.numel() for m in masks)
+    assert packed.entries == total and packed.nbytes == packed_bytes(total)
+    for m in masks:
+        back = packed.take(m.shape)
+        assert back.dtype == torch.bool and torch.equal(back, m)
+    assert packed.entries == 0 and packed.nbytes == 0
+    with pytest.raises(ValueError, match="internal"):
+        packed.take((1,))
