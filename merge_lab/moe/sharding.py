@@ -1,6 +1,6 @@
 """What `fuse` cannot do with the weights split over the processes (FSDP), refused before it
 trains, with what to use instead. The rest of fusion training gathers what it reads whole
-(merge_lab.training.shards: `whole_state`, `whole_weights`)."""
+(merge_lab.training.shards: `whole_state`, `units_whole`)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ takes its own batch_size / N rows of it (`batch_indices`, a pure function of see
 N), and its loss terms are weighted (`shard_losses`) so that the gradient DDP averages equals the
 one-process gradient on the whole batch. Only the main process measures routing accuracy and
 writes checkpoints. Under FSDP the weights read whole are gathered: the accuracy probe runs on
-every process through the FSDP wrapper, the reported drift is read with the weights unsharded
-(`whole_weights`), and the export loads the gathered state dict (`whole_state`) into a fresh
+every process through the FSDP wrapper, the reported drift is read one FSDP unit at a time with
+its weights whole (`units_whole`), and the export loads the gathered state dict (`whole_state`) into a fresh
 copy; what would need the gradient of a whole-weight read (gamma > 0, full experts) or the
 optimizer's state whole (checkpoints, resume) is refused there, naming DDP. DeepSpeed is refused
 (not installed where this is tested). An FSDP config on CPU processes runs as DDP, with a note.
@@ -51,7 +51,7 @@ from merge_lab.moe.sharding import refuse_unsupported_sharding
 from merge_lab.moe.state import LEGACY, fingerprint, has_state, load_state, save_state
 from merge_lab.training import chat
 from merge_lab.training.blocks import ExpertBlock
-from merge_lab.training.shards import gathered_copy, sharded, unsharded_note, whole_weights
+from merge_lab.training.shards import gathered_copy, sharded, units_whole, unsharded_note
 
 T = TypeVar("T")
 
@@ -225,11 +225,18 @@ def drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts:
             losses.drift([p[i] for p in expert_params], [p0[i] for p0 in initial]) for i in range(n_experts)
         ])
     if cfg.trainable == "router+lora":
-        from peft.tuners.lora.layer import ParamWrapper
-
-        deltas = [m.get_delta_weight("default") for m in model.modules() if isinstance(m, ParamWrapper)]
-        return torch.stack([losses.drift([d[i] for d in deltas], [None] * len(deltas)) for i in range(n_experts)])
+        return lora_drift(list(model.modules()), n_experts)
     return torch.zeros(n_experts)
+
+
+def lora_drift(modules: list[torch.nn.Module], n_experts: int) -> torch.Tensor:
+    """[experts]: ||LoRA update||^2 of each expert over the expert LoRA among `modules`."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    deltas = [m.get_delta_weight("default") for m in modules if isinstance(m, ParamWrapper)]
+    if not deltas:
+        return torch.zeros(n_experts)
+    return torch.stack([losses.drift([d[i] for d in deltas], [None] * len(deltas)) for i in range(n_experts)])
 
 
 # ------------------------------------------------------------------ the loss of one process's share
@@ -371,9 +378,11 @@ def train_step(run: FusionRun, step: int) -> dict[str, float]:
     rank, world = accelerator.process_index, accelerator.num_processes
     idx = batch_indices(step, len(run.encoded), cfg.batch_size, cfg.seed, rank, world)
     record_rows(rank, world, step, idx)
-    if run.sharded:  # gamma is 0 (refused otherwise): the drift is only reported, read from the weights whole
-        with torch.no_grad(), whole_weights(accelerator, run.model):
-            reported = drift_per_expert(run.inner, cfg, run.expert_params, run.initial, len(run.labels))
+    reported = None
+    if run.sharded and cfg.trainable == "router+lora":  # gamma is 0 (refused otherwise): the drift is only
+        with torch.no_grad():  # reported, read one FSDP unit at a time with its weights whole
+            reported = sum(lora_drift(modules, len(run.labels)).to(run.device)
+                           for modules in units_whole(accelerator, run.model))
     b = {k: v.to(run.device) for k, v in collate([run.encoded[i] for i in idx], run.pad_id).items()}
     with capture_router_logits(run.inner) as captured:
         out = run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
@@ -381,7 +390,7 @@ def train_step(run: FusionRun, step: int) -> dict[str, float]:
     totals = run.reduce(shard_counts(b["labels"], b["attention_mask"], captured, run.top_k, balanced))
     gating_mask = losses.skip_prefix(b["attention_mask"], run.gating_skip)
     terms = shard_losses(out.logits, b, captured, gating_mask, run.top_k, balanced, totals, cfg.batch_size, world)
-    drift = (reported if run.sharded else
+    drift = (reported if reported is not None else
              drift_per_expert(run.inner, cfg, run.expert_params, run.initial, len(run.labels))).to(run.device)
     balance = terms.get("balance", torch.zeros((), device=run.device))
     loss = terms["lm"] + cfg.gating_weight * terms["gate"] + (run.gammas * drift).sum() + cfg.load_balance * balance

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -90,28 +89,33 @@ def whole_state(accelerator: Any, prepared: torch.nn.Module) -> dict[str, torch.
     return state if accelerator.is_main_process else None
 
 
-@contextmanager
-def whole_weights(accelerator: Any, prepared: torch.nn.Module) -> Iterator[None]:
-    """Within the block, every process holds the prepared model's weights whole, for a read
-    outside its forward (no gradient flows to the shards; nothing read is written back): FSDP2
-    unshards each of its units, FSDP1 summons the full parameters. Every process must enter it."""
+def units_whole(accelerator: Any, prepared: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
+    """For a read outside the forward (no gradient flows to the shards, nothing is written back):
+    the prepared model's modules, one FSDP unit at a time with that unit's own weights whole
+    (resharded before the next), so no process holds more than a unit more than FSDP's forward
+    does. Yields lists of modules whose weights are whole while the list is in hand: each FSDP2
+    unit's own (not its nested units'); all modules at once under FSDP1 (its full parameters
+    summoned) or without sharding. Every process must iterate it to the end."""
     if not sharded(accelerator):
-        yield
+        yield list(accelerator.unwrap_model(prepared).modules())
         return
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
     if isinstance(prepared, FSDP1):
         with FSDP1.summon_full_params(prepared, writeback=False):
-            yield
+            yield list(prepared.modules())
         return
-    units = [m for m in prepared.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
+    for unit in [m for m in prepared.modules() if isinstance(m, FSDPModule)]:
+        owned, stack = [], [unit]
+        while stack:  # the unit's modules, not those of the units nested in it
+            module = stack.pop()
+            owned.append(module)
+            stack.extend(c for c in module.children() if not isinstance(c, FSDPModule))
         unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
+        try:
+            yield owned
+        finally:
             unit.reshard()
 
 
