@@ -412,8 +412,6 @@ def train_loop(run: FusionRun, state_dir: Path, start: int, history: list[dict[s
     cfg, accelerator = run.cfg, run.accelerator
 
     def checkpoint() -> None:
-        if run.sharded:  # no resume state under FSDP (refused before training; on Ctrl-C nothing is saved)
-            return
         if accelerator.is_main_process:
             save_state(state_dir, run.inner, run.optimizer, step, history, run.owner, processes=run.processes)
 
@@ -433,6 +431,10 @@ def train_loop(run: FusionRun, state_dir: Path, start: int, history: list[dict[s
                     checkpoint()
                     return step
         except KeyboardInterrupt:
+            if run.sharded:
+                raise MergeLabError(f"interrupted at step {step}: under {accelerator.distributed_type.value} fuse "
+                                    "keeps no resume state, so nothing was saved or written; run it again, or launch "
+                                    "it with DDP (--multi_gpu) to be able to resume.") from None
             checkpoint()
             raise
     return step
