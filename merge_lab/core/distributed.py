@@ -2,7 +2,8 @@
 
 One door for every data-parallel job (fusion training, align, compare): `launched` gives this
 process's rank among those started; shares of a batch or an item list are pure functions of
-(seed, step, rank, world), so each process can work out its own and a resume finds the same ones.
+(seed, step, rank, world), so each process can work out its own and a resume finds the same ones;
+`process_device` is the one reading of a file's `device:` setting, each launched process its own.
 """
 
 from __future__ import annotations
