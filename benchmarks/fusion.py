@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.fusion_inputs import LABELS, build
-from benchmarks.run import load_line, machine, spread
+from benchmarks.run import figure, load_line, machine, median_of, ratio, table
 from benchmarks.runners import ROOT
 
 MODES = ("router", "router+lora")
@@ -82,19 +81,6 @@ def measured(what: str, spec: dict, work: Path) -> dict:
 # ------------------------------------------------------------------ the table
 
 
-def _med(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
-def _fmt(rows: list[dict], key: str, digits: int = 1) -> str:
-    return spread([r[key] for r in rows if r.get(key) is not None], digits)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else "—"
-
-
 def _threads(results: dict) -> str:
     used = {r.get("threads") for group in ("train", "infer") for rows in results[group].values() for r in rows}
     return "/".join(str(t) for t in sorted(used - {None})) or "?"
@@ -125,12 +111,11 @@ def render(results: dict) -> str:
         "Tokens/s counts real (non-pad) tokens of the timed steps (all but the first and the last); "
         "setup = model load, tokenising and optimizer, before the first step.",
         "",
-        "| trainable | tokens/s | s per step | setup s | process wall s | CPU s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for mode, rows in results["train"].items():
-        lines.append(f"| {mode} | {_fmt(rows, 'tokens_per_s')} | {_fmt(rows, 'step_s', 2)} | {_fmt(rows, 'setup_s')} | "
-                     f"{_fmt(rows, 'wall_s')} | {_fmt(rows, 'cpu_s')} | {_fmt(rows, 'rss_mb', 0)} |")
+    lines += table(["trainable", "tokens/s", "s per step", "setup s", "process wall s", "CPU s", "peak RSS MB"],
+                   [[mode, figure(rows, "tokens_per_s"), figure(rows, "step_s", 2), figure(rows, "setup_s"),
+                     figure(rows, "wall_s"), figure(rows, "cpu_s"), figure(rows, "rss_mb", 0)]
+                    for mode, rows in results["train"].items()])
     lines += [
         "",
         "## Inference (`merge_lab.evaluation.candidates`)",
@@ -142,25 +127,24 @@ def render(results: dict) -> str:
         "tokens/s = new tokens per second. Same prompts, batch size and dtype for all. RSS rise = peak "
         "resident memory above the level before the model loaded (sampled every 10 ms).",
         "",
-        "| candidate | params total M | active per token M | scoring tokens/s | generation new tokens/s | "
-        "new tokens | load s | process CPU s | peak RSS MB | RSS rise MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for cand, rows in results["infer"].items():
-        tot, act = _med(rows, "params_total"), _med(rows, "params_active")
-        lines.append(f"| {TITLES[cand]} | {tot / 1e6:.4g} | {act / 1e6:.4g} | {_fmt(rows, 'score_tokens_per_s')} | "
-                     f"{_fmt(rows, 'gen_tokens_per_s')} | {_fmt(rows, 'gen_tokens', 0)} | {_fmt(rows, 'load_s')} | {_fmt(rows, 'cpu_s')} | "
-                     f"{_fmt(rows, 'rss_mb', 0)} | {_fmt(rows, 'rise_mb', 0)} |")
+    lines += table(["candidate", "params total M", "active per token M", "scoring tokens/s", "generation new tokens/s",
+                    "new tokens", "load s", "process CPU s", "peak RSS MB", "RSS rise MB"],
+                   [[TITLES[cand], f"{median_of(rows, 'params_total') / 1e6:.4g}",
+                     f"{median_of(rows, 'params_active') / 1e6:.4g}", figure(rows, "score_tokens_per_s"),
+                     figure(rows, "gen_tokens_per_s"), figure(rows, "gen_tokens", 0), figure(rows, "load_s"),
+                     figure(rows, "cpu_s"), figure(rows, "rss_mb", 0), figure(rows, "rise_mb", 0)]
+                    for cand, rows in results["infer"].items()])
     inf = results["infer"]
     if all(inf.get(c) for c in CANDIDATES):
-        lines += ["", "Ratios of the medians (above 1: the MoE has more of it):", "",
-                  "| figure | MoE vs ensemble | MoE vs single expert |", "|---|---|---|"]
-        for key, title in (("score_tokens_per_s", "scoring tokens/s"), ("gen_tokens_per_s", "generation tokens/s"),
-                           ("rss_mb", "peak RSS"), ("rise_mb", "RSS rise"), ("params_total", "parameters, total"),
-                           ("params_active", "parameters, active per token")):
-            moe = _med(inf["moe"], key)
-            lines.append(f"| {title} | {_ratio(moe, _med(inf['ensemble'], key))} | "
-                         f"{_ratio(moe, _med(inf['expert'], key))} |")
+        lines += ["", "Ratios of the medians (above 1: the MoE has more of it):", ""]
+        lines += table(["figure", "MoE vs ensemble", "MoE vs single expert"],
+                       [[title, ratio(median_of(inf["moe"], key), median_of(inf["ensemble"], key)),
+                         ratio(median_of(inf["moe"], key), median_of(inf["expert"], key))]
+                        for key, title in (("score_tokens_per_s", "scoring tokens/s"),
+                                           ("gen_tokens_per_s", "generation tokens/s"), ("rss_mb", "peak RSS"),
+                                           ("rise_mb", "RSS rise"), ("params_total", "parameters, total"),
+                                           ("params_active", "parameters, active per token"))])
     return "\n".join(lines) + "\n"
 
 

@@ -112,6 +112,27 @@ def load_line(loads: list[float], when: str) -> str:
     return f"1-minute load average {when}: {min(loads):.1f}–{max(loads):.1f} (median {median:.1f}; {who}).  "
 
 
+def figure(rows: list[dict], key: str, digits: int = 1) -> str:
+    """One table cell: the `spread` of `key` over the repetitions that measured it."""
+    return spread([r[key] for r in rows if r.get(key) is not None], digits)
+
+
+def median_of(rows: list[dict], key: str) -> float | None:
+    """The median of `key` over the repetitions that measured it (None: none did)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    """a / b as a table cell ("—" when either is missing or zero)."""
+    return f"{a / b:.2f}x" if a and b else "—"
+
+
+def table(header: list[str], body: list[list[str]]) -> list[str]:
+    """The lines of one markdown table: the header, its rule, a line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in body)]
+
+
 def render(results: dict) -> str:
     lines = [
         "# Merge benchmark",

@@ -36,7 +36,7 @@ import yaml
 
 from benchmarks.fusion import data_blocks
 from benchmarks.fusion_inputs import LABELS, build
-from benchmarks.run import load_line, machine, spread
+from benchmarks.run import figure, load_line, machine, median_of, ratio, table
 from benchmarks.runners import ROOT
 from merge_lab.testing.launch import accelerate_command, cpu_env
 
@@ -162,13 +162,6 @@ def differences(a: dict, b: dict) -> dict:
 # ------------------------------------------------------------------ the table
 
 
-def _speedup(rows: dict, key: str) -> str:
-    import statistics
-
-    a, b = ([r[key] for r in rows[name]] for name in LAYOUTS)
-    return f"{statistics.median(b) / statistics.median(a):.2f}x" if a and b else "—"
-
-
 def render(results: dict) -> str:
     s = results["settings"]
     loads = [r["load"] for job in ("train", "compare") for rows in results[job].values() for r in rows]
@@ -198,18 +191,18 @@ def render(results: dict) -> str:
         "item) results over the seconds of evaluation (each cache entry's own seconds: imports and model loads "
         "excluded). Per-example results of the two layouts: " + same,
         "",
-        f"| measurement | {TITLES['1x2']} | {TITLES['2x1']} | 2 processes / 1 process |",
-        "|---|---|---|---|",
     ]
-    rows = [("router training, tokens/s", "train", "tokens_per_s", 1),
-            ("router training, s per step", "train", "step_s", 2),
-            ("router training, run wall s (start-up included)", "train", "wall_s", 1),
-            ("compare, items/s", "compare", "items_per_s", 1),
-            ("compare, evaluation s", "compare", "eval_s", 1),
-            ("compare, run wall s (start-up included)", "compare", "wall_s", 1)]
-    for title, job, key, digits in rows:
-        cells = [spread([r[key] for r in results[job][name]], digits) for name in LAYOUTS]
-        lines.append(f"| {title} | {cells[0]} | {cells[1]} | {_speedup(results[job], key)} |")
+    figures = [("router training, tokens/s", "train", "tokens_per_s", 1),
+               ("router training, s per step", "train", "step_s", 2),
+               ("router training, run wall s (start-up included)", "train", "wall_s", 1),
+               ("compare, items/s", "compare", "items_per_s", 1),
+               ("compare, evaluation s", "compare", "eval_s", 1),
+               ("compare, run wall s (start-up included)", "compare", "wall_s", 1)]
+    one, two = LAYOUTS
+    lines += table(["measurement", TITLES[one], TITLES[two], "2 processes / 1 process"],
+                   [[title, *(figure(results[job][name], key, digits) for name in LAYOUTS),
+                     ratio(median_of(results[job][two], key), median_of(results[job][one], key))]
+                    for title, job, key, digits in figures])
     lines += ["", "Last column: the ratio of the medians (above 1: more tokens or items per second, or more seconds)."]
     return "\n".join(lines) + "\n"
 

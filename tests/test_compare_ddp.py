@@ -157,6 +157,77 @@ def test_two_processes_give_one_process_results_and_one_report(spec_file, tmp_pa
     assert both >= len(steps) // 2  # most calls had work for both processes
 
 
+# `merge-lab compare` under launch, each process writing down which exchanges it scored with the
+# reward model, call by call (the processes make the same calls in the same order)
+REWARD_SCRIPT = """import json
+import os
+import sys
+
+from merge_lab.cli import app
+from merge_lab.evaluation import scorers
+
+spec, out, said = sys.argv[1:]
+shared, calls = scorers.map_batches, [0]
+
+
+def recorded(batches, compute):
+    calls[0] += 1
+
+    def scored(idx):
+        with open(f"{said}.{os.environ['RANK']}", "a") as f:
+            f.write(json.dumps({"call": calls[0], "items": idx}) + "\\n")
+        return compute(idx)
+
+    return shared(batches, scored)
+
+
+scorers.map_batches = recorded
+app(["compare", spec, "-o", out, "--no-progress"], standalone_mode=False)
+"""
+
+
+def test_two_processes_share_the_reward_models_scoring(tmp_path):
+    """A reward model as the win rate's judge: each process scores its own batches of every call,
+    together all of them, and results.json is the one-process run's."""
+    from merge_lab.testing.toy import make_reward_checkpoint
+
+    make_bigram_checkpoint(tmp_path / "refuse", "I won't")
+    make_bigram_checkpoint(tmp_path / "comply", "Sure")
+    make_reward_checkpoint(tmp_path / "rm", likes="t", dislikes="e")  # prefers "I won't"
+    spec = {"settings": {"limit": 4, "max_new_tokens": 6, "batch_size": 2, "generate_batch_size": 2, "bootstrap": 100},
+            "suites": ["helpful_winrate"], "reference": "comply", "judge": {"reward_model": str(tmp_path / "rm")},
+            "candidates": [{"name": "refuse", "checkpoint": str(tmp_path / "refuse"), "source": True},
+                           {"name": "comply", "checkpoint": str(tmp_path / "comply"), "source": True}]}
+    spec_file = tmp_path / "compare.yaml"
+    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_compare(spec_file, tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert one.results["results"]["helpful_winrate"]["refuse"]["value"] == 1.0  # the judge judged
+
+    script, said = tmp_path / "launched.py", tmp_path / "said"
+    script.write_text(REWARD_SCRIPT)
+    cmd = accelerate_command(2, str(script), str(spec_file), str(tmp_path / "two"), str(said))
+    res = subprocess.run(cmd, cwd=tmp_path, env=cpu_env(tmp_path, threads=1), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+    scored = {rank: [json.loads(line) for line in Path(f"{said}.{rank}").read_text().splitlines()] for rank in (0, 1)}
+    calls = sorted({r["call"] for rank in (0, 1) for r in scored[rank]})
+    assert len(calls) >= 2  # the candidate's answers and the reference's, at least
+    for call in calls:
+        mine = [[i for r in scored[rank] if r["call"] == call for i in r["items"]] for rank in (0, 1)]
+        assert mine[0] and mine[1] and not set(mine[0]) & set(mine[1]), (call, mine)
+        assert sorted(mine[0] + mine[1]) == list(range(len(mine[0]) + len(mine[1])))
+
+    two = json.loads((tmp_path / "two" / "results.json").read_text().replace(str(tmp_path / "two"), "OUT"))
+    one_json = json.loads((tmp_path / "one" / "results.json").read_text().replace(str(tmp_path / "one"), "OUT"))
+    assert two["processes"] == 2 and without_timings(two) == without_timings(one_json)
+
+
 def test_a_cpu_launch_that_started_one_process_is_refused_before_work(spec_file, tmp_path, monkeypatch):
     """`accelerate launch --cpu --num_processes 2` starts one process: refused, not run alone."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")

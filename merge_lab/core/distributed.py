@@ -2,7 +2,8 @@
 
 One door for every data-parallel job (fusion training, align, compare): `launched` gives this
 process's rank among those started; shares of a batch or an item list are pure functions of
-(seed, step, rank, world), so each process can work out its own and a resume finds the same ones.
+(seed, step, rank, world), so each process can work out its own and a resume finds the same ones;
+`process_device` is the one reading of a file's `device:` setting, each launched process its own.
 """
 
 from __future__ import annotations
@@ -75,3 +76,41 @@ def record_rows(rank: int, world: int, step: int, rows: list[int]) -> None:
         line = json.dumps({"rank": rank, "world": world, "step": step, "rows": rows}) + "\n"
         with open(path, "a", encoding="utf-8") as f:
             f.write(line)
+
+
+def device_for_process(name: str, local_rank: int | None, world: int, where: str = "device") -> tuple[str, str | None]:
+    """The device process `local_rank` of `world` computes on when a file says `name`, and a note
+    when the file named one fixed device. One process keeps what the file says; under a launcher
+    each process takes its own index (`cuda` -> `cuda:LOCAL_RANK`, as accelerator.device does):
+    `cuda:0` taken literally would put every process on the first GPU."""
+    dev = torch.device(name)
+    if dev.type in ("cpu", "meta") or world <= 1 or local_rank is None:
+        return name, None
+    mine = f"{dev.type}:{local_rank}"
+    if dev.index is None:
+        return mine, None
+    return mine, (f"{where}: '{name}' names one device, but each of the {world} launched processes computes on its "
+                  f"own ({dev.type}:LOCAL_RANK; this one {mine}); write '{dev.type}' to say so")
+
+
+def process_device(name: str, where: str = "device") -> tuple[str, str | None]:
+    """The one reading of a `device:` setting (align's train block, compare's settings): `auto`
+    is a GPU when torch sees one, else the CPU; a GPU asked for where there is none is refused;
+    under `accelerate launch` / torchrun (LOCAL_RANK, WORLD_SIZE) each process gets its own
+    (`device_for_process`). Returns (device, note or None)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise MergeLabError(f"{where}: device '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeLabError(f"{where}: device '{name}' was asked for but torch sees no CUDA GPU; use 'auto' or 'cpu'.")
+    local = os.environ.get("LOCAL_RANK")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device, note = device_for_process(name, int(local) if local is not None else None, world, where)
+    index = torch.device(device).index
+    if torch.device(device).type == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise MergeLabError(f"{where}: this process would compute on '{device}', but torch sees "
+                            f"{torch.cuda.device_count()} GPU(s); launch at most one process per GPU.")
+    return device, note

@@ -60,6 +60,8 @@ def run_compare(path: str | Path, output: str | Path | None = None, progress: bo
     procs = Processes.launched(cpu=spec.settings.device == "cpu")
     with sharing(procs):
         comp = procs.main_first(lambda: prepare(path, output, memo))  # an inline recipe is written once
+        for note in comp.notes if procs.main else []:
+            (console or Console(stderr=True)).print(f"note: {note}", highlight=False)
         chosen = select(comp, progress=progress, console=console)
         entries = evaluate(comp, progress=progress, console=console)
     results = aggregate(comp, entries)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merge_lab.core.config import Where
+from merge_lab.core.distributed import process_device
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.cache import ResultCache
 from merge_lab.evaluation.factory import CandidateFactory
@@ -39,6 +40,7 @@ class Comparison:
     training_checked: list[str] = field(default_factory=list)
     evaluated: list[tuple[str, str]] = field(default_factory=list)
     selection_suites: list[Suite] = field(default_factory=list)  # the same suites on the selection split
+    notes: list[str] = field(default_factory=list)  # for the console, not the report (a fixed device under launch)
 
     def replace(self, old: Candidate, new: Candidate) -> None:
         """Put `new` wherever `old` takes part: as a candidate, a member, the reference, the judge."""
@@ -68,6 +70,7 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
     root = Path(path).parent.resolve()
     memo = memo if memo is not None else Memo()
     s = spec.settings
+    s.device, device_note = process_device(s.device, where("settings", "device"))  # each launched process its own
     out = Path(output) if output is not None else resolve(root, spec.output) if spec.output else root / "report"
     cache = ResultCache(resolve(root, spec.cache_dir) if spec.cache_dir else out / "cache")
 
@@ -142,4 +145,4 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
                                     f"{folder}/config.json.")
     ctx = EvalContext(judge=judge, reference=reference)
     return Comparison(spec, root, out, s, suites, by_name, sources, ctx, cache, memo, training_checked=checked,
-                      selection_suites=selection_suites)
+                      selection_suites=selection_suites, notes=[device_note] if device_note else [])

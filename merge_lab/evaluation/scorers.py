@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from merge_lab.evaluation.fingerprint import fingerprint_folder
+from merge_lab.evaluation.processes import map_batches
 from merge_lab.evaluation.runtime import load_tokenizer
 from merge_lab.evaluation.spec import Settings
 
@@ -88,19 +89,35 @@ class RewardScorer(Scorer):
         _ = Checkpoint(self.path).tensors
         self._tok = load_tokenizer(self.path)
 
-    @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def _load(self):
         from transformers import AutoModelForSequenceClassification
 
         if self._model is None:
             self._tok = self._tok or load_tokenizer(self.path)
-            self._model = AutoModelForSequenceClassification.from_pretrained(str(self.path)).eval()
+            model = AutoModelForSequenceClassification.from_pretrained(str(self.path))
+            self._model = model.to(self.settings.device).eval()
             self._model.config.pad_token_id = self._tok.pad_token_id
-        out = []
-        for p, r in zip(prompts, responses):
-            msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-            text = (self._tok.apply_chat_template(msgs, tokenize=False) if getattr(self._tok, "chat_template", None)
-                    else f"{p}\n{r}")
-            ids = self._tok(text, return_tensors="pt", truncation=True, max_length=self.settings.max_length)
-            out.append(float(self._model(**ids).logits[0, 0]))
-        return out
+        return self._model
+
+    def _encode(self, prompt: str, response: str) -> dict[str, torch.Tensor]:
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = (self._tok.apply_chat_template(msgs, tokenize=False) if getattr(self._tok, "chat_template", None)
+                else f"{prompt}\n{response}")
+        return self._tok(text, return_tensors="pt", truncation=True, max_length=self.settings.max_length)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """Each exchange scored alone (no padding), in batches of `batch_size` exchanges, longest
+        first: under `accelerate launch` each process scores its share of the batches
+        (processes.map_batches), so the scores do not depend on the number of processes."""
+        model = self._load()
+        encoded = [self._encode(p, r) for p, r in zip(prompts, responses)]
+        order = sorted(range(len(encoded)), key=lambda i: -encoded[i]["input_ids"].shape[1])
+        size = max(1, self.settings.batch_size)
+        batches = [order[s:s + size] for s in range(0, len(order), size)]
+
+        def compute(idx: list[int]) -> list[float]:
+            return [float(model(**{k: v.to(model.device) for k, v in encoded[i].items()}).logits[0, 0]) for i in idx]
+
+        scored = map_batches(batches, compute)
+        return [scored[i] for i in range(len(encoded))]

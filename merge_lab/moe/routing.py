@@ -69,19 +69,21 @@ def forced_routing(model: nn.Module, expert: int) -> Iterator[None]:
 
 @torch.no_grad()
 def routing_accuracy(model: nn.Module, encoded: list[Encoded], pad_id: int, device, batch: int = 16,
-                     skip: int = 0) -> float:
+                     skip: int = 0, forward: nn.Module | None = None) -> float:
     """Share of examples whose mean routing probability is highest on their labelled expert
-    (averaged over real tokens after the first `skip`)."""
-    was_training = model.training
-    model.eval()
+    (averaged over real tokens after the first `skip`). `forward`: the module to run instead of
+    `model` itself, the wrapper FSDP gathers the weights through (the routers are `model`'s)."""
+    forward = forward if forward is not None else model
+    was_training = forward.training
+    forward.eval()
     hits = 0
     for i in range(0, len(encoded), batch):
         b = {k: v.to(device) for k, v in collate(encoded[i:i + batch], pad_id).items()}
         with capture_router_logits(model) as captured:
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            forward(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         probs = losses.mean_routing_probs(captured, losses.skip_prefix(b["attention_mask"], skip))
         hits += int((probs.argmax(-1) == b["expert"]).sum())
-    model.train(was_training)
+    forward.train(was_training)
     return hits / len(encoded)
 
 

@@ -11,8 +11,12 @@ Under `accelerate launch` with N processes, `batch_size` stays the global batch:
 takes its own batch_size / N rows of it (`batch_indices`, a pure function of seed, step, rank and
 N), and its loss terms are weighted (`shard_losses`) so that the gradient DDP averages equals the
 one-process gradient on the whole batch. Only the main process measures routing accuracy and
-writes checkpoints. FSDP and DeepSpeed are refused (the accuracy probe, the drift term and the
-export read the weights whole); an FSDP config on CPU processes runs as DDP, with a note.
+writes checkpoints. Under FSDP the weights read whole are gathered: the accuracy probe runs on
+every process through the FSDP wrapper, the reported drift is read one FSDP unit at a time with
+its weights whole (`units_whole`), and the export loads the gathered state dict (`whole_state`) into a fresh
+copy; what would need the gradient of a whole-weight read (gamma > 0, full experts) or the
+optimizer's state whole (checkpoints, resume) is refused there, naming DDP. DeepSpeed is refused
+(not installed where this is tested). An FSDP config on CPU processes runs as DDP, with a note.
 
 `train` reads as three steps: `setup` (model, frozen parts, optimizer, tokenised rows),
 `train_loop` (one `train_step` per optimizer step, with checkpoints), then the LoRA merged back.
@@ -43,10 +47,11 @@ from merge_lab.moe.assemble import expert_labels, h3_params
 from merge_lab.moe.data import Encoded, as_blocks, collate, encode, load_rows, shared_prefix
 from merge_lab.moe.layout import expert_labels as checkpoint_labels
 from merge_lab.moe.routing import capture_router_logits, routers, routing_accuracy
+from merge_lab.moe.sharding import refuse_unsupported_sharding
 from merge_lab.moe.state import LEGACY, fingerprint, has_state, load_state, save_state
 from merge_lab.training import chat
 from merge_lab.training.blocks import ExpertBlock
-from merge_lab.training.shards import refuse_sharded, unsharded_note
+from merge_lab.training.shards import gathered_copy, sharded, units_whole, unsharded_note
 
 T = TypeVar("T")
 
@@ -204,6 +209,15 @@ def freeze_all_but_trainable(model: torch.nn.Module, cfg: TrainConfig) -> tuple[
     return model, expert_params, initial
 
 
+def fresh_trainable(moe_dir: Path, cfg: TrainConfig) -> torch.nn.Module:
+    """The assembled MoE untrained, with the trainable parts of `cfg` (the LoRA wrapper included):
+    what a gathered state dict loads into."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32)
+    return freeze_all_but_trainable(model, cfg)[0]
+
+
 def drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts: int) -> torch.Tensor:
     """[experts]: ||theta_i - theta_i_initial||^2 over each expert's trainable weights."""
     if cfg.trainable == "router+experts":
@@ -211,11 +225,18 @@ def drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts:
             losses.drift([p[i] for p in expert_params], [p0[i] for p0 in initial]) for i in range(n_experts)
         ])
     if cfg.trainable == "router+lora":
-        from peft.tuners.lora.layer import ParamWrapper
-
-        deltas = [m.get_delta_weight("default") for m in model.modules() if isinstance(m, ParamWrapper)]
-        return torch.stack([losses.drift([d[i] for d in deltas], [None] * len(deltas)) for i in range(n_experts)])
+        return lora_drift(list(model.modules()), n_experts)
     return torch.zeros(n_experts)
+
+
+def lora_drift(modules: list[torch.nn.Module], n_experts: int) -> torch.Tensor:
+    """[experts]: ||LoRA update||^2 of each expert over the expert LoRA among `modules`."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    deltas = [m.get_delta_weight("default") for m in modules if isinstance(m, ParamWrapper)]
+    if not deltas:
+        return torch.zeros(n_experts)
+    return torch.stack([losses.drift([d[i] for d in deltas], [None] * len(deltas)) for i in range(n_experts)])
 
 
 # ------------------------------------------------------------------ the loss of one process's share
@@ -289,6 +310,11 @@ class FusionRun:
     owner: str  # the fingerprint a resume state must carry
 
     @property
+    def sharded(self) -> bool:
+        """Whether the weights are split over the processes (FSDP): whole-weight reads gather them."""
+        return sharded(self.accelerator)
+
+    @property
     def gating_skip(self) -> int:
         return self.shared if self.cfg.gating_tokens == "content" else 0
 
@@ -322,8 +348,7 @@ def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None) ->
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     launched(cfg.cpu)
     accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[ddp])
-    refuse_sharded(accelerator, "fuse", "routing accuracy, the drift term, the checkpoints and the export read "
-                                        "the model's weights whole, and FSDP or DeepSpeed split them over the processes")
+    refuse_unsupported_sharding(accelerator, cfg)
     per_process_batch(cfg.batch_size, accelerator.num_processes)  # refused before the model loads
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(moe_dir))
@@ -353,6 +378,11 @@ def train_step(run: FusionRun, step: int) -> dict[str, float]:
     rank, world = accelerator.process_index, accelerator.num_processes
     idx = batch_indices(step, len(run.encoded), cfg.batch_size, cfg.seed, rank, world)
     record_rows(rank, world, step, idx)
+    reported = None
+    if run.sharded and cfg.trainable == "router+lora":  # gamma is 0 (refused otherwise): the drift is only
+        with torch.no_grad():  # reported, read one FSDP unit at a time with its weights whole
+            reported = sum(lora_drift(modules, len(run.labels)).to(run.device)
+                           for modules in units_whole(accelerator, run.model))
     b = {k: v.to(run.device) for k, v in collate([run.encoded[i] for i in idx], run.pad_id).items()}
     with capture_router_logits(run.inner) as captured:
         out = run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
@@ -360,7 +390,8 @@ def train_step(run: FusionRun, step: int) -> dict[str, float]:
     totals = run.reduce(shard_counts(b["labels"], b["attention_mask"], captured, run.top_k, balanced))
     gating_mask = losses.skip_prefix(b["attention_mask"], run.gating_skip)
     terms = shard_losses(out.logits, b, captured, gating_mask, run.top_k, balanced, totals, cfg.batch_size, world)
-    drift = drift_per_expert(run.inner, cfg, run.expert_params, run.initial, len(run.labels)).to(run.device)
+    drift = (reported if reported is not None else
+             drift_per_expert(run.inner, cfg, run.expert_params, run.initial, len(run.labels))).to(run.device)
     balance = terms.get("balance", torch.zeros((), device=run.device))
     loss = terms["lm"] + cfg.gating_weight * terms["gate"] + (run.gammas * drift).sum() + cfg.load_balance * balance
     accelerator.backward(loss)
@@ -400,6 +431,10 @@ def train_loop(run: FusionRun, state_dir: Path, start: int, history: list[dict[s
                     checkpoint()
                     return step
         except KeyboardInterrupt:
+            if run.sharded:
+                raise MergeLabError(f"interrupted at step {step}: under {accelerator.distributed_type.value} fuse "
+                                    "keeps no resume state, so nothing was saved or written; run it again, or launch "
+                                    "it with DDP (--multi_gpu) to be able to resume.") from None
             checkpoint()
             raise
     return step
@@ -420,6 +455,8 @@ def train(
     after that step with a saved checkpoint, as Ctrl-C does (a resumed run continues from it)."""
     moe_dir, state_dir = Path(moe_dir), Path(state_dir)
     run = setup(moe_dir, cfg, rows)
+    refuse_unsupported_sharding(run.accelerator, cfg, resume=resume,
+                                checkpoints=bool(cfg.checkpoint_every) or stop_after is not None)
     main = run.accelerator.is_main_process
     start, history = 0, []
     notes = [note] if (note := unsharded_note(run.accelerator)) else []
@@ -428,13 +465,20 @@ def train(
         start, history = resumed.step, resumed.history
         if (state_dir / LEGACY).exists():
             notes.append(f"ignored {state_dir / LEGACY}: a torch.save file, which merge_lab never loads")
-    probe = run.probe() if main else []  # only the main process reports
-    acc_before = (routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared)
+    # only the main process reports; under FSDP every process runs the probe's forwards with it
+    probe = run.probe() if main or run.sharded else []
+    forward = run.model if run.sharded else run.inner  # a DDP forward on one process would wait for the others
+    acc_before = (routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared, forward=forward)
                   if start == 0 and probe else float("nan"))
     step = train_loop(run, state_dir, start, history, stop_after=stop_after, progress=progress, console=console)
     shape = {"processes": run.processes, "per_process_batch": run.per_process_batch, "main": main}
     if step < cfg.steps:
         return TrainResult(run.inner, step, False, history, notes=notes, **shape)
-    acc_after = routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared) if probe else float("nan")
-    final = run.inner.merge_and_unload() if cfg.trainable == "router+lora" else run.inner
+    acc_after = (routing_accuracy(run.inner, probe, run.pad_id, run.device, skip=run.shared, forward=forward)
+                 if probe else float("nan"))
+    trained = (gathered_copy(run.accelerator, run.model, lambda: fresh_trainable(moe_dir, cfg)) if run.sharded
+               else run.inner)
+    if trained is None:  # under FSDP, a process that does not write: its shards went to the main one
+        return TrainResult(run.inner, step, True, history, acc_before, acc_after, notes, **shape)
+    final = trained.merge_and_unload() if cfg.trainable == "router+lora" else trained
     return TrainResult(final, step, True, history, acc_before, acc_after, notes, **shape)

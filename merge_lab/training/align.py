@@ -32,7 +32,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.core.config import Where, load_yaml, parse_yaml
-from merge_lab.core.distributed import launched, per_process_batch, record_rows
+from merge_lab.core.distributed import launched, per_process_batch, process_device, record_rows
 from merge_lab.core.progress import progress_bar
 from merge_lab.core.writer import atomic_folder
 from merge_lab.datasets.sources import Example
@@ -167,15 +167,6 @@ def reply_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return total / count
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeLabError(f"device '{name}' was asked for but torch sees no CUDA GPU; use 'auto' or 'cpu'.")
-    return dev
-
-
 # ------------------------------------------------------------------ training: setup, loop, save
 
 
@@ -197,6 +188,7 @@ class AlignRun:
     steps: int
     accelerator: Any = None  # accelerate's, shared by the processes `accelerate launch` started
     objective: torch.nn.Module | None = None  # ReplyLoss(model), as prepared (DDP / FSDP on several processes)
+    notes: list[str] = field(default_factory=list)  # said once, by the main process (a fixed device under launch)
 
     @property
     def processes(self) -> int:
@@ -261,7 +253,8 @@ def setup(recipe: AlignRecipe) -> AlignRun:
     cfg = recipe.train
     rows = recipe.rows()
     base = resolve_base(recipe.base_model)
-    device = pick_device(cfg.device)
+    name, device_note = process_device(cfg.device, recipe.where("train", "device"))  # each launched process its own
+    device = torch.device(name)
     world = launched(device.type == "cpu").num_processes
     per_process_batch(cfg.batch_size, world, recipe.where("train", "batch_size"))  # refused before the model loads
     accelerator = Accelerator(cpu=device.type == "cpu")
@@ -286,7 +279,7 @@ def setup(recipe: AlignRecipe) -> AlignRun:
     per_epoch = math.ceil(len(keep) / cfg.batch_size)
     steps = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1) * per_epoch))
     return AlignRun(recipe, base, device, tokenizer, pad_id, rows, encoded, keep, model, params, optimizer, steps,
-                    accelerator, objective)
+                    accelerator, objective, [device_note] if device_note else [])
 
 
 def train_loop(run: AlignRun, *, progress: bool = True, console=None) -> Trained:
@@ -390,9 +383,9 @@ def align(
     run = setup(recipe)
     console = console or Console(stderr=True)
     trained = train_loop(run, progress=progress, console=console)
-    note = unsharded_note(run.accelerator)
-    if note and run.main:
-        console.print(f"note: {note}", highlight=False)
+    for note in [*run.notes, unsharded_note(run.accelerator)]:
+        if note and run.main:
+            console.print(f"note: {note}", highlight=False)
     whole = trained_model(run.accelerator, run.objective, lambda: lora_model(recipe, run.base, torch.device("cpu")))
     done = save(replace(run, model=whole), trained, out) if run.main else result(run, trained, out)
     run.accelerator.wait_for_everyone()  # the output is complete before any process returns

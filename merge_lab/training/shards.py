@@ -12,12 +12,11 @@ gradient on the whole global batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from merge_lab.errors import MergeLabError
 from merge_lab.training import chat
 
 
@@ -80,27 +79,64 @@ def unsharded_note(accelerator: Any) -> str | None:
             "only over GPUs (and alike), so each CPU process held the whole model")
 
 
-def refuse_sharded(accelerator: Any, command: str, why: str) -> None:
-    """Refuse FSDP / DeepSpeed for `command`, whose training reads the weights whole (`why`)."""
-    if sharded(accelerator):
-        raise MergeLabError(
-            f"`{command}` does not train under {accelerator.distributed_type.value}: {why}. Launch it with DDP "
-            f"(`accelerate launch --multi_gpu --num_processes N -m merge_lab {command} ...`, or an accelerate config "
-            "with distributed_type MULTI_GPU)."
-        )
+def whole_state(accelerator: Any, prepared: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The prepared model's state dict whole, on the main process (None on the others). Every
+    process must call it: under FSDP or DeepSpeed accelerate gathers it from all of them
+    (`accelerator.get_state_dict`); under DDP or in one process it is the wrapped model's own."""
+    if not sharded(accelerator):
+        return accelerator.unwrap_model(prepared).state_dict() if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(prepared)
+    return state if accelerator.is_main_process else None
+
+
+def units_whole(accelerator: Any, prepared: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
+    """For a read outside the forward (no gradient flows to the shards, nothing is written back):
+    the prepared model's modules, one FSDP unit at a time with that unit's own weights whole
+    (resharded before the next), so no process holds more than a unit more than FSDP's forward
+    does. Yields lists of modules whose weights are whole while the list is in hand: each FSDP2
+    unit's own (not its nested units'); all modules at once under FSDP1 (its full parameters
+    summoned) or without sharding. Every process must iterate it to the end."""
+    if not sharded(accelerator):
+        yield list(accelerator.unwrap_model(prepared).modules())
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    if isinstance(prepared, FSDP1):
+        with FSDP1.summon_full_params(prepared, writeback=False):
+            yield list(prepared.modules())
+        return
+    for unit in [m for m in prepared.modules() if isinstance(m, FSDPModule)]:
+        owned, stack = [], [unit]
+        while stack:  # the unit's modules, not those of the units nested in it
+            module = stack.pop()
+            owned.append(module)
+            stack.extend(c for c in module.children() if not isinstance(c, FSDPModule))
+        unit.unshard()
+        try:
+            yield owned
+        finally:
+            unit.reshard()
+
+
+def gathered_copy(accelerator: Any, prepared: torch.nn.Module,
+                  fresh: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
+    """Under FSDP or DeepSpeed: the trained model whole on the main process (None on the others),
+    the state dict gathered from every process's shards (all must call it) loaded into `fresh()`,
+    an untrained copy with the same parameter names built on the main process only."""
+    state = whole_state(accelerator, prepared)
+    if state is None:
+        return None
+    model = fresh()
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model
 
 
 def trained_model(accelerator: Any, prepared: torch.nn.Module, fresh: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
-    """The trained model whole, on the main process (None on the others). Every process must call
-    it: under FSDP or DeepSpeed the full state dict is gathered from all of them
-    (`accelerator.get_state_dict`) and loaded into `fresh()`, an untrained copy built on the main
-    process; under DDP or in one process, the wrapped model is the trained one."""
+    """Align's trained model whole, on the main process (None on the others). Every process must
+    call it: under FSDP or DeepSpeed the weights are gathered into `fresh()` (`gathered_copy`);
+    under DDP or in one process, the wrapped model is the trained one."""
     if not sharded(accelerator):
         return accelerator.unwrap_model(prepared).model if accelerator.is_main_process else None
-    state = accelerator.get_state_dict(prepared)
-    if not accelerator.is_main_process:
-        return None
-    model = fresh()
-    holder = ReplyLoss(model)
-    holder.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return model
+    holder = gathered_copy(accelerator, prepared, lambda: ReplyLoss(fresh()))
+    return holder.model if holder is not None else None

@@ -1,0 +1,39 @@
+"""What `fuse` cannot do with the weights split over the processes (FSDP), refused before it
+trains, with what to use instead. The rest of fusion training gathers what it reads whole
+(merge_lab.training.shards: `whole_state`, `units_whole`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from merge_lab.errors import MergeLabError
+from merge_lab.training.shards import sharded
+
+if TYPE_CHECKING:
+    from merge_lab.moe.train import TrainConfig
+
+
+def refuse_unsupported_sharding(accelerator: Any, cfg: TrainConfig, *, resume: bool = False,
+                                checkpoints: bool = False) -> None:
+    """What fuse cannot do with the weights split over the processes, refused before it trains,
+    with what to use instead (DDP: `--multi_gpu`, or distributed_type MULTI_GPU)."""
+    if not sharded(accelerator):
+        return
+    kind = accelerator.distributed_type.value
+    ddp = ("or launch with DDP (`accelerate launch --multi_gpu --num_processes N -m merge_lab fuse ...`, or an "
+           "accelerate config with distributed_type MULTI_GPU)")
+    if kind == "DEEPSPEED":
+        raise MergeLabError(f"`fuse` does not train under DeepSpeed: its gathering of whole weights was not checked "
+                            f"(DeepSpeed is not installed where merge_lab is tested). Use an FSDP config {ddp}.")
+    if cfg.trainable == "router+experts":
+        raise MergeLabError(f"`fuse` does not train `trainable: router+experts` under {kind}: the drift term reads "
+                            f"whole experts outside the model's forward, where {kind} holds only a shard of each. "
+                            f"Train router or router+lora, {ddp}.")
+    if any(g > 0 for g in (cfg.drift_weight.values() if isinstance(cfg.drift_weight, dict) else [cfg.drift_weight])):
+        raise MergeLabError(f"`fuse` does not train with the drift term (gamma > 0) under {kind}: its gradient "
+                            f"would flow through whole expert weights read outside the model's forward, where "
+                            f"{kind} holds only a shard of each. Set gamma to 0, {ddp}.")
+    if checkpoints or resume:
+        raise MergeLabError(f"`fuse` keeps no resume state under {kind} (checkpoint_every, --resume): the state "
+                            f"holds the optimizer's moments whole, which fuse does not gather from the shards. "
+                            f"Set train.checkpoint_every to 0 and run without --resume, {ddp}.")

@@ -1,0 +1,130 @@
+"""`fuse` with the weights sharded over 2 processes (FSDP2 on CPU processes, gloo): the whole-weight
+reads (accuracy probe, reported drift, export) go through the gathering, and the fused model is
+the one DDP trains. accelerate runs an FSDP config as DDP on CPU processes, so the test switches
+its state to FSDP once made, as tests/test_align_ddp.py does for align."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from merge_lab.errors import MergeLabError
+from merge_lab.moe.sharding import refuse_unsupported_sharding
+from merge_lab.moe.train import TrainConfig
+from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
+from merge_lab.testing.launch import accelerate_command, cpu_env
+from merge_lab.testing.moe import ffn_expert, labelled_jsonl
+
+LABELS = ["helpful", "harmless"]
+# the LoRA experts and every loss term FSDP allows (gamma 0), 2 rows per process
+TRAIN = {"steps": 3, "batch_size": 4, "lr": 1e-2, "trainable": "router+lora", "lambda": 0.5, "gamma": 0.0,
+         "load_balance": 0.01, "seed": 3, "eval_rows": 8, "cpu": True}
+
+# Under one launch: fuse under DDP, then the same recipe with the weights really sharded (FSDP2),
+# then a recipe FSDP cannot train (gamma > 0), refused on every process.
+SCRIPT = """import json
+import os
+import sys
+
+import accelerate
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+from merge_lab.errors import MergeLabError
+from merge_lab.moe.pipeline import fuse
+
+recipe, drifting, said = sys.argv[1:]
+
+
+def say(line):  # one file per process: lines two processes print at once can interleave
+    with open(f"{said}.{os.environ['RANK']}", "a") as f:
+        f.write(line + "\\n")
+
+
+def summary(result):
+    return json.dumps({"before": result.accuracy_before, "after": result.accuracy_after, "last": result.last_terms})
+
+
+say(summary(fuse(recipe, "ddp", progress=False)))
+
+
+class ShardedOnCPU(accelerate.Accelerator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        accelerate.PartialState().distributed_type = self.state.distributed_type = DistributedType.FSDP
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["MixtralDecoderLayer"], state_dict_type="FULL_STATE_DICT")
+
+    def prepare(self, *args):
+        prepared = super().prepare(*args)
+        say(f"prepared {type(prepared[0]).__name__} under {self.distributed_type.value}")
+        return prepared
+
+
+accelerate.Accelerator = ShardedOnCPU
+say(summary(fuse(recipe, "fsdp", progress=False)))
+try:
+    fuse(drifting, "drifting", progress=False)
+except MergeLabError as e:
+    say(f"refused: {e}")
+"""
+
+
+def test_fsdp_gathers_the_weights_fuse_reads_whole_and_fuses_the_ddp_model(tmp_path):
+    base = make_checkpoint(tmp_path / "base", "llama", seed=0, shards=False)
+    models = [{"model": str(ffn_expert(base, tmp_path / lab, seed=i + 1, noise=0.1)), "label": lab}
+              for i, lab in enumerate(LABELS)]
+    data = labelled_jsonl(tmp_path / "data.jsonl", LABELS, per_label=8)
+    recipe = {"merge_method": "h3_moe", "base_model": str(base), "models": models}
+    path = write_recipe(tmp_path / "fuse.yaml", {**recipe, "train": {"data": str(data), **TRAIN}})
+    drifting = write_recipe(tmp_path / "drift.yaml", {**recipe, "train": {"data": str(data), **TRAIN, "gamma": 0.1}})
+    script, said = tmp_path / "launched.py", tmp_path / "said"
+    script.write_text(SCRIPT)
+    res = subprocess.run(accelerate_command(2, str(script), str(path), str(drifting), str(said)), cwd=tmp_path,
+                         env=cpu_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+    lines = {rank: Path(f"{said}.{rank}").read_text().splitlines() for rank in (0, 1)}
+    for rank in (0, 1):  # both processes trained sharded, and both refused the drift term
+        assert lines[rank][1].startswith("prepared FSDP") and lines[rank][1].endswith(" under FSDP"), lines[rank]
+        assert lines[rank][3].startswith("refused: `fuse` does not train with the drift term (gamma > 0) under FSDP")
+        assert "--multi_gpu" in lines[rank][3]
+    assert not (tmp_path / "drifting").exists()
+
+    # the main process reported the same accuracies and last step's terms (drift read unsharded)
+    ddp, fsdp = json.loads(lines[0][0]), json.loads(lines[0][2])
+    assert ddp["before"] == fsdp["before"] and ddp["after"] == fsdp["after"]
+    # drift > 0: the LoRA (B starts at zero) trained, so the export below is not the assembly
+    assert ddp["last"]["drift"] > 0 and fsdp["last"] == pytest.approx(ddp["last"], rel=1e-4, abs=1e-6)
+
+    # the export: the state gathered from the shards is the model DDP trained
+    a, b = load_tensors(tmp_path / "ddp"), load_tensors(tmp_path / "fsdp")
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert "2 processes, 2 rows each" in (tmp_path / "fsdp" / "README.md").read_text()
+
+
+def test_what_fuse_cannot_do_sharded_is_refused_with_what_to_use():
+    """Refused under FSDP: full experts, the drift term, resume state; DeepSpeed (unchecked) always."""
+    from accelerate.utils import DistributedType
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    ok = TrainConfig(data=[], trainable="router+lora")
+    refuse_unsupported_sharding(fsdp, ok)
+    refuse_unsupported_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU),
+                                TrainConfig(data=[], trainable="router+experts", gamma=1.0), resume=True)
+    cases = [(TrainConfig(data=[], trainable="router+experts"), {}, "router\\+experts"),
+             (TrainConfig(data=[], gamma={"helpful": 0.0, "harmless": 0.5}), {}, r"drift term \(gamma > 0\)"),
+             (ok, {"resume": True}, "no resume state"), (ok, {"checkpoints": True}, "checkpoint_every")]
+    for cfg, kwargs, what in cases:
+        with pytest.raises(MergeLabError, match=rf"under FSDP.*{what}|{what}.*under FSDP") as e:
+            refuse_unsupported_sharding(fsdp, cfg, **kwargs)
+        assert "--multi_gpu" in str(e.value)
+    with pytest.raises(MergeLabError, match="not installed where merge_lab is tested"):
+        refuse_unsupported_sharding(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), ok)
