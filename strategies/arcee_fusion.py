@@ -16,7 +16,7 @@ mergekit's are, so the mask is the same. (mergekit multiplies the kept differenc
 mask and so returns float32 tensors, which it writes as such unless `out_dtype` is set; here the
 result is the recipe's dtype, the same values as mergekit's cast to it.)
 
-The quartiles are exact order statistics over row blocks (strategies.common.OrderStatistics,
+The quartiles are exact order statistics over row blocks (strategies.sparsify.OrderStatistics,
 two statistics passes); the importance of a row depends on that row only, so matrices stream in
 row blocks. A 1-D tensor is one softmax: its blocks are kept in the statistics (it is at most a
 hidden size), and its quartiles found from the whole.
@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import ComputesInDtype, OrderStatistics, check_model_count
+from merge_lab.strategies.common import ComputesInDtype, check_model_count
+from merge_lab.strategies.sparsify import OrderStatistics
 
 EPS = 1e-8
 QUARTILES = [0.25, 0.5, 0.75]

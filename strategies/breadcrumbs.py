@@ -17,7 +17,7 @@ are scaled back to the delta's L1 norm (mergekit's rescale, off by default). The
   (mergekit's default for it is false, unlike `ties`).
 
 The band is found by value: the magnitudes at the two boundary ranks, both exact by radix
-select (common.RankThreshold). Entries tied with a boundary are all kept, where mergekit's sort
+select (sparsify.RankThreshold). Entries tied with a boundary are all kept, where mergekit's sort
 keeps an arbitrary subset of the tie; in float32 task vectors only zeros tie in practice, and a
 zero adds nothing either way (in bfloat16, with 8-bit mantissas, equal magnitudes are common).
 Computed in the recipe's arithmetic dtype, rounded as mergekit rounds (common.combine). The boundaries and the L1 norms are statistics gathered over row
@@ -31,15 +31,8 @@ import torch
 from pydantic import Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import (
-    ComputesInDtype,
-    L1Rescale,
-    RankThreshold,
-    RescaledParams,
-    SparseModel,
-    magnitude_bits,
-    merge_sparsified,
-)
+from merge_lab.strategies.common import ComputesInDtype, RescaledParams, SparseModel, merge_sparsified
+from merge_lab.strategies.sparsify import L1Rescale, RankThreshold, magnitude_bits
 
 
 class BreadcrumbsModel(SparseModel):

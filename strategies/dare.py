@@ -33,15 +33,13 @@ from pydantic import Field
 from merge_lab.merge.interface import Strategy, TensorContext
 from merge_lab.strategies.common import (
     ComputesInDtype,
-    L1Rescale,
     RescaledParams,
     SparseModel,
-    combine,
-    dare_drop_,
-    deltas_,
     generator_copy,
+    merge_sparsified,
     weights_problem,
 )
+from merge_lab.strategies.sparsify import L1Rescale, dare_drop_
 
 
 class DareParams(RescaledParams):
@@ -95,13 +93,11 @@ class _Dare(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as m
 
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
-        deltas = deltas_(tensors, base)
-        for i, (d, p) in enumerate(zip(deltas, model_params)):
-            dare_drop_(d, p.density, ctx.generator(i, d.device), rescale=False)
-            if params.rescale and drops(p):
-                stats[i].rescale_(d)
-        weights = [p.weight for p in model_params]
-        return combine(deltas, weights, base, params.lambda_, params.normalize, self.sign_consensus)
+
+        def drop_(i: int, delta: torch.Tensor) -> None:
+            dare_drop_(delta, model_params[i].density, ctx.generator(i, delta.device), rescale=False)
+
+        return merge_sparsified(tensors, base, params, model_params, drop_, self.sign_consensus, stats or ())
 
 
 class DareLinear(_Dare):

@@ -38,15 +38,9 @@ import torch
 from pydantic import Field, model_validator
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import (
-    ComputesInDtype,
-    L1Rescale,
-    RescaledParams,
-    SparseModel,
-    generator_copy,
-    merge_sparsified,
-)
+from merge_lab.strategies.common import ComputesInDtype, RescaledParams, SparseModel, generator_copy, merge_sparsified
 from merge_lab.strategies.packed_masks import PackedMasks, packed_bytes
+from merge_lab.strategies.sparsify import L1Rescale
 
 
 class DellaModel(SparseModel):

@@ -19,7 +19,7 @@ effect: our masks are boolean, and mergekit's int8 masks give the same float res
 Entries tied in variance with the k-th largest are all kept (mergekit's topk keeps k of them);
 the variances are computed as mergekit does (torch.var of the stacked deltas), so ties with the
 threshold are as rare as in float32 data. The threshold (exact radix select,
-common.RankThreshold) and the mean squares are statistics gathered over row blocks, in three
+sparsify.RankThreshold) and the mean squares are statistics gathered over row blocks, in three
 passes (one when select_topk is 1); the rest is elementwise, and the engine streams every tensor
 in row blocks.
 
@@ -35,8 +35,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import ComputesInDtype, RankThreshold, deltas_, float_bits
+from merge_lab.strategies.common import ComputesInDtype, deltas_
 from merge_lab.strategies.low_precision import LOW_PRECISION, model_sum, reduced_mean
+from merge_lab.strategies.sparsify import RankThreshold, float_bits
 
 WEIGHT_EPS = 1e-6  # mergekit's guards: uniform weights below this sum, and the divisor's floor
 

@@ -15,7 +15,7 @@ with the threshold (its argsort picks which); we keep every tied entry: rare in 
 frequent in bfloat16, whose 8-bit mantissas make equal magnitudes common.
 
 Only the thresholds need the whole tensor, so they are statistics (Strategy.stats_passes): two
-passes of an exact radix select over row blocks (merge_lab.strategies.common.TopKThreshold); the trim, the
+passes of an exact radix select over row blocks (merge_lab.strategies.sparsify.TopKThreshold); the trim, the
 sign election and the disjoint mean are then elementwise, and the engine streams every tensor in
 row blocks whatever its size.
 """
@@ -30,11 +30,10 @@ from merge_lab.strategies.common import (
     ComputesInDtype,
     SparseModel,
     TaskArithmeticParams,
-    TopKThreshold,
-    magnitude_bits,
     merge_sparsified,
     weights_problem,
 )
+from merge_lab.strategies.sparsify import TopKThreshold, magnitude_bits
 
 
 class TiesParams(TaskArithmeticParams):

@@ -22,7 +22,7 @@ from merge_lab.merge.interface import TensorContext
 from merge_lab.merge.planner import make_plan
 from merge_lab.merge.recipe import parse_recipe
 from merge_lab.strategies.arcee_fusion import ArceeFusion
-from merge_lab.strategies.common import OrderStatistics
+from merge_lab.strategies.sparsify import OrderStatistics
 from merge_lab.testing import load_tensors
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit is a dev dependency (pip install -e .[dev])")

@@ -16,8 +16,8 @@ from merge_lab.merge.interface import TensorContext
 from merge_lab.merge.ops import ALLOCATOR_SLACK
 from merge_lab.merge.planner import make_plan
 from merge_lab.merge.recipe import load_recipe
-from merge_lab.strategies.common import TopKThreshold, magnitude_bits, trim_topk_
 from merge_lab.strategies.slerp import SlerpParams
+from merge_lab.strategies.sparsify import TopKThreshold, magnitude_bits, trim_topk_
 from merge_lab.strategies.ties import TiesParams
 
 BLOCK = 256  # elements per row block, forced: the tiny models' largest tensor has 3072
