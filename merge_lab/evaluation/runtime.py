@@ -3,6 +3,12 @@ routing shares of an MoE, and greedy decoding on a weighted mixture of several m
 
 A `LoadedModel` remembers what it computed in the `Memo` it is given (see memo.py), keyed by its
 identity: the stat of its folder's files and its dtype.
+
+Two savings that change no result (tests/test_shared_prefix.py checks them against plain forwards):
+- the token prefix every row of a batch shares (a chat template's system turn) runs once, on one
+  row, and its KV cache is repeated over the batch (`LoadedModel.run`);
+- greedy decoding drops a row from the batch (and from every KV cache) once it has stopped, instead
+  of feeding it pads to the end; its batches are as wide as the memory allows (`fitting_rows`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from merge_lab.evaluation.memo import Memo, Scored
 from merge_lab.training import chat
 
 Pair = tuple[list[int], list[int]]  # context ids, continuation ids
+# Below this many shared tokens a separate forward pass for the prefix costs about what it saves.
+MIN_SHARED_PREFIX = 4
 
 
 def load_tokenizer(path: Path):
@@ -67,6 +75,11 @@ class LoadedModel:
         self.identity = (folder_state(path), str(dtype))
         self.reused_seconds = 0.0  # seconds of remembered work this object handed out again
         self.is_moe = any("experts" in n for n, _ in self.model.named_parameters())
+        # whether a batch's shared prefix runs once (`run`); off: every row runs whole (the old path,
+        # kept so that benchmarks/compare_speed.py times both in one run)
+        self.share_prefix = True
+        # whether greedy decoding drops stopped rows from the batch (decode_batch); off: the old path
+        self.drop_stopped = True
         # the KV cache's argument and output field: `cache` from transformers 5.2x, `past_key_values` before
         self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
@@ -94,15 +107,43 @@ class LoadedModel:
             return self.model(**args)
 
     @torch.no_grad()
+    def run(self, rows: list[list[int]], pad_id: int, keep: int, limit: int, use_cache: bool = False):
+        """The model over `rows` left-padded (every row ends at the last position), with logits for
+        the last `keep` positions: (output, attention mask, position ids of the input tokens).
+
+        When the rows share at least MIN_SHARED_PREFIX leading tokens (at most `limit`: positions
+        whose logits are read must stay after the prefix), the prefix runs once on one row and its
+        KV cache is repeated over the batch; the rest of each row follows it, left-padded, so the
+        pads sit between prefix and suffix with attention mask 0 and the positions count on from the
+        prefix: every real token attends to exactly the tokens, at the positions, it does unshared."""
+        shared = chat.common_prefix(rows, limit) if self.share_prefix and len(rows) > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            ids, mask, pos = chat.left_padded(rows, pad_id)
+            out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            return out, mask, pos
+        head = torch.tensor([rows[0][:shared]], dtype=torch.long)
+        first = self.forward(1, input_ids=head, attention_mask=torch.ones_like(head),
+                             position_ids=torch.arange(shared)[None], use_cache=True)
+        past = getattr(first, self.cache_name)
+        past.batch_repeat_interleave(len(rows))
+        ids, tail_mask, tail_pos = chat.left_padded([r[shared:] for r in rows], pad_id)
+        mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), tail_mask], dim=1)
+        pos = tail_pos + shared
+        out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                           **{self.cache_name: past})
+        return out, mask, pos
+
+    @torch.no_grad()
     def rows(self, batch: list[Pair], pad_id: int) -> list[torch.Tensor]:
         """Per item, the log-softmax rows [len(cont), vocab] that predict its continuation tokens.
 
         Left-padded, so every continuation ends at the last position and only the last
         max(len(cont)) + 1 positions need logits (`logits_to_keep`): a long prompt with a short
-        answer costs no vocabulary-sized rows for the prompt."""
-        ids, mask, pos = chat.left_padded([c + t for c, t in batch], pad_id)
+        answer costs no vocabulary-sized rows for the prompt. The shared prefix may reach up to the
+        shortest context's last token but one (that token predicts its continuation's first)."""
         keep = max(len(t) for _, t in batch) + 1
-        logits = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -keep:].float()
+        out, _, _ = self.run([c + t for c, t in batch], pad_id, keep, min(len(c) for c, _ in batch) - 1)
+        logits = out.logits[:, -keep:].float()
         out = []
         for i, (_, t) in enumerate(batch):
             # positions keep-1-len(t) .. keep-2 predict the len(t) continuation tokens
@@ -170,10 +211,14 @@ class Stepper:
     @torch.no_grad()
     def __init__(self, lm: LoadedModel, prompts: list[list[int]], pad_id: int):
         self.lm = lm
-        ids, mask, pos = chat.left_padded(prompts, pad_id)
-        out = lm.forward(1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out, mask, pos = lm.run(prompts, pad_id, 1, min(len(p) for p in prompts) - 1, use_cache=True)
         self.past, self.mask, self.pos = getattr(out, lm.cache_name), mask, pos[:, -1]
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the batch (the others stopped): their cache, mask and positions."""
+        self.past.batch_select_indices(rows.to(self.lm.device))
+        self.mask, self.pos, self.logp = self.mask[rows], self.pos[rows], self.logp[rows]
 
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -211,23 +256,93 @@ def mixed_scores(models: list[LoadedModel], log_weights: torch.Tensor, batch: li
 def greedy_decode(models: list[LoadedModel], log_weights: torch.Tensor, prompts: list[list[int]],
                   max_new_tokens: int, pad_id: int, stops: set[int]) -> tuple[list[list[int]], int]:
     """Greedy answer ids on the weighted mixture of the models' next-token distributions (one KV
-    cache per model), and the number of tokens generated."""
+    cache per model), and the number of tokens generated; in batches of `fitting_rows` prompts."""
+    size = fitting_rows(models, max(len(p) for p in prompts), max_new_tokens, len(prompts))
+    outs: list[list[int]] = []
+    made = 0
+    for s in range(0, len(prompts), size):
+        answers, tokens = decode_batch(models, log_weights, prompts[s : s + size], max_new_tokens, pad_id, stops)
+        outs += answers
+        made += tokens
+    return outs, made
+
+
+def decode_batch(models: list[LoadedModel], log_weights: torch.Tensor, prompts: list[list[int]],
+                 max_new_tokens: int, pad_id: int, stops: set[int]) -> tuple[list[list[int]], int]:
+    """One batch of greedy decoding. A row that has stopped leaves the batch (and every cache) at
+    once: a decoding step costs per row, and finished rows have nothing left to compute. (With
+    `drop_stopped` off on a model, stopped rows are fed pads to the end: the old path.)"""
+    drop = all(lm.drop_stopped for lm in models)
     steppers = [lm.stepper(prompts, pad_id) for lm in models]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
     outs: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))  # which prompt each row of the batch is
+    done = torch.zeros(len(prompts), dtype=torch.bool)  # rows of the batch that have stopped
     made = 0
     logp = mix([s.logp for s in steppers], log_weights)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = logp.argmax(-1)
-        for i in range(len(prompts)):
-            if not done[i]:
-                if int(nxt[i]) in stops:
-                    done[i] = True
+        for r, i in enumerate(live):
+            if not done[r]:
+                if int(nxt[r]) in stops:
+                    done[r] = True
                 else:
-                    outs[i].append(int(nxt[i]))
+                    outs[i].append(int(nxt[r]))
         made += int((~done).sum())
-        if bool(done.all()):
+        if bool(done.all()) or (drop and step == max_new_tokens - 1):  # no one reads another step
             break
+        if drop and bool(done.any()):
+            rows = (~done).nonzero().flatten()
+            for s in steppers:
+                s.keep_rows(rows)
+            nxt, live, done = nxt[rows], [live[r] for r in rows.tolist()], done[rows]
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         logp = mix([s.step(nxt) for s in steppers], log_weights)
     return outs, made
+
+
+def fitting_rows(models: list[LoadedModel], prompt_tokens: int, new_tokens: int, wanted: int) -> int:
+    """How many prompts one decoding batch takes: all `wanted` (the interface's batch, at most
+    settings.generate_batch_size) unless their KV caches and the prompt pass's activations, summed
+    over the models, would take more than MEMORY_SHARE of the memory free now (`row_bytes`)."""
+    per_row = sum(row_bytes(lm, prompt_tokens, new_tokens) for lm in models)
+    room = int(free_memory(models[0].device) * MEMORY_SHARE)
+    return max(1, min(wanted, room // max(per_row, 1)))
+
+
+# Of the memory free when a decoding batch starts, the share its rows may take (the rest is for
+# the weights of models loaded later, the judge, the allocator's slack).
+MEMORY_SHARE = 0.25
+
+
+def row_bytes(lm: LoadedModel, prompt_tokens: int, new_tokens: int) -> int:
+    """Bytes one row of a decoding batch needs at its peak: its KV cache over prompt and answer,
+    one layer's activations over the prompt (hidden states, the MLP's inner width, the attention
+    scores) and the next-token logits with their log-softmax (float32)."""
+    cfg = getattr(lm.model.config, "text_config", None) or lm.model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    inner = max(getattr(cfg, "intermediate_size", 0) or 0, getattr(cfg, "moe_intermediate_size", 0) or 0)
+    width = getattr(lm.model.dtype, "itemsize", 4)
+    tokens = prompt_tokens + new_tokens
+    cache = 2 * cfg.num_hidden_layers * kv_heads * head_dim * tokens * width
+    activations = prompt_tokens * (4 * cfg.hidden_size + 2 * inner) * width + heads * prompt_tokens**2 * 4
+    return cache + activations + 3 * cfg.vocab_size * 4
+
+
+def free_memory(device: str) -> int:
+    """Bytes free on `device` now: the accelerator's free memory, else the host's available memory."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # no way to ask: the interface's batch size alone decides
+        return 1 << 62
