@@ -1,0 +1,185 @@
+"""`python -m benchmarks.compare_speed` (`make bench-compare`): `merge-lab compare`'s items/s before
+and after the evaluation savings of issue 13 part 9, in one run.
+
+    python -m benchmarks.compare_speed                      # SmolLM2-135M and a small MoE (a few minutes)
+    python -m benchmarks.compare_speed --reps 2 --limit 32
+    python -m benchmarks.compare_speed --model ./tiny --moe-hidden 32 --moe-layers 1 --limit 3 --out /tmp/C.md
+
+"before" turns off what runtime.py added (`LoadedModel.share_prefix`: a batch's shared chat prefix
+runs once; `LoadedModel.drop_stopped`: stopped rows leave a decoding batch); "after" is the default.
+Each candidate (the demo's base model, converted once into `.cache/merge_lab/` as the demo does, and
+a seeded random Mixtral with the same tokenizer, built under --work) runs a scoring suite and a
+generation suite through `ModelCandidate` exactly as a comparison does, with a fresh memo each time
+(nothing reused), same settings for both paths. items/s = the suite's items over the seconds its
+`evaluate` took (the model loaded before the clock starts). The two paths' per-item records are
+compared: they must agree (the test suite checks the same at 1e-5 on tiny models).
+
+Repetitions alternate which path runs first. Writes --out (benchmarks/COMPARE_RESULTS.md) and the
+raw figures to <work>/compare_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.run import load_line, machine
+
+PATHS = ("before", "after")
+DEFAULT_MODEL = Path(".cache/merge_lab/smollm2-135m-instruct")
+
+
+def small_moe(folder: Path, tokenizer_from: Path, hidden: int, layers: int) -> Path:
+    """A seeded random top-2-of-4 Mixtral with `tokenizer_from`'s tokenizer, reused when complete."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    key = json.dumps({"hidden": hidden, "layers": layers, "tokenizer": str(tokenizer_from.resolve())})
+    stamp = folder / ".complete"
+    if stamp.exists() and stamp.read_text() == key:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    import torch
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    torch.manual_seed(0)
+    heads = max(1, hidden // 64)
+    config = MixtralConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=heads, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    MixtralForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    stamp.write_text(key)
+    return folder
+
+
+def timed_suite(path: Path, suite_name: str, which: str, args) -> tuple[float, int, list[dict]]:
+    """(seconds, items, records) of one suite on one candidate, on the `which` path."""
+    import torch
+
+    from merge_lab.evaluation.candidates import ModelCandidate
+    from merge_lab.evaluation.memo import Memo
+    from merge_lab.evaluation.spec import Settings
+    from merge_lab.evaluation.suites import EvalContext, make_suite
+
+    settings = Settings(limit=args.limit, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                        batch_size=args.batch_size)
+    cand = ModelCandidate(path.name, path, settings, Memo())
+    cand.load()
+    for lm in cand.models:
+        lm.share_prefix = lm.drop_stopped = which == "after"
+    suite = make_suite(suite_name, limit=args.limit)
+    suite.items()
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    records = suite.evaluate(cand, EvalContext())
+    return time.perf_counter() - start, len(records), records
+
+
+def differences(a: list[dict], b: list[dict]) -> dict:
+    """How many records of two runs differ (any field), and the largest gap between their scores."""
+    differing = sum(1 for x, y in zip(a, b) if x != y) + abs(len(a) - len(b))
+    gap = max((abs(x["score"] - y["score"]) for x, y in zip(a, b)), default=0.0)
+    return {"records_differing": differing, "largest_score_difference": gap}
+
+
+def measure(models: dict[str, Path], args, results: dict, save) -> None:
+    """Every (candidate, suite) on both paths, --reps times, alternating which path goes first."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    for rep in range(args.reps):
+        for name, path in models.items():
+            for kind, suite in (("scoring", args.score_suite), ("generation", args.generate_suite)):
+                row = results["rows"].setdefault(f"{name} · {suite}", {
+                    "candidate": name, "suite": suite, "kind": kind, "items": 0,
+                    "seconds": {p: [] for p in PATHS}, "differences": []})
+                records = {}
+                for which in (PATHS if rep % 2 == 0 else PATHS[::-1]):
+                    seconds, items, records[which] = timed_suite(path, suite, which, args)
+                    row["seconds"][which].append(seconds)
+                    row["items"] = items
+                    results["loads"].append(os.getloadavg()[0])
+                    print(f"[bench] {name} · {suite} · {which}: {items / seconds:.2f} items/s", file=sys.stderr, flush=True)
+                row["differences"].append(differences(records["before"], records["after"]))
+                save()
+
+
+def render(results: dict) -> str:
+    """The results table: median items/s per path, the speed-up, whether results matched."""
+    lines = ["# `merge-lab compare`: items per second before and after (issue 13 part 9)", "",
+             f"Command: `{results['command']}`  ",
+             f"Date: {results['started']}; {results['minutes']:.1f} min in all.  ",
+             f"Machine: {results['machine']}, {results['settings']['threads']} torch threads.  ",
+             load_line(results["loads"], "after each measurement"), "",
+             "Settings: " + ", ".join(f"{k} {v}" for k, v in results["settings"].items()) + ".  ",
+             "before: every row runs whole, stopped rows are fed pads to the end of decoding; after: a batch's "
+             "shared prefix runs once and its KV cache is repeated over the batch, stopped rows leave the batch. "
+             "items/s: median over repetitions of the suite's items over the seconds its evaluation took.", "",
+             "| candidate | suite | kind | items | before, items/s | after, items/s | speed-up | results |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for row in results["rows"].values():
+        rate = {p: [row["items"] / s for s in row["seconds"][p]] for p in PATHS}
+        if not rate["before"] or not rate["after"]:
+            continue
+        before, after = statistics.median(rate["before"]), statistics.median(rate["after"])
+        worst = max(row["differences"], key=lambda d: (d["records_differing"], d["largest_score_difference"]))
+        same = ("identical" if worst["records_differing"] == 0 else
+                f"{worst['records_differing']} of {row['items']} records differ (largest score difference "
+                f"{worst['largest_score_difference']:.2g})")
+        lines.append(f"| {row['candidate']} | {row['suite']} | {row['kind']} | {row['items']} | {before:.2f} | "
+                     f"{after:.2f} | {after / before:.2f}x | {same} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the dense candidate (default: the demo's base)")
+    ap.add_argument("--moe-hidden", type=int, default=256, help="the random Mixtral's width (0: no MoE)")
+    ap.add_argument("--moe-layers", type=int, default=4)
+    ap.add_argument("--score-suite", default="helpful_likelihood")
+    ap.add_argument("--generate-suite", default="harmless_refusal")
+    ap.add_argument("--limit", type=int, default=24, help="items per suite")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--batch-size", type=int, default=8, help="scoring batch (the demo's)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=Path("benchmarks/work/compare_speed"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/COMPARE_RESULTS.md"))
+    args = ap.parse_args(argv)
+    if not (args.model / "config.json").exists():
+        print(f"[bench] {args.model} is not a model folder: run `merge-lab demo` once (it converts the base into "
+              ".cache/merge_lab/), or give --model.", file=sys.stderr)
+        return 2
+    started = time.time()
+    results = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": "python -m benchmarks.compare_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "settings": {k: getattr(args, k) for k in ("limit", "max_new_tokens", "max_length", "batch_size",
+                                                          "threads", "reps")},
+               "rows": {}, "loads": [], "minutes": 0.0}
+    models = {args.model.name: args.model}
+    if args.moe_hidden:
+        moe = small_moe(args.work / "moe", args.model, args.moe_hidden, args.moe_layers)
+        models[f"random Mixtral (hidden {args.moe_hidden}, {args.moe_layers} layers, top-2 of 4)"] = moe
+
+    def save() -> None:
+        results["minutes"] = (time.time() - started) / 60
+        args.work.mkdir(parents=True, exist_ok=True)
+        (args.work / "compare_speed.json").write_text(json.dumps(results, indent=1))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(results))
+
+    measure(models, args, results, save)
+    print(f"[bench] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
