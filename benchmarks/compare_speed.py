@@ -73,7 +73,7 @@ def timed_suite(path: Path, suite_name: str, which: str, args) -> tuple[float, i
     cand = ModelCandidate(path.name, path, settings, Memo())
     cand.load()
     for lm in cand.models:
-        lm.share_prefix = lm.drop_stopped = which == "after"
+        lm.share_prefix = lm.drop_stopped = lm.reuse_summaries = which == "after"
     suite = make_suite(suite_name, limit=args.limit)
     suite.items()
     torch.manual_seed(0)

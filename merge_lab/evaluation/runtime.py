@@ -22,6 +22,7 @@ import torch
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.fingerprint import folder_state
 from merge_lab.evaluation.memo import Memo, Scored
+from merge_lab.evaluation.mixture import TokenSummary, mixed_from_summaries, summarize
 from merge_lab.training import chat
 
 Pair = tuple[list[int], list[int]]  # context ids, continuation ids
@@ -80,6 +81,8 @@ class LoadedModel:
         self.share_prefix = True
         # whether greedy decoding drops stopped rows from the batch (decode_batch); off: the old path
         self.drop_stopped = True
+        # whether a token mixture scores from the memo's summaries (mixed_scores); off: from the rows
+        self.reuse_summaries = True
         # the KV cache's argument and output field: `cache` from transformers 5.2x, `past_key_values` before
         self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
@@ -152,17 +155,27 @@ class LoadedModel:
 
     def score(self, batch: list[Pair], pad_id: int) -> list[Scored]:
         """Per item (summed log-prob, tokens, whether greedy decoding gives it), remembered in the memo."""
-        memo = self.memo.scores
+        return [self.memo.scores[k][0] for k in self.remember(batch, pad_id)]
+
+    def summaries(self, batch: list[Pair], pad_id: int) -> list[TokenSummary]:
+        """Per item, what the memo keeps of its log-prob rows (mixture.py), computed when missing."""
+        return [self.memo.tokens[k] for k in self.remember(batch, pad_id)]
+
+    def remember(self, batch: list[Pair], pad_id: int) -> list[tuple]:
+        """The items' memo keys, after scoring those the memo lacks (their score and their rows'
+        summary, with the seconds they took; a reused item adds its seconds to reused_seconds)."""
+        memo = self.memo
         keys = [(self.identity, tuple(c), tuple(t)) for c, t in batch]
-        todo = [i for i, k in enumerate(keys) if k not in memo]
-        self.reused_seconds += sum(memo[k][1] for k in keys if k in memo)
+        todo = [i for i, k in enumerate(keys) if k not in memo.scores or k not in memo.tokens]
+        self.reused_seconds += sum(memo.scores[k][1] for k in keys if k in memo.scores and k in memo.tokens)
         if todo:
             start = time.perf_counter()
             rows = self.rows([batch[i] for i in todo], pad_id)
             share = (time.perf_counter() - start) / len(todo)
             for i, r in zip(todo, rows):
-                memo[keys[i]] = (scored(r, batch[i][1]), share)
-        return [memo[k][0] for k in keys]
+                memo.scores[keys[i]] = (scored(r, batch[i][1]), share)
+                memo.tokens[keys[i]] = summarize(r, batch[i][1])
+        return keys
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
                stops: set[int]) -> tuple[list[list[int]], int]:
@@ -248,9 +261,20 @@ def scored(rows: torch.Tensor, continuation: list[int]) -> Scored:
 
 
 def mixed_scores(models: list[LoadedModel], log_weights: torch.Tensor, batch: list[Pair], pad_id: int) -> list[Scored]:
-    """Scores under the weighted mixture of the models' token distributions (never remembered)."""
-    per_member = [lm.rows(batch, pad_id) for lm in models]
-    return [scored(mix([m[j] for m in per_member], log_weights), cont) for j, (_, cont) in enumerate(batch)]
+    """Scores under the weighted mixture of the models' token distributions (never remembered as
+    such), from each model's remembered summaries (mixture.py): a member already scored on these
+    items runs no forward pass again. Items whose greedy flag the summaries cannot tell are scored
+    from the rows."""
+    out: list[Scored | None] = [None] * len(batch)
+    if all(lm.reuse_summaries for lm in models):
+        parts = [lm.summaries(batch, pad_id) for lm in models]
+        out = [mixed_from_summaries([p[j] for p in parts], log_weights, cont) for j, (_, cont) in enumerate(batch)]
+    unsure = [j for j, x in enumerate(out) if x is None]
+    if unsure:
+        per_member = [lm.rows([batch[j] for j in unsure], pad_id) for lm in models]
+        for k, j in enumerate(unsure):
+            out[j] = scored(mix([m[k] for m in per_member], log_weights), batch[j][1])
+    return out
 
 
 def greedy_decode(models: list[LoadedModel], log_weights: torch.Tensor, prompts: list[list[int]],
