@@ -85,3 +85,27 @@ def test_an_ensemble_of_scored_members_runs_no_forward_pass(members, monkeypatch
     assert [g[2] for g in got[:3]] == [True] * 3  # the ensemble's own greedy answers
     assert not all(g[2] for g in got[3:])
     assert all(lm.reused_seconds > 0 for lm in lms)  # the cost table still charges the members' work
+
+
+def test_a_mixture_decodes_a_prompt_once_across_suites(members, monkeypatch):
+    """Two suites asking a token ensemble the same prompt (helpful_winrate's prompts are all in
+    harmless_overrefusal_broad's): the second gets the remembered answer, its seconds charged."""
+    paths, tok = members
+    from merge_lab.evaluation.candidates import ModelCandidate, TokenEnsemble
+    from merge_lab.evaluation.spec import Settings
+
+    s = Settings(max_new_tokens=5)
+    memo = Memo()
+    ens = TokenEnsemble("e", [ModelCandidate(f"m{i}", p, s, memo) for i, p in enumerate(paths)], [0.6, 0.4], s)
+    first = ens.generate(["hello", "a longer question here"])
+    spent = ens.counters.gen_seconds
+    other = TokenEnsemble("f", ens.members, [0.4, 0.6], s)  # other weights: another mixture
+    other.load()
+    calls = []
+    for lm in ens.models + other.models:
+        real = lm.forward
+        monkeypatch.setattr(lm, "forward", lambda keep, real=real, **kw: calls.append(1) or real(keep, **kw))
+    assert ens.generate(["a longer question here"]) == first[1:] and calls == []
+    assert ens.counters.gen_seconds > spent and ens.counters.gen_tokens > 0
+    other.generate(["hello"])  # decoded afresh
+    assert calls

@@ -9,7 +9,7 @@ import torch
 
 from merge_lab.evaluation import runtime
 from merge_lab.evaluation.memo import Memo
-from merge_lab.evaluation.runtime import LoadedModel, greedy_decode, mixed_scores
+from merge_lab.evaluation.runtime import LoadedModel, decode, mixed_scores
 from merge_lab.testing import make_checkpoint
 from merge_lab.testing.toy import save_toy_tokenizer
 from merge_lab.training import chat
@@ -119,9 +119,9 @@ def test_a_prefix_never_swallows_a_scored_position(model):
 def test_shared_prefix_greedy_tokens_equal_one_prompt_at_a_time(model, monkeypatch):
     lm, tok = model
     prompts = chat_prompts(tok)
-    alone = [greedy_decode([lm], torch.zeros(1), [p], 8, tok.pad_token_id, set())[0][0] for p in prompts]
+    alone = [decode([lm], torch.zeros(1), [p], 8, tok.pad_token_id, set())[0][0] for p in prompts]
     sizes = batch_sizes(lm, monkeypatch)
-    together, made = greedy_decode([lm], torch.zeros(1), prompts, 8, tok.pad_token_id, set())
+    together, made = decode([lm], torch.zeros(1), prompts, 8, tok.pad_token_id, set())
     assert sizes[0] == 1 and together == alone and made == 8 * len(prompts)
     # greedy tokens as transformers' own generate gives them, for one prompt
     ref = lm.model.generate(torch.tensor([prompts[1]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -135,17 +135,17 @@ def test_shared_prefix_greedy_tokens_equal_one_prompt_at_a_time(model, monkeypat
     # stopping rows leave the batch: stop on a token one prompt makes early, the others go on
     # (replies already begun differently: tiny random models answer every chat alike)
     prompts = [p + chat.tokens(tok, start) for p, start in zip(prompts, ("Su", "No", "I w", "ok"))]
-    alone = [greedy_decode([lm], torch.zeros(1), [p], 8, tok.pad_token_id, set())[0][0] for p in prompts]
+    alone = [decode([lm], torch.zeros(1), [p], 8, tok.pad_token_id, set())[0][0] for p in prompts]
     stops = {early_stop(alone)}
-    expected = [greedy_decode([lm], torch.zeros(1), [p], 8, tok.pad_token_id, stops)[0][0] for p in prompts]
+    expected = [decode([lm], torch.zeros(1), [p], 8, tok.pad_token_id, stops)[0][0] for p in prompts]
     assert len({len(e) for e in expected}) > 1  # rows really stop at different steps
     sizes.clear()
-    got, made = greedy_decode([lm], torch.zeros(1), prompts, 8, tok.pad_token_id, stops)
+    got, made = decode([lm], torch.zeros(1), prompts, 8, tok.pad_token_id, stops)
     assert got == expected and made == sum(len(e) for e in expected)
     assert sizes[1:] and sizes[-1] < len(prompts)  # the last steps ran on fewer rows
     # no shared prefix: the plain path, same answers as one at a time
-    plain = [greedy_decode([lm], torch.zeros(1), [p], 5, tok.pad_token_id, STOPS)[0][0] for p in UNSHARED]
-    assert greedy_decode([lm], torch.zeros(1), UNSHARED, 5, tok.pad_token_id, STOPS)[0] == plain
+    plain = [decode([lm], torch.zeros(1), [p], 5, tok.pad_token_id, STOPS)[0][0] for p in UNSHARED]
+    assert decode([lm], torch.zeros(1), UNSHARED, 5, tok.pad_token_id, STOPS)[0] == plain
 
 
 def test_the_token_ensemble_is_unchanged_by_the_prefix_path(model):
@@ -158,12 +158,12 @@ def test_the_token_ensemble_is_unchanged_by_the_prefix_path(model):
     prompts = chat_prompts(tok)
     batch = [(p, [40, 41, 42]) for p in prompts]
     shared_scores = mixed_scores([lm, other], weights, batch, tok.pad_token_id)
-    shared_answers = greedy_decode([lm, other], weights, prompts, 6, tok.pad_token_id, STOPS)
+    shared_answers = decode([lm, other], weights, prompts, 6, tok.pad_token_id, STOPS)
     for m in (lm, other):
         m.share_prefix = False
     try:
         plain_scores = mixed_scores([lm, other], weights, batch, tok.pad_token_id)
-        assert greedy_decode([lm, other], weights, prompts, 6, tok.pad_token_id, STOPS) == shared_answers
+        assert decode([lm, other], weights, prompts, 6, tok.pad_token_id, STOPS) == shared_answers
     finally:
         for m in (lm, other):
             m.share_prefix = True
@@ -178,11 +178,11 @@ def test_decoding_batches_fit_the_free_memory(model, monkeypatch):
     prompts = chat_prompts(tok)
     per_row = runtime.row_bytes(lm, max(len(p) for p in prompts), 6)
     assert per_row > 2 * lm.model.config.num_hidden_layers * len(prompts[0]) * 4  # the KV cache at least
-    whole = greedy_decode([lm], torch.zeros(1), prompts, 6, tok.pad_token_id, STOPS)
+    whole = decode([lm], torch.zeros(1), prompts, 6, tok.pad_token_id, STOPS)
     monkeypatch.setattr(runtime, "free_memory", lambda device: int(2.5 * per_row / runtime.MEMORY_SHARE))
     assert runtime.fitting_rows([lm], max(len(p) for p in prompts), 6, len(prompts)) == 2
     assert runtime.fitting_rows([lm, lm], max(len(p) for p in prompts), 6, len(prompts)) == 1
     assert runtime.fitting_rows([lm], 1, 1, 1) == 1
     sizes = batch_sizes(lm, monkeypatch)
-    assert greedy_decode([lm], torch.zeros(1), prompts, 6, tok.pad_token_id, STOPS) == whole
+    assert decode([lm], torch.zeros(1), prompts, 6, tok.pad_token_id, STOPS) == whole
     assert max(sizes) <= 2

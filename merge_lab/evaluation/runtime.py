@@ -191,8 +191,7 @@ class LoadedModel:
                 tokens += len(memo[k][0])
         if todo:
             start = time.perf_counter()
-            answers, made = greedy_decode([self], torch.zeros(1), [prompts[i] for i in todo], max_new_tokens,
-                                          pad_id, stops)
+            answers, made = decode([self], torch.zeros(1), [prompts[i] for i in todo], max_new_tokens, pad_id, stops)
             tokens += made
             share = (time.perf_counter() - start) / len(todo)
             for i, ids in zip(todo, answers):
@@ -280,7 +279,31 @@ def mixed_scores(models: list[LoadedModel], log_weights: torch.Tensor, batch: li
 def greedy_decode(models: list[LoadedModel], log_weights: torch.Tensor, prompts: list[list[int]],
                   max_new_tokens: int, pad_id: int, stops: set[int]) -> tuple[list[list[int]], int]:
     """Greedy answer ids on the weighted mixture of the models' next-token distributions (one KV
-    cache per model), and the number of tokens generated; in batches of `fitting_rows` prompts."""
+    cache per model), and the number of tokens generated, remembered in the first model's memo
+    under the models and weights: two suites asking a mixture the same prompt decode it once (a
+    reused answer counts its tokens and the seconds it first took, as LoadedModel.greedy does)."""
+    memo = models[0].memo.answers
+    mixture = ("mixture", tuple(lm.identity for lm in models), tuple(log_weights.tolist()))
+    keys = [(mixture, tuple(p), max_new_tokens) for p in prompts]
+    todo = [i for i, k in enumerate(keys) if k not in memo]
+    tokens = 0
+    for k in keys:
+        if k in memo:
+            models[0].reused_seconds += memo[k][1]
+            tokens += len(memo[k][0])
+    if todo:
+        start = time.perf_counter()
+        answers, made = decode(models, log_weights, [prompts[i] for i in todo], max_new_tokens, pad_id, stops)
+        tokens += made
+        share = (time.perf_counter() - start) / len(todo)
+        for i, ids in zip(todo, answers):
+            memo[keys[i]] = (ids, share)
+    return [memo[k][0] for k in keys], tokens
+
+
+def decode(models: list[LoadedModel], log_weights: torch.Tensor, prompts: list[list[int]],
+           max_new_tokens: int, pad_id: int, stops: set[int]) -> tuple[list[list[int]], int]:
+    """greedy_decode's work, nothing remembered: in batches of `fitting_rows` prompts."""
     size = fitting_rows(models, max(len(p) for p in prompts), max_new_tokens, len(prompts))
     outs: list[list[int]] = []
     made = 0
