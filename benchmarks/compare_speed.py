@@ -1,18 +1,21 @@
 """`python -m benchmarks.compare_speed` (`make bench-compare`): `merge-lab compare`'s items/s before
 and after the evaluation savings of issue 13 part 9, in one run.
 
-    python -m benchmarks.compare_speed                      # SmolLM2-135M and a small MoE (a few minutes)
+    python -m benchmarks.compare_speed                      # the demo's base, an H3 MoE, a token ensemble (minutes)
     python -m benchmarks.compare_speed --reps 2 --limit 32
-    python -m benchmarks.compare_speed --model ./tiny --moe-hidden 32 --moe-layers 1 --limit 3 --out /tmp/C.md
+    python -m benchmarks.compare_speed --model ./tiny --limit 3 --gen-limit 2 --out /tmp/C.md --work /tmp/w
 
 "before" turns off what runtime.py added (`LoadedModel.share_prefix`: a batch's shared chat prefix
-runs once; `LoadedModel.drop_stopped`: stopped rows leave a decoding batch); "after" is the default.
-Each candidate (the demo's base model, converted once into `.cache/merge_lab/` as the demo does, and
-a seeded random Mixtral with the same tokenizer, built under --work) runs a scoring suite and a
-generation suite through `ModelCandidate` exactly as a comparison does, with a fresh memo each time
-(nothing reused), same settings for both paths. items/s = the suite's items over the seconds its
-`evaluate` took (the model loaded before the clock starts). The two paths' per-item records are
-compared: they must agree (the test suite checks the same at 1e-5 on tiny models).
+runs once; `drop_stopped`: stopped rows leave a decoding batch; `reuse_summaries`: a token ensemble
+scores from its members' remembered row summaries); "after" is the default. Candidates, built from
+the demo's base (converted once into `.cache/merge_lab/`, as the demo does) by benchmarks.fusion_inputs
+under --work: the base; its H3 MoE (three FFN experts = the base with 2% seeded noise, top-2 of 3);
+the token ensemble of those three experts. Each runs a scoring suite and a generation suite through
+the candidates of merge_lab.evaluation exactly as a comparison does, with a fresh memo each time, same
+settings on both paths; the ensemble's members are first scored on the suite as candidates of their
+own (as in a comparison, where they are; untimed), so "after" shows what the ensemble no longer
+recomputes. items/s = the suite's items over the seconds its `evaluate` took (models loaded before
+the clock starts). The two paths' per-item records are compared.
 
 Repetitions alternate which path runs first. Writes --out (benchmarks/COMPARE_RESULTS.md) and the
 raw figures to <work>/compare_speed.json.
@@ -23,59 +26,47 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.fusion_inputs import build
 from benchmarks.run import load_line, machine
 
 PATHS = ("before", "after")
 DEFAULT_MODEL = Path(".cache/merge_lab/smollm2-135m-instruct")
 
 
-def small_moe(folder: Path, tokenizer_from: Path, hidden: int, layers: int) -> Path:
-    """A seeded random top-2-of-4 Mixtral with `tokenizer_from`'s tokenizer, reused when complete."""
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    key = json.dumps({"hidden": hidden, "layers": layers, "tokenizer": str(tokenizer_from.resolve())})
-    stamp = folder / ".complete"
-    if stamp.exists() and stamp.read_text() == key:
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    import torch
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_from))
-    torch.manual_seed(0)
-    heads = max(1, hidden // 64)
-    config = MixtralConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=heads, num_local_experts=4,
-                           num_experts_per_tok=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    MixtralForCausalLM(config).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    stamp.write_text(key)
-    return folder
-
-
-def timed_suite(path: Path, suite_name: str, which: str, args) -> tuple[float, int, list[dict]]:
-    """(seconds, items, records) of one suite on one candidate, on the `which` path."""
-    import torch
-
-    from merge_lab.evaluation.candidates import ModelCandidate
-    from merge_lab.evaluation.memo import Memo
+def candidate(members: list[Path], args, memo):
+    """A ModelCandidate of one folder, or the token ensemble of several (equal weights)."""
+    from merge_lab.evaluation.candidates import ModelCandidate, TokenEnsemble
     from merge_lab.evaluation.spec import Settings
-    from merge_lab.evaluation.suites import EvalContext, make_suite
 
     settings = Settings(limit=args.limit, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                         batch_size=args.batch_size)
-    cand = ModelCandidate(path.name, path, settings, Memo())
+    singles = [ModelCandidate(p.name, p, settings, memo) for p in members]
+    return singles[0] if len(singles) == 1 else TokenEnsemble("ensemble", singles, None, settings, memo)
+
+
+def timed_suite(members: list[Path], suite_name: str, limit: int, which: str, args) -> tuple[float, int, list[dict]]:
+    """(seconds, items, records) of one suite on one candidate, on the `which` path."""
+    import torch
+
+    from merge_lab.evaluation.memo import Memo
+    from merge_lab.evaluation.suites import EvalContext, make_suite
+
+    suite = make_suite(suite_name, limit=limit)
+    suite.items()
+    memo = Memo()
+    cand = candidate(members, args, memo)
+    if len(members) > 1 and which == "after" and suite_name == args.score_suite:
+        for m in cand.members:  # scored as candidates of their own first, as a comparison does
+            suite.evaluate(m, EvalContext())
+            m.unload()
     cand.load()
     for lm in cand.models:
         lm.share_prefix = lm.drop_stopped = lm.reuse_summaries = which == "after"
-    suite = make_suite(suite_name, limit=args.limit)
-    suite.items()
     torch.manual_seed(0)
     start = time.perf_counter()
     records = suite.evaluate(cand, EvalContext())
@@ -89,20 +80,21 @@ def differences(a: list[dict], b: list[dict]) -> dict:
     return {"records_differing": differing, "largest_score_difference": gap}
 
 
-def measure(models: dict[str, Path], args, results: dict, save) -> None:
+def measure(models: dict[str, list[Path]], args, results: dict, save) -> None:
     """Every (candidate, suite) on both paths, --reps times, alternating which path goes first."""
     import torch
 
     torch.set_num_threads(args.threads)
     for rep in range(args.reps):
         for name, path in models.items():
-            for kind, suite in (("scoring", args.score_suite), ("generation", args.generate_suite)):
+            for kind, suite, limit in (("scoring", args.score_suite, args.limit),
+                                       ("generation", args.generate_suite, args.gen_limit)):
                 row = results["rows"].setdefault(f"{name} · {suite}", {
                     "candidate": name, "suite": suite, "kind": kind, "items": 0,
                     "seconds": {p: [] for p in PATHS}, "differences": []})
                 records = {}
                 for which in (PATHS if rep % 2 == 0 else PATHS[::-1]):
-                    seconds, items, records[which] = timed_suite(path, suite, which, args)
+                    seconds, items, records[which] = timed_suite(path, suite, limit, which, args)
                     row["seconds"][which].append(seconds)
                     row["items"] = items
                     results["loads"].append(os.getloadavg()[0])
@@ -141,11 +133,10 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the dense candidate (default: the demo's base)")
-    ap.add_argument("--moe-hidden", type=int, default=256, help="the random Mixtral's width (0: no MoE)")
-    ap.add_argument("--moe-layers", type=int, default=4)
     ap.add_argument("--score-suite", default="helpful_likelihood")
     ap.add_argument("--generate-suite", default="harmless_refusal")
-    ap.add_argument("--limit", type=int, default=24, help="items per suite")
+    ap.add_argument("--limit", type=int, default=24, help="items of the scoring suite")
+    ap.add_argument("--gen-limit", type=int, default=16, help="prompts of the generation suite")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=8, help="scoring batch (the demo's)")
@@ -161,13 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": "python -m benchmarks.compare_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "settings": {k: getattr(args, k) for k in ("limit", "max_new_tokens", "max_length", "batch_size",
+               "settings": {k: getattr(args, k) for k in ("limit", "gen_limit", "max_new_tokens", "max_length", "batch_size",
                                                           "threads", "reps")},
                "rows": {}, "loads": [], "minutes": 0.0}
-    models = {args.model.name: args.model}
-    if args.moe_hidden:
-        moe = small_moe(args.work / "moe", args.model, args.moe_hidden, args.moe_layers)
-        models[f"random Mixtral (hidden {args.moe_hidden}, {args.moe_layers} layers, top-2 of 4)"] = moe
+    experts, moe = build(args.model, args.work / "inputs")
+    models = {f"{args.model.name} (dense)": [args.model], "H3 MoE (top-2 of 3 FFN experts)": [moe],
+              "token ensemble of the 3 experts": experts}
 
     def save() -> None:
         results["minutes"] = (time.time() - started) / 60

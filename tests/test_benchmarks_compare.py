@@ -1,5 +1,6 @@
-"""The compare-speed benchmark runs end to end on a tiny model and a tiny MoE (figures are not
-checked: they live in benchmarks/COMPARE_RESULTS.md, made by `make bench-compare`)."""
+"""The compare-speed benchmark runs end to end on a tiny base, its H3 MoE and the token ensemble of
+its experts (figures are not checked: they live in benchmarks/COMPARE_RESULTS.md, made by
+`make bench-compare`)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,18 @@ def test_benchmark_times_both_paths_and_finds_their_results_equal(tmp_path):
     model = make_checkpoint(tmp_path / "tiny", seed=3, dtype=torch.float32)
     save_toy_tokenizer(model)
     out, work = tmp_path / "COMPARE_RESULTS.md", tmp_path / "work"
-    assert main(["--model", str(model), "--moe-hidden", "32", "--moe-layers", "1", "--limit", "3",
-                 "--max-new-tokens", "3", "--threads", "1", "--work", str(work), "--out", str(out)]) == 0
+    assert main(["--model", str(model), "--limit", "3", "--gen-limit", "2", "--max-new-tokens", "3",
+                 "--threads", "1", "--work", str(work), "--out", str(out)]) == 0
     raw = json.loads((work / "compare_speed.json").read_text())
-    assert len(raw["rows"]) == 4  # two candidates x (a scoring suite, a generation suite)
+    assert len(raw["rows"]) == 6  # three candidates x (a scoring suite, a generation suite)
     for row in raw["rows"].values():
-        assert row["items"] == 3 and all(len(row["seconds"][p]) == 1 for p in ("before", "after"))
+        assert row["items"] == (3 if row["kind"] == "scoring" else 2)
+        assert all(len(row["seconds"][p]) == 1 for p in ("before", "after"))
         assert row["differences"][0]["largest_score_difference"] < 1e-5
     table = out.read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| tiny") or line.startswith("| random Mixtral")]
-    assert len(rows) == 4 and all(line.rstrip().endswith("|") and "x |" in line for line in rows)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and ("scoring" in line or "generation" in line)]
+    assert len(rows) == 6 and all("x |" in line for line in rows)
+    assert any(line.startswith("| token ensemble") for line in rows)
     assert "load average" in table and "cores" in table
 
 
