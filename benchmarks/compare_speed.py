@@ -35,7 +35,6 @@ from benchmarks.fusion_inputs import build
 from benchmarks.run import load_line, machine
 
 PATHS = ("before", "after")
-DEFAULT_MODEL = Path(".cache/merge_lab/smollm2-135m-instruct")
 
 
 def candidate(members: list[Path], args, memo):
@@ -49,8 +48,10 @@ def candidate(members: list[Path], args, memo):
     return singles[0] if len(singles) == 1 else TokenEnsemble("ensemble", singles, None, settings, memo)
 
 
-def timed_suite(members: list[Path], suite_name: str, limit: int, which: str, args) -> tuple[float, int, list[dict]]:
-    """(seconds, items, records) of one suite on one candidate, on the `which` path."""
+def timed_suite(members: list[Path], suite_name: str, limit: int, which: str,
+                args) -> tuple[float, float, int, list[dict]]:
+    """(wall seconds, CPU seconds of this process, items, records) of one suite on one candidate,
+    on the `which` path."""
     import torch
 
     from merge_lab.evaluation.memo import Memo
@@ -68,9 +69,9 @@ def timed_suite(members: list[Path], suite_name: str, limit: int, which: str, ar
     for lm in cand.models:
         lm.share_prefix = lm.drop_stopped = lm.reuse_summaries = which == "after"
     torch.manual_seed(0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     records = suite.evaluate(cand, EvalContext())
-    return time.perf_counter() - start, len(records), records
+    return time.perf_counter() - start, time.process_time() - cpu, len(records), records
 
 
 def differences(a: list[dict], b: list[dict]) -> dict:
@@ -91,14 +92,16 @@ def measure(models: dict[str, list[Path]], args, results: dict, save) -> None:
                                        ("generation", args.generate_suite, args.gen_limit)):
                 row = results["rows"].setdefault(f"{name} · {suite}", {
                     "candidate": name, "suite": suite, "kind": kind, "items": 0,
-                    "seconds": {p: [] for p in PATHS}, "differences": []})
+                    "seconds": {p: [] for p in PATHS}, "cpu_seconds": {p: [] for p in PATHS}, "differences": []})
                 records = {}
                 for which in (PATHS if rep % 2 == 0 else PATHS[::-1]):
-                    seconds, items, records[which] = timed_suite(path, suite, limit, which, args)
+                    seconds, cpu, items, records[which] = timed_suite(path, suite, limit, which, args)
                     row["seconds"][which].append(seconds)
+                    row["cpu_seconds"][which].append(cpu)
                     row["items"] = items
                     results["loads"].append(os.getloadavg()[0])
-                    print(f"[bench] {name} · {suite} · {which}: {items / seconds:.2f} items/s", file=sys.stderr, flush=True)
+                    print(f"[bench] {name} · {suite} · {which}: {items / seconds:.2f} items/s, {cpu:.1f} CPU s",
+                          file=sys.stderr, flush=True)
                 row["differences"].append(differences(records["before"], records["after"]))
                 save()
 
@@ -113,27 +116,32 @@ def render(results: dict) -> str:
              "Settings: " + ", ".join(f"{k} {v}" for k, v in results["settings"].items()) + ".  ",
              "before: every row runs whole, stopped rows are fed pads to the end of decoding; after: a batch's "
              "shared prefix runs once and its KV cache is repeated over the batch, stopped rows leave the batch. "
-             "items/s: median over repetitions of the suite's items over the seconds its evaluation took.", "",
-             "| candidate | suite | kind | items | before, items/s | after, items/s | speed-up | results |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+             "items/s: median over repetitions of the suite's items over the wall seconds its evaluation took; "
+             "CPU s: this process's CPU seconds for it (less sensitive than wall time to other work on shared cores).", "",
+             "| candidate | suite | kind | items | before, items/s | after, items/s | speed-up | before, CPU s | "
+             "after, CPU s | CPU saved | results |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in results["rows"].values():
         rate = {p: [row["items"] / s for s in row["seconds"][p]] for p in PATHS}
         if not rate["before"] or not rate["after"]:
             continue
         before, after = statistics.median(rate["before"]), statistics.median(rate["after"])
+        cpu = {p: statistics.median(row["cpu_seconds"][p]) for p in PATHS}
         worst = max(row["differences"], key=lambda d: (d["records_differing"], d["largest_score_difference"]))
         same = ("identical" if worst["records_differing"] == 0 else
                 f"{worst['records_differing']} of {row['items']} records differ (largest score difference "
                 f"{worst['largest_score_difference']:.2g})")
         lines.append(f"| {row['candidate']} | {row['suite']} | {row['kind']} | {row['items']} | {before:.2f} | "
-                     f"{after:.2f} | {after / before:.2f}x | {same} |")
+                     f"{after:.2f} | {after / before:.2f}x | {cpu['before']:.1f} | {cpu['after']:.1f} | "
+                     f"{1 - cpu['after'] / cpu['before']:.0%} | {same} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the dense candidate (default: the demo's base)")
-    ap.add_argument("--score-suite", default="helpful_likelihood")
+    ap.add_argument("--model", type=Path, help="the dense candidate and the experts' base (default: the demo's "
+                    "SmolLM2-135M-Instruct, converted into $MERGE_LAB_CACHE, default .cache/merge_lab, on first use)")
+    ap.add_argument("--score-suite", default="honest_truthfulqa")
     ap.add_argument("--generate-suite", default="harmless_refusal")
     ap.add_argument("--limit", type=int, default=24, help="items of the scoring suite")
     ap.add_argument("--gen-limit", type=int, default=16, help="prompts of the generation suite")
@@ -145,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("benchmarks/work/compare_speed"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/COMPARE_RESULTS.md"))
     args = ap.parse_args(argv)
-    if not (args.model / "config.json").exists():
-        print(f"[bench] {args.model} is not a model folder: run `merge-lab demo` once (it converts the base into "
-              ".cache/merge_lab/), or give --model.", file=sys.stderr)
-        return 2
+    if args.model is None:
+        from merge_lab.core.bases import smollm2_base
+
+        args.model = smollm2_base()
     started = time.time()
     results = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": "python -m benchmarks.compare_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
