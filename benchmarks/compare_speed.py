@@ -114,8 +114,11 @@ def render(results: dict) -> str:
              f"Machine: {results['machine']}, {results['settings']['threads']} torch threads.  ",
              load_line(results["loads"], "after each measurement"), "",
              "Settings: " + ", ".join(f"{k} {v}" for k, v in results["settings"].items()) + ".  ",
-             "before: every row runs whole, stopped rows are fed pads to the end of decoding; after: a batch's "
-             "shared prefix runs once and its KV cache is repeated over the batch, stopped rows leave the batch. "
+             "before: every row runs whole, stopped rows are fed pads to the end of decoding, a token ensemble "
+             "runs its members on every item; after: a batch's shared prefix runs once and its KV cache is repeated "
+             "over the batch, stopped rows leave the batch, a token ensemble scores from what its members' own "
+             "scoring (done first, as in a comparison, untimed) kept. Differing records differ by float rounding "
+             "only where the largest score difference is below 1e-5. "
              "items/s: median over repetitions of the suite's items over the wall seconds its evaluation took; "
              "CPU s: this process's CPU seconds for it (less sensitive than wall time to other work on shared cores).", "",
              "| candidate | suite | kind | items | before, items/s | after, items/s | speed-up | before, CPU s | "
