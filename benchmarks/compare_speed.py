@@ -117,8 +117,8 @@ def render(results: dict) -> str:
              "before: every row runs whole, stopped rows are fed pads to the end of decoding, a token ensemble "
              "runs its members on every item; after: a batch's shared prefix runs once and its KV cache is repeated "
              "over the batch, stopped rows leave the batch, a token ensemble scores from what its members' own "
-             "scoring (done first, as in a comparison, untimed) kept. Differing records differ by float rounding "
-             "only where the largest score difference is below 1e-5. "
+             "scoring (done first, as in a comparison, untimed) kept. results: records that are not bit-identical "
+             "between the two paths (a largest score difference under 1e-5 is float rounding). "
              "items/s: median over repetitions of the suite's items over the wall seconds its evaluation took; "
              "CPU s: this process's CPU seconds for it (less sensitive than wall time to other work on shared cores).", "",
              "| candidate | suite | kind | items | before, items/s | after, items/s | speed-up | before, CPU s | "
