@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_lab.evaluation import runtime
+from merge_lab.evaluation import decoding_memory, runtime
 from merge_lab.evaluation.memo import Memo
 from merge_lab.evaluation.runtime import LoadedModel, decode, mixed_scores
 from merge_lab.testing import make_checkpoint
@@ -75,11 +75,13 @@ def batch_sizes(lm: LoadedModel, monkeypatch) -> list[int]:
 
 
 def early_stop(answers: list[list[int]]) -> int:
-    """A token that, as a stop, ends the answers at different steps (the earliest such)."""
+    """A token that, as a stop, ends the answers at different steps, one of them before the last
+    step (so later steps run on fewer rows): the one that ends an answer earliest."""
     def ends(t: int) -> list[int]:
         return [a.index(t) if t in a else len(a) for a in answers]
 
-    options = [t for a in answers for t in a if len(set(ends(t))) > 1 and min(ends(t)) < len(a) - 1]
+    last = max(len(a) for a in answers) - 1
+    options = [t for a in answers for t in a if len(set(ends(t))) > 1 and min(ends(t)) < last]
     assert options, answers  # the model says the same thing to every prompt: pick other prompts
     return min(options, key=lambda t: min(ends(t)))
 
@@ -176,13 +178,14 @@ def test_decoding_batches_fit_the_free_memory(model, monkeypatch):
     split batches give the same answers as one."""
     lm, tok = model
     prompts = chat_prompts(tok)
-    per_row = runtime.row_bytes(lm, max(len(p) for p in prompts), 6)
+    per_row = decoding_memory.row_bytes(lm, max(len(p) for p in prompts), 6)
     assert per_row > 2 * lm.model.config.num_hidden_layers * len(prompts[0]) * 4  # the KV cache at least
     whole = decode([lm], torch.zeros(1), prompts, 6, tok.pad_token_id, STOPS)
-    monkeypatch.setattr(runtime, "free_memory", lambda device: int(2.5 * per_row / runtime.MEMORY_SHARE))
-    assert runtime.fitting_rows([lm], max(len(p) for p in prompts), 6, len(prompts)) == 2
-    assert runtime.fitting_rows([lm, lm], max(len(p) for p in prompts), 6, len(prompts)) == 1
-    assert runtime.fitting_rows([lm], 1, 1, 1) == 1
+    room = int(2.5 * per_row / decoding_memory.MEMORY_SHARE)
+    monkeypatch.setattr(decoding_memory, "free_memory", lambda device: room)
+    assert decoding_memory.fitting_rows([lm], max(len(p) for p in prompts), 6, len(prompts)) == 2
+    assert decoding_memory.fitting_rows([lm, lm], max(len(p) for p in prompts), 6, len(prompts)) == 1
+    assert decoding_memory.fitting_rows([lm], 1, 1, 1) == 1
     sizes = batch_sizes(lm, monkeypatch)
     assert decode([lm], torch.zeros(1), prompts, 6, tok.pad_token_id, STOPS) == whole
     assert max(sizes) <= 2

@@ -4,11 +4,16 @@ routing shares of an MoE, and greedy decoding on a weighted mixture of several m
 A `LoadedModel` remembers what it computed in the `Memo` it is given (see memo.py), keyed by its
 identity: the stat of its folder's files and its dtype.
 
-Two savings that change no result (tests/test_shared_prefix.py checks them against plain forwards):
+Savings that change no result (tests/test_shared_prefix.py and tests/test_ensemble_reuse.py check
+them against plain forwards and the full rows); each has a switch on LoadedModel, on by default, so
+that benchmarks/compare_speed.py times the old path in the same run:
 - the token prefix every row of a batch shares (a chat template's system turn) runs once, on one
-  row, and its KV cache is repeated over the batch (`LoadedModel.run`);
+  row, and its KV cache is repeated over the batch (`LoadedModel.run`; `share_prefix`);
 - greedy decoding drops a row from the batch (and from every KV cache) once it has stopped, instead
-  of feeding it pads to the end; its batches are as wide as the memory allows (`fitting_rows`).
+  of feeding it pads to the end (`decode_batch`; `drop_stopped`); its batches are as wide as the
+  memory allows (decoding_memory.py);
+- a token mixture scores from its members' remembered row summaries (`mixed_scores`, mixture.py;
+  `reuse_summaries`), and remembers its greedy answers as a single model does (`greedy_decode`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 from merge_lab.errors import MergeLabError
+from merge_lab.evaluation.decoding_memory import fitting_rows
 from merge_lab.evaluation.fingerprint import folder_state
 from merge_lab.evaluation.memo import Memo, Scored
 from merge_lab.evaluation.mixture import TokenSummary, mixed_from_summaries, summarize
@@ -76,13 +82,10 @@ class LoadedModel:
         self.identity = (folder_state(path), str(dtype))
         self.reused_seconds = 0.0  # seconds of remembered work this object handed out again
         self.is_moe = any("experts" in n for n, _ in self.model.named_parameters())
-        # whether a batch's shared prefix runs once (`run`); off: every row runs whole (the old path,
-        # kept so that benchmarks/compare_speed.py times both in one run)
-        self.share_prefix = True
-        # whether greedy decoding drops stopped rows from the batch (decode_batch); off: the old path
-        self.drop_stopped = True
-        # whether a token mixture scores from the memo's summaries (mixed_scores); off: from the rows
-        self.reuse_summaries = True
+        # the savings' switches (module docstring); off: the old path
+        self.share_prefix = True  # a batch's shared prefix runs once (`run`)
+        self.drop_stopped = True  # greedy decoding drops stopped rows from the batch (`decode_batch`)
+        self.reuse_summaries = True  # a token mixture scores from the memo's summaries (`mixed_scores`)
         # the KV cache's argument and output field: `cache` from transformers 5.2x, `past_key_values` before
         self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
@@ -128,6 +131,10 @@ class LoadedModel:
         first = self.forward(1, input_ids=head, attention_mask=torch.ones_like(head),
                              position_ids=torch.arange(shared)[None], use_cache=True)
         past = getattr(first, self.cache_name)
+        if not hasattr(past, "batch_repeat_interleave"):  # a cache that cannot be repeated: run rows whole
+            ids, mask, pos = chat.left_padded(rows, pad_id)
+            out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            return out, mask, pos
         past.batch_repeat_interleave(len(rows))
         ids, tail_mask, tail_pos = chat.left_padded([r[shared:] for r in rows], pad_id)
         mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), tail_mask], dim=1)
@@ -345,51 +352,3 @@ def decode_batch(models: list[LoadedModel], log_weights: torch.Tensor, prompts: 
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         logp = mix([s.step(nxt) for s in steppers], log_weights)
     return outs, made
-
-
-def fitting_rows(models: list[LoadedModel], prompt_tokens: int, new_tokens: int, wanted: int) -> int:
-    """How many prompts one decoding batch takes: all `wanted` (the interface's batch, at most
-    settings.generate_batch_size) unless their KV caches and the prompt pass's activations, summed
-    over the models, would take more than MEMORY_SHARE of the memory free now (`row_bytes`)."""
-    per_row = sum(row_bytes(lm, prompt_tokens, new_tokens) for lm in models)
-    room = int(free_memory(models[0].device) * MEMORY_SHARE)
-    return max(1, min(wanted, room // max(per_row, 1)))
-
-
-# Of the memory free when a decoding batch starts, the share its rows may take (the rest is for
-# the weights of models loaded later, the judge, the allocator's slack).
-MEMORY_SHARE = 0.25
-
-
-def row_bytes(lm: LoadedModel, prompt_tokens: int, new_tokens: int) -> int:
-    """Bytes one row of a decoding batch needs at its peak: its KV cache over prompt and answer,
-    one layer's activations over the prompt (hidden states, the MLP's inner width, the attention
-    scores) and the next-token logits with their log-softmax (float32)."""
-    cfg = getattr(lm.model.config, "text_config", None) or lm.model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    inner = max(getattr(cfg, "intermediate_size", 0) or 0, getattr(cfg, "moe_intermediate_size", 0) or 0)
-    width = getattr(lm.model.dtype, "itemsize", 4)
-    tokens = prompt_tokens + new_tokens
-    cache = 2 * cfg.num_hidden_layers * kv_heads * head_dim * tokens * width
-    activations = prompt_tokens * (4 * cfg.hidden_size + 2 * inner) * width + heads * prompt_tokens**2 * 4
-    return cache + activations + 3 * cfg.vocab_size * 4
-
-
-def free_memory(device: str) -> int:
-    """Bytes free on `device` now: the accelerator's free memory, else the host's available memory."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # no way to ask: the interface's batch size alone decides
-        return 1 << 62
