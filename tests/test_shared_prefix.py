@@ -189,3 +189,25 @@ def test_decoding_batches_fit_the_free_memory(model, monkeypatch):
     sizes = batch_sizes(lm, monkeypatch)
     assert decode([lm], torch.zeros(1), prompts, 6, tok.pad_token_id, STOPS) == whole
     assert max(sizes) <= 2
+
+
+def test_routing_counts_a_shared_prefix_once_per_row(model, monkeypatch):
+    """An MoE's routing shares: the prefix routed once, counted for every row, equal to the texts
+    routed one at a time (a dense model has none)."""
+    lm, tok = model
+    texts = [p + chat.tokens(tok, r) for p, r in zip(chat_prompts(tok), ("Sure.", "No", "ok then", "x"))]
+    if not lm.is_moe:
+        assert lm.routing(texts, tok.pad_token_id) is None
+        return
+    alone = sum(lm.routing([t], tok.pad_token_id) for t in texts)
+    seen, real = [], lm.router_pass
+    monkeypatch.setattr(lm, "router_pass", lambda **kw: seen.append(int(kw["input_ids"].shape[0])) or real(**kw))
+    together = lm.routing(texts, tok.pad_token_id)
+    assert seen == [1, len(texts)] and torch.equal(together, alone)
+    assert int(together[0].sum()) == sum(len(t) for t in texts) * lm.model.config.num_experts_per_tok
+    lm.share_prefix = False
+    try:
+        assert torch.equal(lm.routing(texts, tok.pad_token_id), alone)
+        assert torch.equal(lm.routing(UNSHARED, tok.pad_token_id), sum(lm.routing([t], tok.pad_token_id) for t in UNSHARED))
+    finally:
+        lm.share_prefix = True

@@ -207,18 +207,44 @@ class LoadedModel:
 
     @torch.no_grad()
     def routing(self, batch: list[list[int]], pad_id: int) -> torch.Tensor | None:
-        """Counts of (token, top-k slot) assignments, [layer, expert]; None for dense models."""
+        """Counts of (token, top-k slot) assignments, [layer, expert]; None for dense models. A
+        shared prefix (as in `run`) is routed once and counted once per row."""
         if not self.is_moe:
             return None
         k = getattr(self.model.config, "num_experts_per_tok", 1)
+        shared = chat.common_prefix(batch, min(len(r) for r in batch) - 1) if self.share_prefix and len(batch) > 1 else 0
+        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        counts, past = 0, {}
+        if shared:
+            head = torch.tensor([batch[0][:shared]], dtype=torch.long)
+            first = self.router_pass(input_ids=head, attention_mask=torch.ones_like(head),
+                                     position_ids=torch.arange(shared)[None], use_cache=True)
+            cache = getattr(first, self.cache_name)
+            if not hasattr(cache, "batch_repeat_interleave"):
+                return self.routing_whole(batch, pad_id, k)
+            prefix = slot_counts(first, torch.ones_like(head), k)
+            if prefix is None:
+                return None
+            cache.batch_repeat_interleave(len(batch))
+            counts, past = prefix * len(batch), {self.cache_name: cache}
+        ids, mask, pos = chat.left_padded([r[shared:] for r in batch], pad_id)
+        full = torch.cat([torch.ones((len(batch), shared), dtype=torch.long), mask], dim=1)
+        out = self.router_pass(input_ids=ids, attention_mask=full, position_ids=pos + shared, use_cache=bool(shared),
+                               **past)
+        rest = slot_counts(out, mask, k)
+        return None if rest is None else counts + rest
+
+    def router_pass(self, **inputs):
+        """The decoder without its LM head, returning router logits: no vocabulary rows, and no
+        load-balancing loss (which cannot take a mask longer than the tokens, as after a prefix)."""
+        args = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        return self.model.base_model(**args, output_router_logits=True)
+
+    @torch.no_grad()
+    def routing_whole(self, batch: list[list[int]], pad_id: int, k: int) -> torch.Tensor | None:
+        """`routing` with every row run whole."""
         ids, mask, pos = chat.left_padded(batch, pad_id)
-        out = self.forward(1, input_ids=ids, attention_mask=mask, position_ids=pos, output_router_logits=True)
-        logits = getattr(out, "router_logits", None)
-        if not logits:
-            return None
-        keep = mask.reshape(-1).bool()
-        return torch.stack([torch.bincount(layer.float().cpu()[keep].topk(k, dim=-1).indices.reshape(-1),
-                                           minlength=layer.shape[-1]) for layer in logits])
+        return slot_counts(self.router_pass(input_ids=ids, attention_mask=mask, position_ids=pos), mask, k)
 
     def stepper(self, prompts: list[list[int]], pad_id: int) -> Stepper:
         return Stepper(self, prompts, pad_id)
@@ -248,6 +274,16 @@ class Stepper:
         self.past = getattr(out, self.lm.cache_name)
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
         return self.logp
+
+
+def slot_counts(out, mask: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Per layer, how many of the real tokens' (mask 1) top-k router slots each expert took."""
+    logits = getattr(out, "router_logits", None)
+    if not logits:
+        return None
+    keep = mask.reshape(-1).bool()
+    return torch.stack([torch.bincount(layer.float().cpu()[keep].topk(k, dim=-1).indices.reshape(-1),
+                                       minlength=layer.shape[-1]) for layer in logits])
 
 
 def mix(logps: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:
