@@ -8,7 +8,8 @@ Savings that change no result (tests/test_shared_prefix.py and tests/test_ensemb
 them against plain forwards and the full rows); each has a switch on LoadedModel, on by default, so
 that benchmarks/compare_speed.py times the old path in the same run:
 - the token prefix every row of a batch shares (a chat template's system turn) runs once, on one
-  row, and its KV cache is repeated over the batch (`LoadedModel.run`; `share_prefix`);
+  row, and its KV cache is repeated over the batch (`LoadedModel.run`, `LoadedModel.routing`;
+  `share_prefix`);
 - greedy decoding drops a row from the batch (and from every KV cache) once it has stopped, instead
   of feeding it pads to the end (`decode_batch`; `drop_stopped`); its batches are as wide as the
   memory allows (decoding_memory.py);
