@@ -56,8 +56,9 @@ bench-fusion: setup
 bench-scaling: setup
 	$(PY) -m benchmarks.scaling
 
-# `merge-lab compare` items/s before and after the shared-prefix and stopped-row savings, on the demo's base
-# and a small random MoE, results compared item by item (benchmarks/COMPARE_RESULTS.md); a few minutes on 2 cores
+# `merge-lab compare` items/s before and after the shared-prefix, stopped-row and ensemble-reuse savings, on the demo's base,
+# its H3 MoE and the token ensemble of its experts, records compared (benchmarks/COMPARE_RESULTS.md):
+# 11 min on the 2 shared cores at load average 9 (one repetition; less on idle cores)
 bench-compare: setup
 	$(PY) -m benchmarks.compare_speed
 
