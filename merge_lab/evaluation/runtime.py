@@ -3,6 +3,18 @@ routing shares of an MoE, and greedy decoding on a weighted mixture of several m
 
 A `LoadedModel` remembers what it computed in the `Memo` it is given (see memo.py), keyed by its
 identity: the stat of its folder's files and its dtype.
+
+Savings that change no result (tests/test_shared_prefix.py and tests/test_ensemble_reuse.py check
+them against plain forwards and the full rows); each has a switch on LoadedModel, on by default, so
+that benchmarks/compare_speed.py times the old path in the same run:
+- the token prefix every row of a batch shares (a chat template's system turn) runs once, on one
+  row, and its KV cache is repeated over the batch (`LoadedModel.run`, `LoadedModel.routing`;
+  `share_prefix`);
+- greedy decoding drops a row from the batch (and from every KV cache) once it has stopped, instead
+  of feeding it pads to the end (`decode_batch`; `drop_stopped`); its batches are as wide as the
+  memory allows (decoding_memory.py);
+- a token mixture scores from its members' remembered row summaries (`mixed_scores`, mixture.py;
+  `reuse_summaries`), and remembers its greedy answers as a single model does (`greedy_decode`).
 """
 
 from __future__ import annotations
@@ -14,11 +26,15 @@ from pathlib import Path
 import torch
 
 from merge_lab.errors import MergeLabError
+from merge_lab.evaluation.decoding_memory import fitting_rows
 from merge_lab.evaluation.fingerprint import folder_state
 from merge_lab.evaluation.memo import Memo, Scored
+from merge_lab.evaluation.mixture import TokenSummary, mixed_from_summaries, summarize
 from merge_lab.training import chat
 
 Pair = tuple[list[int], list[int]]  # context ids, continuation ids
+# Below this many shared tokens a separate forward pass for the prefix costs about what it saves.
+MIN_SHARED_PREFIX = 4
 
 
 def load_tokenizer(path: Path):
@@ -67,6 +83,10 @@ class LoadedModel:
         self.identity = (folder_state(path), str(dtype))
         self.reused_seconds = 0.0  # seconds of remembered work this object handed out again
         self.is_moe = any("experts" in n for n, _ in self.model.named_parameters())
+        # the savings' switches (module docstring); off: the old path
+        self.share_prefix = True  # a batch's shared prefix runs once (`run`)
+        self.drop_stopped = True  # greedy decoding drops stopped rows from the batch (`decode_batch`)
+        self.reuse_summaries = True  # a token mixture scores from the memo's summaries (`mixed_scores`)
         # the KV cache's argument and output field: `cache` from transformers 5.2x, `past_key_values` before
         self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
@@ -94,15 +114,47 @@ class LoadedModel:
             return self.model(**args)
 
     @torch.no_grad()
+    def run(self, rows: list[list[int]], pad_id: int, keep: int, limit: int, use_cache: bool = False):
+        """The model over `rows` left-padded (every row ends at the last position), with logits for
+        the last `keep` positions: (output, attention mask, position ids of the input tokens).
+
+        When the rows share at least MIN_SHARED_PREFIX leading tokens (at most `limit`: positions
+        whose logits are read must stay after the prefix), the prefix runs once on one row and its
+        KV cache is repeated over the batch; the rest of each row follows it, left-padded, so the
+        pads sit between prefix and suffix with attention mask 0 and the positions count on from the
+        prefix: every real token attends to exactly the tokens, at the positions, it does unshared."""
+        shared = chat.common_prefix(rows, limit) if self.share_prefix and len(rows) > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            ids, mask, pos = chat.left_padded(rows, pad_id)
+            out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            return out, mask, pos
+        head = torch.tensor([rows[0][:shared]], dtype=torch.long)
+        first = self.forward(1, input_ids=head, attention_mask=torch.ones_like(head),
+                             position_ids=torch.arange(shared)[None], use_cache=True)
+        past = getattr(first, self.cache_name)
+        if not hasattr(past, "batch_repeat_interleave"):  # a cache that cannot be repeated: run rows whole
+            ids, mask, pos = chat.left_padded(rows, pad_id)
+            out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+            return out, mask, pos
+        past.batch_repeat_interleave(len(rows))
+        ids, tail_mask, tail_pos = chat.left_padded([r[shared:] for r in rows], pad_id)
+        mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), tail_mask], dim=1)
+        pos = tail_pos + shared
+        out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                           **{self.cache_name: past})
+        return out, mask, pos
+
+    @torch.no_grad()
     def rows(self, batch: list[Pair], pad_id: int) -> list[torch.Tensor]:
         """Per item, the log-softmax rows [len(cont), vocab] that predict its continuation tokens.
 
         Left-padded, so every continuation ends at the last position and only the last
         max(len(cont)) + 1 positions need logits (`logits_to_keep`): a long prompt with a short
-        answer costs no vocabulary-sized rows for the prompt."""
-        ids, mask, pos = chat.left_padded([c + t for c, t in batch], pad_id)
+        answer costs no vocabulary-sized rows for the prompt. The shared prefix may reach up to the
+        shortest context's last token but one (that token predicts its continuation's first)."""
         keep = max(len(t) for _, t in batch) + 1
-        logits = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -keep:].float()
+        out, _, _ = self.run([c + t for c, t in batch], pad_id, keep, min(len(c) for c, _ in batch) - 1)
+        logits = out.logits[:, -keep:].float()
         out = []
         for i, (_, t) in enumerate(batch):
             # positions keep-1-len(t) .. keep-2 predict the len(t) continuation tokens
@@ -111,17 +163,27 @@ class LoadedModel:
 
     def score(self, batch: list[Pair], pad_id: int) -> list[Scored]:
         """Per item (summed log-prob, tokens, whether greedy decoding gives it), remembered in the memo."""
-        memo = self.memo.scores
+        return [self.memo.scores[k][0] for k in self.remember(batch, pad_id)]
+
+    def summaries(self, batch: list[Pair], pad_id: int) -> list[TokenSummary]:
+        """Per item, what the memo keeps of its log-prob rows (mixture.py), computed when missing."""
+        return [self.memo.tokens[k] for k in self.remember(batch, pad_id)]
+
+    def remember(self, batch: list[Pair], pad_id: int) -> list[tuple]:
+        """The items' memo keys, after scoring those the memo lacks (their score and their rows'
+        summary, with the seconds they took; a reused item adds its seconds to reused_seconds)."""
+        memo = self.memo
         keys = [(self.identity, tuple(c), tuple(t)) for c, t in batch]
-        todo = [i for i, k in enumerate(keys) if k not in memo]
-        self.reused_seconds += sum(memo[k][1] for k in keys if k in memo)
+        todo = [i for i, k in enumerate(keys) if k not in memo.scores or k not in memo.tokens]
+        self.reused_seconds += sum(memo.scores[k][1] for k in keys if k in memo.scores and k in memo.tokens)
         if todo:
             start = time.perf_counter()
             rows = self.rows([batch[i] for i in todo], pad_id)
             share = (time.perf_counter() - start) / len(todo)
             for i, r in zip(todo, rows):
-                memo[keys[i]] = (scored(r, batch[i][1]), share)
-        return [memo[k][0] for k in keys]
+                memo.scores[keys[i]] = (scored(r, batch[i][1]), share)
+                memo.tokens[keys[i]] = summarize(r, batch[i][1])
+        return keys
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
                stops: set[int]) -> tuple[list[list[int]], int]:
@@ -137,8 +199,7 @@ class LoadedModel:
                 tokens += len(memo[k][0])
         if todo:
             start = time.perf_counter()
-            answers, made = greedy_decode([self], torch.zeros(1), [prompts[i] for i in todo], max_new_tokens,
-                                          pad_id, stops)
+            answers, made = decode([self], torch.zeros(1), [prompts[i] for i in todo], max_new_tokens, pad_id, stops)
             tokens += made
             share = (time.perf_counter() - start) / len(todo)
             for i, ids in zip(todo, answers):
@@ -147,18 +208,44 @@ class LoadedModel:
 
     @torch.no_grad()
     def routing(self, batch: list[list[int]], pad_id: int) -> torch.Tensor | None:
-        """Counts of (token, top-k slot) assignments, [layer, expert]; None for dense models."""
+        """Counts of (token, top-k slot) assignments, [layer, expert]; None for dense models. A
+        shared prefix (as in `run`) is routed once and counted once per row."""
         if not self.is_moe:
             return None
         k = getattr(self.model.config, "num_experts_per_tok", 1)
+        shared = chat.common_prefix(batch, min(len(r) for r in batch) - 1) if self.share_prefix and len(batch) > 1 else 0
+        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        counts, past = 0, {}
+        if shared:
+            head = torch.tensor([batch[0][:shared]], dtype=torch.long)
+            first = self.router_pass(input_ids=head, attention_mask=torch.ones_like(head),
+                                     position_ids=torch.arange(shared)[None], use_cache=True)
+            cache = getattr(first, self.cache_name)
+            if not hasattr(cache, "batch_repeat_interleave"):
+                return self.routing_whole(batch, pad_id, k)
+            prefix = slot_counts(first, torch.ones_like(head), k)
+            if prefix is None:
+                return None
+            cache.batch_repeat_interleave(len(batch))
+            counts, past = prefix * len(batch), {self.cache_name: cache}
+        ids, mask, pos = chat.left_padded([r[shared:] for r in batch], pad_id)
+        full = torch.cat([torch.ones((len(batch), shared), dtype=torch.long), mask], dim=1)
+        out = self.router_pass(input_ids=ids, attention_mask=full, position_ids=pos + shared, use_cache=bool(shared),
+                               **past)
+        rest = slot_counts(out, mask, k)
+        return None if rest is None else counts + rest
+
+    def router_pass(self, **inputs):
+        """The decoder without its LM head, returning router logits: no vocabulary rows, and no
+        load-balancing loss (which cannot take a mask longer than the tokens, as after a prefix)."""
+        args = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        return self.model.base_model(**args, output_router_logits=True)
+
+    @torch.no_grad()
+    def routing_whole(self, batch: list[list[int]], pad_id: int, k: int) -> torch.Tensor | None:
+        """`routing` with every row run whole."""
         ids, mask, pos = chat.left_padded(batch, pad_id)
-        out = self.forward(1, input_ids=ids, attention_mask=mask, position_ids=pos, output_router_logits=True)
-        logits = getattr(out, "router_logits", None)
-        if not logits:
-            return None
-        keep = mask.reshape(-1).bool()
-        return torch.stack([torch.bincount(layer.float().cpu()[keep].topk(k, dim=-1).indices.reshape(-1),
-                                           minlength=layer.shape[-1]) for layer in logits])
+        return slot_counts(self.router_pass(input_ids=ids, attention_mask=mask, position_ids=pos), mask, k)
 
     def stepper(self, prompts: list[list[int]], pad_id: int) -> Stepper:
         return Stepper(self, prompts, pad_id)
@@ -170,10 +257,14 @@ class Stepper:
     @torch.no_grad()
     def __init__(self, lm: LoadedModel, prompts: list[list[int]], pad_id: int):
         self.lm = lm
-        ids, mask, pos = chat.left_padded(prompts, pad_id)
-        out = lm.forward(1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out, mask, pos = lm.run(prompts, pad_id, 1, min(len(p) for p in prompts) - 1, use_cache=True)
         self.past, self.mask, self.pos = getattr(out, lm.cache_name), mask, pos[:, -1]
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the batch (the others stopped): their cache, mask and positions."""
+        self.past.batch_select_indices(rows.to(self.lm.device))
+        self.mask, self.pos, self.logp = self.mask[rows], self.pos[rows], self.logp[rows]
 
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
@@ -184,6 +275,16 @@ class Stepper:
         self.past = getattr(out, self.lm.cache_name)
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
         return self.logp
+
+
+def slot_counts(out, mask: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Per layer, how many of the real tokens' (mask 1) top-k router slots each expert took."""
+    logits = getattr(out, "router_logits", None)
+    if not logits:
+        return None
+    keep = mask.reshape(-1).bool()
+    return torch.stack([torch.bincount(layer.float().cpu()[keep].topk(k, dim=-1).indices.reshape(-1),
+                                       minlength=layer.shape[-1]) for layer in logits])
 
 
 def mix(logps: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:
@@ -203,31 +304,88 @@ def scored(rows: torch.Tensor, continuation: list[int]) -> Scored:
 
 
 def mixed_scores(models: list[LoadedModel], log_weights: torch.Tensor, batch: list[Pair], pad_id: int) -> list[Scored]:
-    """Scores under the weighted mixture of the models' token distributions (never remembered)."""
-    per_member = [lm.rows(batch, pad_id) for lm in models]
-    return [scored(mix([m[j] for m in per_member], log_weights), cont) for j, (_, cont) in enumerate(batch)]
+    """Scores under the weighted mixture of the models' token distributions (never remembered as
+    such), from each model's remembered summaries (mixture.py): a member already scored on these
+    items runs no forward pass again. Items whose greedy flag the summaries cannot tell are scored
+    from the rows."""
+    out: list[Scored | None] = [None] * len(batch)
+    if all(lm.reuse_summaries for lm in models):
+        parts = [lm.summaries(batch, pad_id) for lm in models]
+        out = [mixed_from_summaries([p[j] for p in parts], log_weights, cont) for j, (_, cont) in enumerate(batch)]
+    unsure = [j for j, x in enumerate(out) if x is None]
+    if unsure:
+        per_member = [lm.rows([batch[j] for j in unsure], pad_id) for lm in models]
+        for k, j in enumerate(unsure):
+            out[j] = scored(mix([m[k] for m in per_member], log_weights), batch[j][1])
+    return out
 
 
 def greedy_decode(models: list[LoadedModel], log_weights: torch.Tensor, prompts: list[list[int]],
                   max_new_tokens: int, pad_id: int, stops: set[int]) -> tuple[list[list[int]], int]:
     """Greedy answer ids on the weighted mixture of the models' next-token distributions (one KV
-    cache per model), and the number of tokens generated."""
+    cache per model), and the number of tokens generated, remembered in the first model's memo
+    under the models and weights: two suites asking a mixture the same prompt decode it once (a
+    reused answer counts its tokens and the seconds it first took, as LoadedModel.greedy does)."""
+    memo = models[0].memo.answers
+    mixture = ("mixture", tuple(lm.identity for lm in models), tuple(log_weights.tolist()))
+    keys = [(mixture, tuple(p), max_new_tokens) for p in prompts]
+    todo = [i for i, k in enumerate(keys) if k not in memo]
+    tokens = 0
+    for k in keys:
+        if k in memo:
+            models[0].reused_seconds += memo[k][1]
+            tokens += len(memo[k][0])
+    if todo:
+        start = time.perf_counter()
+        answers, made = decode(models, log_weights, [prompts[i] for i in todo], max_new_tokens, pad_id, stops)
+        tokens += made
+        share = (time.perf_counter() - start) / len(todo)
+        for i, ids in zip(todo, answers):
+            memo[keys[i]] = (ids, share)
+    return [memo[k][0] for k in keys], tokens
+
+
+def decode(models: list[LoadedModel], log_weights: torch.Tensor, prompts: list[list[int]],
+           max_new_tokens: int, pad_id: int, stops: set[int]) -> tuple[list[list[int]], int]:
+    """greedy_decode's work, nothing remembered: in batches of `fitting_rows` prompts."""
+    size = fitting_rows(models, max(len(p) for p in prompts), max_new_tokens, len(prompts))
+    outs: list[list[int]] = []
+    made = 0
+    for s in range(0, len(prompts), size):
+        answers, tokens = decode_batch(models, log_weights, prompts[s : s + size], max_new_tokens, pad_id, stops)
+        outs += answers
+        made += tokens
+    return outs, made
+
+
+def decode_batch(models: list[LoadedModel], log_weights: torch.Tensor, prompts: list[list[int]],
+                 max_new_tokens: int, pad_id: int, stops: set[int]) -> tuple[list[list[int]], int]:
+    """One batch of greedy decoding. A row that has stopped leaves the batch (and every cache) at
+    once: a decoding step costs per row, and finished rows have nothing left to compute. (With
+    `drop_stopped` off on a model, stopped rows are fed pads to the end: the old path.)"""
+    drop = all(lm.drop_stopped for lm in models)
     steppers = [lm.stepper(prompts, pad_id) for lm in models]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
     outs: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))  # which prompt each row of the batch is
+    done = torch.zeros(len(prompts), dtype=torch.bool)  # rows of the batch that have stopped
     made = 0
     logp = mix([s.logp for s in steppers], log_weights)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = logp.argmax(-1)
-        for i in range(len(prompts)):
-            if not done[i]:
-                if int(nxt[i]) in stops:
-                    done[i] = True
+        for r, i in enumerate(live):
+            if not done[r]:
+                if int(nxt[r]) in stops:
+                    done[r] = True
                 else:
-                    outs[i].append(int(nxt[i]))
+                    outs[i].append(int(nxt[r]))
         made += int((~done).sum())
-        if bool(done.all()):
+        if bool(done.all()) or (drop and step == max_new_tokens - 1):  # no one reads another step
             break
+        if drop and bool(done.any()):
+            rows = (~done).nonzero().flatten()
+            for s in steppers:
+                s.keep_rows(rows)
+            nxt, live, done = nxt[rows], [live[r] for r in rows.tolist()], done[rows]
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         logp = mix([s.step(nxt) for s in steppers], log_weights)
     return outs, made

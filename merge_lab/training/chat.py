@@ -107,3 +107,16 @@ def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def common_prefix(rows: list[list[int]], limit: int) -> int:
+    """How many leading tokens every row shares (a chat template's system turn), at most `limit`."""
+    if not rows:
+        return 0
+    first, n = rows[0], min(limit, *(len(r) for r in rows))
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
