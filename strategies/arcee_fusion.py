@@ -78,7 +78,7 @@ class ArceeFusion(ComputesInDtype, Strategy):
     def check_recipe(cls, recipe) -> None:
         check_model_count(recipe, cls.name, 1, 1)
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         return 2
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):

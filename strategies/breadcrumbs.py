@@ -97,7 +97,7 @@ class Breadcrumbs(ComputesInDtype, Strategy):
     row_separable = True  # given the band boundaries and the L1 norms
     sign_consensus = False
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         if not any(cuts(p) for p in model_params):
             return 0
         return 3 if params.rescale else 2

@@ -72,7 +72,7 @@ class _Dare(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as m
     row_separable = True  # given the L1 norms
     sign_consensus = False
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         return 1 if params.rescale and any(drops(p) for p in model_params) else 0
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):

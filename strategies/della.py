@@ -178,10 +178,10 @@ class _Della(ComputesInDtype, Strategy):  # in the arithmetic dtype, rounded as 
     row_separable = True  # given the L1 norms (and a 1-D tensor's sorted magnitudes)
     sign_consensus = False
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         return 1 if any(prunes(p) for p in model_params) else 0
 
-    def held_bytes(self, numel, params, model_params) -> int:
+    def held_bytes(self, numel, params, model_params, dtype) -> int:
         """With rescale, each pruning model's kept masks (packed bits), up to MASK_CACHE_ELEMENTS a tensor."""
         if not params.rescale:
             return 0

@@ -41,8 +41,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import check_model_count, gram
-from merge_lab.strategies.low_precision import LOW_PRECISION, SixteenBitPasses, reduced, reduced_norm, sum_of_squares
+from merge_lab.strategies.common import ComputesInDtype, check_model_count, gram
+from merge_lab.strategies.low_precision import LOW_PRECISION, reduced, reduced_norm, sum_of_squares
 
 
 class KarcherParams(BaseModel):
@@ -204,7 +204,7 @@ class RoundedKarcher:
         return scale.to(mean.device) * mean
 
 
-class Karcher(SixteenBitPasses, Strategy):
+class Karcher(ComputesInDtype, Strategy):  # 16 bits as mergekit's, more passes (stats_passes)
     name = "karcher"
     summary = "Riemannian (Karcher) mean of the models on the hypersphere, scaled by their mean norm"
     Params = KarcherParams
@@ -220,11 +220,11 @@ class Karcher(SixteenBitPasses, Strategy):
     def check_recipe(cls, recipe) -> None:
         check_model_count(recipe, cls.name, 0 if recipe.base_model else 1, None)
 
-    def passes(self, sixteen_bit, params, model_params) -> int:
-        return 2 + 3 * params.max_iter if sixteen_bit else 1
+    def stats_passes(self, params, model_params, dtype) -> int:
+        return 2 + 3 * params.max_iter if dtype in LOW_PRECISION else 1
 
-    def held_bytes(self, numel, params, model_params) -> int:
-        return 2 * numel if self.sixteen_bit_seen else 0  # the 16-bit mean between passes
+    def held_bytes(self, numel, params, model_params, dtype) -> int:
+        return 2 * numel if dtype in LOW_PRECISION else 0  # the 16-bit mean between passes
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
         points = tensors + ([base] if base is not None else [])
@@ -232,8 +232,6 @@ class Karcher(SixteenBitPasses, Strategy):
             stats = stats if stats is not None else RoundedKarcher(len(points), points[0].dtype, params)
             stats.fold(pass_index, points)
             return stats
-        if pass_index > 0:
-            return stats  # float32 needs one pass; a 16-bit tensor of the plan asked for more
         return gram(points, stats)
 
     def finish_stats(self, pass_index, stats, params, model_params):
@@ -245,7 +243,7 @@ class Karcher(SixteenBitPasses, Strategy):
         points = tensors + ([base] if base is not None else [])
         if len(points) == 1:
             return points[0]
-        g = ctx.stats if ctx.stats is not None else self.whole_tensor_stats(tensors, base, params, model_params, ctx)
+        g = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
         if isinstance(g, RoundedKarcher):
             return g.merged(points)
         coefficients = karcher_coefficients(g, params.max_iter, params.tol)

@@ -13,8 +13,9 @@ masking, which is exact in float32 but would round differently here.
 
 Also here, for every strategy that computes in 16 bits: whole-tensor reductions (sums, norms,
 means, dot products) as mergekit's 16-bit torch ops round them, rebuilt from row blocks
-(`reduced` and its kin), and SixteenBitPasses, for strategies whose 16-bit arithmetic needs
-more statistics passes than their float32 one (nuslerp, multislerp, karcher). Checked against
+(`reduced` and its kin); strategies whose 16-bit arithmetic rounds one reduction before the next
+(nuslerp, multislerp, karcher) ask for more statistics passes for a 16-bit tensor
+(Strategy.stats_passes takes the tensor's arithmetic dtype). Checked against
 torch 2.13 on CPU: a 16-bit sum, norm, mean or dot product accumulates the exact values (and
 products) in float32 and rounds once; a mean divides the float32 sum by the count first.
 """
@@ -132,38 +133,3 @@ def model_sum(terms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     for t in terms:
         total.add_(t)
     return total.to(dtype)
-
-
-class SixteenBitPasses:
-    """Mixin of strategies whose mergekit arithmetic in a 16-bit dtype rounds a whole-tensor
-    reduction before the next one starts (a norm, then dot products of the rounded unit vectors),
-    so that it takes more statistics passes than its float32 arithmetic, which gathers a Gram
-    matrix at once.
-
-    The engine asks stats_passes() without a dtype, after the planner has asked working_dtype()
-    of every tensor (for the plan's arithmetic note): that call records whether any tensor of
-    this plan computes in 16 bits. A float32 tensor of such a plan sees the extra passes and
-    ignores them. merge() given a whole tensor counts its passes from its own dtype
-    (whole_tensor_stats)."""
-
-    sixteen_bit_seen = False
-
-    def working_dtype(self, arithmetic: torch.dtype) -> torch.dtype:
-        if arithmetic in LOW_PRECISION:
-            self.sixteen_bit_seen = True
-        return arithmetic
-
-    def passes(self, sixteen_bit: bool, params, model_params) -> int:
-        """The statistics passes one tensor needs, in 16 bits or not."""
-        raise NotImplementedError
-
-    def stats_passes(self, params, model_params) -> int:
-        return self.passes(self.sixteen_bit_seen, params, model_params)
-
-    def whole_tensor_stats(self, tensors, base, params, model_params, ctx):
-        """Strategy.tensor_stats with the passes this tensor's dtype needs."""
-        stats = None
-        for p in range(self.passes(tensors[0].dtype in LOW_PRECISION, params, model_params)):
-            stats = self.fold_stats(p, stats, tensors, base, params, model_params, ctx)
-            stats = self.finish_stats(p, stats, params, model_params)
-        return stats

@@ -106,7 +106,7 @@ class ModelStock(ComputesInDtype, Strategy):
     min_models = 2
     row_separable = True  # given the tensor's dot products (filter-wise: rows are independent)
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         return 1  # filter-wise too: a 1-D tensor is one filter, which a streamed block cuts
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):

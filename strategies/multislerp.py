@@ -39,10 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import check_model_count, gram
+from merge_lab.strategies.common import ComputesInDtype, check_model_count, gram
 from merge_lab.strategies.low_precision import (
     LOW_PRECISION,
-    SixteenBitPasses,
     reduced,
     reduced_norm,
     sum_of_squares,
@@ -140,7 +139,7 @@ class RoundedSphere:
         return result * (self.norms.squeeze(-1) * self.weights).sum().to(x.device)
 
 
-class MultiSlerp(SixteenBitPasses, Strategy):
+class MultiSlerp(ComputesInDtype, Strategy):  # 16 bits as mergekit's, more passes (stats_passes)
     name = "multislerp"
     summary = "weighted spherical interpolation of any number of models (or task vectors)"
     Params = MultiSlerpParams
@@ -153,10 +152,10 @@ class MultiSlerp(SixteenBitPasses, Strategy):
     def check_recipe(cls, recipe) -> None:
         check_model_count(recipe, cls.name, 1, None)
 
-    def passes(self, sixteen_bit, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         if len(model_params) <= 1:
             return 0
-        return ROUNDED_PASSES if sixteen_bit else 1
+        return ROUNDED_PASSES if dtype in LOW_PRECISION else 1
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
         if tensors[0].dtype in LOW_PRECISION:
@@ -165,8 +164,6 @@ class MultiSlerp(SixteenBitPasses, Strategy):
             if stats.mean_norm is None or stats.mean_norm >= params.eps:  # else: linear, nothing more to know
                 stats.fold(pass_index, stacked(tensors, base))
             return stats
-        if pass_index > 0:
-            return stats  # float32 needs one pass; a 16-bit tensor of the plan asked for more
         return gram(task_vectors(tensors, base, in_place=False), stats)
 
     def finish_stats(self, pass_index, stats, params, model_params):
@@ -232,7 +229,7 @@ class MultiSlerp(SixteenBitPasses, Strategy):
     def merge(self, tensors, base, params, model_params, ctx: TensorContext) -> torch.Tensor:
         if len(tensors) == 1:
             return tensors[0]
-        g = ctx.stats if ctx.stats is not None else self.whole_tensor_stats(tensors, base, params, model_params, ctx)
+        g = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
         if isinstance(g, RoundedSphere):
             return self.merge_rounded(tensors, base, params, g, ctx)
         coefficients = self.coefficients(g, params, model_params, ctx)

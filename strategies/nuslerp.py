@@ -38,10 +38,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.strategies.common import check_model_count, gram
+from merge_lab.strategies.common import ComputesInDtype, check_model_count, gram
 from merge_lab.strategies.low_precision import (
     LOW_PRECISION,
-    SixteenBitPasses,
     reduced,
     reduced_norm,
     sum_of_squares,
@@ -142,7 +141,7 @@ def slerp_rounded(t: float, va: torch.Tensor, vb: torch.Tensor, cos: torch.Tenso
     return torch.where(colinear, (1 - t) * va + t * vb, spherical)
 
 
-class NuSlerp(SixteenBitPasses, Strategy):
+class NuSlerp(ComputesInDtype, Strategy):  # 16 bits as mergekit's, more passes (stats_passes)
     name = "nuslerp"
     summary = "spherical interpolation of two models or task vectors, whole, per row or per column"
     Params = NuSlerpParams
@@ -157,10 +156,10 @@ class NuSlerp(SixteenBitPasses, Strategy):
     def check_recipe(cls, recipe) -> None:
         check_model_count(recipe, cls.name, 1, 2)
 
-    def passes(self, sixteen_bit, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         if len(model_params) != 2 or position(model_params) in (0.0, 1.0):
             return 0
-        return 2 if sixteen_bit else 1
+        return 2 if dtype in LOW_PRECISION else 1
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):
         if rows_mode(tensors[0], params):
@@ -192,7 +191,7 @@ class NuSlerp(SixteenBitPasses, Strategy):
         t = position(model_params)
         if t in (0.0, 1.0):
             return tensors[int(t)]
-        stats = ctx.stats if ctx.stats is not None else self.whole_tensor_stats(tensors, base, params, model_params, ctx)
+        stats = ctx.stats if ctx.stats is not None else self.tensor_stats(tensors, base, params, model_params, ctx)
         a, b = task_vectors(tensors, base, in_place=True)
         (va, dim), (vb, _) = vectors(a, params), vectors(b, params)
         if a.dtype in LOW_PRECISION:

@@ -118,7 +118,7 @@ class RamPlusTensorLocal(ComputesInDtype, _RamBase):
     summary = "RAM with each model's unique entries boosted by its share of overlapping changes"
     Params = RamPlusParams
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         return 1
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):

@@ -132,7 +132,7 @@ class Sce(ComputesInDtype, Strategy):
     identity_params = {"select_topk": 1.0}
     row_separable = True  # given the variance threshold and the mean squares
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         if params.select_topk <= 0.0:
             return 0
         return 3 if params.select_topk < 1.0 else 1

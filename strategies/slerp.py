@@ -72,7 +72,7 @@ class Slerp(Strategy):
     identity_params = {"t": 1.0}  # with a base: t = 1 is the other model
     row_separable = True  # given the norms and the dot product
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         return 0 if params.t in (0.0, 1.0) else 1
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):

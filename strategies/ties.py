@@ -54,7 +54,7 @@ class Ties(ComputesInDtype, Strategy):
     def check_params(cls, params, model_params) -> str | None:
         return weights_problem([p.weight for p in model_params], params.normalize, disjoint=True)
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         return 2 if any(0.0 < p.density < 1.0 for p in model_params) else 0
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):

@@ -116,7 +116,7 @@ class CentreOnMean(registry.Strategy):
     name = "test_centre_on_mean"
     row_separable = True
 
-    def stats_passes(self, params, model_params) -> int:
+    def stats_passes(self, params, model_params, dtype) -> int:
         return 1
 
     def fold_stats(self, pass_index, stats, tensors, base, params, model_params, ctx):

@@ -319,32 +319,34 @@ def test_our_shipped_merges_compute_in_float32():
     assert len(tensorwise) >= 4, tensorwise
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["nuslerp", "multislerp", "karcher"])
-def test_a_float32_tensor_ignores_the_passes_a_16_bit_tensor_of_its_plan_needs(method):
-    """nuslerp, multislerp and karcher take more statistics passes in 16 bits; the engine asks the
-    count without a dtype, so in a plan where some tensor computes in 16 bits every streamed
-    tensor gets them, and a float32 one merges as it does on its own."""
+def test_each_tensor_gets_the_statistics_passes_of_its_own_dtype(method, dtype):
+    """nuslerp, multislerp and karcher take more statistics passes in 16 bits: the count follows
+    the dtype the tensor computes in (whatever other tensors of the plan do), and streaming a
+    tensor with that many passes gives its whole-tensor merge."""
     from dataclasses import replace
 
     from merge_lab.core.architecture import classify
     from merge_lab.merge.interface import TensorContext
 
     g = torch.Generator().manual_seed(5)
-    base = torch.randn(12, 8, generator=g)
-    tensors = [base + 0.1 * torch.randn(12, 8, generator=g) for _ in range(2)]
+    base = torch.randn(12, 8, generator=g).to(dtype)
+    tensors = [(base.float() + 0.1 * torch.randn(12, 8, generator=g)).to(dtype) for _ in range(2)]
     strategy = registry.get(method)()
     params = strategy.Params()
     model_params = [strategy.ModelParams() for _ in tensors] if strategy.ModelParams is not registry.NoParams else []
+    assert strategy.stats_passes(params, model_params, torch.bfloat16) > strategy.stats_passes(
+        params, model_params, torch.float32) > 0
+    assert strategy.stats_passes(params, model_params, torch.float16) == strategy.stats_passes(
+        params, model_params, torch.bfloat16)
     ctx = TensorContext("model.layers.0.mlp.up_proj.weight", classify("model.layers.0.mlp.up_proj.weight"), 0, ("a", "b"))
     alone = strategy.merge([t.clone() for t in tensors], base.clone(), params, model_params, ctx)
-    float32_passes = strategy.stats_passes(params, model_params)
-    assert strategy.working_dtype(torch.bfloat16) == torch.bfloat16  # the planner asks: a 16-bit tensor
-    assert strategy.stats_passes(params, model_params) > float32_passes
     stats = None
-    for p in range(strategy.stats_passes(params, model_params)):
+    for p in range(strategy.stats_passes(params, model_params, dtype)):
         for s in range(0, 12, 5):
             stats = strategy.fold_stats(p, stats, [t[s : s + 5] for t in tensors], base[s : s + 5], params, model_params, ctx)
         stats = strategy.finish_stats(p, stats, params, model_params)
     streamed = torch.cat([strategy.merge([t[s : s + 5].clone() for t in tensors], base[s : s + 5].clone(), params,
                                          model_params, replace(ctx, stats=stats)) for s in range(0, 12, 5)])
-    torch.testing.assert_close(streamed, alone, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(streamed.float(), alone.float(), rtol=1e-6, atol=1e-7)

@@ -181,7 +181,7 @@ def streamed(strategy, tensors, base, params, model_params, block: int) -> torch
     name = "model.norm.weight"
     ctx = TensorContext(name, classify(name), 0, tuple(f"m{i}" for i in range(len(tensors))))
     stats, n = None, base.numel()
-    for p in range(strategy.stats_passes(params, model_params)):
+    for p in range(strategy.stats_passes(params, model_params, base.dtype)):
         for s in range(0, n, block):
             stats = strategy.fold_stats(p, stats, [t[s : s + block] for t in tensors], base[s : s + block],
                                         params, model_params, ctx)

@@ -68,7 +68,7 @@ def _blocked(strategy, tensors, base, params, model_params, rows):
     ctx = TensorContext("w", None, 0, tuple(str(i) for i in range(len(tensors))))
     blocks = [slice(i, i + rows) for i in range(0, tensors[0].shape[0], rows)]
     stats = None
-    passes = strategy.stats_passes(params, model_params)
+    passes = strategy.stats_passes(params, model_params, tensors[0].dtype)
     for p in range(passes):
         for b in blocks:
             stats = strategy.fold_stats(p, stats, [t[b] for t in tensors], base[b], params, model_params, ctx)
@@ -134,7 +134,7 @@ def test_slerp_blocks_equal_whole_tensor(case):
         torch.testing.assert_close(whole, 0.7 * a + 0.3 * b)
     for rows in (1, 3, 40):
         assert torch.equal(_blocked(slerp, [b], a, params, [], rows), whole), rows
-    assert slerp.stats_passes(SlerpParams(t=1.0), []) == 0  # endpoints need no statistics
+    assert slerp.stats_passes(SlerpParams(t=1.0), [], torch.float32) == 0  # endpoints need no statistics
 
 
 def test_predicted_peak_follows_blocks_not_tensors(family, tmp_path):

@@ -107,13 +107,16 @@ class Strategy:
     # (slerp's angle, TIES' magnitude threshold): the engine streams such a tensor in row blocks,
     # pass by pass, instead of holding it whole.
 
-    def stats_passes(self, params: BaseModel, model_params: list[BaseModel]) -> int:
-        """How many passes over the tensor's row blocks gather its statistics (0: none needed)."""
+    def stats_passes(self, params: BaseModel, model_params: list[BaseModel], dtype: torch.dtype) -> int:
+        """How many passes over the tensor's row blocks gather its statistics (0: none needed), for a
+        tensor computed in `dtype` (mergekit's 16-bit arithmetic can round between reductions that
+        float32 gathers in one pass)."""
         return 0
 
-    def held_bytes(self, numel: int, params: BaseModel, model_params: list[BaseModel]) -> int:
-        """Bytes the statistics of a tensor of `numel` entries hold until its merge ends (a mask
-        kept between the passes, say): counted in the plan's predicted peak. Default: none."""
+    def held_bytes(self, numel: int, params: BaseModel, model_params: list[BaseModel], dtype: torch.dtype) -> int:
+        """Bytes the statistics of a tensor of `numel` entries, computed in `dtype`, hold until its
+        merge ends (a mask kept between the passes, say): counted in the plan's predicted peak.
+        Default: none."""
         return 0
 
     def fold_stats(
@@ -141,7 +144,7 @@ class Strategy:
         """The statistics of a tensor given whole: every pass over one block. merge() calls this
         when ctx.stats is None, so whole and streamed tensors share one definition."""
         stats = None
-        for p in range(self.stats_passes(params, model_params)):
+        for p in range(self.stats_passes(params, model_params, tensors[0].dtype)):
             stats = self.fold_stats(p, stats, tensors, base, params, model_params, ctx)
             stats = self.finish_stats(p, stats, params, model_params)
         return stats

@@ -169,10 +169,10 @@ class MergeOp(TensorOp):
         return self.strategy.row_separable
 
     def stats_passes(self) -> int:
-        return self.strategy.stats_passes(self.params, list(self.model_params))
+        return self.strategy.stats_passes(self.params, list(self.model_params), self.working_dtype)
 
     def held_bytes(self, numel: int) -> int:
-        return self.strategy.held_bytes(numel, self.params, list(self.model_params))
+        return self.strategy.held_bytes(numel, self.params, list(self.model_params), self.working_dtype)
 
     def stream(self) -> MergeStream:
         return MergeStream(self)
