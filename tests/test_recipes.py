@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from merge_lab.merge import interface as registry
-from merge_lab.merge.planner import _check_keys
+from merge_lab.merge.planner import check_keys
 from merge_lab.merge.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ MERGE_RECIPES = sorted(p for p in SHIPPED if "merge_method" in (yaml.safe_load(p
 def test_shipped_recipe_is_valid(path):
     recipe = parse_recipe(path.read_text(), source=str(path))
     cls = registry.get(recipe.merge_method)
-    _check_keys(recipe, cls)
+    check_keys(recipe, cls)
     cls.check_recipe(recipe)
 
 

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import yaml
 
-from merge_lab.merge.planner import Plan
+from merge_lab.merge.plan import Plan
 
 LIBRARIES = ("merge-lab", "torch", "safetensors", "transformers", "peft")
 

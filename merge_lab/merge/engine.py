@@ -39,7 +39,8 @@ from merge_lab.errors import MergeLabError
 from merge_lab.merge.card import model_card, recipe_hash, recipe_text
 from merge_lab.merge.finite import FiniteGuard, non_finite_count
 from merge_lab.merge.ops import RowStream, TensorTask, block_rows, read_dtype
-from merge_lab.merge.planner import Plan, make_plan
+from merge_lab.merge.plan import Plan
+from merge_lab.merge.planner import make_plan
 from merge_lab.merge.recipe import Recipe, load_recipe
 from merge_lab.merge.tokenizer import write_tokenizer
 

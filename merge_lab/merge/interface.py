@@ -31,7 +31,7 @@ from merge_lab.core.architecture import TensorRole
 from merge_lab.core.registry import Registry
 
 if TYPE_CHECKING:
-    from merge_lab.merge.planner import Plan, PlanContext
+    from merge_lab.merge.plan import Plan, PlanContext
     from merge_lab.merge.recipe import Recipe
 
 ENTRY_POINT_GROUP = "merge_lab.strategies"

@@ -9,9 +9,8 @@ tensors or a model before the merge (the MoE's centroid router rows) is a PlanSt
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -24,82 +23,15 @@ from merge_lab.errors import MergeLabError
 from merge_lab.merge import interface as registry
 from merge_lab.merge.embeddings import vocabulary_rows
 from merge_lab.merge.interface import Strategy, TensorContext
-from merge_lab.merge.ops import ConstantOp, CopyOp, Deferred, MergeOp, TensorTask, predicted_peak_bytes
+from merge_lab.merge.ops import CopyOp, MergeOp, TensorTask
 from merge_lab.merge.params import check_shape, gradient_position, resolve
+from merge_lab.merge.plan import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
 from merge_lab.merge.slices import layout, slice_vocabulary, sliced_config, sliced_vocabulary
 from merge_lab.merge.tokenizer import OutputVocabulary, build_output_vocabulary, output_tokenizer
 
 
-class PlanStep(Protocol):
-    """Work a plan needs done once, after planning and before the engine runs, that may read
-    tensors or run a model (planning may do neither): it gives the values of Deferred outputs."""
-
-    def run(self) -> dict[str, torch.Tensor]:
-        """Output tensor name -> its value, for every Deferred output this step owns."""
-        ...
-
-
-@dataclass
-class Plan:
-    recipe: Recipe
-    strategy: str
-    tasks: list[TensorTask]
-    config: dict  # the output config.json
-    side_files_from: Path | None  # folder whose tokenizer / generation config are copied
-    inputs: list[Checkpoint]
-    notes: list[str] = field(default_factory=list)  # things the user should know (printed by validate)
-    steps: list[PlanStep] = field(default_factory=list)  # run by prepared(), before the engine
-    tokenizer: Any = None  # the tokenizer written to the output (merge.tokenizer); None: side files copied
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(t.numel * torch.empty((), dtype=t.dtype).element_size() for t in self.tasks)
-
-    @property
-    def input_bytes(self) -> int:
-        return sum(c.nbytes for c in self.inputs)
-
-    def predicted_peak_bytes(self, prefetch: int = 1, chunk_elements: int | None = None) -> int:
-        """The engine's working memory for this plan (see ops.predicted_peak_bytes)."""
-        return predicted_peak_bytes(self.tasks, prefetch, chunk_elements)
-
-    def prepared(self) -> Plan:
-        """This plan with its steps run and their Deferred outputs bound to the values computed
-        (a copy; the notes list is shared, so what the engine adds to it shows in both)."""
-        if not self.steps:
-            return self
-        values: dict[str, torch.Tensor] = {}
-        for step in self.steps:
-            values.update(step.run())
-        tasks = []
-        for t in self.tasks:
-            if isinstance(t.op, Deferred):
-                value = values.get(t.output)
-                if value is None or tuple(value.shape) != t.shape:
-                    got = "nothing" if value is None else f"shape {tuple(value.shape)}"
-                    raise RuntimeError(f"internal: {t.op.step} gave {got} for '{t.output}' of shape {t.shape}")
-                t = replace(t, op=ConstantOp(value))
-            tasks.append(t)
-        return replace(self, tasks=tasks, steps=[])
-
-
-@dataclass
-class PlanContext:
-    """What a strategy's planner may use: the recipe and the opened checkpoints."""
-
-    recipe: Recipe
-    strategy: Strategy
-    base: Checkpoint | None
-    models: list[Checkpoint]
-    model_refs: list[str]
-
-    @property
-    def reference(self) -> Checkpoint:
-        return self.base if self.base is not None else self.models[0]
-
-
-def _check_keys(recipe: Recipe, cls: type[Strategy]) -> None:
+def check_keys(recipe: Recipe, cls: type[Strategy]) -> None:
     model_keys = set(registry.recipe_keys(cls.ModelParams))
     all_keys = model_keys | set(registry.recipe_keys(cls.Params))
     problems = []
@@ -330,7 +262,7 @@ def check_inputs(recipe: Recipe, cls: type[Strategy]) -> None:
         raise MergeLabError(
             f"{recipe.source}: '{cls.name}' needs 'base_model:' (the model the others were fine-tuned from)."
         )
-    _check_keys(recipe, cls)
+    check_keys(recipe, cls)
     cls.check_recipe(recipe)
 
 

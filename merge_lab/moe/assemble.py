@@ -25,7 +25,7 @@ from merge_lab.core.lora_applied import LoraAppliedCheckpoint, input_checkpoints
 from merge_lab.core.references import ModelOpener
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.ops import ConstantOp, Deferred, Input, TensorOp, TensorTask
-from merge_lab.merge.planner import Plan, PlanContext
+from merge_lab.merge.plan import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.layout import moe_config, output_family
 from merge_lab.moe.noise import NoisedTensor, NoiseInit, NoiseStream, add_noise, draw_key

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from merge_lab.core.config import Where
 from merge_lab.errors import MergeLabError
-from merge_lab.merge.planner import Plan
+from merge_lab.merge.plan import Plan
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.layout import FAMILIES
 from merge_lab.moe.mergekit_config import (

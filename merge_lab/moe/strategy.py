@@ -45,7 +45,7 @@ Where we differ from the paper's public code, and why:
 from __future__ import annotations
 
 from merge_lab.merge.interface import Strategy
-from merge_lab.merge.planner import Plan, PlanContext
+from merge_lab.merge.plan import Plan, PlanContext
 from merge_lab.merge.recipe import Recipe
 from merge_lab.moe.assemble import H3ModelParams, H3Params, build_moe_plan
 
