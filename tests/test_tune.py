@@ -44,7 +44,7 @@ def test_the_shipped_tuning_file_loads_and_chooses_out_of_distribution():
     assert any(make_suite(e).ood for e in spec.evaluation.suites)
     touched = {k for v in spec.variants for k in v.fuse.get("train", {})} | {
         k for v in spec.variants for k in v.fuse.get("parameters", {})}
-    assert {"top_k", "trainable", "lambda", "gamma", "steps", "data"} <= touched
+    assert {"top_k", "trainable", "lambda", "gamma", "data"} <= touched
     assert any(v.experts for v in spec.variants)  # a data mix of the experts too
 
 

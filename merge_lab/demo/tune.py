@@ -6,9 +6,11 @@ variant is trained at the file's budget (per-kind overrides, as a demo profile's
 are scored in one comparison on the *validation* split, in-distribution and out-of-distribution
 suites alike, never on the 'test' split the demo's report evaluates on (the held-out sources split
 0/20/80, so their validation items are theirs alone). Variants whose experts are the same share
-them. The score that chooses is the one the demo's verdict uses, on the out-of-distribution suites:
-per suite, base = 0 and the best of the reference experts (the first variant's) = 1, averaged per
-objective, then over the objectives (headline.selection_scores). The table (TUNING.md) shows every
+them. The score that chooses is the verdict's headline score on the out-of-distribution suites
+(headline.selection_scores), on the z scale by default: per suite, the difference from the base in
+units of the base's per-item spread, averaged per objective, then over the objectives; it depends on
+nothing but the variant and the base. The reference experts (the first variant's) are scored beside
+them for context (and anchor the `scale: source` option). The table (TUNING.md) shows every
 variant's score with its interval, the chosen one's paired difference from each, and the sizes.
 """
 
@@ -20,7 +22,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +47,10 @@ class Evaluation(BaseModel):
     max_new_tokens: int = Field(16, ge=1)
     max_length: int = Field(256, ge=16)
     bootstrap: int = Field(1000, ge=10)
+    # z: each suite in units of the base's per-item spread (needs no source model to differ from the
+    # base: at a tuning budget the experts often score as the base does, and the source scale then has
+    # no width on that suite and drops it); source: base = 0, best reference expert = 1 (the verdict's)
+    scale: Literal["z", "source"] = "z"
 
 
 class Variant(BaseModel):
@@ -162,7 +168,7 @@ def compare_file(spec: TuningSpec, out: Path, reference_root: Path, fusions: dic
                    for x in EXPERT_LABELS]
     candidates += [{"name": n, "checkpoint": str(p)} for n, p in fusions.items()]
     doc = {"output": str(out / "report"), "settings": settings, "suites": ev.suites, "candidates": candidates,
-           "verdict": {"base": "base", "scale": "source"}}
+           "verdict": {"base": "base", "scale": ev.scale}}
     path = out / "compare.yaml"
     path.write_text("# written by merge_lab.demo.tune: every variant on the validation split\n"
                     + yaml.safe_dump(doc, sort_keys=False))
@@ -186,7 +192,7 @@ def only_suites(results: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "per_example": {s: results["per_example"][s] for s in names}}
 
 
-def score_variants(results: dict[str, Any], variants: list[str], n_boot: int) -> dict[str, Any]:
+def score_variants(results: dict[str, Any], variants: list[str], n_boot: int, scale: str = "z") -> dict[str, Any]:
     """Per variant the out-of-distribution and in-distribution selection scores (with intervals),
     the chosen variant (best out of distribution; the first listed wins a tie) and its paired
     difference from every other variant (Holm over them)."""
@@ -194,7 +200,7 @@ def score_variants(results: dict[str, Any], variants: list[str], n_boot: int) ->
     from merge_lab.evaluation.spec import References
     from merge_lab.evaluation.verdict import compare_headline, suites_from_results
 
-    refs = References("base", tuple(f"expert_{x}" for x in EXPERT_LABELS), "source", 0.05, ())
+    refs = References("base", tuple(f"expert_{x}" for x in EXPERT_LABELS), scale, 0.05, ())
     ood, in_dist = held_out_suites(results)
     if not ood:
         raise MergeLabError("the tuning file's evaluation has no out-of-distribution suite; the demo's verdict is "
@@ -206,6 +212,9 @@ def score_variants(results: dict[str, Any], variants: list[str], n_boot: int) ->
     chosen = max(variants, key=lambda n: scores[n])
     scored["chosen"] = chosen
     scored["n"] = {s: len(next(iter(results["per_example"][s].values()))) for s in results["suites"]}
+    scored["means"] = {c: {s: sum(r["score"] for r in per[c]) / len(per[c]) for s, per in results["per_example"].items()}
+                       for c in ["base", *shown]}
+    scored["higher_is_better"] = {s: bool(info["higher_is_better"]) for s, info in results["suites"].items()}
     scored["ood_suites"], scored["in_distribution_suites"] = ood, in_dist
     others = [n for n in variants if n != chosen]
     if others and scored["ood"].get("kind") == "headline":
@@ -243,7 +252,7 @@ def render_table(spec: TuningSpec, scored: dict[str, Any], command: str) -> str:
         f"{sizes}); no test-split score was computed, let alone looked at.",
         "",
         f"Choosing score: {ood['definition']} Out-of-distribution suites only: {', '.join(ood['suites'])}. "
-        "The experts are the reference variant's (the first row's mix).",
+        "The expert rows are the reference variant's experts (the first variant's mix), for context.",
         "",
         "| variant | what it changes | OOD score [95% CI] | " + " | ".join(f"OOD {o}" for o in objectives)
         + " | in-distribution score [95% CI] | chosen − this [95% CI], p (Holm) |",
@@ -257,9 +266,16 @@ def render_table(spec: TuningSpec, scored: dict[str, Any], command: str) -> str:
         diff = against.get(name)
         versus = (f"{diff['diff']:+.2f} [{diff['ci'][0]:.2f}, {diff['ci'][1]:.2f}], {diff['p_holm']:.3f}"
                   if diff else "—")
-        lines.append(f"| {mark} | {why.get(name, 'reference expert (scale anchor)')} | {_ci(ood, name)} | "
+        lines.append(f"| {mark} | {why.get(name, 'reference expert')} | {_ci(ood, name)} | "
                      + " | ".join(f"{per[o]:.2f}" if o in per else "—" for o in objectives)
                      + f" | {_ci(ind, name)} | {versus} |")
+    suites = list(scored["n"])
+    lines += ["", "Mean item score per suite on the same validation items (↑/↓: higher/lower is better; OOD marked):", "",
+              "| candidate | " + " | ".join(f"{s}{' (OOD)' if s in scored['ood_suites'] else ''} "
+                                          f"{'↑' if scored['higher_is_better'][s] else '↓'} n={scored['n'][s]}"
+                                          for s in suites) + " |",
+              "|" + "---|" * (1 + len(suites))]
+    lines += [f"| {c} | " + " | ".join(f"{scored['means'][c][s]:.3f}" for s in suites) + " |" for c in scored["means"]]
     chosen = scored["chosen"]
     first = spec.variants[0].name
     lines += ["", f"**Chosen: {chosen}**, the highest out-of-distribution validation score."]
@@ -292,7 +308,7 @@ def tune(spec_path: str | Path = TUNING_FILE, out: str | Path = "runs/tune", *, 
     path = compare_file(spec, out, mixes[spec.variants[0].name], fusions)
     results = run_compare(path, progress=progress, console=console).results
     check_validation_only(results)
-    scored = score_variants(results, list(fusions), spec.evaluation.bootstrap)
+    scored = score_variants(results, list(fusions), spec.evaluation.bootstrap, spec.evaluation.scale)
     (out / "tuning.json").write_text(json.dumps(scored, indent=1) + "\n")
     text = render_table(spec, scored, command)
     written = out / "TUNING.md"
