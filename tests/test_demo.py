@@ -69,6 +69,21 @@ def test_every_profile_gives_valid_recipes(profile, tmp_path):
                 TrainConfig.model_validate(doc["train"])
 
 
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_compares_each_objective_out_of_distribution(profile, tmp_path):
+    """The headline and verdict are computed on the OOD suites: a profile without one per objective
+    would have no headline basis (which suites are OOD is each suite's own `ood` flag)."""
+    from merge_lab.evaluation.suites import H3_OBJECTIVES, make_suite
+
+    step = next(s for s in STEPS if s.kind == "compare")
+    doc = effective_recipe(step, DEMO_RECIPES / step.recipe, tmp_path, PROFILES[profile], None)
+    suites = [make_suite(e, split=doc["settings"]["split"], limit=doc["settings"]["limit"]) for e in doc["suites"]]
+    ood = [s for s in suites if s.ood]
+    assert {s.objective for s in ood} == set(H3_OBJECTIVES)
+    assert all(s.items() for s in ood)
+    assert {s.objective for s in suites if not s.ood} >= set(H3_OBJECTIVES)  # in distribution beside them
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")

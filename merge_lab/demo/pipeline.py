@@ -71,9 +71,11 @@ PROFILES: dict[str, dict[str, dict]] = {
     "quick": {
         "align": {"train": {"steps": 6, "batch_size": 4, "max_tokens": 64}, "lora": {"layers": 4}, "data_limit": 40},
         "fuse": {"train": {"steps": 3, "batch_size": 4, "max_length": 64, "eval_rows": 12}, "data_limit": 12},
-        # one suite per objective, 5 items each: the 5-minute budget (6 items took 5:01 with make, 8 items and 4 suites 6 min)
+        # one suite per objective in distribution and one out of distribution (the headline's basis), 5 items
+        # each (harmless_ood: 3 harmful + 3 ordinary requests): a smoke run (6 items took 5:01 with make)
         "compare": {"settings": {"limit": 5, "max_new_tokens": 16, "max_length": 256}, "selection": {"limit": 4},
-                    "suites": ["harmless_refusal", "honest_truefalse", "helpful_likelihood"]},
+                    "suites": ["harmless_refusal", "honest_truefalse", "helpful_likelihood",
+                               {"name": "harmless_ood", "limit": 6}, "helpful_likelihood_ood", "honest_factual_ood"]},
     },
     "default": {},
     "thorough": {
