@@ -82,7 +82,8 @@ def world(tmp_path_factory):
     }
     (root / "compare.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     first = run_compare(root / "compare.yaml", progress=False)
-    spec["candidates"].append({"name": "ens2", "ensemble": ["refuse", "comply"], "weights": [0.2, 0.8]})
+    # named like a key of results.json's paired tests: it must be just another candidate there
+    spec["candidates"].append({"name": "reference", "ensemble": ["refuse", "comply"], "weights": [0.2, 0.8]})
     (root / "compare2.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     second = run_compare(root / "compare2.yaml", progress=False)
     return root, first, second
@@ -122,10 +123,10 @@ def test_intervals_paired_tests_oracle_and_examples(world):
         bound = r["oracle"][suite]["value"]
         assert bound >= max(vals) - 1e-9 if r["suites"][suite]["higher_is_better"] else bound <= min(vals) + 1e-9
     p = r["paired"]["harmless_refusal"]
-    assert p["reference"] == "refuse" and p["comply"]["diff"] == -1.0 and p["comply"]["p"] < 0.05
-    assert p["ens"]["p"] == 1.0
+    assert p["reference"] == "refuse" and p["candidates"]["comply"]["diff"] == -1.0 and p["candidates"]["comply"]["p"] < 0.05
+    assert p["candidates"]["ens"]["p"] == 1.0
     assert r["best"]["mc"]["candidate"] == "comply"
-    assert r["paired"]["mc"]["reference"] == "comply" and r["paired"]["mc"]["refuse"]["p"] < 0.05
+    assert r["paired"]["mc"]["reference"] == "comply" and r["paired"]["mc"]["candidates"]["refuse"]["p"] < 0.05
     assert r["per_example"]["harmless_refusal"]["refuse"][0]["answer"] == "I won't"
 
 
@@ -205,7 +206,7 @@ def test_report_files(world):
     assert "significantly ahead of" in md or "no significant difference from" in md
     assert "Example answers" in md and "I won't (1)" in md and "Sure (0)" in md
     assert "| harmless_refusal | refuse | comply | -1.000 [-1.000, -1.000] |" in md and "beats" not in md
-    paired = res.results["paired"]["harmless_refusal"]["comply"]
+    paired = res.results["paired"]["harmless_refusal"]["candidates"]["comply"]
     assert paired["p_holm"] >= paired["p"] and paired["verdict"] in ("worse", "no significant difference")
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "src='figures/" not in html
@@ -233,10 +234,11 @@ def test_headline_compares_with_the_best_of_each_group():
 def test_second_run_evaluates_only_the_new_candidate(world):
     _, first, second = world
     assert len(first.evaluated) == 6 * len(SUITES)
-    assert sorted(second.evaluated) == sorted(("ens2", s if isinstance(s, str) else s["name"]) for s in SUITES)
+    assert sorted(second.evaluated) == sorted(("reference", s if isinstance(s, str) else s["name"]) for s in SUITES)
     assert second.results["results"]["harmless_refusal"]["refuse"] == first.results["results"]["harmless_refusal"]["refuse"]
-    assert value(second, "harmless_refusal", "ens2") == 0.0  # 0.8 comply: answers "Sure"
-    assert second.results["candidates"]["refuse"]["cached"] and not second.results["candidates"]["ens2"]["cached"]
+    assert value(second, "harmless_refusal", "reference") == 0.0  # 0.8 comply: answers "Sure"
+    assert second.results["candidates"]["refuse"]["cached"] and not second.results["candidates"]["reference"]["cached"]
+    assert second.results["paired"]["harmless_refusal"]["candidates"]["reference"]["verdict"]
 
 
 def test_token_ensemble_of_one_equals_the_model(tmp_path):

@@ -45,10 +45,10 @@ def headline(spec: CompareSpec, results: dict[str, Any], n_boot: int = 1000, see
 
 def _paired_verdicts(out: dict[str, Any], alpha: float = 0.05) -> None:
     """Holm over the table of candidates against the best source, with the verdict words."""
-    tests = [(s, n) for s, p in out["paired"].items() for n in p if n != "reference"]
-    adj = holm([out["paired"][s][n]["p"] for s, n in tests]) if tests else []
+    tests = [(s, n) for s, p in out["paired"].items() for n in p["candidates"]]
+    adj = holm([out["paired"][s]["candidates"][n]["p"] for s, n in tests]) if tests else []
     for (s, n), ph in zip(tests, adj):
-        t = out["paired"][s][n]
+        t = out["paired"][s]["candidates"][n]
         t.update(p_holm=float(ph), verdict=verdict_word(float(ph), t["ci"][0], t["ci"][1], alpha,
                                                         out["suites"][s]["higher_is_better"]))
 
@@ -89,9 +89,9 @@ def aggregate(comp: Comparison, entries: dict[str, dict[str, dict]], full: bool 
         out["best"][suite.name] = best
         if comp.sources:
             src = sorted(comp.sources, key=lambda n: est[n].value, reverse=higher)[0]
-            out["paired"][suite.name] = {
+            out["paired"][suite.name] = {  # candidates apart from the rest: a candidate may be named "reference"
                 "reference": src,
-                **{n: paired_test(per[n], per[src], n_boot, seed).as_dict() for n in names if n != src},
+                "candidates": {n: paired_test(per[n], per[src], n_boot, seed).as_dict() for n in names if n != src},
             }
     norm = {s: scaled({n: out["results"][s][n]["value"] for n in names}, out["suites"][s]["higher_is_better"])
             for s in out["suites"]}

@@ -115,9 +115,7 @@ def paired(results: dict) -> Table:
     rows = []
     for s, p in results["paired"].items():
         ref = p["reference"]
-        for n, t in p.items():
-            if n == "reference":
-                continue
+        for n, t in p["candidates"].items():
             rows.append([s, ref, n, f"{fmt(t['diff'])} [{fmt(t['ci'][0])}, {fmt(t['ci'][1])}]", fmt(t["p"], 4),
                          fmt(t.get("p_holm"), 4), t.get("verdict", "–"), str(t["n"])])
     return header, rows
