@@ -81,11 +81,9 @@ FSDP_CONFIG = {
 SCRIPT = """import os
 import sys
 
-import accelerate
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
 from merge_lab.cli import app
 from merge_lab.errors import MergeLabError
+from merge_lab.testing.launch import shard_on_cpu
 from merge_lab.training.align import align
 
 uneven, recipe, out, sharded_out, said = sys.argv[1:]
@@ -105,21 +103,7 @@ else:
 app(["align", recipe, "-o", out, "--no-progress"], standalone_mode=False)
 
 
-class ShardedOnCPU(accelerate.Accelerator):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        accelerate.PartialState().distributed_type = self.state.distributed_type = DistributedType.FSDP
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["LlamaDecoderLayer"], state_dict_type="FULL_STATE_DICT")
-
-    def prepare(self, *args):
-        prepared = super().prepare(*args)
-        say(f"prepared {type(prepared[0]).__name__} under {self.distributed_type.value}")
-        return prepared
-
-
-accelerate.Accelerator = ShardedOnCPU
+shard_on_cpu("LlamaDecoderLayer", say)
 del os.environ["MERGE_LAB_RECORD_ROWS"]
 align(recipe, sharded_out, progress=False)
 """

@@ -31,11 +31,9 @@ SCRIPT = """import json
 import os
 import sys
 
-import accelerate
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
 from merge_lab.errors import MergeLabError
 from merge_lab.moe.pipeline import fuse
+from merge_lab.testing.launch import shard_on_cpu
 
 recipe, drifting, said = sys.argv[1:]
 
@@ -50,23 +48,7 @@ def summary(result):
 
 
 say(summary(fuse(recipe, "ddp", progress=False)))
-
-
-class ShardedOnCPU(accelerate.Accelerator):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        accelerate.PartialState().distributed_type = self.state.distributed_type = DistributedType.FSDP
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["MixtralDecoderLayer"], state_dict_type="FULL_STATE_DICT")
-
-    def prepare(self, *args):
-        prepared = super().prepare(*args)
-        say(f"prepared {type(prepared[0]).__name__} under {self.distributed_type.value}")
-        return prepared
-
-
-accelerate.Accelerator = ShardedOnCPU
+shard_on_cpu("MixtralDecoderLayer", say)
 say(summary(fuse(recipe, "fsdp", progress=False)))
 try:
     fuse(drifting, "drifting", progress=False)
