@@ -113,6 +113,12 @@ class LoadedModel:
         except TypeError:  # a model class without logits_to_keep
             return self.model(**args)
 
+    def shared_prefix(self, rows: list[list[int]], limit: int) -> int:
+        """How many leading tokens (at most `limit`) every row shares, when worth running once:
+        0 below MIN_SHARED_PREFIX, for one row, or with `share_prefix` off."""
+        shared = chat.common_prefix(rows, limit) if self.share_prefix and len(rows) > 1 else 0
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
     @torch.no_grad()
     def run(self, rows: list[list[int]], pad_id: int, keep: int, limit: int, use_cache: bool = False):
         """The model over `rows` left-padded (every row ends at the last position), with logits for
@@ -123,16 +129,14 @@ class LoadedModel:
         KV cache is repeated over the batch; the rest of each row follows it, left-padded, so the
         pads sit between prefix and suffix with attention mask 0 and the positions count on from the
         prefix: every real token attends to exactly the tokens, at the positions, it does unshared."""
-        shared = chat.common_prefix(rows, limit) if self.share_prefix and len(rows) > 1 else 0
-        if shared < MIN_SHARED_PREFIX:
-            ids, mask, pos = chat.left_padded(rows, pad_id)
-            out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
-            return out, mask, pos
-        head = torch.tensor([rows[0][:shared]], dtype=torch.long)
-        first = self.forward(1, input_ids=head, attention_mask=torch.ones_like(head),
-                             position_ids=torch.arange(shared)[None], use_cache=True)
-        past = getattr(first, self.cache_name)
-        if not hasattr(past, "batch_repeat_interleave"):  # a cache that cannot be repeated: run rows whole
+        shared = self.shared_prefix(rows, limit)
+        past = None
+        if shared:
+            head = torch.tensor([rows[0][:shared]], dtype=torch.long)
+            first = self.forward(1, input_ids=head, attention_mask=torch.ones_like(head),
+                                 position_ids=torch.arange(shared)[None], use_cache=True)
+            past = getattr(first, self.cache_name)
+        if not hasattr(past, "batch_repeat_interleave"):  # no prefix, or a cache that cannot be repeated
             ids, mask, pos = chat.left_padded(rows, pad_id)
             out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
             return out, mask, pos
@@ -213,8 +217,7 @@ class LoadedModel:
         if not self.is_moe:
             return None
         k = getattr(self.model.config, "num_experts_per_tok", 1)
-        shared = chat.common_prefix(batch, min(len(r) for r in batch) - 1) if self.share_prefix and len(batch) > 1 else 0
-        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        shared = self.shared_prefix(batch, min(len(r) for r in batch) - 1)
         counts, past = 0, {}
         if shared:
             head = torch.tensor([batch[0][:shared]], dtype=torch.long)
