@@ -337,7 +337,8 @@ class FusionRun:
         return self.encoded[:: max(1, -(-len(self.encoded) // self.cfg.eval_rows))]
 
 
-def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None) -> FusionRun:
+def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None, *, resume: bool = False,
+          checkpoints: bool = False) -> FusionRun:
     """Load the assembled MoE, freeze all but what trains, tokenise the rows (cfg.data's unless
     given), build the optimizer; seeded, so the same call gives the same run."""
     from accelerate import Accelerator
@@ -348,7 +349,7 @@ def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None) ->
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     launched(cfg.cpu)
     accelerator = Accelerator(cpu=cfg.cpu, kwargs_handlers=[ddp])
-    refuse_unsupported_sharding(accelerator, cfg)
+    refuse_unsupported_sharding(accelerator, cfg, resume=resume, checkpoints=checkpoints)  # before the model loads
     per_process_batch(cfg.batch_size, accelerator.num_processes)  # refused before the model loads
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(moe_dir))
@@ -454,9 +455,7 @@ def train(
     """Train the assembled MoE in `moe_dir` on `rows` (default: cfg.data's). `stop_after` ends early
     after that step with a saved checkpoint, as Ctrl-C does (a resumed run continues from it)."""
     moe_dir, state_dir = Path(moe_dir), Path(state_dir)
-    run = setup(moe_dir, cfg, rows)
-    refuse_unsupported_sharding(run.accelerator, cfg, resume=resume,
-                                checkpoints=bool(cfg.checkpoint_every) or stop_after is not None)
+    run = setup(moe_dir, cfg, rows, resume=resume, checkpoints=bool(cfg.checkpoint_every) or stop_after is not None)
     main = run.accelerator.is_main_process
     start, history = 0, []
     notes = [note] if (note := unsharded_note(run.accelerator)) else []
