@@ -442,6 +442,24 @@ def test_choose_picks_on_the_validation_split(world, tmp_path):
     assert "was chosen on the 'validation' split" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_selection_runs_only_the_suites_its_score_reads(world, tmp_path):
+    """With an out-of-distribution suite listed, the selection score reads only those suites
+    (headline.selection_scores), so the in-distribution ones are not evaluated on the selection split."""
+    root = world[0]
+    spec = {"output": str(tmp_path / "out"), "suites": ["harmless_refusal", {"name": "harmless_ood", "limit": 4}],
+            "settings": {"limit": 4, "max_new_tokens": 10, "bootstrap": 100}, "selection": {"limit": 3},
+            "candidates": [{"name": "refuse", "checkpoint": str(root / "refuse"),
+                            "choose": {"rms_norm_eps": [-1000.0, 1e-6]}}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    res = run_compare(tmp_path / "c.yaml", progress=False)
+    sel = res.results["selection"]["refuse"]
+    assert list(sel["n"]) == ["harmless_ood"] and sel["score"]["distribution"] == "out-of-distribution"
+    assert [t["values"] for t in sel["tried"]] == [{"rms_norm_eps": -1000.0}, {"rms_norm_eps": 1e-6}]
+    cached = [json.loads(f.read_text()) for f in (tmp_path / "out" / "cache" / "results").glob("*.json")]
+    assert {r["suite"] for r in cached if "rms_norm_eps" in r["candidate"]} == {"harmless_ood"}  # variants: OOD only
+    assert {s for n, s in res.evaluated if n == "refuse"} == {"harmless_refusal", "harmless_ood"}
+
+
 def test_choose_ranks_on_the_anchored_score_and_an_added_value_moves_nothing(world, tmp_path):
     """With verdict references, `choose:` ranks on their headline score, computed on the selection
     split (the references evaluated there too): a third value tried leaves the first two's scores

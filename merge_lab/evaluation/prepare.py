@@ -84,6 +84,9 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
                 "what is chosen there would flatter the chosen candidate. Use another split (validation)."
             )
         selection_suites = _suites(spec, where, root, sel.split, sel.limit or s.limit)
+        # selection_scores reads only the out-of-distribution suites when there are any: the others are not run
+        if any(x.ood for x in selection_suites):
+            selection_suites = [x for x in selection_suites if x.ood]
     names = [x.name for x in suites]
     if not names:
         raise MergeLabError(f"{where('suites')}: no suites; list some under `suites:` (`merge-lab suites` shows them).")
