@@ -1,4 +1,4 @@
-"""verdict.py on toy per-example arrays whose answers are known."""
+"""verdict.py, suite_tests.py and resampling.py on toy per-example arrays whose answers are known."""
 
 from __future__ import annotations
 
@@ -9,22 +9,9 @@ import numpy as np
 import pytest
 
 from merge_lab.errors import MergeLabError
-from merge_lab.evaluation.verdict import (
-    BETTER,
-    NO_DIFFERENCE,
-    WORSE,
-    SuiteScores,
-    compare_headline,
-    compare_suites,
-    headline_scores,
-    holm,
-    non_separating,
-    non_separating_suites,
-    render_headline,
-    render_suites,
-    sample_size_check,
-    suites_from_results,
-)
+from merge_lab.evaluation.resampling import BETTER, NO_DIFFERENCE, WORSE, SuiteScores, holm, suites_from_results
+from merge_lab.evaluation.suite_tests import compare_suites, non_separating, non_separating_suites, render_suites
+from merge_lab.evaluation.verdict import compare_headline, headline_scores, render_headline, sample_size_check
 
 
 def bits(ones: int, n: int) -> list[float]:

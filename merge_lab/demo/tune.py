@@ -197,8 +197,9 @@ def score_variants(results: dict[str, Any], variants: list[str], n_boot: int, sc
     the chosen variant (best out of distribution; the first listed wins a tie) and its paired
     difference from every other variant (Holm over them)."""
     from merge_lab.evaluation.headline import held_out_suites, selection_scores
+    from merge_lab.evaluation.resampling import suites_from_results
     from merge_lab.evaluation.spec import References
-    from merge_lab.evaluation.verdict import compare_headline, suites_from_results
+    from merge_lab.evaluation.verdict import compare_headline
 
     refs = References("base", tuple(f"expert_{x}" for x in EXPERT_LABELS), scale, 0.05, ())
     ood, in_dist = held_out_suites(results)

@@ -11,10 +11,10 @@ from merge_lab.evaluation.cost import summarize
 from merge_lab.evaluation.headline import fill_verdict, rivals, suite_verdicts
 from merge_lab.evaluation.metrics import bootstrap_ci, oracle, paired_test
 from merge_lab.evaluation.prepare import Comparison
+from merge_lab.evaluation.resampling import holm, verdict_word
 from merge_lab.evaluation.spec import CompareSpec, references
 from merge_lab.evaluation.suites import ranked_objectives
 from merge_lab.evaluation.suites.refusal import CLASSIFIER
-from merge_lab.evaluation.verdict import holm, verdict_word
 
 
 def scaled(values: dict[str, float], higher: bool) -> dict[str, float]:

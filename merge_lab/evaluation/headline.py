@@ -13,19 +13,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from merge_lab.errors import MergeLabError
+from merge_lab.evaluation.resampling import NO_DIFFERENCE, SuiteScores, suites_from_results
 from merge_lab.evaluation.spec import CompareSpec, References
+from merge_lab.evaluation.suite_tests import as_family, compare_suites, non_separating_suites
 from merge_lab.evaluation.suites import ranked_objectives
-from merge_lab.evaluation.verdict import (
-    NO_DIFFERENCE,
-    SuiteScores,
-    as_family,
-    compare_headline,
-    compare_suites,
-    headline_scores,
-    non_separating_suites,
-    sample_size_check,
-    suites_from_results,
-)
+from merge_lab.evaluation.verdict import compare_headline, headline_scores, sample_size_check
 
 DEFINITIONS = {
     "source": ("Headline score: per suite, a candidate's mean is placed on a scale fixed by declared references, "

@@ -22,103 +22,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
 
 from merge_lab.errors import MergeLabError
+from merge_lab.evaluation.resampling import (
+    NO_DIFFERENCE,
+    TOL,
+    AsDict,
+    SuiteScores,
+    bootstrap_counts,
+    holm,
+    p_text,
+    percentile_interval,
+    randomization_p,
+    sign_flips,
+    verdict_word,
+)
 
 SCALES = ("source", "z")
-BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no significant difference"
-_TOL = 1e-12  # a scale narrower than this is zero-width
-
-
-class _AsDict:
-    def as_dict(self) -> dict:
-        """Plain dicts and lists, for results.json and the report."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class SuiteScores:
-    """One suite: per candidate, per-example scores in the same item order for every candidate."""
-
-    name: str
-    objective: str
-    higher_is_better: bool
-    scores: Mapping[str, Sequence[float]]
-
-    def array(self, candidate: str) -> np.ndarray:
-        if candidate not in self.scores:
-            raise MergeLabError(f"suite {self.name!r} has no scores for candidate {candidate!r} "
-                                f"(it has {sorted(self.scores)}); check the candidate names")
-        x = np.asarray(self.scores[candidate], dtype=np.float64)
-        if x.ndim != 1 or x.size == 0 or not np.all(np.isfinite(x)):
-            raise MergeLabError(f"suite {self.name!r}, candidate {candidate!r}: scores must be a non-empty "
-                                "list of finite numbers, one per example; re-run the evaluation")
-        return x
-
-    @property
-    def n(self) -> int:
-        sizes = {len(v) for v in self.scores.values()}
-        if len(sizes) != 1:
-            raise MergeLabError(f"suite {self.name!r}: candidates were scored on different numbers of items "
-                                f"({sorted(sizes)}); every candidate must be scored on the same items")
-        return sizes.pop()
-
-
-def suites_from_results(results: Mapping) -> list[SuiteScores]:
-    """Today's results.json shape (``suites`` info + ``per_example`` records) as SuiteScores."""
-    return [SuiteScores(s, info["objective"], bool(info["higher_is_better"]),
-                        {c: [float(r["score"]) for r in recs] for c, recs in results["per_example"][s].items()})
-            for s, info in results["suites"].items()]
-
-
-def holm(p: Sequence[float]) -> np.ndarray:
-    """Holm step-down adjusted p-values, in the input order (controls the family-wise error)."""
-    p = np.asarray(p, dtype=np.float64)
-    order = np.argsort(p, kind="stable")
-    m = p.size
-    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out = np.empty_like(p)
-    out[order] = adj
-    return out
-
-
-def _counts(rng: np.random.Generator, draws: int, n: int) -> np.ndarray:
-    """Bootstrap draws as item counts (draws x n): a draw's mean of x is counts @ x / n."""
-    idx = rng.integers(0, n, size=(draws, n)) + n * np.arange(draws)[:, None]
-    return np.bincount(idx.ravel(), minlength=draws * n).reshape(draws, n).astype(np.float64)
-
-
-def _signs(rng: np.random.Generator, draws: int, n: int) -> np.ndarray:
-    """Random +-1 per draw and item: which of a pair's two scores is swapped."""
-    return rng.integers(0, 2, size=(draws, n), dtype=np.int8).astype(np.float64) * 2.0 - 1.0
-
-
-def _p_value(null: np.ndarray, observed: float) -> float:
-    """Two-sided randomization p; a null draw that cannot be computed (nan) counts as extreme."""
-    extreme = ~(np.abs(null) < abs(observed) - _TOL * max(1.0, abs(observed)))
-    return float((1 + np.sum(extreme)) / (null.size + 1))
-
-
-def _word(p_holm: float, lo: float, hi: float, alpha: float, higher_is_better: bool = True) -> str:
-    if not (p_holm < alpha) or not (lo > 0 or hi < 0):
-        return NO_DIFFERENCE
-    return BETTER if (lo > 0) == higher_is_better else WORSE
-
-
-def _p_text(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
-
-
-def _interval(x: np.ndarray, alpha: float) -> tuple[float, float]:
-    x = x[~np.isnan(x)]
-    if x.size == 0:
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(x, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")  # no arithmetic on +-inf
-    return float(lo), float(hi)
 
 
 @dataclass
@@ -145,7 +69,7 @@ class _Plan:
             else:
                 width = np.sqrt(np.maximum(q[s.name] - base**2, 0.0))
             with np.errstate(divide="ignore"):
-                yield s, sign, base, np.where(width > _TOL, 1.0 / width, np.inf)
+                yield s, sign, base, np.where(width > TOL, 1.0 / width, np.inf)
 
     def headline(self, m: Mapping[str, Mapping[str, np.ndarray]], q: Mapping[str, np.ndarray],
                  wanted: Sequence[str]) -> dict[str, np.ndarray]:
@@ -203,10 +127,10 @@ def _plan(suites: Sequence[SuiteScores], base: str, sources: Sequence[str], scal
         if scale == "source":
             ref = max(sources, key=lambda c: sign * float(ms[c]))
             width = abs(sign * float(ms[ref] - ms[base]))
-            if width > _TOL and sign * float(ms[ref] - ms[base]) < 0:
+            if width > TOL and sign * float(ms[ref] - ms[base]) < 0:
                 plan.notes.append(f"{s.name}: the base scores above every source; the best source ({ref}) sits at -1")
             se = float(np.std(s.array(ref) - s.array(base), ddof=1)) / math.sqrt(s.n) if s.n > 1 else 0.0
-            if width > _TOL and width < 2 * se:
+            if width > TOL and width < 2 * se:
                 plan.notes.append(f"{s.name}: the scale is not resolved (best source - base = {width:.3f}, "
                                   f"s.e. {se:.3f}); scores on this suite are noisy")
             why = f"the best source ({ref}) scores the same as the base ({base}): a zero-width scale"
@@ -214,7 +138,7 @@ def _plan(suites: Sequence[SuiteScores], base: str, sources: Sequence[str], scal
             ref, width = base, math.sqrt(max(float(q[s.name] - ms[base] ** 2), 0.0))
             why = f"the base ({base}) gives the same score on every item: zero spread"
         plan.reference[s.name] = ref
-        if width <= _TOL:
+        if width <= TOL:
             plan.excluded[s.name] = f"{why}; left out of the headline"
         else:
             plan.used.append(s)
@@ -236,7 +160,7 @@ def _candidates(suites: Sequence[SuiteScores]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class HeadlineScores(_AsDict):
+class HeadlineScores(AsDict):
     """Point headline scores: per candidate, per objective, per suite (no test)."""
 
     scale: str
@@ -269,7 +193,7 @@ def headline_scores(suites: Sequence[SuiteScores], base: str, sources: Sequence[
 
 
 @dataclass(frozen=True)
-class HeadlineComparison(_AsDict):
+class HeadlineComparison(AsDict):
     """The headline candidate against one comparator: scores, difference, test and verdict."""
 
     candidate: str
@@ -288,14 +212,14 @@ class HeadlineComparison(_AsDict):
 
     def sentence(self) -> str:
         d, (lo, hi) = self.diff, self.ci
-        tail = f"({_p_text(self.p_holm)}, Holm-corrected, n = {'/'.join(str(v) for v in self.n.values())} items)"
+        tail = f"({p_text(self.p_holm)}, Holm-corrected, n = {'/'.join(str(v) for v in self.n.values())} items)"
         if self.verdict == NO_DIFFERENCE:
             return f"no significant difference from {self.against}: {d:+.2f} [{lo:.2f}, {hi:.2f}] {tail}"
         return f"{self.candidate} is {self.verdict} than {self.against} by {d:+.2f} [{lo:.2f}, {hi:.2f}] {tail}"
 
 
 @dataclass(frozen=True)
-class HeadlineVerdict(_AsDict):
+class HeadlineVerdict(AsDict):
     """All comparisons of one headline candidate, with the scale and the method that produced them."""
 
     candidate: str
@@ -326,10 +250,10 @@ def compare_headline(suites: Sequence[SuiteScores], candidate: str, against: Seq
     squares = scale == "z" and base in (candidate, *against)  # the swaps move the base's spread too
     for s in plan.used:
         x = {c: s.array(c) for c in names}
-        counts = _counts(rng, n_boot, s.n)
+        counts = bootstrap_counts(rng, n_boot, s.n)
         mb[s.name] = {c: counts @ x[c] / s.n for c in names}
         qb[s.name] = counts @ x[base] ** 2 / s.n
-        f = _signs(rng, n_perm, s.n)
+        f = sign_flips(rng, n_perm, s.n)
         half[s.name] = f @ np.stack([x[candidate] - x[c] for c in against], axis=1) / (2 * s.n)
         if squares:
             half2[s.name] = f @ np.stack([x[candidate] ** 2 - x[c] ** 2 for c in against], axis=1) / (2 * s.n)
@@ -344,16 +268,16 @@ def compare_headline(suites: Sequence[SuiteScores], candidate: str, against: Seq
             if squares and base in (candidate, c):
                 mid2 = ((s.array(candidate) ** 2).mean() + (s.array(c) ** 2).mean()) / 2
                 qp[s.name] = mid2 + (1 if base == candidate else -1) * half2[s.name][:, j]
-        raw.append(_p_value(plan.diff(mp, qp, candidate, c), float(plan.diff(m, q, candidate, c))))
+        raw.append(randomization_p(plan.diff(mp, qp, candidate, c), float(plan.diff(m, q, candidate, c))))
     adj = holm(raw)
     out = []
     unstable = float(np.mean(plan.collapsed(mb, qb)))
     for c, p, ph in zip(against, raw, adj):
-        lo, hi = _interval(plan.diff(mb, qb, candidate, c), alpha)
+        lo, hi = percentile_interval(plan.diff(mb, qb, candidate, c), alpha)
         out.append(HeadlineComparison(
-            candidate, c, float(point[candidate]), _interval(boot[candidate], alpha), float(point[c]),
-            _interval(boot[c], alpha), float(plan.diff(m, q, candidate, c)), (lo, hi), p, float(ph),
-            _word(float(ph), lo, hi, alpha), {s.name: s.n for s in plan.used}, unstable))
+            candidate, c, float(point[candidate]), percentile_interval(boot[candidate], alpha), float(point[c]),
+            percentile_interval(boot[c], alpha), float(plan.diff(m, q, candidate, c)), (lo, hi), p, float(ph),
+            verdict_word(float(ph), lo, hi, alpha), {s.name: s.n for s in plan.used}, unstable))
     method = (f"{scale} scale; {n_boot} paired bootstrap draws of items within each suite (references resampled "
               f"too); p from {n_perm} within-suite paired swaps, two-sided, Holm-corrected over {len(against)}")
     notes = list(plan.notes) + ([f"a suite's scale collapsed to zero width in {unstable:.0%} of bootstrap draws "
@@ -368,76 +292,7 @@ def render_headline(verdict: HeadlineVerdict) -> list[str]:
 
 
 @dataclass(frozen=True)
-class SuiteComparison(_AsDict):
-    """One suite, candidate against one comparator: raw mean difference (suite units), test, verdict."""
-
-    suite: str
-    objective: str
-    higher_is_better: bool
-    candidate: str
-    against: str
-    diff: float  # mean(candidate - against), in the suite's own units
-    ci: tuple[float, float]
-    p: float
-    p_holm: float
-    verdict: str
-    n: int
-    tests: int  # size of the Holm family
-
-    def sentence(self) -> str:
-        d, (lo, hi) = self.diff, self.ci
-        lower = "" if self.higher_is_better else "lower is better; "
-        tail = f"({lower}{_p_text(self.p_holm)}, Holm-corrected over {self.tests}, n = {self.n})"
-        if self.verdict == NO_DIFFERENCE:
-            return f"{self.suite}: no significant difference from {self.against}: {d:+.2f} [{lo:.2f}, {hi:.2f}] {tail}"
-        return (f"{self.suite}: {self.candidate} is {self.verdict} than {self.against} by {d:+.2f} "
-                f"[{lo:.2f}, {hi:.2f}] {tail}")
-
-
-def compare_suites(suites: Sequence[SuiteScores], candidate: str, against: str | Sequence[str], alpha: float = 0.05,
-                   n_boot: int = 1000, n_perm: int = 2000, seed: int = 0) -> list[SuiteComparison]:
-    """Per suite, paired bootstrap interval and sign-flip p of mean(candidate - comparator), Holm over
-    every (suite, comparator) test in this call; the verdict word respects higher_is_better."""
-    against = [against] if isinstance(against, str) else list(against)
-    if not against:
-        raise MergeLabError(f"nothing to compare {candidate!r} against: name at least one other candidate")
-    rng = np.random.default_rng(seed)
-    rows = []
-    for s in suites:
-        n = s.n  # checks every candidate was scored on the same items
-        d = np.stack([s.array(candidate) - s.array(c) for c in against], axis=1)
-        boot, null = _counts(rng, n_boot, n) @ d / n, _signs(rng, n_perm, n) @ d / n
-        for j, c in enumerate(against):
-            obs = float(d[:, j].mean())
-            rows.append((s, c, obs, _interval(boot[:, j], alpha), _p_value(null[:, j], obs)))
-    adj = holm([r[4] for r in rows])
-    return [SuiteComparison(s.name, s.objective, s.higher_is_better, candidate, c, obs, ci, p, float(ph),
-                            _word(float(ph), ci[0], ci[1], alpha, s.higher_is_better), s.n, len(rows))
-            for (s, c, obs, ci, p), ph in zip(rows, adj)]
-
-
-def verdict_word(p_holm: float, lo: float, hi: float, alpha: float = 0.05, higher_is_better: bool = True) -> str:
-    """better / worse only when the corrected p < alpha and the interval excludes 0, else no difference."""
-    return _word(p_holm, lo, hi, alpha, higher_is_better)
-
-
-def as_family(comparisons: Sequence[SuiteComparison], alpha: float = 0.05) -> list[SuiteComparison]:
-    """Holm over suite comparisons made one call at a time (e.g. each suite's best against its
-    runner-up), so the family is the whole set; verdict words follow the corrected p."""
-    if not comparisons:
-        return []
-    adj = holm([c.p for c in comparisons])
-    return [replace(c, p_holm=float(ph), verdict=_word(float(ph), c.ci[0], c.ci[1], alpha, c.higher_is_better),
-                    tests=len(comparisons)) for c, ph in zip(comparisons, adj)]
-
-
-def render_suites(comparisons: Sequence[SuiteComparison]) -> list[str]:
-    """One sentence per suite comparison."""
-    return [c.sentence() for c in comparisons]
-
-
-@dataclass(frozen=True)
-class SampleSizeCheck(_AsDict):
+class SampleSizeCheck(AsDict):
     """Can these suite sizes separate anything but huge gaps? ``message`` is None when they can."""
 
     flagged: bool
@@ -477,32 +332,3 @@ def sample_size_check(suites: Sequence[SuiteScores], base: str, sources: Sequenc
                    + (f"; every suite has fewer than {min_items} items" if small else "")
                    + ". Read 'no significant difference' as 'not measured'; run the full suites to decide.")
     return SampleSizeCheck(small or wide, message, n, mde, headline_mde, power)
-
-
-def non_separating(scores: Mapping[str, Sequence[float]], item_share: float = 0.95,
-                   candidate_share: float = 0.9) -> str | None:
-    """A reason string when a suite cannot tell these candidates apart, else None: nearly every
-    candidate (>= candidate_share) gives the same per-example scores, or all candidates give the
-    same score on >= item_share of the items."""
-    names = list(scores)
-    if len(names) < 2:
-        return None
-    x = np.asarray([np.asarray(scores[c], dtype=np.float64) for c in names])
-    _, group = np.unique(x, axis=0, return_counts=True)
-    k, top = len(names), int(group.max())
-    if top == k:
-        return f"does not separate these candidates: all {k} candidates give identical per-example scores"
-    if top >= max(2, math.ceil(candidate_share * k - 1e-9)):
-        return f"does not separate these candidates: {top} of {k} candidates give identical per-example scores"
-    same = int(np.sum(np.all(x == x[0], axis=0)))
-    if same >= item_share * x.shape[1]:
-        return (f"does not separate these candidates: all {k} candidates give the same score on {same} of "
-                f"{x.shape[1]} items ({same / x.shape[1]:.0%})")
-    return None
-
-
-def non_separating_suites(suites: Sequence[SuiteScores], item_share: float = 0.95,
-                          candidate_share: float = 0.9) -> dict[str, str]:
-    """Suite name -> reason, for every suite that does not separate its candidates."""
-    out = {s.name: non_separating(s.scores, item_share, candidate_share) for s in suites}
-    return {k: v for k, v in out.items() if v is not None}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from merge_lab.evaluation.verdict import NO_DIFFERENCE
+from merge_lab.evaluation.resampling import NO_DIFFERENCE
 from merge_lab.report.tables import Table, fmt
 
 SCALE_WORDS = {"source": "{base} = 0, best source = 1", "z": "units of {base}'s per-item standard deviation above it"}
