@@ -21,7 +21,7 @@ from pathlib import Path
 
 def train_probe(spec: dict) -> dict:
     from merge_lab.moe import train as fusion_train
-    from merge_lab.moe.train import TrainConfig
+    from merge_lab.moe.train_config import TrainConfig
 
     stamps: list[tuple[float, int, int]] = []  # (time at the start of a step, real tokens, padded tokens)
     collate = fusion_train.collate

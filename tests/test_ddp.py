@@ -17,7 +17,8 @@ from merge_lab.moe import losses
 from merge_lab.moe.data import collate
 from merge_lab.moe.pipeline import fuse, work_dir
 from merge_lab.moe.routing import capture_router_logits
-from merge_lab.moe.train import TrainConfig, setup, shard_counts, shard_losses
+from merge_lab.moe.train import setup, shard_counts, shard_losses
+from merge_lab.moe.train_config import TrainConfig
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
 from merge_lab.testing.launch import accelerate_command, cpu_env
 from merge_lab.testing.moe import ffn_expert, labelled_jsonl

@@ -53,7 +53,7 @@ def test_every_profile_gives_valid_recipes(profile, tmp_path):
     """Overrides are checked by the same schemas the steps use, before hours are spent on a profile."""
     from merge_lab.evaluation.compare import CompareSpec
     from merge_lab.merge.recipe import Recipe
-    from merge_lab.moe.train import TrainConfig
+    from merge_lab.moe.train_config import TrainConfig
     from merge_lab.training.align import AlignRecipe
 
     for step in STEPS:

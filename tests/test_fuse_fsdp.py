@@ -15,7 +15,7 @@ import torch
 
 from merge_lab.errors import MergeLabError
 from merge_lab.moe.sharding import refuse_unsupported_sharding
-from merge_lab.moe.train import TrainConfig
+from merge_lab.moe.train_config import TrainConfig
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
 from merge_lab.testing.launch import accelerate_command, cpu_env
 from merge_lab.testing.moe import ffn_expert, labelled_jsonl

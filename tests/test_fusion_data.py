@@ -9,7 +9,7 @@ from merge_lab.errors import MergeLabError
 from merge_lab.evaluation import suites
 from merge_lab.merge.recipe import parse_recipe
 from merge_lab.moe.data import Encoded, load_rows, shared_prefix
-from merge_lab.moe.train import train_config
+from merge_lab.moe.train_config import train_config
 from merge_lab.training.align import parse_align_recipe
 from merge_lab.training.blocks import DataSpec, training_rows
 

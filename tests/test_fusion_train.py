@@ -9,7 +9,8 @@ from merge_lab.errors import MergeLabError
 from merge_lab.merge.engine import merge
 from merge_lab.moe.export import export_moe
 from merge_lab.moe.pipeline import fuse
-from merge_lab.moe.train import TrainConfig, train
+from merge_lab.moe.train import train
+from merge_lab.moe.train_config import TrainConfig
 from merge_lab.testing import load_tensors, make_checkpoint, write_recipe
 from merge_lab.testing.moe import ffn_expert, labelled_jsonl
 
@@ -189,7 +190,7 @@ def test_fuse_validates_the_train_block_and_reads_its_rows_once(moe, tmp_path, m
     block and the same rows: the JSONL is read once, the block validated once."""
     from merge_lab.datasets import sources
     from merge_lab.merge.recipe import Recipe
-    from merge_lab.moe.train import TrainConfig
+    from merge_lab.moe.train_config import TrainConfig
 
     root, recipe, _, data = moe
     reads, validations = [], []

@@ -79,7 +79,7 @@ def by_source(ids: list[str]) -> dict[str, list]:
 def fusion_items(recipe: Path) -> list[str]:
     """Ids of the rows a fuse recipe's train.data selects: the rows `fuse` trains on, read the same way."""
     from merge_lab.merge.recipe import load_recipe
-    from merge_lab.moe.train import train_rows
+    from merge_lab.moe.train_config import train_rows
 
     if not recipe.is_file():
         return []

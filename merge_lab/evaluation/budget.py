@@ -154,7 +154,7 @@ def fusion_budget(path: Path) -> tuple[SourceBudget, Any, Any, list[Example]]:
     (routers, plus expert LoRA, full experts or attention as `trainable:` and `train_attention:` say);
     with the recipe, its train block and its rows."""
     from merge_lab.merge.recipe import load_recipe
-    from merge_lab.moe.train import train_config, train_rows
+    from merge_lab.moe.train_config import train_config, train_rows
 
     recipe = load_recipe(path)
     if recipe.merge_method != "h3_moe" or recipe.train is None or recipe.base_model is None:

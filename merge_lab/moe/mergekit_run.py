@@ -4,7 +4,7 @@ The config is read as mergekit-moe reads it (merge_lab.moe.mergekit_config), tra
 h3_moe recipe whose routers are mergekit's gates (`router_init: gates`, rows computed by the
 GateInit plan step, merge_lab.moe.gates), planned header-only (experts fit the base, output
 architecture) and streamed by the same engine and writer as `merge`. An optional `train:` block
-(our h3 training keys, merge_lab.moe.train.TrainConfig; mergekit-moe ignores it) trains those
+(our h3 training keys, merge_lab.moe.train_config.TrainConfig; mergekit-moe ignores it) trains those
 routers with the H3 gating loss through `merge_lab.moe.pipeline.fuse`: prompt-averaged gates
 become trained ones, and the summary says the routing accuracy before and after.
 

@@ -44,7 +44,8 @@ def fuse(recipe: str | Path | Recipe, out: str | Path, *, resume: bool = False, 
          progress: bool = True, stop_after: int | None = None, console=None) -> FuseResult:
     from merge_lab.core.distributed import launched, per_process_batch
     from merge_lab.moe.export import export_moe
-    from merge_lab.moe.train import train, train_config, train_rows
+    from merge_lab.moe.train import train
+    from merge_lab.moe.train_config import train_config, train_rows
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)

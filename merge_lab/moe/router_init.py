@@ -61,7 +61,7 @@ class CentroidInit:
     routers: Mapping[str, int]  # router tensor -> its layer
 
     def run(self) -> dict[str, torch.Tensor]:
-        from merge_lab.moe.train import router_rows  # the rows fuse trains on, loaded once
+        from merge_lab.moe.train_config import router_rows  # the rows fuse trains on, loaded once
 
         labels = list(self.labels)
         rows = centroid_rows(self.base, router_rows(self.recipe), labels)
@@ -93,7 +93,7 @@ def centroid_rows(base: str | Path, examples: list[Example], labels: list[str], 
             chunk = examples[start:start + batch_size]
             rows = [encode_prompt(tokenizer, ex.prompt, max_length) for ex in chunk]
             ids, mask = chat.right_padded(rows, pad)
-            model(input_ids=ids, attention_mask=mask)
+            model.base_model(input_ids=ids, attention_mask=mask)  # the decoder alone: no vocabulary rows
             m = mask[..., None].float()
             for i, h in captured.items():
                 per_example = (h.float() * m).sum(1) / m.sum(1)  # mean over each prompt's real tokens

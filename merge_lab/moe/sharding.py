@@ -10,7 +10,7 @@ from merge_lab.errors import MergeLabError
 from merge_lab.training.shards import sharded
 
 if TYPE_CHECKING:
-    from merge_lab.moe.train import TrainConfig
+    from merge_lab.moe.train_config import TrainConfig
 
 
 def refuse_unsupported_sharding(accelerator: Any, cfg: TrainConfig, *, resume: bool = False,

@@ -68,7 +68,7 @@ class H3Moe(Strategy):
         h3_params(recipe)
         expert_labels(recipe)
         if recipe.train is not None:
-            from merge_lab.moe.train import train_config
+            from merge_lab.moe.train_config import train_config
 
             train_config(recipe)
 
