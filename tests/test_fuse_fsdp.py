@@ -1,6 +1,6 @@
 """`fuse` with the weights sharded over 2 processes (FSDP2 on CPU processes, gloo): the whole-weight
-reads (accuracy probe, reported drift, export) go through the gathering, and the fused model is
-the one DDP trains. accelerate runs an FSDP config as DDP on CPU processes, so the test switches
+reads (accuracy probe, the drift term and its gradient, export) go through the gathering, and the
+fused model is the one DDP trains, the drift regulariser on. accelerate runs an FSDP config as DDP on CPU processes, so the test switches
 its state to FSDP once made, as tests/test_align_ddp.py does for align."""
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from merge_lab.testing.launch import accelerate_command, cpu_env
 from merge_lab.testing.moe import ffn_expert, labelled_jsonl
 
 LABELS = ["helpful", "harmless"]
-# the LoRA experts and every loss term FSDP allows (gamma 0), 2 rows per process
-TRAIN = {"steps": 3, "batch_size": 4, "lr": 1e-2, "trainable": "router+lora", "lambda": 0.5, "gamma": 0.0,
+# the LoRA experts and every loss term (the drift term too: gamma 0.5 moves the weights), 2 rows per process
+TRAIN = {"steps": 3, "batch_size": 4, "lr": 1e-2, "trainable": "router+lora", "lambda": 0.5, "gamma": 0.5,
          "load_balance": 0.01, "seed": 3, "eval_rows": 8, "cpu": True}
 
-# Under one launch: fuse under DDP, then the same recipe with the weights really sharded (FSDP2),
-# then a recipe FSDP cannot train (gamma > 0), refused on every process.
+# Under one launch: fuse under DDP (and with gamma 0, to show the drift term matters), then the same
+# recipe with the weights really sharded (FSDP2),
+# then a recipe FSDP cannot train (full experts), refused on every process.
 SCRIPT = """import json
 import os
 import sys
@@ -35,7 +36,7 @@ from merge_lab.errors import MergeLabError
 from merge_lab.moe.pipeline import fuse
 from merge_lab.testing.launch import shard_on_cpu
 
-recipe, drifting, said = sys.argv[1:]
+recipe, no_drift, full_experts, said = sys.argv[1:]
 
 
 def say(line):  # one file per process: lines two processes print at once can interleave
@@ -48,10 +49,11 @@ def summary(result):
 
 
 say(summary(fuse(recipe, "ddp", progress=False)))
+fuse(no_drift, "ddp_no_drift", progress=False)
 shard_on_cpu("MixtralDecoderLayer", say)
 say(summary(fuse(recipe, "fsdp", progress=False)))
 try:
-    fuse(drifting, "drifting", progress=False)
+    fuse(full_experts, "full_experts", progress=False)
 except MergeLabError as e:
     say(f"refused: {e}")
 """
@@ -64,41 +66,47 @@ def test_fsdp_gathers_the_weights_fuse_reads_whole_and_fuses_the_ddp_model(tmp_p
     data = labelled_jsonl(tmp_path / "data.jsonl", LABELS, per_label=8)
     recipe = {"merge_method": "h3_moe", "base_model": str(base), "models": models}
     path = write_recipe(tmp_path / "fuse.yaml", {**recipe, "train": {"data": str(data), **TRAIN}})
-    drifting = write_recipe(tmp_path / "drift.yaml", {**recipe, "train": {"data": str(data), **TRAIN, "gamma": 0.1}})
+    no_drift = write_recipe(tmp_path / "no_drift.yaml", {**recipe, "train": {"data": str(data), **TRAIN, "gamma": 0.0}})
+    full = write_recipe(tmp_path / "full.yaml", {**recipe, "train": {"data": str(data), **TRAIN, "trainable": "router+experts"}})
     script, said = tmp_path / "launched.py", tmp_path / "said"
     script.write_text(SCRIPT)
-    res = subprocess.run(accelerate_command(2, str(script), str(path), str(drifting), str(said)), cwd=tmp_path,
+    res = subprocess.run(accelerate_command(2, str(script), str(path), str(no_drift), str(full), str(said)), cwd=tmp_path,
                          env=cpu_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
     lines = {rank: Path(f"{said}.{rank}").read_text().splitlines() for rank in (0, 1)}
-    for rank in (0, 1):  # both processes trained sharded, and both refused the drift term
+    for rank in (0, 1):  # both processes trained sharded, and both refused the full experts
         assert lines[rank][1].startswith("prepared FSDP") and lines[rank][1].endswith(" under FSDP"), lines[rank]
-        assert lines[rank][3].startswith("refused: `fuse` does not train with the drift term (gamma > 0) under FSDP")
+        assert lines[rank][3].startswith("refused: `fuse` does not train `trainable: router+experts` under FSDP")
         assert "--multi_gpu" in lines[rank][3]
-    assert not (tmp_path / "drifting").exists()
+    assert not (tmp_path / "full_experts").exists()
 
-    # the main process reported the same accuracies and last step's terms (drift read unsharded)
+    # the main process reported the same accuracies and last step's terms (the drift gathered in autograd)
     ddp, fsdp = json.loads(lines[0][0]), json.loads(lines[0][2])
     assert ddp["before"] == fsdp["before"] and ddp["after"] == fsdp["after"]
     # drift > 0: the LoRA (B starts at zero) trained, so the export below is not the assembly
     assert ddp["last"]["drift"] > 0 and fsdp["last"] == pytest.approx(ddp["last"], rel=1e-4, abs=1e-6)
 
-    # the export: the state gathered from the shards is the model DDP trained
+    # the export: the state gathered from the shards is the model DDP trained, drift gradient included
     a, b = load_tensors(tmp_path / "ddp"), load_tensors(tmp_path / "fsdp")
     assert set(a) == set(b)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    plain = load_tensors(tmp_path / "ddp_no_drift")  # without the drift term the weights end elsewhere
+    assert max(float((plain[k] - a[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a) > 1e-3
     assert "2 processes, 2 rows each" in (tmp_path / "fsdp" / "README.md").read_text()
 
 
 def test_what_fuse_cannot_do_sharded_is_refused_with_what_to_use():
-    """Refused under FSDP: full experts, the drift term, resume state; DeepSpeed (unchecked) always."""
+    """Refused under FSDP: full experts, the drift term outside FSDP2, resume state; DeepSpeed (unchecked) always."""
     from accelerate.utils import DistributedType
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
     ok = TrainConfig(data=[], trainable="router+lora")
     refuse_unsupported_sharding(fsdp, ok)
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    refuse_unsupported_sharding(fsdp2, TrainConfig(data=[], trainable="router+lora", gamma=0.5))
     refuse_unsupported_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU),
                                 TrainConfig(data=[], trainable="router+experts", gamma=1.0), resume=True)
     cases = [(TrainConfig(data=[], trainable="router+experts"), {}, "router\\+experts"),

@@ -212,3 +212,22 @@ def test_fuse_validates_the_train_block_and_reads_its_rows_once(moe, tmp_path, m
     result = fuse(path, tmp_path / "out", progress=False)
     assert result.path is not None and result.steps_done == 1
     assert reads == [str(data)] and len(validations) == 1
+
+
+def test_lora_drift_is_each_experts_squared_lora_update(moe):
+    """lora_drift reads A and B (whole, so FSDP2 can gather them in autograd): each expert's value is
+    ||peft's own delta weight||^2 of that expert, summed over the layers' expert LoRA."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from merge_lab.moe.train import fresh_trainable, lora_drift
+
+    model = fresh_trainable(moe[2], TrainConfig(data=[], trainable="router+lora"))
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    torch.manual_seed(0)
+    for m in wrappers:  # B starts at zero: give the updates a size
+        torch.nn.init.normal_(m.lora_B["default"].weight)
+    got = lora_drift(list(model.modules()), len(LABELS))
+    deltas = [m.get_delta_weight("default") for m in wrappers]
+    want = torch.stack([sum((d[i].float() ** 2).sum() for d in deltas) for i in range(len(LABELS))])
+    assert wrappers and bool((want > 0).all())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

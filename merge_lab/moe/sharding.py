@@ -1,13 +1,14 @@
 """What `fuse` cannot do with the weights split over the processes (FSDP), refused before it
-trains, with what to use instead. The rest of fusion training gathers what it reads whole
-(merge_lab.training.shards: `whole_state`, `units_whole`)."""
+trains, with what to use instead: full experts, the drift term outside FSDP2, resume state,
+DeepSpeed. The rest of fusion training gathers what it reads whole (merge_lab.training.shards:
+`whole`, `whole_state`, `units_whole`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from merge_lab.errors import MergeLabError
-from merge_lab.training.shards import sharded
+from merge_lab.training.shards import dtensor_shards, sharded
 
 if TYPE_CHECKING:
     from merge_lab.moe.train_config import TrainConfig
@@ -29,10 +30,12 @@ def refuse_unsupported_sharding(accelerator: Any, cfg: TrainConfig, *, resume: b
         raise MergeLabError(f"`fuse` does not train `trainable: router+experts` under {kind}: the drift term reads "
                             f"whole experts outside the model's forward, where {kind} holds only a shard of each. "
                             f"Train router or router+lora, {ddp}.")
-    if any(g > 0 for g in (cfg.drift_weight.values() if isinstance(cfg.drift_weight, dict) else [cfg.drift_weight])):
-        raise MergeLabError(f"`fuse` does not train with the drift term (gamma > 0) under {kind}: its gradient "
-                            f"would flow through whole expert weights read outside the model's forward, where "
-                            f"{kind} holds only a shard of each. Set gamma to 0, {ddp}.")
+    gammas = cfg.drift_weight.values() if isinstance(cfg.drift_weight, dict) else [cfg.drift_weight]
+    if any(g > 0 for g in gammas) and not dtensor_shards(accelerator):
+        raise MergeLabError(f"`fuse` trains the drift term (gamma > 0) under FSDP2 only (fsdp_version: 2 in the "
+                            f"accelerate config), where each LoRA matrix is gathered inside autograd; under this "
+                            f"{kind} its gradient would flow through weights read outside the model's forward. "
+                            f"Set gamma to 0, use fsdp_version 2, {ddp}.")
     if checkpoints or resume:
         raise MergeLabError(f"`fuse` keeps no resume state under {kind} (checkpoint_every, --resume): the state "
                             f"holds the optimizer's moments whole, which fuse does not gather from the shards. "

@@ -12,10 +12,12 @@ takes its own batch_size / N rows of it (`batch_indices`, a pure function of see
 N), and its loss terms are weighted (`shard_losses`) so that the gradient DDP averages equals the
 one-process gradient on the whole batch. Only the main process measures routing accuracy and
 writes checkpoints. Under FSDP the weights read whole are gathered: the accuracy probe runs on
-every process through the FSDP wrapper, the reported drift is read one FSDP unit at a time with
-its weights whole (`units_whole`), and the export loads the gathered state dict (`whole_state`) into a fresh
-copy; what would need the gradient of a whole-weight read (gamma > 0, full experts) or the
-optimizer's state whole (checkpoints, resume) is refused there, naming DDP. DeepSpeed is refused
+every process through the FSDP wrapper, the drift of the expert LoRA gathers each LoRA matrix
+inside autograd under FSDP2 (`whole`: so gamma > 0 trains, each process's chunk getting the
+gradient DDP would give it; FSDP1 reads it one unit at a time, `units_whole`, and refuses gamma > 0),
+and the export loads the gathered state dict (`whole_state`) into a fresh copy; what would need
+the full experts' gradient through a whole-weight read (router+experts) or the optimizer's state
+whole (checkpoints, resume) is refused there, naming DDP. DeepSpeed is refused
 (not installed where this is tested). An FSDP config on CPU processes runs as DDP, with a note.
 
 `train` reads as three steps: `setup` (model, frozen parts, optimizer, tokenised rows),
@@ -44,7 +46,7 @@ from merge_lab.moe.sharding import refuse_unsupported_sharding
 from merge_lab.moe.state import LEGACY, fingerprint, has_state, load_state, save_state
 from merge_lab.moe.train_config import TrainConfig
 from merge_lab.training import chat
-from merge_lab.training.shards import gathered_copy, sharded, units_whole, unsharded_note
+from merge_lab.training.shards import dtensor_shards, gathered_copy, sharded, units_whole, unsharded_note, whole
 
 
 @dataclass
@@ -109,13 +111,20 @@ def drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts:
 
 
 def lora_drift(modules: list[torch.nn.Module], n_experts: int) -> torch.Tensor:
-    """[experts]: ||LoRA update||^2 of each expert over the expert LoRA among `modules`."""
+    """[experts]: ||LoRA update||^2 of each expert over the expert LoRA among `modules`. The update
+    of expert e is scaling * B_e A_e (peft's ParamWrapper.get_delta_weight; its norm does not depend
+    on which of in / out comes first), from A and B whole: FSDP2 shards are gathered in autograd."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    deltas = [m.get_delta_weight("default") for m in modules if isinstance(m, ParamWrapper)]
-    if not deltas:
-        return torch.zeros(n_experts)
-    return torch.stack([losses.drift([d[i] for d in deltas], [None] * len(deltas)) for i in range(n_experts)])
+    total = torch.zeros(n_experts)
+    for m in modules:
+        if isinstance(m, ParamWrapper):
+            a, b = whole(m.lora_A["default"].weight), whole(m.lora_B["default"].weight)
+            a = a.reshape(m.num_experts, -1, a.shape[-1])  # experts x rank x in
+            b = b.reshape(b.shape[0], -1, m.num_experts)  # out x rank x experts
+            delta = torch.einsum("o r e, e r i -> e o i", b, a) * m.scaling["default"]
+            total = total.to(delta.device) + (delta.float() ** 2).sum(dim=(1, 2))
+    return total
 
 
 # ------------------------------------------------------------------ the loss of one process's share
@@ -259,8 +268,8 @@ def train_step(run: FusionRun, step: int) -> dict[str, float]:
     idx = batch_indices(step, len(run.encoded), cfg.batch_size, cfg.seed, rank, world)
     record_rows(rank, world, step, idx)
     reported = None
-    if run.sharded and cfg.trainable == "router+lora":  # gamma is 0 (refused otherwise): the drift is only
-        with torch.no_grad():  # reported, read one FSDP unit at a time with its weights whole
+    if run.sharded and cfg.trainable == "router+lora" and not dtensor_shards(accelerator):  # gamma is 0 there
+        with torch.no_grad():  # (refused otherwise): only reported, one unit at a time with its weights whole
             reported = sum(lora_drift(modules, len(run.labels)).to(run.device)
                            for modules in units_whole(accelerator, run.model))
     b = {k: v.to(run.device) for k, v in collate([run.encoded[i] for i in idx], run.pad_id).items()}
@@ -270,8 +279,9 @@ def train_step(run: FusionRun, step: int) -> dict[str, float]:
     totals = run.reduce(shard_counts(b["labels"], b["attention_mask"], captured, run.top_k, balanced))
     gating_mask = losses.skip_prefix(b["attention_mask"], run.gating_skip)
     terms = shard_losses(out.logits, b, captured, gating_mask, run.top_k, balanced, totals, cfg.batch_size, world)
-    drift = (reported if reported is not None else
-             drift_per_expert(run.inner, cfg, run.expert_params, run.initial, len(run.labels))).to(run.device)
+    with torch.set_grad_enabled(bool(run.gammas.any())):  # FSDP2 gathers the LoRA in autograd only to train it
+        drift = (reported if reported is not None else
+                 drift_per_expert(run.inner, cfg, run.expert_params, run.initial, len(run.labels))).to(run.device)
     balance = terms.get("balance", torch.zeros((), device=run.device))
     loss = terms["lm"] + cfg.gating_weight * terms["gate"] + (run.gammas * drift).sum() + cfg.load_balance * balance
     accelerator.backward(loss)

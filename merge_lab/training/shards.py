@@ -67,6 +67,23 @@ def sharded(accelerator: Any) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def dtensor_shards(accelerator: Any) -> bool:
+    """Whether the prepared model's weights are FSDP2 shards (DTensors): a read outside the forward
+    can then gather one weight inside autograd (`whole`), its gradient landing on each process's chunk."""
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    return sharded(accelerator) and getattr(plugin, "fsdp_version", 1) == 2
+
+
+def whole(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor), gathered inside autograd: every process must
+    ask for the same weights in the same order. Its backward keeps each process's own chunk of the
+    gradient, which is what DDP's averaging gives when every process computes the same term. Any
+    other tensor comes back as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
 def unsharded_note(accelerator: Any) -> str | None:
     """A note when an FSDP or DeepSpeed config was launched but accelerate trains with DDP (it
     does on CPU processes: it shards only over GPUs and alike), so the user knows every process
