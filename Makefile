@@ -40,8 +40,8 @@ lint: setup
 	$(PY) -m ruff check .
 
 # both synthetic sets (0.5B, 1.5B), 3 repetitions each, ten methods against mergekit and the I/O floor.
-# The first five took 35 min on 2 idle cores; one 0.5B repetition of the five added since took about
-# 30 min on a shared machine (benchmarks/RESULTS.md), so the whole run takes hours: not yet timed end to end.
+# The first five took 35 min on 2 idle cores; the five added since, 3 repetitions of the 0.5B set only,
+# 31 min (benchmarks/RESULTS.md), so the whole run takes hours: not yet timed end to end.
 # One set, one repetition, some methods: python -m benchmarks.run --sizes 0.5B --reps 1 --methods della
 bench: setup
 	$(PY) -m benchmarks.run
