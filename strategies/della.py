@@ -104,12 +104,26 @@ def keep_probabilities(
     if delta.dim() == 1:
         assert sorted_magnitudes is not None
         rank, m = torch.searchsorted(sorted_magnitudes.to(delta.device), magnitude), sorted_magnitudes.numel()
-    else:
-        rows = magnitude.movedim(1, -1).contiguous()
-        rank, m = tie_ranks(rows).movedim(-1, 1), delta.shape[1]
+        if m < 2:
+            return torch.full_like(delta, density)
+        return rank.to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
+    m = delta.shape[1]
     if m < 2:
         return torch.full_like(delta, density)
-    return rank.to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
+    rows = magnitude.movedim(1, -1).contiguous()
+    out = torch.empty_like(delta)
+    into = out.movedim(1, -1)  # a view: each group's probabilities land in delta's layout
+    group = max(1, RANK_GROUP_ELEMENTS // (rows.numel() // rows.shape[0]))
+    for s in range(0, rows.shape[0], group):  # the ranking's int64 temporaries stay a group's size
+        into[s:s + group] = tie_ranks(rows[s:s + group]).to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(
+            density - epsilon)
+    return out
+
+
+# Entries ranked at once within a work unit: tie_ranks holds several int64 copies of what it ranks
+# (sort order, tie starts, their running maximum, the scattered ranks), so a group of 2^18 entries
+# keeps them near 10 MB, whatever the unit's size (the plan counts float32 temporaries only)
+RANK_GROUP_ELEMENTS = 2**18
 
 
 # Entries of one model's masks a statistics pass keeps per tensor for merge(), as packed bits:

@@ -280,6 +280,20 @@ def test_della_tie_ranks_are_searchsorteds():
     assert tie_ranks(torch.tensor([[2.0, 1.0, 2.0, 0.0]])).tolist() == [[2, 1, 2, 0]]
 
 
+def test_della_ranks_in_row_groups_give_the_whole_units_probabilities(monkeypatch):
+    """keep_probabilities ranks a work unit a few rows at a time (RANK_GROUP_ELEMENTS, so the ranking's
+    int64 temporaries stay small): the probabilities equal ranking the whole unit at once, 2-D and 3-D."""
+    from merge_lab.strategies import della
+
+    g = torch.Generator().manual_seed(1)
+    for shape in [(37, 19), (5, 7, 11)]:
+        delta = (torch.randn(shape, generator=g) * 3).round()  # many ties
+        monkeypatch.setattr(della, "RANK_GROUP_ELEMENTS", 2**30)
+        whole = della.keep_probabilities(delta, 0.6, 0.2)
+        monkeypatch.setattr(della, "RANK_GROUP_ELEMENTS", 20)  # a row or two a group
+        assert torch.equal(della.keep_probabilities(delta, 0.6, 0.2), whole), shape
+
+
 def test_della_masks_kept_from_the_statistics_pass_equal_masks_drawn_again(fp32_family, tmp_path, monkeypatch):
     """With `rescale` merge() reuses the masks the statistics pass drew, up to MASK_CACHE_ELEMENTS
     per model and tensor, and draws the rest again from where the pass stopped keeping them: any
