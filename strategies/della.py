@@ -95,35 +95,32 @@ def tie_ranks(rows: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, starts)
 
 
+# Entries ranked at once within a work unit: tie_ranks holds several int64 copies of what it ranks
+# (sort order, tie starts, their running maximum, the scattered ranks), so a group of 2^18 entries
+# keeps them near 10 MB, whatever the unit's size (the plan counts float32 temporaries only)
+RANK_GROUP_ELEMENTS = 2**18
+
+
 def keep_probabilities(
     delta: torch.Tensor, density: float, epsilon: float, sorted_magnitudes: torch.Tensor | None = None
 ) -> torch.Tensor:
     """MAGPRUNE's keep probability of each entry of (a block of rows of) delta; a 1-D delta (a
     block of a 1-D tensor) is ranked in `sorted_magnitudes`, the whole tensor's."""
-    magnitude = delta.abs()
-    if delta.dim() == 1:
-        assert sorted_magnitudes is not None
-        rank, m = torch.searchsorted(sorted_magnitudes.to(delta.device), magnitude), sorted_magnitudes.numel()
-        if m < 2:
-            return torch.full_like(delta, density)
-        return rank.to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(density - epsilon)
-    m = delta.shape[1]
+    assert delta.dim() != 1 or sorted_magnitudes is not None
+    m = sorted_magnitudes.numel() if delta.dim() == 1 else delta.shape[1]
     if m < 2:
         return torch.full_like(delta, density)
+    scale, shift = 2.0 * epsilon / (m - 1), density - epsilon  # rank 0 -> density - eps, rank m-1 -> + eps
+    magnitude = delta.abs()
+    if delta.dim() == 1:
+        return torch.searchsorted(sorted_magnitudes.to(delta.device), magnitude).to(delta.dtype).mul_(scale).add_(shift)
     rows = magnitude.movedim(1, -1).contiguous()
     out = torch.empty_like(delta)
     into = out.movedim(1, -1)  # a view: each group's probabilities land in delta's layout
     group = max(1, RANK_GROUP_ELEMENTS // (rows.numel() // rows.shape[0]))
     for s in range(0, rows.shape[0], group):  # the ranking's int64 temporaries stay a group's size
-        into[s:s + group] = tie_ranks(rows[s:s + group]).to(delta.dtype).mul_(2.0 * epsilon / (m - 1)).add_(
-            density - epsilon)
+        into[s:s + group] = tie_ranks(rows[s:s + group]).to(delta.dtype).mul_(scale).add_(shift)
     return out
-
-
-# Entries ranked at once within a work unit: tie_ranks holds several int64 copies of what it ranks
-# (sort order, tie starts, their running maximum, the scattered ranks), so a group of 2^18 entries
-# keeps them near 10 MB, whatever the unit's size (the plan counts float32 temporaries only)
-RANK_GROUP_ELEMENTS = 2**18
 
 
 # Entries of one model's masks a statistics pass keeps per tensor for merge(), as packed bits:
