@@ -30,8 +30,7 @@ def refuse_unsupported_sharding(accelerator: Any, cfg: TrainConfig, *, resume: b
         raise MergeLabError(f"`fuse` does not train `trainable: router+experts` under {kind}: the drift term reads "
                             f"whole experts outside the model's forward, where {kind} holds only a shard of each. "
                             f"Train router or router+lora, {ddp}.")
-    gammas = cfg.drift_weight.values() if isinstance(cfg.drift_weight, dict) else [cfg.drift_weight]
-    if any(g > 0 for g in gammas) and not dtensor_shards(accelerator):
+    if any(g > 0 for g in cfg.gamma_values()) and not dtensor_shards(accelerator):
         raise MergeLabError(f"`fuse` trains the drift term (gamma > 0) under FSDP2 only (fsdp_version: 2 in the "
                             f"accelerate config), where each LoRA matrix is gathered inside autograd; under this "
                             f"{kind} its gradient would flow through weights read outside the model's forward. "

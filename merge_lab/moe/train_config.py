@@ -76,10 +76,13 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _gamma_non_negative(self) -> TrainConfig:
-        values = self.drift_weight.values() if isinstance(self.drift_weight, dict) else [self.drift_weight]
-        if any(v < 0 for v in values):
+        if any(v < 0 for v in self.gamma_values()):
             raise ValueError("gamma must be >= 0")
         return self
+
+    def gamma_values(self) -> list[float]:
+        """Every gamma the block sets: the one number, or each label's."""
+        return list(self.drift_weight.values()) if isinstance(self.drift_weight, dict) else [self.drift_weight]
 
     def gammas(self, labels: list[str]) -> list[float]:
         if isinstance(self.drift_weight, dict):
