@@ -442,6 +442,39 @@ def test_choose_picks_on_the_validation_split(world, tmp_path):
     assert "was chosen on the 'validation' split" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_choose_as_takes_the_values_another_choose_picked_and_tries_none(world, tmp_path):
+    """An ablation differs from its model only in training: `choose_as` gives it the values that
+    model's `choose:` picked (the second listed, so a copy of the first would fail), without
+    evaluating any variant of its own on the selection split; naming a candidate that chooses
+    nothing is an error at the key."""
+    import shutil
+
+    root = world[0]
+    twin = shutil.copytree(root / "refuse", tmp_path / "twin")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(twin / "model.safetensors")  # other weights, so nothing of it is found in the cache
+    name = next(n for n in weights if n.endswith("lm_head.weight") or n.endswith("embed_tokens.weight"))
+    save_file({**weights, name: weights[name] * 1.01}, twin / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((twin / "config.json").read_text())
+    (twin / "config.json").write_text(json.dumps({**config, "rms_norm_eps": -1000.0}))  # broken until chosen
+    spec = {"output": str(tmp_path / "out"), "suites": ["harmless_refusal"],
+            "settings": {"limit": 4, "max_new_tokens": 10, "bootstrap": 100}, "selection": {"limit": 3},
+            "candidates": [{"name": "refuse", "checkpoint": str(root / "refuse"),
+                            "choose": {"rms_norm_eps": [-1000.0, 1e-6]}},
+                           {"name": "twin", "checkpoint": str(twin), "choose_as": "refuse"}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    res = run_compare(tmp_path / "c.yaml", progress=False)
+    assert res.results["selection"]["twin"] == {"split": "validation", "chosen": {"rms_norm_eps": 1e-6}, "as": "refuse"}
+    assert value(res, "harmless_refusal", "twin") == 1.0  # refuses: evaluated with the chosen value
+    assert [n for n, _ in res.evaluated if n.startswith("twin")] == ["twin"]  # no variant of its own tried
+    assert "the value chosen for refuse (`choose_as`)" in (tmp_path / "out" / "report.md").read_text()
+    spec["candidates"][1]["choose_as"] = "nobody"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(MergeLabError, match=r"choose_as.*'nobody' is not a candidate with `choose:`; name one of refuse"):
+        run_compare(tmp_path / "c.yaml", progress=False)
+
+
 def test_selection_runs_only_the_suites_its_score_reads(world, tmp_path):
     """With an out-of-distribution suite listed, the selection score reads only those suites
     (headline.selection_scores), so the in-distribution ones are not evaluated on the selection split."""

@@ -42,7 +42,7 @@ def write_manifest(root: Path, profile: str, base: Path, report: Path | None, st
         baselines = baseline_items(doc, report)
         trained += [i for b in baselines.values() for i in b.pop("ids")]
         for sel in (doc.get("selection") or {}).values():
-            for name, ids in sel["ids"].items():
+            for name, ids in sel.get("ids", {}).items():
                 selection.setdefault(name, set()).update(ids)
     for s in [*suites.values(), *({"ids": sorted(v)} for v in selection.values())]:
         data.check_disjoint(trained, s["ids"])

@@ -138,13 +138,18 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
             judge.check()
         except MergeLabError as e:
             raise MergeLabError(f"{where('judge')}: the judge does not load: {e}") from None
+    choosers = {c.name: c.choose for c in spec.candidates if c.choose}
     for i, c in enumerate(spec.candidates):
-        if c.choose:
+        if c.choose_as is not None and c.choose_as not in choosers:
+            raise MergeLabError(f"{where('candidates', i, 'choose_as')}: '{c.choose_as}' is not a candidate with "
+                                f"`choose:`; name one of {', '.join(choosers) or '(none: give one `choose:`)'}.")
+        keys, key = (c.choose, "choose") if c.choose else (choosers.get(c.choose_as), "choose_as")
+        if keys:
             folder = by_name[c.name].path
             config = json.loads((folder / "config.json").read_text())
-            unknown = [k for k in c.choose if k not in config]
+            unknown = [k for k in keys if k not in config]
             if unknown:
-                raise MergeLabError(f"{where('candidates', i, 'choose')}: candidate '{c.name}': choose: {unknown} not in "
+                raise MergeLabError(f"{where('candidates', i, key)}: candidate '{c.name}': {key}: {unknown} not in "
                                     f"{folder}/config.json.")
     ctx = EvalContext(judge=judge, reference=reference)
     return Comparison(spec, root, out, s, suites, by_name, sources, ctx, cache, memo, training_checked=checked,

@@ -2,6 +2,8 @@
 
 - `choose:`: config.json values of a checkpoint candidate; every combination is evaluated and the
   best replaces the candidate everywhere it takes part;
+- `choose_as: other`: the values `other`'s `choose:` picked, nothing tried (an ablation that must
+  differ from `other` in its training only);
 - `merge_then_train:` with several merges: the merge it is trained from.
 
 Best means the highest selection score (headline.selection_scores): the reference-anchored headline
@@ -73,6 +75,13 @@ def select(comp: Comparison, progress: bool = True, console: Console | None = No
         best, scored = best_on_selection(comp, variants, progress, console)
         comp.replace(cand, variants[best])
         chosen[spec.name] = _record(comp, scored, list(variants), combos, combos[list(variants).index(best)])
+    for spec in comp.spec.candidates:  # after every `choose:`: the values they picked
+        if spec.choose_as is None:
+            continue
+        cand, combo = comp.candidates[spec.name], chosen[spec.choose_as]["chosen"]
+        variant = current().main_first(lambda cand=cand, combo=combo: cand.variant(combo, comp.cache.root))
+        comp.replace(cand, variant)
+        chosen[spec.name] = {"split": comp.spec.selection.split, "chosen": combo, "as": spec.choose_as}
     for spec in comp.spec.candidates:
         if spec.merge_then_train is None or not spec.selects:
             continue

@@ -13,6 +13,7 @@
       - {name: ens, ensemble: [base, ties], weights: [0.5, 0.5]}
       - {name: bon, best_of_n: [base, ties]}             # scorer: the judge, or reward_model: ./rm
       - {name: moe, checkpoint: ./moe, choose: {num_experts_per_tok: [1, 2]}}
+      - {name: moe_untrained, checkpoint: ./moe0, choose_as: moe}   # the values moe's `choose:` picked
       - {name: mixture, multitask: {align: [a.yaml, b.yaml], fuse: fuse.yaml}}   # trained here (trained.py)
       - {name: ties+train, merge_then_train: {merges: [ties], fuse: fuse.yaml}}  # several: the best on selection
     selection: {split: validation, limit: 24}   # where `choose:` values are tried (never the test split)
@@ -100,6 +101,8 @@ class CandidateSpec(BaseModel):
     source: bool = False
     group: str | None = None  # e.g. merge, ensemble: the headline is compared with each group's best
     choose: dict[str, list[Any]] | None = None  # config.json values tried on the selection split
+    # the values another candidate's `choose:` picked (an ablation that differs from it only in training)
+    choose_as: str | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> CandidateSpec:
@@ -109,12 +112,15 @@ class CandidateSpec(BaseModel):
         if self.choose is not None and (self.checkpoint is None or not self.choose or not all(self.choose.values())):
             raise ValueError(f"candidate '{self.name}': `choose:` needs a checkpoint candidate and a non-empty "
                              "list of values per config key, e.g. {num_experts_per_tok: [1, 2]}")
+        if self.choose_as is not None and (self.checkpoint is None or self.choose is not None):
+            raise ValueError(f"candidate '{self.name}': `choose_as:` needs a checkpoint candidate and no `choose:` of "
+                             "its own (it takes the values another candidate's `choose:` picked)")
         return self
 
     @property
     def selects(self) -> bool:
         """Whether something of this candidate is chosen on the selection split."""
-        return bool(self.choose) or (self.merge_then_train is not None and len(self.merge_then_train.merges) > 1)
+        return bool(self.choose) or self.choose_as is not None or (self.merge_then_train is not None and len(self.merge_then_train.merges) > 1)
 
 
 class Selection(BaseModel):

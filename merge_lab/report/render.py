@@ -69,6 +69,9 @@ def _notes(results: dict) -> list[str]:
 
 
 def _selection_note(name: str, sel: dict) -> str:
+    if "as" in sel:
+        won = ", ".join(f"{k}={v}" for k, v in sel["chosen"].items())
+        return f"{name}: {won}, the value chosen for {sel['as']} (`choose_as`), not chosen again."
     tried = "; ".join(", ".join(f"{k}={v}" for k, v in t["values"].items()) + f": {t['score']:.2f}"
                      + (f" [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}]" if t.get("interval") else "")
                      for t in sel["tried"])

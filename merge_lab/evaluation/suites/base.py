@@ -23,6 +23,9 @@ OBJECTIVES = ("harmless", "honest", "helpful", "capability", "custom")
 # The objectives a headline verdict and `choose:` average when a comparison has them (the H3 ones);
 # a comparison with none of them averages every objective it has.
 H3_OBJECTIVES = ("helpful", "harmless", "honest")
+# Items per suite an MoE's routing shares are measured on (the report's routing plot): one extra
+# decoder pass per suite, so a handful: the plot describes, it tests nothing.
+ROUTING_TEXTS = 8
 
 
 def ranked_objectives(objectives) -> list[str]:
@@ -107,7 +110,7 @@ class Suite:
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
     def routing_texts(self, candidate: Candidate) -> list[str]:
-        return [candidate.format_prompt(e.prompt) + (e.response or "") for e in self.items()[:16]]
+        return [candidate.format_prompt(e.prompt) + (e.response or "") for e in self.items()[:ROUTING_TEXTS]]
 
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> list[dict]:
         """One record per item: {"id", "score", ...}; the suite's metric is the mean score."""
