@@ -486,7 +486,8 @@ def test_selection_runs_only_the_suites_its_score_reads(world, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
     res = run_compare(tmp_path / "c.yaml", progress=False)
     sel = res.results["selection"]["refuse"]
-    assert list(sel["n"]) == ["harmless_ood"] and sel["score"]["distribution"] == "out-of-distribution"
+    # selection.limit (3) is every suite's size there, the entry's own limit (4) set aside
+    assert sel["n"] == {"harmless_ood": 3} and sel["score"]["distribution"] == "out-of-distribution"
     assert [t["values"] for t in sel["tried"]] == [{"rms_norm_eps": -1000.0}, {"rms_norm_eps": 1e-6}]
     cached = [json.loads(f.read_text()) for f in (tmp_path / "out" / "cache" / "results").glob("*.json")]
     assert {r["suite"] for r in cached if "rms_norm_eps" in r["candidate"]} == {"harmless_ood"}  # variants: OOD only

@@ -53,12 +53,16 @@ class Comparison:
             self.ctx.judge = self.ctx.judge.replacing(old, new)
 
 
-def _suites(spec: CompareSpec, where: Where, root: Path, split: str, limit: int | None) -> list[Suite]:
-    """The `suites:` entries on one split (a JSONL's path resolved like every other path)."""
+def _suites(spec: CompareSpec, where: Where, root: Path, split: str, limit: int | None,
+            every: bool = False) -> list[Suite]:
+    """The `suites:` entries on one split (a JSONL's path resolved like every other path); with
+    `every`, `limit` holds for every suite, an entry's own limit (the test split's) set aside."""
     out = []
     for i, x in enumerate(spec.suites):
         if isinstance(x, dict) and "path" in x:
             x = dict(x, path=str(resolve(root, x["path"])))
+        if isinstance(x, dict) and every:
+            x = {k: v for k, v in x.items() if k != "limit"}
         out.append(make_suite(x, split=split, limit=limit, seed=spec.settings.seed, where=where, at=("suites", i)))
     return out
 
@@ -83,7 +87,9 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
                 f"{where('selection', 'split')}: selection.split is '{sel.split}', the split the report evaluates on; "
                 "what is chosen there would flatter the chosen candidate. Use another split (validation)."
             )
-        selection_suites = _suites(spec, where, root, sel.split, sel.limit or s.limit)
+        # selection.limit, when given, is every suite's size there; else each suite's own, as on the test split
+        selection_suites = (_suites(spec, where, root, sel.split, sel.limit, every=True) if sel.limit
+                            else _suites(spec, where, root, sel.split, s.limit))
         # selection_scores reads only the out-of-distribution suites when there are any: the others are not run
         if any(x.ood for x in selection_suites):
             selection_suites = [x for x in selection_suites if x.ood]

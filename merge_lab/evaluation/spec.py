@@ -128,7 +128,7 @@ class Selection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     split: str = "validation"
-    limit: int | None = None  # items per suite (default: settings.limit)
+    limit: int | None = None  # items of every suite there (default: each suite's own, as on the test split)
 
 
 class VerdictSpec(BaseModel):
