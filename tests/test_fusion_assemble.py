@@ -144,6 +144,35 @@ def test_centroid_rows_are_a_step_between_planning_and_the_engine(tmp_path, monk
         assert torch.equal(rows[f"model.layers.{layer}.block_sparse_moe.gate.weight"], torch.full((2, 32), 0.5))
 
 
+def test_centroid_rows_are_computed_once_per_process_for_the_same_base_and_prompts(tmp_path, monkeypatch):
+    """The demo assembles one MoE three times (the fusion, its two ablations) in one process: the
+    base's pass over the same prompts runs once. Other prompts, or a base file rewritten, run it again;
+    callers get copies, so one cannot change another's rows."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from merge_lab.moe.data import load_rows
+    from merge_lab.moe.router_init import centroid_rows
+
+    base = make_checkpoint(tmp_path / "base", "llama", seed=0)
+    labels = ["l0", "l1"]
+    rows = load_rows(str(labelled_jsonl(tmp_path / "d.jsonl", labels, per_label=3)), labels)
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(1) or load(*a, **k))
+    first = centroid_rows(base, rows, labels)
+    again = centroid_rows(base, rows, labels)
+    assert torch.equal(first, again) and len(loads) == 1
+    first.zero_()
+    assert torch.equal(centroid_rows(base, rows, labels), again) and len(loads) == 1  # a copy was changed, not the memo
+    fewer = centroid_rows(base, rows[:-1], labels)
+    assert len(loads) == 2 and not torch.equal(fewer, again)
+    config = base / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))  # rewritten, as far as stat knows
+    assert torch.equal(centroid_rows(base, rows, labels), again) and len(loads) == 3
+
+
 def _fails(tmp_path, recipe, match):
     out = tmp_path / "never"
     with pytest.raises(MergeLabError, match=match):

@@ -25,11 +25,3 @@ def fingerprint_folder(path: Path) -> str:
 def combine(kind: str, parts: Iterable[str]) -> str:
     """The fingerprint of a candidate made of others (an ensemble, best-of-N): its kind and parts."""
     return hashlib.sha256((kind + "|" + "|".join(parts)).encode()).hexdigest()[:16]
-
-
-def folder_state(path: Path) -> tuple:
-    """What a model folder is within this process, from a stat of its files (no hashing: loading a
-    model must not read its weights twice): a memo key. Symlinks resolve, so a config-only
-    variant of a folder differs from it by its own config.json."""
-    return tuple(sorted((f.name, str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns)
-                        for f in Path(path).iterdir() if f.is_file()))

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from merge_lab.core.hashing import folder_state
 from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.decoding_memory import fitting_rows
-from merge_lab.evaluation.fingerprint import folder_state
 from merge_lab.evaluation.memo import Memo, Scored
 from merge_lab.evaluation.mixture import TokenSummary, mixed_from_summaries, summarize
 from merge_lab.training import chat

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from merge_lab.core.hashing import folder_state
 from merge_lab.datasets.sources import Example
 from merge_lab.errors import MergeLabError
 from merge_lab.merge.ops import Input, TensorOp
@@ -68,15 +69,30 @@ class CentroidInit:
         return {name: rows[layer] for name, layer in self.routers.items()}
 
 
-@torch.no_grad()
+# Centroid rows already computed in this process, by (base folder state, prompts, labels, sizes):
+# the demo assembles one MoE three times (the fusion and its two ablations) from the same rows.
+_COMPUTED: dict[tuple, torch.Tensor] = {}
+
+
 def centroid_rows(base: str | Path, examples: list[Example], labels: list[str], max_length: int = 256,
                   batch_size: int = 16) -> torch.Tensor:
-    """[layers, experts, hidden] unit rows from the base's FFN inputs on each label's prompts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """[layers, experts, hidden] unit rows from the base's FFN inputs on each label's prompts,
+    computed once per process for the same base files (by their stat), prompts and labels."""
     missing = [lab for lab in labels if not any(e.label == lab for e in examples)]
     if missing:
         raise MergeLabError(f"router_init: centroid needs prompts for every expert; none labelled {missing}.")
+    key = (folder_state(Path(base)), tuple((e.label, e.prompt) for e in examples), tuple(labels), max_length, batch_size)
+    if key not in _COMPUTED:
+        _COMPUTED.clear()  # one set kept: a process assembles from one base at a time
+        _COMPUTED[key] = _centroid_rows(base, examples, labels, max_length, batch_size)
+    return _COMPUTED[key].clone()
+
+
+@torch.no_grad()
+def _centroid_rows(base: str | Path, examples: list[Example], labels: list[str], max_length: int,
+                   batch_size: int) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     layers = model.model.layers
