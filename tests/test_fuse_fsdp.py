@@ -1,6 +1,7 @@
 """`fuse` with the weights sharded over 2 processes (FSDP2 on CPU processes, gloo): the whole-weight
-reads (accuracy probe, the drift term and its gradient, export) go through the gathering, and the
-fused model is the one DDP trains, the drift regulariser on. accelerate runs an FSDP config as DDP on CPU processes, so the test switches
+reads (accuracy probe, the drift term and its gradient, export, the resume state) go through the
+gathering, the fused model is the one DDP trains, the drift regulariser on, and a run stopped and
+resumed under FSDP2 ends where the uninterrupted one does. accelerate runs an FSDP config as DDP on CPU processes, so the test switches
 its state to FSDP once made, as tests/test_align_ddp.py does for align."""
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import os
 import sys
 
 from merge_lab.errors import MergeLabError
-from merge_lab.moe.pipeline import fuse
+from pathlib import Path
+
+from merge_lab.moe.pipeline import fuse, work_dir
 from merge_lab.testing.launch import shard_on_cpu
 
 recipe, no_drift, full_experts, said = sys.argv[1:]
@@ -56,6 +59,10 @@ try:
     fuse(full_experts, "full_experts", progress=False)
 except MergeLabError as e:
     say(f"refused: {e}")
+stopped = fuse(recipe, "fsdp_resumed", progress=False, stop_after=2)  # a checkpoint gathered from the shards
+saved = (work_dir(Path("fsdp_resumed")) / "state" / "state.json").is_file()
+say(f"stopped after {stopped.steps_done}, output {stopped.path}, state saved {saved}")
+say(summary(fuse(recipe, "fsdp_resumed", progress=False, resume=True)))  # each process given its shards back
 """
 
 
@@ -96,9 +103,20 @@ def test_fsdp_gathers_the_weights_fuse_reads_whole_and_fuses_the_ddp_model(tmp_p
     assert max(float((plain[k] - a[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a) > 1e-3
     assert "2 processes, 2 rows each" in (tmp_path / "fsdp" / "README.md").read_text()
 
+    # stopped after 2 of 3 steps under FSDP2 and resumed there: the weights of the uninterrupted run
+    for rank in (0, 1):
+        assert lines[rank][4].startswith("prepared FSDP") and lines[rank][6].startswith("prepared FSDP")
+        assert lines[rank][5] == "stopped after 2, output None, state saved True"
+    resumed = json.loads(lines[0][7])
+    assert resumed["last"] == pytest.approx(fsdp["last"], rel=1e-5, abs=1e-7)
+    c = load_tensors(tmp_path / "fsdp_resumed")
+    assert set(c) == set(b)
+    for name in b:
+        torch.testing.assert_close(c[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
 
 def test_what_fuse_cannot_do_sharded_is_refused_with_what_to_use():
-    """Refused under FSDP: full experts, the drift term outside FSDP2, resume state; DeepSpeed (unchecked) always."""
+    """Refused under FSDP: full experts, the drift term and resume state outside FSDP2; DeepSpeed (unchecked) always."""
     from accelerate.utils import DistributedType
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
@@ -106,12 +124,13 @@ def test_what_fuse_cannot_do_sharded_is_refused_with_what_to_use():
     refuse_unsupported_sharding(fsdp, ok)
     fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP,
                             state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
-    refuse_unsupported_sharding(fsdp2, TrainConfig(data=[], trainable="router+lora", gamma=0.5))
+    refuse_unsupported_sharding(fsdp2, TrainConfig(data=[], trainable="router+lora", gamma=0.5), resume=True,
+                                checkpoints=True)  # FSDP2 gathers the resume state from its shards
     refuse_unsupported_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU),
                                 TrainConfig(data=[], trainable="router+experts", gamma=1.0), resume=True)
     cases = [(TrainConfig(data=[], trainable="router+experts"), {}, "router\\+experts"),
              (TrainConfig(data=[], gamma={"helpful": 0.0, "harmless": 0.5}), {}, r"drift term \(gamma > 0\)"),
-             (ok, {"resume": True}, "no resume state"), (ok, {"checkpoints": True}, "checkpoint_every")]
+             (ok, {"resume": True}, "resume state"), (ok, {"checkpoints": True}, "checkpoint_every")]
     for cfg, kwargs, what in cases:
         with pytest.raises(MergeLabError, match=rf"under FSDP.*{what}|{what}.*under FSDP") as e:
             refuse_unsupported_sharding(fsdp, cfg, **kwargs)

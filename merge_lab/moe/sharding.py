@@ -1,5 +1,5 @@
 """What `fuse` cannot do with the weights split over the processes (FSDP), refused before it
-trains, with what to use instead: full experts, the drift term outside FSDP2, resume state,
+trains, with what to use instead: full experts, the drift term and resume state outside FSDP2,
 DeepSpeed. The rest of fusion training gathers what it reads whole (merge_lab.training.shards:
 `whole`, `whole_state`, `units_whole`)."""
 
@@ -35,7 +35,7 @@ def refuse_unsupported_sharding(accelerator: Any, cfg: TrainConfig, *, resume: b
                             f"accelerate config), where each LoRA matrix is gathered inside autograd; under this "
                             f"{kind} its gradient would flow through weights read outside the model's forward. "
                             f"Set gamma to 0, use fsdp_version 2, {ddp}.")
-    if checkpoints or resume:
-        raise MergeLabError(f"`fuse` keeps no resume state under {kind} (checkpoint_every, --resume): the state "
-                            f"holds the optimizer's moments whole, which fuse does not gather from the shards. "
-                            f"Set train.checkpoint_every to 0 and run without --resume, {ddp}.")
+    if (checkpoints or resume) and not dtensor_shards(accelerator):
+        raise MergeLabError(f"`fuse` keeps resume state (checkpoint_every, --resume) under FSDP2 only (fsdp_version: 2 "
+                            f"in the accelerate config), whose shards it gathers whole; not under this {kind}. "
+                            f"Set train.checkpoint_every to 0 and run without --resume, use fsdp_version 2, {ddp}.")

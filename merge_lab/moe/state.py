@@ -15,6 +15,10 @@ Two files in the state folder:
 Each is written to a temporary file and renamed; state.json goes last and names the tensor
 file's hash, so a run killed between the two renames leaves a state that is refused, never one
 loaded half old, half new.
+
+Under FSDP2 the trainable weights and their optimizer moments are shards (DTensors): every process
+calls save_state, which gathers them whole (the main one alone writes), and load_state gives each
+process its shard of the whole tensors saved, so the files are those of a DDP run.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 
 from merge_lab.errors import MergeLabError
+from merge_lab.training.shards import whole
 
 TENSORS = "state.safetensors"
 META = "state.json"
@@ -76,24 +81,32 @@ def _jsonable(value: Any, what: str) -> Any:
     raise TypeError(f"internal: {what} holds a {type(value).__name__}, which the resume state cannot store")
 
 
+def _saved(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as the state file holds it: whole (an FSDP2 shard gathered), on the CPU, its own copy."""
+    with torch.no_grad():
+        return whole(t).detach().cpu().clone().contiguous()
+
+
 def save_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-               history: list[dict[str, float]], owner: str, *, processes: int = 1) -> None:
+               history: list[dict[str, float]], owner: str, *, processes: int = 1, write: bool = True) -> None:
     """Write the state after `step` steps; `owner` is the train block's fingerprint, `processes`
-    the number of processes training (the main one saves)."""
+    the number of processes training. Under FSDP2 every process calls it (the shards are gathered
+    in the same order everywhere) and only the one with `write` writes."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param/{n}": p.detach().cpu().clone().contiguous()
-               for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"param/{n}": _saved(p) for n, p in model.named_parameters() if p.requires_grad}
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in opt["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"optim/{index}/{key}"] = value.detach().cpu().clone().contiguous()
+                tensors[f"optim/{index}/{key}"] = _saved(value)
             else:
                 scalars.setdefault(str(index), {})[key] = _jsonable(value, f"optimizer state '{key}'")
+    if not write:
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     groups = [{k: _jsonable(v, f"optimizer setting '{k}'") for k, v in g.items()} for g in opt["param_groups"]]
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -196,7 +209,8 @@ def _optimizer_state(path: Path, meta: dict, tensors: dict[str, torch.Tensor],
         if not isinstance(was, dict) or set(was) != set(now) or was["params"] != now["params"]:
             raise _refuse(path, "its optimizer settings are not this optimizer's (other keys or parameters)")
         groups.append({k: tuple(v) if isinstance(now[k], tuple) and isinstance(v, list) else v for k, v in was.items()})
-    shapes = {i: p.shape for g, opt_g in zip(optimizer.param_groups, current) for i, p in zip(opt_g["params"], g["params"])}
+    by_index = {i: p for g, opt_g in zip(optimizer.param_groups, current) for i, p in zip(opt_g["params"], g["params"])}
+    shapes = {i: p.shape for i, p in by_index.items()}
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
         if not key.startswith("optim/"):
@@ -207,7 +221,7 @@ def _optimizer_state(path: Path, meta: dict, tensors: dict[str, torch.Tensor],
         expected = torch.Size([]) if name == "step" else shapes[int(index)]
         if t.shape != expected:
             raise _refuse(path, f"optimizer tensor '{key}' has shape {list(t.shape)}, expected {list(expected)}")
-        state.setdefault(int(index), {})[name] = t
+        state.setdefault(int(index), {})[name] = t if name == "step" else _placed(t, by_index[int(index)])
     scalars = meta["optimizer"].get("scalars", {})
     if not isinstance(scalars, dict):
         raise _refuse(path, "holds malformed optimizer scalars")
@@ -243,6 +257,16 @@ def _checked_rng(tensors_path: Path, meta_path: Path, meta: dict, tensors: dict[
     return _Rng(rng, python_state, [t for _, t in cuda])
 
 
+def _placed(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole saved tensor as `like` holds it: this process's shard where `like` is an FSDP2
+    DTensor (every process places the same tensors in the same order), else the tensor itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
+
+
 def _check_processes(path: Path, meta: dict, processes: int) -> None:
     """A state saved by N processes resumes with N: each took its own share of every batch."""
     saved = meta.get("processes", 1)  # states written before multi-process training: one process
@@ -275,7 +299,7 @@ def load_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.opti
     rng = _checked_rng(tensors_path, meta_path, meta, tensors)
     with torch.no_grad():
         for param, value in params:
-            param.copy_(value)
+            param.copy_(_placed(value, param))
     try:
         optimizer.load_state_dict(opt_state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -15,9 +15,11 @@ writes checkpoints. Under FSDP the weights read whole are gathered: the accuracy
 every process through the FSDP wrapper, the drift of the expert LoRA gathers each LoRA matrix
 inside autograd under FSDP2 (`whole`: so gamma > 0 trains, each process's chunk getting the
 gradient DDP would give it; FSDP1 reads it one unit at a time, `units_whole`, and refuses gamma > 0),
-and the export loads the gathered state dict (`whole_state`) into a fresh copy; what would need
-the full experts' gradient through a whole-weight read (router+experts) or the optimizer's state
-whole (checkpoints, resume) is refused there, naming DDP. DeepSpeed is refused
+and the export loads the gathered state dict (`whole_state`) into a fresh copy; checkpoints
+gather the trainable shards and their optimizer moments on every process (the main one writes)
+and a resume gives each process its shard back, under FSDP2 (merge_lab.moe.state); what would
+need the full experts' gradient through a whole-weight read (router+experts), or resume state
+under FSDP1, is refused there, naming DDP. DeepSpeed is refused
 (not installed where this is tested). An FSDP config on CPU processes runs as DDP, with a note.
 
 `train` reads as three steps: `setup` (model, frozen parts, optimizer, tokenised rows),
@@ -302,8 +304,9 @@ def train_loop(run: FusionRun, state_dir: Path, start: int, history: list[dict[s
     cfg, accelerator = run.cfg, run.accelerator
 
     def checkpoint() -> None:
-        if accelerator.is_main_process:
-            save_state(state_dir, run.inner, run.optimizer, step, history, run.owner, processes=run.processes)
+        if run.sharded or accelerator.is_main_process:  # sharded: every process gathers, the main one writes
+            save_state(state_dir, run.inner, run.optimizer, step, history, run.owner, processes=run.processes,
+                       write=accelerator.is_main_process)
 
     step = start
     with progress_bar(console, progress and accelerator.is_main_process, MofNCompleteColumn(),
@@ -321,10 +324,11 @@ def train_loop(run: FusionRun, state_dir: Path, start: int, history: list[dict[s
                     checkpoint()
                     return step
         except KeyboardInterrupt:
-            if run.sharded:
-                raise MergeLabError(f"interrupted at step {step}: under {accelerator.distributed_type.value} fuse "
-                                    "keeps no resume state, so nothing was saved or written; run it again, or launch "
-                                    "it with DDP (--multi_gpu) to be able to resume.") from None
+            if run.sharded:  # saving gathers the shards from every process, which an interrupt may have left mid-step
+                raise MergeLabError(f"interrupted at step {step}: under {accelerator.distributed_type.value} fuse saves "
+                                    "no state on an interrupt, so nothing was saved now or written; with "
+                                    "train.checkpoint_every set, --resume continues from the last checkpoint (FSDP2), "
+                                    "or launch it with DDP (--multi_gpu) to save on Ctrl-C too.") from None
             checkpoint()
             raise
     return step
