@@ -26,9 +26,9 @@ LABELS = ["helpful", "harmless"]
 TRAIN = {"steps": 3, "batch_size": 4, "lr": 1e-2, "trainable": "router+lora", "lambda": 0.5, "gamma": 0.5,
          "load_balance": 0.01, "seed": 3, "eval_rows": 8, "cpu": True}
 
-# Under one launch: fuse under DDP (and with gamma 0, to show the drift term matters), then the same
-# recipe with the weights really sharded (FSDP2),
-# then a recipe FSDP cannot train (full experts), refused on every process.
+# Under one launch: fuse under DDP (and with gamma 0, to show the drift term matters; and training the
+# experts themselves), then the same recipes with the weights really sharded (FSDP2), then a run
+# stopped after 2 steps and resumed there.
 SCRIPT = """import json
 import os
 import sys
@@ -53,12 +53,10 @@ def summary(result):
 
 say(summary(fuse(recipe, "ddp", progress=False)))
 fuse(no_drift, "ddp_no_drift", progress=False)
+say(summary(fuse(full_experts, "ddp_full_experts", progress=False)))
 shard_on_cpu("MixtralDecoderLayer", say)
 say(summary(fuse(recipe, "fsdp", progress=False)))
-try:
-    fuse(full_experts, "full_experts", progress=False)
-except MergeLabError as e:
-    say(f"refused: {e}")
+say(summary(fuse(full_experts, "fsdp_full_experts", progress=False)))  # the experts themselves, sharded
 stopped = fuse(recipe, "fsdp_resumed", progress=False, stop_after=2)  # a checkpoint gathered from the shards
 saved = (work_dir(Path("fsdp_resumed")) / "state" / "state.json").is_file()
 say(f"stopped after {stopped.steps_done}, output {stopped.path}, state saved {saved}")
@@ -82,14 +80,12 @@ def test_fsdp_gathers_the_weights_fuse_reads_whole_and_fuses_the_ddp_model(tmp_p
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
     lines = {rank: Path(f"{said}.{rank}").read_text().splitlines() for rank in (0, 1)}
-    for rank in (0, 1):  # both processes trained sharded, and both refused the full experts
-        assert lines[rank][1].startswith("prepared FSDP") and lines[rank][1].endswith(" under FSDP"), lines[rank]
-        assert lines[rank][3].startswith("refused: `fuse` does not train `trainable: router+experts` under FSDP")
-        assert "--multi_gpu" in lines[rank][3]
-    assert not (tmp_path / "full_experts").exists()
+    for rank in (0, 1):  # both processes trained sharded, each run
+        for i in (2, 4, 6, 8):
+            assert lines[rank][i].startswith("prepared FSDP") and lines[rank][i].endswith(" under FSDP"), lines[rank]
 
     # the main process reported the same accuracies and last step's terms (the drift gathered in autograd)
-    ddp, fsdp = json.loads(lines[0][0]), json.loads(lines[0][2])
+    ddp, fsdp = json.loads(lines[0][0]), json.loads(lines[0][3])
     assert ddp["before"] == fsdp["before"] and ddp["after"] == fsdp["after"]
     # drift > 0: the LoRA (B starts at zero) trained, so the export below is not the assembly
     assert ddp["last"]["drift"] > 0 and fsdp["last"] == pytest.approx(ddp["last"], rel=1e-4, abs=1e-6)
@@ -103,11 +99,19 @@ def test_fsdp_gathers_the_weights_fuse_reads_whole_and_fuses_the_ddp_model(tmp_p
     assert max(float((plain[k] - a[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a) > 1e-3
     assert "2 processes, 2 rows each" in (tmp_path / "fsdp" / "README.md").read_text()
 
+    # router+experts: the experts' drift from each process's own shards, the DDP model again
+    ddp_full, fsdp_full = json.loads(lines[0][1]), json.loads(lines[0][5])
+    assert ddp_full["last"]["drift"] > 0 and fsdp_full["last"] == pytest.approx(ddp_full["last"], rel=1e-4, abs=1e-6)
+    a_full, b_full = load_tensors(tmp_path / "ddp_full_experts"), load_tensors(tmp_path / "fsdp_full_experts")
+    assert set(a_full) == set(b_full)
+    for name in a_full:
+        torch.testing.assert_close(b_full[name], a_full[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(a_full[n], a[n]) for n in a if ".experts." in n)  # the experts trained otherwise
+
     # stopped after 2 of 3 steps under FSDP2 and resumed there: the weights of the uninterrupted run
     for rank in (0, 1):
-        assert lines[rank][4].startswith("prepared FSDP") and lines[rank][6].startswith("prepared FSDP")
-        assert lines[rank][5] == "stopped after 2, output None, state saved True"
-    resumed = json.loads(lines[0][7])
+        assert lines[rank][7] == "stopped after 2, output None, state saved True"
+    resumed = json.loads(lines[0][9])
     assert resumed["last"] == pytest.approx(fsdp["last"], rel=1e-5, abs=1e-7)
     c = load_tensors(tmp_path / "fsdp_resumed")
     assert set(c) == set(b)
@@ -116,7 +120,7 @@ def test_fsdp_gathers_the_weights_fuse_reads_whole_and_fuses_the_ddp_model(tmp_p
 
 
 def test_what_fuse_cannot_do_sharded_is_refused_with_what_to_use():
-    """Refused under FSDP: full experts, the drift term and resume state outside FSDP2; DeepSpeed (unchecked) always."""
+    """Refused under FSDP1: full experts, the drift term, resume state; DeepSpeed (unchecked) always."""
     from accelerate.utils import DistributedType
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
@@ -126,6 +130,7 @@ def test_what_fuse_cannot_do_sharded_is_refused_with_what_to_use():
                             state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
     refuse_unsupported_sharding(fsdp2, TrainConfig(data=[], trainable="router+lora", gamma=0.5), resume=True,
                                 checkpoints=True)  # FSDP2 gathers the resume state from its shards
+    refuse_unsupported_sharding(fsdp2, TrainConfig(data=[], trainable="router+experts", gamma=0.5))  # shard-local drift
     refuse_unsupported_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU),
                                 TrainConfig(data=[], trainable="router+experts", gamma=1.0), resume=True)
     cases = [(TrainConfig(data=[], trainable="router+experts"), {}, "router\\+experts"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from merge_lab.training.shards import whole
+
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy over the positions whose label is not -100 (the response)."""
@@ -57,10 +59,12 @@ def load_balance_loss(router_logits: list[torch.Tensor], mask: torch.Tensor, top
     return total / len(router_logits)
 
 
-def drift(current: list[torch.Tensor], initial: list[torch.Tensor | None]) -> torch.Tensor:
-    """||theta - theta_0||^2 summed over tensors; an initial of None means theta_0 = 0 (a LoRA delta)."""
-    total = current[0].new_zeros((), dtype=torch.float32)
+def expert_drift(current: list[torch.Tensor], initial: list[torch.Tensor]) -> torch.Tensor:
+    """[experts]: ||theta_e - theta_e_0||^2 summed over tensors that stack the experts along dim 0.
+    Elementwise, so an FSDP2 shard (a DTensor split along dim 0) squares only its own rows, and each
+    tensor's [experts] vector is gathered whole in autograd (`whole`): no expert is ever held whole."""
+    parts = []
     for c, i in zip(current, initial):
-        d = c.float() if i is None else c.float() - i
-        total = total + (d * d).sum()
-    return total
+        d = c.float() - i
+        parts.append(whole((d * d).sum(dim=tuple(range(1, d.ndim)))))
+    return torch.stack(parts).sum(0)

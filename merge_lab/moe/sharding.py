@@ -1,6 +1,6 @@
 """What `fuse` cannot do with the weights split over the processes (FSDP), refused before it
-trains, with what to use instead: full experts, the drift term and resume state outside FSDP2,
-DeepSpeed. The rest of fusion training gathers what it reads whole (merge_lab.training.shards:
+trains, with what to use instead: full experts, the drift term and resume state outside FSDP2
+(under FSDP1), DeepSpeed. The rest of fusion training gathers what it reads whole (merge_lab.training.shards:
 `whole`, `whole_state`, `units_whole`)."""
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ def refuse_unsupported_sharding(accelerator: Any, cfg: TrainConfig, *, resume: b
     if kind == "DEEPSPEED":
         raise MergeLabError(f"`fuse` does not train under DeepSpeed: its gathering of whole weights was not checked "
                             f"(DeepSpeed is not installed where merge_lab is tested). Use an FSDP config {ddp}.")
-    if cfg.trainable == "router+experts":
-        raise MergeLabError(f"`fuse` does not train `trainable: router+experts` under {kind}: the drift term reads "
-                            f"whole experts outside the model's forward, where {kind} holds only a shard of each. "
-                            f"Train router or router+lora, {ddp}.")
+    if cfg.trainable == "router+experts" and not dtensor_shards(accelerator):
+        raise MergeLabError(f"`fuse` trains `trainable: router+experts` under FSDP2 only (fsdp_version: 2 in the "
+                            f"accelerate config), where the drift term squares each process's own expert shards; "
+                            f"under this {kind} it would read whole experts outside the model's forward. "
+                            f"Use fsdp_version 2, train router or router+lora, {ddp}.")
     if any(g > 0 for g in cfg.gamma_values()) and not dtensor_shards(accelerator):
         raise MergeLabError(f"`fuse` trains the drift term (gamma > 0) under FSDP2 only (fsdp_version: 2 in the "
                             f"accelerate config), where each LoRA matrix is gathered inside autograd; under this "

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from merge_lab.errors import MergeLabError
-from merge_lab.training.shards import whole
+from merge_lab.training.shards import shard_like, whole
 
 TENSORS = "state.safetensors"
 META = "state.json"
@@ -221,7 +221,7 @@ def _optimizer_state(path: Path, meta: dict, tensors: dict[str, torch.Tensor],
         expected = torch.Size([]) if name == "step" else shapes[int(index)]
         if t.shape != expected:
             raise _refuse(path, f"optimizer tensor '{key}' has shape {list(t.shape)}, expected {list(expected)}")
-        state.setdefault(int(index), {})[name] = t if name == "step" else _placed(t, by_index[int(index)])
+        state.setdefault(int(index), {})[name] = t if name == "step" else shard_like(t, by_index[int(index)])
     scalars = meta["optimizer"].get("scalars", {})
     if not isinstance(scalars, dict):
         raise _refuse(path, "holds malformed optimizer scalars")
@@ -257,16 +257,6 @@ def _checked_rng(tensors_path: Path, meta_path: Path, meta: dict, tensors: dict[
     return _Rng(rng, python_state, [t for _, t in cuda])
 
 
-def _placed(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A whole saved tensor as `like` holds it: this process's shard where `like` is an FSDP2
-    DTensor (every process places the same tensors in the same order), else the tensor itself."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(like, DTensor):
-        return value
-    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
-
-
 def _check_processes(path: Path, meta: dict, processes: int) -> None:
     """A state saved by N processes resumes with N: each took its own share of every batch."""
     saved = meta.get("processes", 1)  # states written before multi-process training: one process
@@ -299,7 +289,7 @@ def load_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.opti
     rng = _checked_rng(tensors_path, meta_path, meta, tensors)
     with torch.no_grad():
         for param, value in params:
-            param.copy_(_placed(value, param))
+            param.copy_(shard_like(value, param))
     try:
         optimizer.load_state_dict(opt_state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -17,9 +17,10 @@ inside autograd under FSDP2 (`whole`: so gamma > 0 trains, each process's chunk 
 gradient DDP would give it; FSDP1 reads it one unit at a time, `units_whole`, and refuses gamma > 0),
 and the export loads the gathered state dict (`whole_state`) into a fresh copy; checkpoints
 gather the trainable shards and their optimizer moments on every process (the main one writes)
-and a resume gives each process its shard back, under FSDP2 (merge_lab.moe.state); what would
-need the full experts' gradient through a whole-weight read (router+experts), or resume state
-under FSDP1, is refused there, naming DDP. DeepSpeed is refused
+and a resume gives each process its shard back, under FSDP2 (merge_lab.moe.state); with
+router+experts each process squares the rows of its own expert shards for the drift and only the
+per-expert sums are gathered (`losses.expert_drift`). Under FSDP1 router+experts, gamma > 0 and
+resume state are refused, naming DDP. DeepSpeed is refused
 (not installed where this is tested). An FSDP config on CPU processes runs as DDP, with a note.
 
 `train` reads as three steps: `setup` (model, frozen parts, optimizer, tokenised rows),
@@ -48,7 +49,15 @@ from merge_lab.moe.sharding import refuse_unsupported_sharding
 from merge_lab.moe.state import LEGACY, fingerprint, has_state, load_state, save_state
 from merge_lab.moe.train_config import TrainConfig
 from merge_lab.training import chat
-from merge_lab.training.shards import dtensor_shards, gathered_copy, sharded, units_whole, unsharded_note, whole
+from merge_lab.training.shards import (
+    dtensor_shards,
+    gathered_copy,
+    shard_like,
+    sharded,
+    units_whole,
+    unsharded_note,
+    whole,
+)
 
 
 @dataclass
@@ -69,7 +78,6 @@ def freeze_all_but_trainable(model: torch.nn.Module, cfg: TrainConfig) -> tuple[
     """Freeze what does not train; returns (model, expert tensors per layer, their initial values)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    expert_modules = [layer.mlp.experts for layer in model.model.layers]
     if cfg.trainable == "router+lora":
         from peft import LoraConfig, get_peft_model
 
@@ -78,18 +86,21 @@ def freeze_all_but_trainable(model: torch.nn.Module, cfg: TrainConfig) -> tuple[
         model = get_peft_model(model, lcfg)
     for r in routers(model):
         r.weight.requires_grad_(True)
-    expert_params: list[torch.Tensor] = []
-    if cfg.trainable == "router+experts":
-        for experts in expert_modules:
-            for p in (experts.gate_up_proj, experts.down_proj):
-                p.requires_grad_(True)
-                expert_params.append(p)
+    expert_params = trainable_experts(model) if cfg.trainable == "router+experts" else []
+    for p in expert_params:
+        p.requires_grad_(True)
     if cfg.train_attention:
         for name, p in model.named_parameters():
             if ".self_attn." in name and "lora_" not in name:
                 p.requires_grad_(True)
     initial = [p.detach().clone() for p in expert_params]
     return model, expert_params, initial
+
+
+def trainable_experts(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every layer's stacked expert tensors (experts along dim 0), as `model` holds them now: after
+    FSDP2 has prepared it, its shards."""
+    return [p for layer in model.model.layers for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)]
 
 
 def fresh_trainable(moe_dir: Path, cfg: TrainConfig) -> torch.nn.Module:
@@ -104,9 +115,7 @@ def fresh_trainable(moe_dir: Path, cfg: TrainConfig) -> torch.nn.Module:
 def drift_per_expert(model, cfg: TrainConfig, expert_params, initial, n_experts: int) -> torch.Tensor:
     """[experts]: ||theta_i - theta_i_initial||^2 over each expert's trainable weights."""
     if cfg.trainable == "router+experts":
-        return torch.stack([
-            losses.drift([p[i] for p in expert_params], [p0[i] for p0 in initial]) for i in range(n_experts)
-        ])
+        return losses.expert_drift(expert_params, initial)
     if cfg.trainable == "router+lora":
         return lora_drift(list(model.modules()), n_experts)
     return torch.zeros(n_experts)
@@ -255,6 +264,9 @@ def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None, *,
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     inner = accelerator.unwrap_model(model)
+    if expert_params:  # FSDP2 replaced them by shards: the drift reads those, against the same shards of the start
+        expert_params = trainable_experts(inner)
+        initial = [shard_like(t0.to(device), p) for t0, p in zip(initial, expert_params)]
     return FusionRun(
         cfg, accelerator, model, inner, optimizer, device, labels, pad_id, encoded, expert_params,
         [t.to(device) for t in initial], torch.tensor(cfg.gammas(labels), device=device), routers(inner)[0].top_k,

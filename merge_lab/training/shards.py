@@ -84,6 +84,16 @@ def whole(weight: torch.Tensor) -> torch.Tensor:
     return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor as `like` holds it: this process's shard where `like` is an FSDP2 DTensor
+    (every process must place the same tensors in the same order), else `value` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
+
+
 def unsharded_note(accelerator: Any) -> str | None:
     """A note when an FSDP or DeepSpeed config was launched but accelerate trains with DDP (it
     does on CPU processes: it shards only over GPUs and alike), so the user knows every process
