@@ -266,7 +266,7 @@ def setup(moe_dir: Path, cfg: TrainConfig, rows: list[Example] | None = None, *,
     inner = accelerator.unwrap_model(model)
     if expert_params:  # FSDP2 replaced them by shards: the drift reads those, against the same shards of the start
         expert_params = trainable_experts(inner)
-        initial = [shard_like(t0.to(device), p) for t0, p in zip(initial, expert_params)]
+        initial = [shard_like(t0, p) for t0, p in zip(initial, expert_params)]  # on each shard's device
     return FusionRun(
         cfg, accelerator, model, inner, optimizer, device, labels, pad_id, encoded, expert_params,
         [t.to(device) for t in initial], torch.tensor(cfg.gammas(labels), device=device), routers(inner)[0].top_k,
