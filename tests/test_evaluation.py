@@ -271,16 +271,26 @@ def test_token_ensemble_of_one_equals_the_model(tmp_path):
     assert tok.decode([t for t in ref[0, ids.shape[1]:].tolist() if t not in (2, 4)]) == out[1]
 
 
-def test_routing_shares_do_not_depend_on_batching(tmp_path):
-    """Left-padded batches route every real token as it routes alone: shares are token counts."""
+def test_routing_shares_count_the_rows_a_suite_evaluated(tmp_path):
+    """Shares are token counts of the rows scored or prompted since start_routing: the same whatever
+    the batching, the same again when the rows come from the memo, different for other rows."""
     path = make_moe(tmp_path / "moe")
     texts = ["a", "a much longer text that needs padding on the left", "mid length text"]
-    alone = ModelCandidate("one", path, Settings(batch_size=1)).routing(texts)
-    batched = ModelCandidate("all", path, Settings(batch_size=3)).routing(texts)
-    assert len(alone) == 2 and all(len(layer) == 3 for layer in alone)
-    assert torch.allclose(torch.tensor(alone), torch.tensor(batched), atol=1e-6)
-    first = ModelCandidate("first", path, Settings(batch_size=1)).routing(texts[:1])
-    assert not torch.allclose(torch.tensor(first), torch.tensor(alone))  # the texts route differently
+
+    def shares(cand, rows, answer=False):
+        cand.load()
+        cand.start_routing()
+        cand.generate(rows) if answer else cand.loglikelihood([(t, " and more") for t in rows])
+        return torch.tensor(cand.routing_shares())
+
+    one = ModelCandidate("one", path, Settings(batch_size=1))
+    alone = shares(one, texts)
+    assert alone.shape == (2, 3) and torch.allclose(alone.sum(-1), torch.ones(2))
+    assert torch.allclose(shares(ModelCandidate("all", path, Settings(batch_size=3)), texts), alone, atol=1e-6)
+    assert torch.allclose(shares(one, texts), alone, atol=1e-6)  # remembered rows count as run
+    assert not torch.allclose(shares(ModelCandidate("first", path, Settings(batch_size=1)), texts[:1]), alone)
+    prompted = shares(ModelCandidate("gen", path, Settings(batch_size=3, max_new_tokens=3)), texts, answer=True)
+    assert prompted.shape == (2, 3) and not torch.allclose(prompted, alone)  # prompts alone, no continuation
 
 
 def test_best_of_n_reuses_what_its_members_computed(tmp_path, monkeypatch):

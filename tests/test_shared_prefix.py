@@ -191,23 +191,29 @@ def test_decoding_batches_fit_the_free_memory(model, monkeypatch):
     assert max(sizes) <= 2
 
 
-def test_routing_counts_a_shared_prefix_once_per_row(model, monkeypatch):
-    """An MoE's routing shares: the prefix routed once, counted for every row, equal to the texts
-    routed one at a time (a dense model has none)."""
+def test_routing_counts_a_shared_prefix_once_per_row(model):
+    """An MoE's routing counts come from the scoring pass itself: the prefix routed once, counted
+    for every row, equal to each row run alone and to the rows run whole (a dense model notes none)."""
     lm, tok = model
     texts = [p + chat.tokens(tok, r) for p, r in zip(chat_prompts(tok), ("Sure.", "No", "ok then", "x"))]
+
+    def counts(rows):
+        lm.routed.clear()
+        lm.run(rows, tok.pad_token_id, 1, min(len(r) for r in rows) - 1)
+        return torch.stack([lm.routed[tuple(r)] for r in rows]) if lm.is_moe else lm.routed
+
     if not lm.is_moe:
-        assert lm.routing(texts, tok.pad_token_id) is None
+        assert counts(texts) == {}
         return
-    alone = sum(lm.routing([t], tok.pad_token_id) for t in texts)
-    seen, real = [], lm.router_pass
-    monkeypatch.setattr(lm, "router_pass", lambda **kw: seen.append(int(kw["input_ids"].shape[0])) or real(**kw))
-    together = lm.routing(texts, tok.pad_token_id)
-    assert seen == [1, len(texts)] and torch.equal(together, alone)
-    assert int(together[0].sum()) == sum(len(t) for t in texts) * lm.model.config.num_experts_per_tok
+    alone = torch.cat([counts([t]) for t in texts])
+    assert lm.shared_prefix(texts, min(len(t) for t in texts) - 1) > 0  # the shared path is the one tested
+    together = counts(texts)
+    assert torch.equal(together, alone)
+    k = lm.model.config.num_experts_per_tok
+    assert [int(c[0].sum()) for c in together] == [len(t) * k for t in texts]
     lm.share_prefix = False
     try:
-        assert torch.equal(lm.routing(texts, tok.pad_token_id), alone)
-        assert torch.equal(lm.routing(UNSHARED, tok.pad_token_id), sum(lm.routing([t], tok.pad_token_id) for t in UNSHARED))
+        assert torch.equal(counts(texts), alone)
+        assert torch.equal(counts(UNSHARED), torch.cat([counts([t]) for t in UNSHARED]))
     finally:
         lm.share_prefix = True

@@ -15,7 +15,7 @@ import torch
 
 from merge_lab.evaluation.cost import Counters
 from merge_lab.evaluation.memo import Memo, Scored
-from merge_lab.evaluation.processes import map_batches
+from merge_lab.evaluation.processes import current, map_batches
 from merge_lab.evaluation.runtime import LoadedModel, Pair, greedy_decode, load_tokenizer, mixed_scores, stop_ids
 from merge_lab.evaluation.spec import Settings
 from merge_lab.training import chat
@@ -171,7 +171,9 @@ class Candidate:
             self._report(done, len(enc))
             return texts
 
-        batches = list(self._batches(len(enc), [len(e) for e in enc], self.settings.generate_batch_size))
+        # as wide as allowed, yet one batch per process at least (each process decodes its share)
+        width = min(self.settings.generate_batch_size, -(-len(enc) // max(1, current().world)))
+        batches = list(self._batches(len(enc), [len(e) for e in enc], width))
         for i, text in map_batches(batches, answer).items():  # each process its share, as in scoring
             out[i] = text
         self.counters.gen_seconds += time.perf_counter() - start + self._reused() - reused
@@ -194,17 +196,24 @@ class Candidate:
         self.counters.gen_tokens += made
         return [tok.decode(ids, skip_special_tokens=True) for ids in answers]
 
-    def routing(self, texts: list[str]) -> list[list[float]] | None:
-        """Per layer, the share of routing slots each expert took on these texts (MoE only)."""
-        self.load()
-        if len(self._models) != 1:
+    def start_routing(self) -> None:
+        """Forget which rows were evaluated: `routing_shares` counts from here."""
+        for lm in self._models:
+            lm.touched.clear()
+
+    def routing_shares(self) -> list[list[float]] | None:
+        """Per layer, the share of top-k routing slots each expert took over the tokens of every row
+        scored or prompted since `start_routing` (each distinct row once, remembered ones too), summed
+        over the processes (each ran its share). None unless one MoE model makes the candidate; every
+        process calls it."""
+        if not self.is_moe:
             return None
-        tok = self.tokenizer
-        enc = [tok(t, add_special_tokens=False)["input_ids"][: self.settings.max_length] or [tok.eos_token_id] for t in texts]
-        counts = 0
-        for s in range(0, len(enc), max(1, self.settings.batch_size)):
-            c = self._models[0].routing(enc[s : s + self.settings.batch_size], tok.pad_token_id)
-            if c is None:
-                return None
-            counts = counts + c
-        return (counts / counts.sum(-1, keepdim=True)).tolist() if enc else None
+        lm = self._models[0]
+        rows = [lm.memo.routes[k] for k in dict.fromkeys(lm.touched) if k in lm.memo.routes]
+        lm.touched.clear()
+        mine = torch.stack(rows).sum(0).tolist() if rows else None
+        parts = [torch.tensor(p) for p in current().all_gather(mine) if p is not None]
+        if not parts:
+            return None
+        counts = torch.stack(parts).sum(0)
+        return (counts / counts.sum(-1, keepdim=True).clamp_min(1)).tolist()

@@ -29,6 +29,9 @@ class Memo:
     scores: dict[tuple, tuple[Scored, float]] = field(default_factory=dict)
     answers: dict[tuple, tuple[list[int], float]] = field(default_factory=dict)
     tokens: dict[tuple, Any] = field(default_factory=dict)  # same keys as scores: mixture.TokenSummary
+    # an MoE's rows, under the keys of scores or answers: [layers, experts] top-k slot counts
+    # over the row's tokens (the scored context and continuation, or the prompt)
+    routes: dict[tuple, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.scores) + len(self.answers)

@@ -1,5 +1,6 @@
-"""One loaded model at inference: batched continuation log-probs, a KV-cached greedy stepper,
-routing shares of an MoE, and greedy decoding on a weighted mixture of several models.
+"""One loaded model at inference: batched continuation log-probs, a KV-cached greedy stepper, the
+routing of an MoE's rows (counted in those same passes), and greedy decoding on a weighted mixture
+of several models.
 
 A `LoadedModel` remembers what it computed in the `Memo` it is given (see memo.py), keyed by its
 identity: the stat of its folder's files and its dtype.
@@ -8,8 +9,9 @@ Savings that change no result (tests/test_shared_prefix.py and tests/test_ensemb
 them against plain forwards and the full rows); each has a switch on LoadedModel, on by default, so
 that benchmarks/compare_speed.py times the old path in the same run:
 - the token prefix every row of a batch shares (a chat template's system turn) runs once, on one
-  row, and its KV cache is repeated over the batch (`LoadedModel.run`, `LoadedModel.routing`;
-  `share_prefix`);
+  row, and its KV cache is repeated over the batch (`LoadedModel.run`; `share_prefix`);
+- an MoE's routing shares are counted from the router logits of the passes that score and prompt
+  its rows (`LoadedModel.run`), not from a pass of their own;
 - greedy decoding drops a row from the batch (and from every KV cache) once it has stopped, instead
   of feeding it pads to the end (`decode_batch`; `drop_stopped`); its batches are as wide as the
   memory allows (decoding_memory.py);
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.decoding_memory import fitting_rows
 from merge_lab.evaluation.memo import Memo, Scored
 from merge_lab.evaluation.mixture import TokenSummary, mixed_from_summaries, summarize
+from merge_lab.moe.routing import capture_router_logits
 from merge_lab.training import chat
 
 Pair = tuple[list[int], list[int]]  # context ids, continuation ids
@@ -83,6 +87,11 @@ class LoadedModel:
         self.identity = (folder_state(path), str(dtype))
         self.reused_seconds = 0.0  # seconds of remembered work this object handed out again
         self.is_moe = any("experts" in n for n, _ in self.model.named_parameters())
+        # MoE only: [layers, experts] top-k slot counts of the rows the last passes ran, by row ids
+        # (`run`), moved into the memo by the caller; and the memo keys used since `touched` was
+        # last cleared (the rows a suite evaluated: interface.Candidate.routing_shares)
+        self.routed: dict[tuple[int, ...], torch.Tensor] = {}
+        self.touched: list[tuple] = []
         # the savings' switches (module docstring); off: the old path
         self.share_prefix = True  # a batch's shared prefix runs once (`run`)
         self.drop_stopped = True  # greedy decoding drops stopped rows from the batch (`decode_batch`)
@@ -131,22 +140,42 @@ class LoadedModel:
         prefix: every real token attends to exactly the tokens, at the positions, it does unshared."""
         shared = self.shared_prefix(rows, limit)
         past = None
-        if shared:
-            head = torch.tensor([rows[0][:shared]], dtype=torch.long)
-            first = self.forward(1, input_ids=head, attention_mask=torch.ones_like(head),
-                                 position_ids=torch.arange(shared)[None], use_cache=True)
-            past = getattr(first, self.cache_name)
-        if not hasattr(past, "batch_repeat_interleave"):  # no prefix, or a cache that cannot be repeated
-            ids, mask, pos = chat.left_padded(rows, pad_id)
-            out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
-            return out, mask, pos
-        past.batch_repeat_interleave(len(rows))
-        ids, tail_mask, tail_pos = chat.left_padded([r[shared:] for r in rows], pad_id)
-        mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), tail_mask], dim=1)
-        pos = tail_pos + shared
-        out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                           **{self.cache_name: past})
+        with capture_router_logits(self.model) if self.is_moe else nullcontext([]) as captured:
+            if shared:
+                head = torch.tensor([rows[0][:shared]], dtype=torch.long)
+                first = self.forward(1, input_ids=head, attention_mask=torch.ones_like(head),
+                                     position_ids=torch.arange(shared)[None], use_cache=True)
+                past = getattr(first, self.cache_name)
+            if not hasattr(past, "batch_repeat_interleave"):  # no prefix, or a cache that cannot be repeated
+                captured.clear()
+                ids, mask, pos = chat.left_padded(rows, pad_id)
+                out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
+                self.note_routes(rows, captured, mask)
+                return out, mask, pos
+            head_logits = list(captured)
+            captured.clear()
+            past.batch_repeat_interleave(len(rows))
+            ids, tail_mask, tail_pos = chat.left_padded([r[shared:] for r in rows], pad_id)
+            mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), tail_mask], dim=1)
+            pos = tail_pos + shared
+            out = self.forward(keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                               **{self.cache_name: past})
+            self.note_routes(rows, captured, tail_mask, head_logits)
         return out, mask, pos
+
+    def note_routes(self, rows: list[list[int]], logits: list[torch.Tensor], mask: torch.Tensor,
+                    head: list[torch.Tensor] | None = None) -> None:
+        """Each row's top-k slot counts [layers, experts] over its real tokens (mask 1), from the
+        router logits of one pass over the rows, plus those of the shared prefix `head` (run once,
+        counted for every row): kept in `routed` by the row's ids. Nothing for a dense model."""
+        if not logits:
+            return
+        k = getattr(self.model.config, "num_experts_per_tok", 1)
+        counts = row_slot_counts(logits, mask, k)
+        if head:
+            counts += row_slot_counts(head, torch.ones((1, len(head[0])), dtype=torch.long), k)
+        for row, c in zip(rows, counts):
+            self.routed[tuple(row)] = c
 
     @torch.no_grad()
     def rows(self, batch: list[Pair], pad_id: int) -> list[torch.Tensor]:
@@ -187,7 +216,16 @@ class LoadedModel:
             for i, r in zip(todo, rows):
                 memo.scores[keys[i]] = (scored(r, batch[i][1]), share)
                 memo.tokens[keys[i]] = summarize(r, batch[i][1])
+            self.keep_routes({keys[i]: batch[i][0] + batch[i][1] for i in todo})
+        self.touched += keys
         return keys
+
+    def keep_routes(self, rows: dict[tuple, list[int]]) -> None:
+        """Move the routing counts `run` noted for these rows into the memo, under their keys."""
+        for key, row in rows.items():
+            if tuple(row) in self.routed:
+                self.memo.routes[key] = self.routed[tuple(row)]
+        self.routed.clear()
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
                stops: set[int]) -> tuple[list[list[int]], int]:
@@ -208,47 +246,9 @@ class LoadedModel:
             share = (time.perf_counter() - start) / len(todo)
             for i, ids in zip(todo, answers):
                 memo[keys[i]] = (ids, share)
+            self.keep_routes({keys[i]: prompts[i] for i in todo})
+        self.touched += keys
         return [memo[k][0] for k in keys], tokens
-
-    @torch.no_grad()
-    def routing(self, batch: list[list[int]], pad_id: int) -> torch.Tensor | None:
-        """Counts of (token, top-k slot) assignments, [layer, expert]; None for dense models. A
-        shared prefix (as in `run`) is routed once and counted once per row."""
-        if not self.is_moe:
-            return None
-        k = getattr(self.model.config, "num_experts_per_tok", 1)
-        shared = self.shared_prefix(batch, min(len(r) for r in batch) - 1)
-        counts, past = 0, {}
-        if shared:
-            head = torch.tensor([batch[0][:shared]], dtype=torch.long)
-            first = self.router_pass(input_ids=head, attention_mask=torch.ones_like(head),
-                                     position_ids=torch.arange(shared)[None], use_cache=True)
-            cache = getattr(first, self.cache_name)
-            if not hasattr(cache, "batch_repeat_interleave"):
-                return self.routing_whole(batch, pad_id, k)
-            prefix = slot_counts(first, torch.ones_like(head), k)
-            if prefix is None:
-                return None
-            cache.batch_repeat_interleave(len(batch))
-            counts, past = prefix * len(batch), {self.cache_name: cache}
-        ids, mask, pos = chat.left_padded([r[shared:] for r in batch], pad_id)
-        full = torch.cat([torch.ones((len(batch), shared), dtype=torch.long), mask], dim=1)
-        out = self.router_pass(input_ids=ids, attention_mask=full, position_ids=pos + shared, use_cache=bool(shared),
-                               **past)
-        rest = slot_counts(out, mask, k)
-        return None if rest is None else counts + rest
-
-    def router_pass(self, **inputs):
-        """The decoder without its LM head, returning router logits: no vocabulary rows, and no
-        load-balancing loss (which cannot take a mask longer than the tokens, as after a prefix)."""
-        args = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        return self.model.base_model(**args, output_router_logits=True)
-
-    @torch.no_grad()
-    def routing_whole(self, batch: list[list[int]], pad_id: int, k: int) -> torch.Tensor | None:
-        """`routing` with every row run whole."""
-        ids, mask, pos = chat.left_padded(batch, pad_id)
-        return slot_counts(self.router_pass(input_ids=ids, attention_mask=mask, position_ids=pos), mask, k)
 
     def stepper(self, prompts: list[list[int]], pad_id: int) -> Stepper:
         return Stepper(self, prompts, pad_id)
@@ -280,14 +280,17 @@ class Stepper:
         return self.logp
 
 
-def slot_counts(out, mask: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Per layer, how many of the real tokens' (mask 1) top-k router slots each expert took."""
-    logits = getattr(out, "router_logits", None)
-    if not logits:
-        return None
-    keep = mask.reshape(-1).bool()
-    return torch.stack([torch.bincount(layer.float().cpu()[keep].topk(k, dim=-1).indices.reshape(-1),
-                                       minlength=layer.shape[-1]) for layer in logits])
+def row_slot_counts(logits: list[torch.Tensor], mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, layers, experts]: per row of a [rows, tokens] pass, how many of its real tokens'
+    (mask 1) top-k router slots each expert took, from each layer's [rows * tokens, experts] logits."""
+    rows, tokens = mask.shape
+    real = mask.to(torch.float32)[..., None].cpu()
+    per_layer = []
+    for layer in logits:
+        top = layer.detach().float().cpu().view(rows, tokens, -1).topk(k, dim=-1).indices
+        hits = torch.zeros(rows, tokens, layer.shape[-1]).scatter_(2, top, 1.0)
+        per_layer.append((hits * real).sum(1))
+    return torch.stack(per_layer, dim=1)
 
 
 def mix(logps: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from merge_lab.core.config import Where, load_yaml
 from merge_lab.errors import MergeLabError
 
 # Raise when a change alters scores, answers or routing shares (cached results of older versions are then redone).
-SCORING_VERSION = 4
+SCORING_VERSION = 5
 
 
 class Settings(BaseModel):

@@ -23,9 +23,6 @@ OBJECTIVES = ("harmless", "honest", "helpful", "capability", "custom")
 # The objectives a headline verdict and `choose:` average when a comparison has them (the H3 ones);
 # a comparison with none of them averages every objective it has.
 H3_OBJECTIVES = ("helpful", "harmless", "honest")
-# Items per suite an MoE's routing shares are measured on (the report's routing plot): one extra
-# decoder pass per suite, so a handful: the plot describes, it tests nothing.
-ROUTING_TEXTS = 8
 
 
 def ranked_objectives(objectives) -> list[str]:
@@ -109,8 +106,11 @@ class Suite:
             parts.append(ctx.reference.fingerprint())
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
-    def routing_texts(self, candidate: Candidate) -> list[str]:
-        return [candidate.format_prompt(e.prompt) + (e.response or "") for e in self.items()[:ROUTING_TEXTS]]
+    def greedy_prompts(self) -> list[str]:
+        """The user prompts `evaluate` will answer greedily (none here): the evaluation loop decodes
+        every suite's prompts for a candidate in one pass first (run.py), and each suite then
+        finds its answers remembered."""
+        return []
 
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> list[dict]:
         """One record per item: {"id", "score", ...}; the suite's metric is the mean score."""

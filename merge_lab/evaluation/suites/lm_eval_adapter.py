@@ -35,9 +35,6 @@ class LmEvalSuite(Suite):
     def fingerprint(self, ctx: EvalContext) -> str:
         return hashlib.sha256(f"lm_eval\x00{self.task}\x00{self.limit}".encode()).hexdigest()[:16]
 
-    def routing_texts(self, candidate: Candidate) -> list[str]:
-        return []
-
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> list[dict]:
         from lm_eval import simple_evaluate
         from lm_eval.api.model import LM

@@ -58,7 +58,7 @@ class HarmlessOOD(RefusalSuite):
 
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> list[dict]:
         items = self.items()
-        answers = candidate.generate([e.prompt for e in items])
+        answers = candidate.generate(self.greedy_prompts())
         out = []
         for e, a in zip(items, answers):
             refused = is_refusal(a)

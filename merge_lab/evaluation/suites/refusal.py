@@ -30,9 +30,12 @@ def is_refusal(text: str) -> bool:
 class RefusalSuite(Suite):
     metric = "refusal rate"
 
+    def greedy_prompts(self) -> list[str]:
+        return [e.prompt for e in self.items()]
+
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> list[dict]:
         items = self.items()
-        answers = candidate.generate([e.prompt for e in items])
+        answers = candidate.generate(self.greedy_prompts())
         return [{"id": e.id, "score": float(is_refusal(a)), "answer": a[:300]} for e, a in zip(items, answers)]
 
 

@@ -14,11 +14,14 @@ class WinRateSuite(Suite):
     metric = "win rate vs reference"
     needs = frozenset({"judge", "reference"})
 
+    def greedy_prompts(self) -> list[str]:
+        return [e.prompt for e in self.items()]
+
     def evaluate(self, candidate: Candidate, ctx: EvalContext) -> list[dict]:
         if ctx.judge is None:
             raise MergeLabError(f"suite '{self.name}' needs `judge:` (a checkpoint) in the compare file.")
         items = self.items()
-        prompts = [e.prompt for e in items]
+        prompts = self.greedy_prompts()
         ref = ctx.reference_answers(items)
         mine = ref if candidate is ctx.reference else candidate.generate(prompts)
         a, b = ctx.judge.score(prompts, mine), ctx.judge.score(prompts, ref)
