@@ -99,12 +99,12 @@ def test_demo_runs_every_step_end_to_end(demo_run):
     for label in ("helpful", "harmless", "honest"):
         assert (out / "experts" / label / "adapter" / "adapter_config.json").is_file()
         assert (out / "experts" / label / "merged" / "config.json").is_file()
-    for m in ("linear", "task_arithmetic", "ties", "dare_ties"):
+    for m in ("linear", "ties"):
         assert (out / "merges" / m / "config.json").is_file()
     moe = json.loads((out / "fused" / "h3_moe" / "config.json").read_text())
     assert moe.get("num_local_experts") == 3
     results = json.loads((out / "report" / "results.json").read_text())
-    assert {"base", "helpful", "harmless", "honest", "linear", "task_arithmetic", "ties", "dare_ties",
+    assert {"base", "helpful", "harmless", "honest", "linear", "ties",
             "token_ensemble", "best_of_3", "h3_moe"} <= set(results["candidates"])
     assert (out / "report" / "report.html").is_file()
     # the recipes as run point into this demo folder

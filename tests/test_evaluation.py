@@ -634,3 +634,44 @@ def test_fingerprint_sees_a_change_in_the_middle_of_a_weight_file(tmp_path):
     (b / "model.safetensors").write_bytes(bytes(data))
     assert fingerprint_folder(a) != fingerprint_folder(b)
     assert fingerprint_folder(a) == fingerprint_folder(a)
+
+
+def test_generating_suites_are_answered_in_one_decoding_pass(tmp_path, monkeypatch):
+    """answer_ahead decodes every generating suite's prompts together; each suite then finds its
+    answers (and their tokens) remembered, the same answers it gets decoding alone."""
+    from merge_lab.evaluation import runtime
+    from merge_lab.evaluation.run import answer_ahead
+
+    class Asks:
+        def __init__(self, prompts):
+            self.prompts = prompts
+
+        def greedy_prompts(self):
+            return self.prompts
+
+    class Bar:
+        def add_task(self, *a, **k):
+            return 0
+
+        def update(self, *a, **k):
+            pass
+
+    path = make_checkpoint(tmp_path / "m", seed=3)
+    suites = [Asks(["hello there", "how are you"]), Asks([]), Asks(["what is two plus two", "hello there"])]
+    s = Settings(max_new_tokens=4, batch_size=2)
+    alone = ModelCandidate("alone", path, s, Memo())
+    expected = [alone.generate(x.prompts) for x in suites if x.prompts]
+    batches = []
+    real = runtime.decode_batch
+    monkeypatch.setattr(runtime, "decode_batch", lambda models, w, prompts, *a: batches.append(len(prompts)) or real(models, w, prompts, *a))
+    pooled = ModelCandidate("pooled", path, s, Memo())
+    pooled.load()
+    answer_ahead(pooled, suites, Bar())
+    assert batches == [3]  # three distinct prompts, one batch
+    tokens = pooled.counters.gen_tokens
+    assert [pooled.generate(x.prompts) for x in suites if x.prompts] == expected
+    assert batches == [3]  # none decoded again
+    assert pooled.counters.gen_tokens - tokens == alone.counters.gen_tokens  # remembered answers count their tokens
+    batches.clear()
+    answer_ahead(pooled, suites[:2], Bar())  # one generating suite: nothing ahead
+    assert batches == []

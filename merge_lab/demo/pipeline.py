@@ -55,9 +55,7 @@ STEPS = (
     Step("02_align_harmless.yaml", "align", "experts/harmless"),
     Step("03_align_honest.yaml", "align", "experts/honest"),
     Step("04_merge_linear.yaml", "merge", "merges/linear"),
-    Step("05_merge_task_arithmetic.yaml", "merge", "merges/task_arithmetic"),
     Step("06_merge_ties.yaml", "merge", "merges/ties"),
-    Step("07_merge_dare_ties.yaml", "merge", "merges/dare_ties"),
     Step("08_fuse_h3_moe.yaml", "fuse", "fused/h3_moe"),
     # the fusion's ablations: routers at initialisation only, routers trained alone (experts frozen)
     Step("08_fuse_h3_moe_init_only.yaml", "assemble", "fused/h3_moe_init_only"),
