@@ -675,3 +675,16 @@ def test_generating_suites_are_answered_in_one_decoding_pass(tmp_path, monkeypat
     batches.clear()
     answer_ahead(pooled, suites[:2], Bar())  # one generating suite: nothing ahead
     assert batches == []
+
+
+def test_an_moe_whose_routers_cannot_be_hooked_is_scored_without_routing_shares(tmp_path):
+    from merge_lab.evaluation.runtime import has_routers
+
+    assert not has_routers(torch.nn.Linear(2, 2))  # no decoder layers, no routers
+    cand = ModelCandidate("moe", make_moe(tmp_path / "moe"), Settings(batch_size=2))
+    cand.load()
+    assert cand.models[0].counts_routes
+    cand.models[0].counts_routes = False  # as for a layout moe.routing does not know
+    cand.start_routing()
+    assert cand.loglikelihood([("a b", " c")])[0][1] > 0
+    assert cand.routing_shares() is None

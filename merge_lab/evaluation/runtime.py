@@ -33,7 +33,7 @@ from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.decoding_memory import fitting_rows
 from merge_lab.evaluation.memo import Memo, Scored
 from merge_lab.evaluation.mixture import TokenSummary, mixed_from_summaries, summarize
-from merge_lab.moe.routing import capture_router_logits
+from merge_lab.moe.routing import capture_router_logits, routers
 from merge_lab.training import chat
 
 Pair = tuple[list[int], list[int]]  # context ids, continuation ids
@@ -92,6 +92,7 @@ class LoadedModel:
         # last cleared (the rows a suite evaluated: interface.Candidate.routing_shares)
         self.routed: dict[tuple[int, ...], torch.Tensor] = {}
         self.touched: list[tuple] = []
+        self.counts_routes = self.is_moe and has_routers(self.model)
         # the savings' switches (module docstring); off: the old path
         self.share_prefix = True  # a batch's shared prefix runs once (`run`)
         self.drop_stopped = True  # greedy decoding drops stopped rows from the batch (`decode_batch`)
@@ -140,7 +141,7 @@ class LoadedModel:
         prefix: every real token attends to exactly the tokens, at the positions, it does unshared."""
         shared = self.shared_prefix(rows, limit)
         past = None
-        with capture_router_logits(self.model) if self.is_moe else nullcontext([]) as captured:
+        with capture_router_logits(self.model) if self.counts_routes else nullcontext([]) as captured:
             if shared:
                 head = torch.tensor([rows[0][:shared]], dtype=torch.long)
                 first = self.forward(1, input_ids=head, attention_mask=torch.ones_like(head),
@@ -278,6 +279,16 @@ class Stepper:
         self.past = getattr(out, self.lm.cache_name)
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
         return self.logp
+
+
+def has_routers(model) -> bool:
+    """Whether every decoder layer has the top-k router moe.routing hooks (Mixtral, Qwen2/3-MoE
+    layouts): another MoE layout (dense layers between, other router modules) is evaluated alike,
+    without routing shares."""
+    try:
+        return bool(routers(model))
+    except (AttributeError, ValueError):
+        return False
 
 
 def row_slot_counts(logits: list[torch.Tensor], mask: torch.Tensor, k: int) -> torch.Tensor:
