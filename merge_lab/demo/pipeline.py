@@ -95,14 +95,14 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 # Nominal seconds per step on 2 CPU cores, for the ETA before anything has been timed here
-# (default: `make demo` on this project's idle 2 cores, 2026-12-01, 45 min: fuse is the mean of the
-# fusion, 303 s, and its routers-alone ablation, 201 s; assemble was 33 s before the centroid rows
-# were remembered within the process; quick: `make demo QUICK=1` on the same idle cores, 2026-12-01,
+# (default: `make demo` on this project's idle 2 cores, 2026-12-02, 38 min: fuse is the mean of the
+# fusion, 285 s, and its routers-alone ablation, 166 s; assemble takes the centroid rows the fusion
+# computed in the same process; quick: `make demo QUICK=1` on the same idle cores, 2026-12-01,
 # 13 min, fuse the mean of 57 and 27 s; thorough: its steps
 # measured on a faster idle machine, its comparison estimated from the first candidates).
 NOMINAL = {
     "quick": {"base": 40, "align": 7, "merge": 8, "fuse": 42, "assemble": 4, "compare": 602},
-    "default": {"base": 46, "align": 60, "merge": 8, "fuse": 252, "assemble": 10, "compare": 1859},
+    "default": {"base": 45, "align": 54, "merge": 9, "fuse": 226, "assemble": 5, "compare": 1604},
     "thorough": {"base": 40, "align": 175, "merge": 5, "fuse": 470, "assemble": 30, "compare": 8000},
 }
 
