@@ -316,7 +316,7 @@ def test_our_shipped_merges_compute_in_float32():
         if "merge_method" in data and not registry.get(data["merge_method"]).structural:
             tensorwise.append(path.name)
             assert parse_recipe(path.read_text(), str(path)).compute_dtype == "float32", path
-    assert len(tensorwise) >= 4, tensorwise
+    assert {"04_merge_linear.yaml", "06_merge_ties.yaml"} <= set(tensorwise), tensorwise  # the glob found the demo's merges
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
