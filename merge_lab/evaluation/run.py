@@ -101,11 +101,11 @@ def answer_ahead(cand: Candidate, suites: list, bar) -> None:
     so one pass over 48 prompts costs about half of three passes over 16 (spec.py). Each suite's
     own `generate` then finds its answers, with their tokens and seconds, in the memo. Nothing
     happens for fewer than two generating suites."""
-    asking = [s.greedy_prompts() for s in suites]
-    if sum(bool(p) for p in asking) < 2:
+    asking = [p for p in (s.greedy_prompts() for s in suites) if p]
+    if len(asking) < 2:
         return
     prompts = list(dict.fromkeys(p for ps in asking for p in ps))
-    task = bar.add_task(f"{cand.name} · greedy answers for {sum(bool(p) for p in asking)} suites", total=len(prompts))
+    task = bar.add_task(f"{cand.name} · greedy answers for {len(asking)} suites", total=len(prompts))
     cand.on_progress = lambda done, total: bar.update(task, completed=done, total=total)
     cand.generate(prompts)
     cand.on_progress = None
