@@ -30,7 +30,7 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
-# make demo            the default profile (38 min on 2 idle CPU cores, 2026-12-02: README "A real run")
+# make demo            the default profile (15 min on 2 idle AVX-512 cores, 39 on AVX2 ones: README "A real run")
 # make demo QUICK=1    small sets, few steps (minutes);  make demo THOROUGH=1  large suites (hours on 2 cores)
 # make demo FRESH=1    redo every step instead of reusing those already done
 demo: setup

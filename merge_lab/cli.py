@@ -417,7 +417,7 @@ def demo(
     base: Annotated[str | None, typer.Option(help="base model: a local folder, a .gguf, or a hub id (default: shipped SmolLM2-135M-Instruct)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
-    """Run the demo end to end: three aligned experts, four merges, H3 fusion and its ablations, the comparison
+    """Run the demo end to end: three aligned experts, two merges, H3 fusion and its ablations, the comparison
     report (with the baselines given the same training as the fusion).
 
     Every step is a recipe in merge_lab/demo/recipes/ that you can copy and run alone; the recipes as run
