@@ -217,3 +217,32 @@ def test_routing_counts_a_shared_prefix_once_per_row(model):
         assert torch.equal(counts(UNSHARED), torch.cat([counts([t]) for t in UNSHARED]))
     finally:
         lm.share_prefix = True
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_routing_counts_per_label_equal_each_row_routed_alone(tmp_path, family):
+    """`inspect-routing`'s per-label shares count the same top-k slots as the comparison's rows
+    (row_slot_counts): padded batches give each label the slots of its rows run alone, over real tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_lab.moe.routing import capture_router_logits, routing_counts
+
+    model = AutoModelForCausalLM.from_pretrained(str(moe_checkpoint(tmp_path / family, family))).eval()
+    rows, labels = [*UNSHARED, [3, 4, 5, 6, 7]], [0, 2, 0, 1]
+    k, experts, layers = model.config.num_experts_per_tok, 3, model.config.num_hidden_layers
+    expected, tokens = torch.zeros(3, layers, experts), torch.zeros(3)
+    for row, lab in zip(rows, labels):
+        with torch.no_grad(), capture_router_logits(model) as captured:
+            model(input_ids=torch.tensor([row]))
+        for layer, logits in enumerate(captured):
+            expected[lab, layer] += torch.bincount(logits.topk(k, dim=-1).indices.reshape(-1), minlength=experts)
+        tokens[lab] += len(row)
+    width = max(map(len, rows))
+    batches = [{"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in part]),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in part]),
+                "expert": torch.tensor(labs)}
+               for part, labs in ((rows[:3], labels[:3]), (rows[3:], labels[3:]))]
+    result = routing_counts(model, batches, ["a", "b", "c"])
+    assert result["tokens"] == {i: int(t) for i, t in enumerate(tokens)}
+    assert torch.allclose(result["share"], expected / tokens[:, None, None])
+    assert torch.allclose(result["share"].sum(-1), torch.full((3, layers), float(k)))

@@ -33,7 +33,7 @@ from merge_lab.errors import MergeLabError
 from merge_lab.evaluation.decoding_memory import fitting_rows
 from merge_lab.evaluation.memo import Memo, Scored
 from merge_lab.evaluation.mixture import TokenSummary, mixed_from_summaries, summarize
-from merge_lab.moe.routing import capture_router_logits, routers
+from merge_lab.moe.routing import capture_router_logits, routers, row_slot_counts
 from merge_lab.training import chat
 
 Pair = tuple[list[int], list[int]]  # context ids, continuation ids
@@ -289,19 +289,6 @@ def has_routers(model) -> bool:
         return bool(routers(model))
     except (AttributeError, ValueError):
         return False
-
-
-def row_slot_counts(logits: list[torch.Tensor], mask: torch.Tensor, k: int) -> torch.Tensor:
-    """[rows, layers, experts]: per row of a [rows, tokens] pass, how many of its real tokens'
-    (mask 1) top-k router slots each expert took, from each layer's [rows * tokens, experts] logits."""
-    rows, tokens = mask.shape
-    real = mask.to(torch.float32)[..., None].cpu()
-    per_layer = []
-    for layer in logits:
-        top = layer.detach().float().cpu().view(rows, tokens, -1).topk(k, dim=-1).indices
-        hits = torch.zeros(rows, tokens, layer.shape[-1]).scatter_(2, top, 1.0)
-        per_layer.append((hits * real).sum(1))
-    return torch.stack(per_layer, dim=1)
 
 
 def mix(logps: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:

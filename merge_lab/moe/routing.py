@@ -8,7 +8,6 @@ return format changed across transformers versions.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,26 +86,33 @@ def routing_accuracy(model: nn.Module, encoded: list[Encoded], pad_id: int, devi
     return hits / len(encoded)
 
 
+def row_slot_counts(logits: list[torch.Tensor], mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, layers, experts]: per row of a [rows, tokens] pass, how many of its real tokens'
+    (mask 1) top-k router slots each expert took, from each layer's [rows * tokens, experts] logits."""
+    rows, tokens = mask.shape
+    real = mask.to(torch.float32)[..., None].cpu()
+    per_layer = []
+    for layer in logits:
+        top = layer.detach().float().cpu().view(rows, tokens, -1).topk(k, dim=-1).indices
+        hits = torch.zeros(rows, tokens, layer.shape[-1]).scatter_(2, top, 1.0)
+        per_layer.append((hits * real).sum(1))
+    return torch.stack(per_layer, dim=1)
+
+
 @torch.no_grad()
 def routing_counts(model: nn.Module, batches: list[dict[str, torch.Tensor]], labels: list[str]) -> dict:
     """How often each expert is in a token's top-k, per layer and per example label (real tokens)."""
-    n_layers, n_experts = len(routers(model)), len(labels)
-    counts = torch.zeros(len(labels), n_layers, n_experts)
-    tokens = Counter()
+    k = routers(model)[0].top_k
+    counts = torch.zeros(len(labels), len(routers(model)), len(labels))
+    tokens = torch.zeros(len(labels))
     for batch in batches:
+        mask = batch["attention_mask"]
         with capture_router_logits(model) as captured:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        real = batch["attention_mask"].reshape(-1).bool()
-        lab = batch["expert"][:, None].expand_as(batch["attention_mask"]).reshape(-1)[real]
-        for layer, logits in enumerate(captured):
-            top = logits.topk(routers(model)[layer].top_k, dim=-1).indices[real]
-            for k in range(len(labels)):
-                sel = top[lab == k].reshape(-1)
-                counts[k, layer] += torch.bincount(sel, minlength=n_experts)[:n_experts].float()
-        for k in range(len(labels)):
-            tokens[k] += int((lab == k).sum())
-    share = counts / torch.tensor([max(tokens[k], 1) for k in range(len(labels))])[:, None, None]
-    return {"labels": labels, "share": share, "tokens": dict(tokens)}
+            model(input_ids=batch["input_ids"], attention_mask=mask)
+        counts.index_add_(0, batch["expert"], row_slot_counts(captured, mask, k))
+        tokens.index_add_(0, batch["expert"], mask.sum(1).float())
+    share = counts / tokens.clamp(min=1)[:, None, None]
+    return {"labels": labels, "share": share, "tokens": {i: int(t) for i, t in enumerate(tokens)}}
 
 
 def plot_routing(result: dict, path: str | Path) -> Path:
