@@ -88,8 +88,7 @@ def prepare(path: str | Path, output: str | Path | None = None, memo: Memo | Non
                 "what is chosen there would flatter the chosen candidate. Use another split (validation)."
             )
         # selection.limit, when given, is every suite's size there; else each suite's own, as on the test split
-        selection_suites = (_suites(spec, where, root, sel.split, sel.limit, every=True) if sel.limit
-                            else _suites(spec, where, root, sel.split, s.limit))
+        selection_suites = _suites(spec, where, root, sel.split, sel.limit or s.limit, every=bool(sel.limit))
         # selection_scores reads only the out-of-distribution suites when there are any: the others are not run
         if any(x.ood for x in selection_suites):
             selection_suites = [x for x in selection_suites if x.ood]
