@@ -98,12 +98,12 @@ PROFILES: dict[str, dict[str, dict]] = {
 # (default: `make demo` on this project's idle 2 cores, 2026-12-02, 38 min: fuse is the mean of the
 # fusion, 285 s, and its routers-alone ablation, 166 s; assemble takes the centroid rows the fusion
 # computed in the same process; quick: `make demo QUICK=1` on the same idle cores, 2026-12-01,
-# 13 min, fuse the mean of 57 and 27 s; thorough: its steps
-# measured on a faster idle machine, its comparison estimated from the first candidates).
+# 13 min, fuse the mean of 57 and 27 s; thorough: `make demo THOROUGH=1` to the end on 2 idle AVX-512
+# cores, 2026-12-07, 1 h 55 min: fuse the mean of 533 and 261 s, the experts 176-330 s).
 NOMINAL = {
     "quick": {"base": 40, "align": 7, "merge": 8, "fuse": 42, "assemble": 4, "compare": 602},
     "default": {"base": 45, "align": 54, "merge": 9, "fuse": 226, "assemble": 5, "compare": 1604},
-    "thorough": {"base": 40, "align": 175, "merge": 5, "fuse": 470, "assemble": 30, "compare": 8000},
+    "thorough": {"base": 21, "align": 244, "merge": 5, "fuse": 397, "assemble": 3, "compare": 5360},
 }
 
 
